@@ -1,0 +1,67 @@
+# nodemesh — build, set up, test, demo.
+#
+# `make setup` is idempotent: it installs only what is missing (Debian packages, the venv,
+# the project in the venv, the compiled BPF objects) and is a no-op when everything is there.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 curl wrk nginx-light iptables \
+	nghttp2-client procps python3-venv chromium chromium-driver
+BPF_SOURCES := $(wildcard bpf/*.bpf.c)
+BPF_HEADERS := $(wildcard bpf/lib/*.h)
+BPF_OBJECTS := $(patsubst bpf/%.bpf.c,build/bpf/%.bpf.o,$(BPF_SOURCES))
+BPF_CFLAGS := -O2 -g -target bpf -mcpu=v3 -Wall -Werror -I/usr/include/x86_64-linux-gnu -Ibpf
+
+.PHONY: setup apt venv bpf test test-unit test-integration demo lint bench bench-quick clean
+
+setup: apt venv bpf
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+bpf: $(BPF_OBJECTS)
+
+build/bpf/%.bpf.o: bpf/%.bpf.c $(BPF_HEADERS)
+	@mkdir -p build/bpf
+	clang $(BPF_CFLAGS) -c $< -o $@
+
+test: setup
+	$(PY) -m pytest tests
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
+
+test-integration: setup
+	$(PY) -m pytest -q tests/integration
+
+demo: setup
+	$(VENV)/bin/nodemesh demo
+
+lint: setup
+	$(VENV)/bin/ruff check nodemesh tests bench
+
+bench: setup
+	$(VENV)/bin/nodemesh bench
+
+bench-quick: setup
+	$(VENV)/bin/nodemesh bench --quick
+
+clean:
+	rm -rf build

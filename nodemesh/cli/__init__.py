@@ -1,0 +1,1 @@
+"""The `nodemesh` command line, in the style of kubectl."""

@@ -1,0 +1,19 @@
+"""Desired-state stores: the small interface agents and the CLI use, and its backends.
+
+The embedded default is SQLite (`sqlite.SqliteStore`). The interface is deliberately small
+(transactions over get/list/put/delete, and a watch by revision) so that etcd and Kubernetes
+backends can implement it.
+"""
+
+from nodemesh.store.base import Compacted, Event, Store, Txn
+
+__all__ = ["Compacted", "Event", "Store", "Txn", "open_store"]
+
+
+def open_store(state_dir: str) -> Store:
+    """Open the store of the cluster whose state lives in `state_dir`."""
+    import os
+
+    from nodemesh.store.sqlite import SqliteStore
+
+    return SqliteStore(os.path.join(state_dir, "store.db"))
