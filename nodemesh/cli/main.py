@@ -1,11 +1,125 @@
-"""Entry point of the `nodemesh` command."""
+"""`nodemesh`: the command line, in the style of kubectl.
 
+Each subcommand is one function taking the parsed arguments; errors are `NodemeshError`s whose
+message is printed as ``error: ...`` with their exit code (2 for invalid input). Commands that
+change the cluster talk to the store; commands that look inside a node talk to its agent.
+"""
+
+from __future__ import annotations
+
+import argparse
 import sys
 
+from nodemesh.errors import InvalidManifest, NodemeshError
 
-def main() -> int:
-    print("nodemesh: not yet")
-    return 0
+
+def _add_state_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", default=argparse.SUPPRESS,
+                   help="cluster state directory (default: $NODEMESH_STATE_DIR or "
+                        "/var/lib/nodemesh)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nodemesh.cli import commands as c
+
+    p = argparse.ArgumentParser(
+        prog="nodemesh",
+        description="A sidecar-less service mesh: eBPF for L3/L4, one Envoy per node for L7.",
+        epilog="Start with `nodemesh up`, then `nodemesh apply -f app.yaml`.")
+    p.add_argument("--state-dir", default=None,
+                   help="cluster state directory (default: $NODEMESH_STATE_DIR or "
+                        "/var/lib/nodemesh)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def cmd(name: str, fn, help: str, **kw) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help, **kw)
+        _add_state_dir(sp)
+        sp.set_defaults(func=fn)
+        return sp
+
+    sp = cmd("up", c.cmd_up, "create (or recover) a local cluster and start its agents")
+    sp.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
+    sp.add_argument("--name", default="nodemesh",
+                    help="cluster name, prefix of its namespaces and cgroups (default nodemesh)")
+
+    sp = cmd("down", c.cmd_down, "remove the local cluster and everything it created")
+    sp.add_argument("--keep-state", action="store_true",
+                    help="keep the store, so the next `up` brings the same workloads back")
+
+    cmd("status", c.cmd_status, "show the cluster: nodes, agents, pods, services")
+
+    sp = cmd("apply", c.cmd_apply, "create or update resources from YAML (all or nothing)")
+    sp.add_argument("-f", "--filename", action="append", required=True,
+                    help="a file, a directory of *.yaml/*.yml/*.json, or - for stdin")
+    sp.add_argument("-n", "--namespace", default=None, help="namespace for objects without one")
+
+    sp = cmd("delete", c.cmd_delete, "delete resources by file or by kind and name")
+    sp.add_argument("kind", nargs="?", help="kind (pod, svc, deploy, netpol, cnp, httproute, ...)")
+    sp.add_argument("names", nargs="*", help="names")
+    sp.add_argument("-f", "--filename", action="append", help="delete what these files define")
+    sp.add_argument("-n", "--namespace", default=None)
+    sp.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
+                    help="wait until deleted pods are gone (default: wait)")
+    sp.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    sp.add_argument("--ignore-not-found", action="store_true")
+
+    sp = cmd("get", c.cmd_get, "list resources")
+    sp.add_argument("kind", help="kind (pods, svc, deploy, nodes, ns, netpol, cnp, httproute, "
+                                 "grpcroute, identities, all)")
+    sp.add_argument("name", nargs="?")
+    sp.add_argument("-n", "--namespace", default=None)
+    sp.add_argument("-A", "--all-namespaces", action="store_true")
+    sp.add_argument("-o", "--output", choices=["wide", "yaml", "json", "name"])
+    sp.add_argument("-l", "--selector", help="label selector, e.g. app=web,tier!=db")
+
+    sp = cmd("describe", c.cmd_describe, "show one resource in detail")
+    sp.add_argument("kind")
+    sp.add_argument("name")
+    sp.add_argument("-n", "--namespace", default=None)
+
+    sp = cmd("exec", c.cmd_exec, "run a command in a pod (its network, mounts and cgroup)",
+             usage="nodemesh exec [-n NS] [-c CONTAINER] POD -- COMMAND [ARG...]")
+    sp.add_argument("-n", "--namespace", default=None)
+    sp.add_argument("-c", "--container", default=None)
+    sp.add_argument("-i", "--stdin", action="store_true", help="accepted for kubectl habits")
+    sp.add_argument("-t", "--tty", action="store_true", help="accepted for kubectl habits")
+    sp.add_argument("pod")
+    sp.add_argument("cmd", nargs=argparse.REMAINDER)
+
+    sp = cmd("logs", c.cmd_logs, "print a pod's container output")
+    sp.add_argument("pod")
+    sp.add_argument("-n", "--namespace", default=None)
+    sp.add_argument("-c", "--container", default=None)
+    sp.add_argument("-f", "--follow", action="store_true")
+    sp.add_argument("-p", "--previous", action="store_true",
+                    help="the output of the previous run of a restarted container")
+    sp.add_argument("--tail", type=int, default=-1)
+
+    sp = cmd("agent", c.cmd_agent, "run a node's agent (started by the cluster daemon)")
+    sp.add_argument("--node", required=True)
+    cmd("daemon", c.cmd_daemon, "run the cluster daemon (started by `nodemesh up`)")
+    cmd("version", c.cmd_version, "print the version")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except InvalidManifest as e:
+        print(e.message, file=sys.stderr)
+        return e.exit_code
+    except NodemeshError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
 
 
 if __name__ == "__main__":

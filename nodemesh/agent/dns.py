@@ -1,0 +1,183 @@
+"""The node-local DNS server: cluster names → ClusterIPs and pod IPs, as Kubernetes' DNS does.
+
+`build_records` (pure) turns services and pods into a name table; `answer` (pure) answers one DNS
+query from it; `DnsServer` serves UDP and TCP on the node-local address. Names outside
+`cluster.local` get NXDOMAIN: the cluster has no way out, so there is nothing to forward to.
+
+Records: ``<svc>.<ns>.svc.cluster.local`` A → the ClusterIP (a headless service: its ready pods'
+IPs), ``_<port>._<proto>.<svc>.<ns>.svc.cluster.local`` SRV → the named port, and
+``<a-b-c-d>.<ns>.pod.cluster.local`` A → the pod's IP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from nodemesh.cluster.config import CLUSTER_DOMAIN
+from nodemesh.model.labels import service_selects
+
+log = logging.getLogger("nodemesh.dns")
+TTL = 5
+TYPE_A, TYPE_NS, TYPE_SOA, TYPE_PTR, TYPE_AAAA, TYPE_SRV, TYPE_ANY = 1, 2, 6, 12, 28, 33, 255
+RCODE_OK, RCODE_FORMERR, RCODE_NXDOMAIN, RCODE_NOTIMP = 0, 1, 3, 4
+
+
+@dataclass
+class Records:
+    a: dict[str, list[str]] = field(default_factory=dict)
+    srv: dict[str, list[tuple[int, str]]] = field(default_factory=dict)  # (port, target name)
+
+
+def _ready(pod: dict) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or [])
+
+
+def build_records(services: Iterable[dict], pods: Iterable[dict],
+                  domain: str = CLUSTER_DOMAIN) -> Records:
+    pods = list(pods)
+    rec = Records()
+    for p in pods:
+        ip = (p.get("status") or {}).get("podIP")
+        if ip:
+            name = f"{ip.replace('.', '-')}.{p['metadata']['namespace']}.pod.{domain}"
+            rec.a[name] = [ip]
+    for s in services:
+        meta, spec = s["metadata"], s["spec"]
+        fqdn = f"{meta['name']}.{meta['namespace']}.svc.{domain}"
+        cip = spec.get("clusterIP")
+        if cip and cip != "None":
+            rec.a[fqdn] = [cip]
+        elif cip == "None":
+            rec.a[fqdn] = sorted(
+                p["status"]["podIP"] for p in pods
+                if p["metadata"]["namespace"] == meta["namespace"] and _ready(p)
+                and (p.get("status") or {}).get("podIP")
+                and service_selects(spec.get("selector"), p["metadata"].get("labels") or {}))
+        for port in spec.get("ports") or []:
+            if port.get("name"):
+                srv = f"_{port['name']}._{port.get('protocol', 'TCP').lower()}.{fqdn}"
+                rec.srv[srv] = [(port["port"], fqdn)]
+    return rec
+
+
+def _read_name(msg: bytes, off: int) -> tuple[str, int]:
+    labels: list[str] = []
+    jumped, end, hops = False, off, 0
+    while True:
+        if off >= len(msg):
+            raise ValueError("truncated name")
+        n = msg[off]
+        if n & 0xC0 == 0xC0:  # compression pointer
+            if off + 1 >= len(msg) or hops > 20:
+                raise ValueError("bad pointer")
+            if not jumped:
+                end = off + 2
+            off = ((n & 0x3F) << 8) | msg[off + 1]
+            jumped, hops = True, hops + 1
+            continue
+        if n == 0:
+            if not jumped:
+                end = off + 1
+            return ".".join(labels), end
+        labels.append(msg[off + 1: off + 1 + n].decode("ascii", "replace"))
+        off += 1 + n
+
+
+def _encode_name(name: str) -> bytes:
+    out = b""
+    for label in name.strip(".").split("."):
+        if label:
+            b = label.encode()
+            out += bytes([len(b)]) + b
+    return out + b"\x00"
+
+
+def answer(query: bytes, records: Records, domain: str = CLUSTER_DOMAIN) -> bytes:
+    """The response to one DNS query message."""
+    if len(query) < 12:
+        return b""
+    qid, flags, qdcount = struct.unpack("!HHH", query[:6])
+    rd = flags & 0x0100
+    if qdcount != 1 or flags & 0x8000:
+        return struct.pack("!HHHHHH", qid, 0x8000 | rd | RCODE_FORMERR, 0, 0, 0, 0)
+    try:
+        qname, off = _read_name(query, 12)
+        qtype, qclass = struct.unpack("!HH", query[off: off + 4])
+    except (ValueError, struct.error):
+        return struct.pack("!HHHHHH", qid, 0x8000 | rd | RCODE_FORMERR, 0, 0, 0, 0)
+    question = query[12: off + 4]
+    name = qname.lower().rstrip(".")
+    answers: list[bytes] = []
+    rcode = RCODE_OK
+    known = name in records.a or name in records.srv
+    if qtype in (TYPE_A, TYPE_ANY) and name in records.a:
+        for ip in records.a[name]:
+            answers.append(b"\xc0\x0c" + struct.pack("!HHIH", TYPE_A, 1, TTL, 4)
+                           + ipaddress.IPv4Address(ip).packed)
+    elif qtype in (TYPE_SRV, TYPE_ANY) and name in records.srv:
+        for port, target in records.srv[name]:
+            rdata = struct.pack("!HHH", 0, 100, port) + _encode_name(target)
+            answers.append(b"\xc0\x0c" + struct.pack("!HHIH", TYPE_SRV, 1, TTL, len(rdata)) + rdata)
+    elif not known:
+        # A name that is a prefix of known names (e.g. "ns.svc.cluster.local") exists but has no
+        # records of its own: NOERROR with no answer, as CoreDNS does; anything else: NXDOMAIN.
+        suffix = "." + name
+        if not any(k.endswith(suffix) for k in (*records.a, *records.srv)) and name != domain:
+            rcode = RCODE_NXDOMAIN
+    header = struct.pack("!HHHHHH", qid, 0x8000 | 0x0400 | rd | rcode, 1, len(answers), 0, 0)
+    _ = qclass
+    return header + question + b"".join(answers)
+
+
+class DnsServer:
+    """Serves `answer` on UDP and TCP port 53 of an address of the calling network namespace."""
+
+    def __init__(self, address: str, port: int = 53) -> None:
+        self.address = address
+        self.port = port
+        self.records = Records()
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        server = self
+
+        class Udp(asyncio.DatagramProtocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.t = transport
+
+            def datagram_received(self, data: bytes, addr: tuple) -> None:
+                resp = answer(data, server.records)
+                if resp:
+                    self.t.sendto(resp, addr)  # type: ignore[attr-defined]
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.address, self.port))
+        self._udp, _ = await loop.create_datagram_endpoint(Udp, sock=sock)
+        self._tcp = await asyncio.start_server(self._serve_tcp, self.address, self.port,
+                                               reuse_address=True)
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                (n,) = struct.unpack("!H", await reader.readexactly(2))
+                resp = answer(await reader.readexactly(n), self.records)
+                writer.write(struct.pack("!H", len(resp)) + resp)
+                await writer.drain()
+        writer.close()
+
+    def close(self) -> None:
+        if self._udp:
+            self._udp.close()
+        if self._tcp:
+            self._tcp.close()

@@ -1,0 +1,109 @@
+"""A local, always-current copy of the store's objects (list, then watch), like client-go's informer.
+
+One thread follows the store; readers take consistent snapshots. Listeners are called (from the
+informer's thread) after every batch of changes, with the kinds that changed, so reconcilers can
+react within one poll interval (20 ms) of a write.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from nodemesh.store import Compacted, Store
+from nodemesh.store.base import DELETED
+
+log = logging.getLogger("nodemesh.informer")
+Key = tuple[str, str, str]
+
+
+class Informer:
+    def __init__(self, store: Store, poll_interval: float = 0.02) -> None:
+        self.store = store
+        self.poll_interval = poll_interval
+        self._objects: dict[Key, dict] = {}
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[set[str]], None]] = []
+        self._synced = threading.Event()
+        self._stop = threading.Event()
+        self.revision = 0
+        self._thread = threading.Thread(target=self._run, name="informer", daemon=True)
+
+    def add_listener(self, fn: Callable[[set[str]], None]) -> None:
+        self._listeners.append(fn)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def wait_synced(self, timeout: float = 30.0) -> bool:
+        return self._synced.wait(timeout)
+
+    # ---- reads ---------------------------------------------------------------------------
+    def list(self, kind: str, namespace: str | None = None) -> list[dict]:
+        with self._lock:
+            return [o for (k, ns, _), o in self._objects.items()
+                    if k == kind and (namespace is None or ns == namespace)]
+
+    def get(self, kind: str, namespace: str, name: str) -> dict | None:
+        with self._lock:
+            return self._objects.get((kind, namespace or "", name))
+
+    def kinds(self, kinds: Iterable[str]) -> dict[str, list[dict]]:
+        with self._lock:
+            wanted = set(kinds)
+            out: dict[str, list[dict]] = {k: [] for k in wanted}
+            for (k, _, _), o in self._objects.items():
+                if k in wanted:
+                    out[k].append(o)
+            return out
+
+    # ---- the follow loop -----------------------------------------------------------------
+    def _relist(self) -> None:
+        items, rev = self.store.list_with_revision()
+        with self._lock:
+            self._objects = {_key(o): o for o in items}
+            self.revision = rev
+        self._notify({o["kind"] for o in items} | {"*"})
+
+    def _notify(self, kinds: set[str]) -> None:
+        for fn in self._listeners:
+            try:
+                fn(kinds)
+            except Exception:
+                log.exception("informer listener failed")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._relist()
+                self._synced.set()
+                while not self._stop.is_set():
+                    events = self.store.watch(self.revision, 1.0, self.poll_interval)
+                    if not events:
+                        continue
+                    changed: set[str] = set()
+                    with self._lock:
+                        for ev in events:
+                            key = _key(ev.object)
+                            if ev.type == DELETED:
+                                self._objects.pop(key, None)
+                            else:
+                                self._objects[key] = ev.object
+                            changed.add(key[0])
+                            self.revision = ev.revision
+                    self._notify(changed)
+            except Compacted:
+                log.warning("watch fell behind compaction; listing again")
+            except Exception:
+                log.exception("store watch failed; retrying")
+                time.sleep(0.5)
+
+
+def _key(obj: dict) -> Key:
+    meta = obj["metadata"]
+    return obj["kind"], meta.get("namespace") or "", meta["name"]

@@ -1,0 +1,155 @@
+"""`nodemesh agent --node NAME`: the per-node daemon.
+
+Started (and restarted) by the cluster daemon in the host's namespaces; it moves itself into its
+node's network namespace before any thread exists (setns is per thread), then: follows the store,
+runs the node's pods, serves the node-local DNS and the local API, and reports the node's health.
+SIGTERM stops the agent only: pods, and everything programmed in the kernel, keep running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from nodemesh.agent.api import ApiError, ApiServer
+from nodemesh.agent.dns import DnsServer, build_records
+from nodemesh.agent.informer import Informer
+from nodemesh.agent.pods import PodManager
+from nodemesh.cluster import netns
+from nodemesh.cluster.config import NODE_DNS_IP, ClusterConfig, write_json_atomic
+from nodemesh.cluster.procs import ProcRef
+from nodemesh.store import open_store
+from nodemesh.store.base import now_rfc3339
+
+log = logging.getLogger("nodemesh.agent")
+HEARTBEAT_SECONDS = 5.0
+
+
+class Agent:
+    def __init__(self, cfg: ClusterConfig, node: str) -> None:
+        self.cfg = cfg
+        self.node = cfg.node(node)
+        self.store = open_store(cfg.state_dir)
+        self.informer = Informer(self.store)
+        self.pods = PodManager(cfg, node, self.store, self.informer)
+        self.dns = DnsServer(NODE_DNS_IP)
+        self.api = ApiServer(cfg.agent_socket(node))
+        self.started = time.time()
+        self._wake: asyncio.Event | None = None
+        self._dns_dirty = True
+        self._stopping = False
+
+    # ---- wiring ------------------------------------------------------------------------------
+    def _on_change(self, kinds: set[str]) -> None:
+        if kinds & {"Service", "Pod", "*"}:
+            self._dns_dirty = True
+        loop, wake = self._loop, self._wake
+        if wake is not None:
+            loop.call_soon_threadsafe(wake.set)
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, self._request_stop)
+        self.informer.add_listener(self._on_change)
+        self.informer.start()
+        await asyncio.to_thread(self.informer.wait_synced)
+        await self.dns.start()
+        self._routes()
+        await self.api.start()
+        log.info("agent of %s ready (pid %d, pods adopted: %d)", self.node.name, os.getpid(),
+                 len(self.pods.local))
+        tasks = [asyncio.create_task(self._reconcile_loop()),
+                 asyncio.create_task(self._status_loop()),
+                 asyncio.create_task(self._heartbeat_loop())]
+        while not self._stopping:
+            await asyncio.sleep(0.1)
+        for t in tasks:
+            t.cancel()
+        self.api.close()
+        self.dns.close()
+        self.pods.shutdown()
+        self.informer.stop()
+        log.info("agent of %s stopped; pods keep running", self.node.name)
+
+    def _request_stop(self) -> None:
+        self._stopping = True
+
+    async def _reconcile_loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            self._wake.clear()
+            if self._dns_dirty:
+                self._dns_dirty = False
+                k = self.informer.kinds(("Service", "Pod"))
+                self.dns.records = build_records(k["Service"], k["Pod"])
+            self.pods.reconcile()
+            try:
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+            except TimeoutError:
+                pass
+
+    async def _status_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.pods.report_status)
+            except Exception:
+                log.exception("status report failed")
+            await asyncio.sleep(0.2)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self._heartbeat)
+            except Exception:
+                log.exception("heartbeat failed")
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    def _heartbeat(self) -> None:
+        with self.store.transaction() as t:
+            node = t.get("Node", "", self.node.name)
+            if node is None:
+                return
+            status = dict(node.get("status") or {})
+            status["conditions"] = [{"type": "Ready", "status": "True",
+                                     "lastHeartbeatTime": now_rfc3339(),
+                                     "reason": "AgentReady",
+                                     "message": f"agent pid {os.getpid()}"}]
+            t.put_status("Node", "", self.node.name, status)
+
+    # ---- API ---------------------------------------------------------------------------------
+    def _routes(self) -> None:
+        self.api.route("GET", "/healthz", self._healthz)
+        self.api.route("GET", "/status", self._status)
+
+    async def _healthz(self, q: dict, body: bytes) -> Any:
+        return {"ok": True}
+
+    async def _status(self, q: dict, body: bytes) -> Any:
+        if self._stopping:
+            raise ApiError(503, "agent is stopping")
+        return {
+            "node": self.node.name, "ip": self.node.ip, "podCIDR": self.node.pod_cidr,
+            "pid": os.getpid(), "uptimeSeconds": round(time.time() - self.started, 1),
+            "pods": len(self.pods.local), "storeRevision": self.informer.revision,
+            "dns": {"address": NODE_DNS_IP, "records": len(self.dns.records.a)},
+        }
+
+
+def run_agent(cfg: ClusterConfig, node: str) -> int:
+    cfg.node(node)  # refuse an unknown node before touching anything
+    node_dir = cfg.node_dir(node)
+    os.makedirs(node_dir, exist_ok=True)
+    netns.enter_netns(cfg.node_netns(node))  # before any thread: setns is per thread
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ref = ProcRef.of(os.getpid())
+    assert ref is not None
+    write_json_atomic(os.path.join(node_dir, "agent.json"), ref.to_json())
+    asyncio.run(Agent(cfg, node).run())
+    return 0

@@ -1,0 +1,431 @@
+"""The implementations of `nodemesh` subcommands (argument parsing lives in `main`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from nodemesh import __version__
+from nodemesh.cli import output
+from nodemesh.cluster import cgroup, images, lifecycle, netns
+from nodemesh.cluster.config import (
+    ClusterConfig,
+    load_cluster,
+    read_json,
+    state_dir_from,
+)
+from nodemesh.cluster.controllers import request_delete
+from nodemesh.cluster.procs import ProcRef
+from nodemesh.errors import InvalidManifest, NodemeshError, NotFound
+from nodemesh.model.kinds import KINDS, KindInfo, obj_ref, ref, resolve_kind
+from nodemesh.store import Store, open_store
+
+
+# ---- helpers -----------------------------------------------------------------------------
+def _state_dir(args: argparse.Namespace) -> str:
+    return state_dir_from(getattr(args, "state_dir", None))
+
+
+def _cluster(args: argparse.Namespace) -> ClusterConfig:
+    return load_cluster(_state_dir(args))
+
+
+def _store(args: argparse.Namespace) -> tuple[ClusterConfig, Store]:
+    cfg = _cluster(args)
+    return cfg, open_store(cfg.state_dir)
+
+
+def _require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise NodemeshError(f"{what} needs root (network namespaces, cgroups, BPF): "
+                            "run it with sudo")
+
+
+def _kind(name: str) -> KindInfo:
+    info = resolve_kind(name)
+    if info is None:
+        known = ", ".join(sorted({k.plural for k in KINDS.values()}))
+        raise NodemeshError(f"unknown resource type {name!r}; known: {known}", 2)
+    return info
+
+
+def _namespace(args: argparse.Namespace) -> str:
+    return getattr(args, "namespace", None) or "default"
+
+
+_SEL_RE = re.compile(r"^\s*(!?)([A-Za-z0-9./_-]+)\s*(?:(==|=|!=)\s*([A-Za-z0-9._-]*)|"
+                     r"\s+(in|notin)\s*\(([^)]*)\))?\s*$")
+
+
+def parse_selector(text: str) -> dict:
+    """kubectl's -l syntax (`a=b,c!=d,e,!f,g in (x,y)`) → a LabelSelector."""
+    parts = re.split(r",(?![^()]*\))", text)
+    match_labels: dict[str, str] = {}
+    exprs: list[dict] = []
+    for part in parts:
+        m = _SEL_RE.match(part)
+        if not m:
+            raise NodemeshError(f"-l {text!r}: cannot parse {part.strip()!r}", 2)
+        neg, key, op, val, setop, setvals = m.groups()
+        if op in ("=", "=="):
+            match_labels[key] = val
+        elif op == "!=":
+            exprs.append({"key": key, "operator": "NotIn", "values": [val]})
+        elif setop:
+            exprs.append({"key": key, "operator": "In" if setop == "in" else "NotIn",
+                          "values": [v.strip() for v in setvals.split(",") if v.strip()]})
+        else:
+            exprs.append({"key": key, "operator": "DoesNotExist" if neg else "Exists"})
+    return {"matchLabels": match_labels, "matchExpressions": exprs}
+
+
+# ---- up / down / status ------------------------------------------------------------------
+def cmd_up(args: argparse.Namespace) -> int:
+    _require_root("nodemesh up")
+    t0 = time.monotonic()
+    cfg = lifecycle.up(_state_dir(args), args.nodes, args.name)
+    print(f"cluster {cfg.name} is up in {time.monotonic() - t0:.1f}s; "
+          f"try `nodemesh get nodes` and `nodemesh apply -f app.yaml`")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    _require_root("nodemesh down")
+    if not lifecycle.down(_state_dir(args), keep_state=args.keep_state):
+        print(f"no cluster in {_state_dir(args)}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from nodemesh.agent.api import AgentClient
+
+    cfg, store = _store(args)
+    daemon = lifecycle.daemon_ref(cfg)
+    print(f"cluster:    {cfg.name}")
+    print(f"state:      {cfg.state_dir}")
+    print(f"daemon:     {'running, pid %d' % daemon.pid if daemon else 'NOT RUNNING (run `nodemesh up`)'}")
+    print(f"store:      revision {store.revision()}")
+    pods = store.list("Pod")
+    rows = []
+    for n in cfg.nodes:
+        node = store.get("Node", "", n.name) or {}
+        try:
+            st = AgentClient(cfg.agent_socket(n.name), n.name, timeout=2).get("/status")
+            agent = f"pid {st['pid']}"
+        except NodemeshError:
+            agent = "not running"
+        npods = sum(1 for p in pods if p["spec"].get("nodeName") == n.name)
+        rows.append([n.name, output.node_ready(node) if node else "Unknown", n.ip, n.pod_cidr,
+                     agent, str(npods), f"127.0.0.1:{n.metrics_port}"])
+    print()
+    print(output.table(["NODE", "STATUS", "IP", "POD-CIDR", "AGENT", "PODS", "METRICS"], rows))
+    phases: dict[str, int] = {}
+    for p in pods:
+        s = output.pod_status_text(p)
+        phases[s] = phases.get(s, 0) + 1
+    print()
+    print(f"pods:       {len(pods)}" + (" (" + ", ".join(f"{v} {k}" for k, v in
+                                                        sorted(phases.items())) + ")" if pods else ""))
+    print(f"services:   {len(store.list('Service'))}")
+    print(f"policies:   {len(store.list('NetworkPolicy'))} NetworkPolicy, "
+          f"{len(store.list('CiliumNetworkPolicy'))} CiliumNetworkPolicy")
+    print(f"routes:     {len(store.list('HTTPRoute'))} HTTPRoute, "
+          f"{len(store.list('GRPCRoute'))} GRPCRoute")
+    return 0
+
+
+# ---- apply / delete ------------------------------------------------------------------------
+def load_and_validate(paths: list[str], namespace: str | None) -> list[dict]:
+    """Every object of every file, validated and defaulted; all errors of all files at once."""
+    from nodemesh.model.manifest import load_manifests, read_manifest_paths
+    from nodemesh.model.validate import validate_objects
+
+    errors: list[str] = []
+    objs: list[dict] = []
+    seen: dict[tuple[str, str, str], str] = {}
+    for source, text in read_manifest_paths(paths):
+        try:
+            docs = load_manifests(text, source)
+            valid = validate_objects(docs, source, default_namespace=namespace or "default")
+        except InvalidManifest as e:
+            errors.extend(e.errors)
+            continue
+        for o in valid:
+            key = (o["kind"], o["metadata"].get("namespace") or "", o["metadata"]["name"])
+            if key in seen:
+                errors.append(f"{obj_ref(o)}: metadata.name: defined twice ({seen[key]} and "
+                              f"{source})")
+            seen[key] = source
+            errors.extend(_check_images(o))
+            objs.append(o)
+    if errors:
+        raise InvalidManifest(errors)
+    if not objs:
+        raise NodemeshError(f"no objects in {', '.join(paths)}", 2)
+    return objs
+
+
+def _check_images(obj: dict) -> list[str]:
+    if obj["kind"] == "Pod":
+        spec, path = obj["spec"], "spec"
+    elif obj["kind"] == "Deployment":
+        spec, path = obj["spec"]["template"]["spec"], "spec.template.spec"
+    else:
+        return []
+    errors = []
+    for i, c in enumerate(spec.get("containers") or []):
+        try:
+            images.resolve(obj_ref(obj), c)
+        except NodemeshError:
+            errors.append(f"{obj_ref(obj)}: {path}.containers[{i}].image: {c.get('image')!r} is "
+                          f"not in nodemesh's image table and the container has no command "
+                          f"(known images: {', '.join(sorted(images.IMAGE_TABLE))})")
+    return errors
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from nodemesh.model.admission import admit
+
+    objs = load_and_validate(args.filename, args.namespace)
+    _, store = _store(args)
+    results = []
+    with store.transaction() as t:
+        admitted = admit(objs, lambda kind, ns: t.list(kind, ns))
+        for o in admitted:
+            meta = o["metadata"]
+            before = t.get(o["kind"], meta.get("namespace") or "", meta["name"])
+            after = t.put(o)
+            verb = "created" if before is None else (
+                "unchanged" if before["metadata"]["resourceVersion"] ==
+                after["metadata"]["resourceVersion"] else "configured")
+            results.append(f"{o['kind'].lower()}/{meta['name']} {verb}")
+    print("\n".join(results))
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    cfg, store = _store(args)
+    targets: list[tuple[str, str, str]] = []
+    if args.filename:
+        from nodemesh.model.manifest import load_manifests, read_manifest_paths
+
+        for source, text in read_manifest_paths(args.filename):
+            for d in load_manifests(text, source):
+                info = _kind(str(d.get("kind")))
+                meta = d.get("metadata") or {}
+                ns = (meta.get("namespace") or _namespace(args)) if info.namespaced else ""
+                targets.append((info.kind, ns, str(meta.get("name"))))
+    elif args.kind and args.names:
+        info = _kind(args.kind)
+        ns = _namespace(args) if info.namespaced else ""
+        targets = [(info.kind, ns, n) for n in args.names]
+    else:
+        raise NodemeshError("delete needs -f FILE, or KIND and NAME "
+                            "(e.g. `nodemesh delete pod web-1`)", 2)
+    waiting: list[tuple[str, str, str, str]] = []
+    missing = []
+    with store.transaction() as t:
+        for kind, ns, name in targets:
+            obj = t.get(kind, ns, name)
+            if obj is None:
+                missing.append(ref(kind, ns, name))
+                continue
+            if kind in ("Node", "Identity"):
+                raise NodemeshError(f"{ref(kind, ns, name)} is managed by nodemesh and can not be "
+                                    "deleted", 2)
+            request_delete(t, obj)
+            if kind == "Pod" and obj["spec"].get("nodeName"):
+                waiting.append((kind, ns, name, obj["metadata"]["uid"]))
+            if kind == "Namespace":
+                for p in t.list("Pod", name):
+                    waiting.append(("Pod", name, p["metadata"]["name"], p["metadata"]["uid"]))
+    for kind, ns, name in targets:
+        if ref(kind, ns, name) not in missing:
+            print(f'{kind.lower()} "{name}" deleted')
+    if args.wait and waiting:
+        deadline = time.monotonic() + args.timeout
+        for kind, ns, name, uid in waiting:
+            while True:
+                cur = store.get(kind, ns, name)
+                if cur is None or cur["metadata"]["uid"] != uid:
+                    break
+                if time.monotonic() > deadline:
+                    raise NodemeshError(f"timed out after {args.timeout:.0f}s waiting for "
+                                        f"{ref(kind, ns, name)} to go; is the agent of "
+                                        f"{cur['spec'].get('nodeName')} running? "
+                                        "(`nodemesh status`)")
+                time.sleep(0.05)
+    if missing and not args.ignore_not_found:
+        raise NotFound("not found: " + ", ".join(missing))
+    return 0
+
+
+# ---- get / describe ------------------------------------------------------------------------
+def _fetch(store: Store, info: KindInfo, args: argparse.Namespace) -> list[dict]:
+    ns = None if (getattr(args, "all_namespaces", False) or not info.namespaced) else _namespace(args)
+    objs = store.list(info.kind, ns)
+    if getattr(args, "selector", None):
+        from nodemesh.model.labels import selector_matches
+
+        sel = parse_selector(args.selector)
+        objs = [o for o in objs if selector_matches(sel, o["metadata"].get("labels") or {})]
+    return objs
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    _, store = _store(args)
+    kinds = ([KINDS["Pod"], KINDS["Service"], KINDS["Deployment"]] if args.kind == "all"
+             else [_kind(args.kind)])
+    first = True
+    for info in kinds:
+        if args.name:
+            ns = _namespace(args) if info.namespaced else ""
+            obj = store.get(info.kind, ns, args.name)
+            if obj is None:
+                raise NotFound(f"{ref(info.kind, ns or None, args.name)} not found")
+            output.print_objects(output.Single([obj]), info.kind, args.output, False,
+                                 info.namespaced)
+            continue
+        objs = _fetch(store, info, args)
+        if not objs:
+            if args.output not in ("yaml", "json") and len(kinds) == 1:
+                where = "" if not info.namespaced or args.all_namespaces else \
+                    f" in {_namespace(args)} namespace"
+                print(f"No resources found{where}.", file=sys.stderr)
+                continue
+            if len(kinds) > 1:
+                continue
+        if len(kinds) > 1 and not first:
+            print()
+        first = False
+        output.print_objects(objs, info.kind, args.output, args.all_namespaces, info.namespaced)
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from nodemesh.cli.describe import describe
+
+    _, store = _store(args)
+    info = _kind(args.kind)
+    ns = _namespace(args) if info.namespaced else ""
+    obj = store.get(info.kind, ns, args.name)
+    if obj is None:
+        raise NotFound(f"{ref(info.kind, ns or None, args.name)} not found")
+    print(describe(obj, store))
+    return 0
+
+
+# ---- exec / logs ---------------------------------------------------------------------------
+def _running_pod(args: argparse.Namespace) -> tuple[ClusterConfig, dict, dict]:
+    cfg, store = _store(args)
+    ns = _namespace(args)
+    pod = store.get("Pod", ns, args.pod)
+    if pod is None:
+        raise NotFound(f"Pod {ns}/{args.pod} not found (pods in {ns}: "
+                       f"{', '.join(p['metadata']['name'] for p in store.list('Pod', ns)) or 'none'})")
+    spec = read_json(os.path.join(cfg.pod_dir(pod["metadata"]["uid"]), "spec.json"))
+    if spec is None:
+        raise NodemeshError(f"Pod {ns}/{args.pod} has not started yet "
+                            f"(status: {output.pod_status_text(pod)})")
+    return cfg, pod, spec
+
+
+def _container(spec: dict, pod: dict, name: str | None) -> dict:
+    names = [c["name"] for c in spec["containers"]]
+    if name is None:
+        return spec["containers"][0]
+    for c in spec["containers"]:
+        if c["name"] == name:
+            return c
+    raise NodemeshError(f"container {name!r} is not in Pod {pod['metadata']['namespace']}/"
+                        f"{pod['metadata']['name']} (containers: {', '.join(names)})", 2)
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    _require_root("nodemesh exec")
+    cfg, pod, spec = _running_pod(args)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        raise NodemeshError("exec needs a command after --, e.g. "
+                            f"`nodemesh exec {args.pod} -- curl -s http://web/`", 2)
+    state = read_json(os.path.join(cfg.pod_dir(pod["metadata"]["uid"]), "state.json")) or {}
+    shim = ProcRef.from_json(state.get("shim"))
+    if shim is None or not shim.alive():
+        raise NodemeshError(f"Pod {pod['metadata']['namespace']}/{pod['metadata']['name']} is not "
+                            f"running (status: {output.pod_status_text(pod)})")
+    container = _container(spec, pod, args.container)
+    cg = spec["cgroup"]
+
+    def enter() -> None:
+        cgroup.add_process(cg, os.getpid())
+        for ns, flag in (("net", netns.CLONE_NEWNET), ("uts", netns.CLONE_NEWUTS),
+                         ("mnt", netns.CLONE_NEWNS)):
+            netns.setns_path(f"/proc/{shim.pid}/ns/{ns}", flag)
+        os.chdir(container.get("cwd") or "/")
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    try:
+        p = subprocess.run(cmd, env=container["env"], preexec_fn=enter)
+    except FileNotFoundError:
+        print(f"error: {cmd[0]}: command not found in the pod", file=sys.stderr)
+        return 127
+    except PermissionError:
+        print(f"error: {cmd[0]}: permission denied", file=sys.stderr)
+        return 126
+    return p.returncode if p.returncode >= 0 else 128 - p.returncode
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    cfg, pod, spec = _running_pod(args)
+    container = _container(spec, pod, args.container)
+    path = os.path.join(cfg.pod_dir(pod["metadata"]["uid"]), "logs", f"{container['name']}.log")
+    if args.previous:
+        path += ".previous"
+        if not os.path.exists(path):
+            raise NodemeshError(f"container {container['name']!r} has not been restarted: no "
+                                "previous output")
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - followed below
+    except FileNotFoundError:
+        return 0
+    with f:
+        data = f.read()
+        if args.tail >= 0:
+            lines = data.splitlines(keepends=True)
+            data = b"".join(lines[-args.tail:]) if args.tail else b""
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        while args.follow:
+            chunk = f.read()
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.1)
+    return 0
+
+
+# ---- daemons -------------------------------------------------------------------------------
+def cmd_agent(args: argparse.Namespace) -> int:
+    from nodemesh.agent.main import run_agent
+
+    _require_root("nodemesh agent")
+    return run_agent(_cluster(args), args.node)
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from nodemesh.cluster.daemon import run_daemon
+
+    _require_root("nodemesh daemon")
+    return run_daemon(_cluster(args))
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"nodemesh {__version__}")
+    return 0
+

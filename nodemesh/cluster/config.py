@@ -1,0 +1,170 @@
+"""Where a cluster's state lives and how its kernel objects are named.
+
+One `ClusterConfig` per state directory, written by `nodemesh up` to ``cluster.json``. Every name
+the cluster gives a kernel object (network namespaces, interfaces, cgroups) derives from it, so
+`nodemesh down` can find and remove everything even after a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import os
+from dataclasses import dataclass, field
+
+from nodemesh.errors import NoCluster, NodemeshError
+
+DEFAULT_STATE_DIR = "/var/lib/nodemesh"
+DEFAULT_CLUSTER_NAME = "nodemesh"
+UNDERLAY_CIDR = "172.30.0.0/24"
+POD_CIDR_FORMAT = "10.244.{index}.0/24"
+SERVICE_CIDR = "10.96.0.0/16"
+# Every pod routes through this address, which each node holds on its loopback (so the node
+# answers ARP for it on every pod veth without proxy_arp).
+POD_GATEWAY = "169.254.1.1"
+# Node-local DNS, as NodeLocal DNSCache does it: the same address on every node.
+NODE_DNS_IP = "169.254.20.10"
+CLUSTER_DOMAIN = "cluster.local"
+METRICS_BASE_PORT = 9962  # node i serves metrics on 127.0.0.1:(9962 + i - 1) of the host
+
+
+def state_dir_from(arg: str | None = None) -> str:
+    """--state-dir, else $NODEMESH_STATE_DIR, else /var/lib/nodemesh."""
+    return os.path.abspath(arg or os.environ.get("NODEMESH_STATE_DIR") or DEFAULT_STATE_DIR)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    index: int  # 1-based
+    ip: str  # underlay address
+    pod_cidr: str
+
+    @property
+    def metrics_port(self) -> int:
+        return METRICS_BASE_PORT + self.index - 1
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str
+    state_dir: str
+    nodes: tuple[NodeConfig, ...]
+    service_cidr: str = SERVICE_CIDR
+    cgroup_root: str = ""  # the cgroup v2 mount this cluster's cgroups live under
+    extra: dict = field(default_factory=dict)
+
+    # ---- naming -------------------------------------------------------------------------
+    def node(self, name: str) -> NodeConfig:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise NodemeshError(f"no node named {name!r} in cluster {self.name} "
+                            f"(nodes: {', '.join(n.name for n in self.nodes)})")
+
+    def node_netns(self, node: str) -> str:
+        return f"{self.name}-{node}"
+
+    @property
+    def underlay_netns(self) -> str:
+        return f"{self.name}-underlay"
+
+    def pod_netns(self, uid: str) -> str:
+        return f"{self.name}-pod-{uid[:8]}"
+
+    @staticmethod
+    def pod_host_ifname(uid: str) -> str:
+        return f"lxc{uid.replace('-', '')[:8]}"
+
+    @property
+    def cgroup_dir(self) -> str:
+        return os.path.join(self.cgroup_root, self.name)
+
+    def node_cgroup(self, node: str) -> str:
+        return os.path.join(self.cgroup_dir, node)
+
+    def pod_cgroup(self, node: str, uid: str) -> str:
+        return os.path.join(self.node_cgroup(node), f"pod-{uid}")
+
+    def proxy_cgroup(self, node: str) -> str:
+        # Envoy lives beside the pods, not under them: the socket programs on the node's pod
+        # cgroup must not translate the proxy's own connections twice.
+        return os.path.join(self.cgroup_dir, f"{node}-proxy")
+
+    # ---- files ----------------------------------------------------------------------------
+    @property
+    def bpffs(self) -> str:
+        return os.path.join(self.state_dir, "bpf")
+
+    def node_dir(self, node: str) -> str:
+        return os.path.join(self.state_dir, "nodes", node)
+
+    def agent_socket(self, node: str) -> str:
+        return os.path.join(self.node_dir(node), "agent.sock")
+
+    def pods_dir(self) -> str:
+        return os.path.join(self.state_dir, "pods")
+
+    def pod_dir(self, uid: str) -> str:
+        return os.path.join(self.pods_dir(), uid)
+
+    # ---- persistence -----------------------------------------------------------------------
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["nodes"] = [dataclasses.asdict(n) for n in self.nodes]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> ClusterConfig:
+        nodes = tuple(NodeConfig(**n) for n in d["nodes"])
+        return cls(
+            name=d["name"], state_dir=d["state_dir"], nodes=nodes,
+            service_cidr=d.get("service_cidr", SERVICE_CIDR),
+            cgroup_root=d.get("cgroup_root", ""), extra=d.get("extra", {}),
+        )
+
+    def save(self) -> None:
+        os.makedirs(self.state_dir, exist_ok=True)
+        write_json_atomic(os.path.join(self.state_dir, "cluster.json"), self.to_json())
+
+
+def plan_cluster(name: str, state_dir: str, node_count: int, cgroup_root: str) -> ClusterConfig:
+    """The addresses and names of a new cluster of `node_count` nodes (pure)."""
+    if not 1 <= node_count <= 16:
+        raise NodemeshError(f"--nodes must be 1-16, not {node_count}", 2)
+    underlay = list(ipaddress.ip_network(UNDERLAY_CIDR).hosts())
+    nodes = tuple(
+        NodeConfig(
+            name=f"node{i}", index=i, ip=str(underlay[i - 1]),
+            pod_cidr=POD_CIDR_FORMAT.format(index=i),
+        )
+        for i in range(1, node_count + 1)
+    )
+    return ClusterConfig(name=name, state_dir=state_dir, nodes=nodes, cgroup_root=cgroup_root)
+
+
+def load_cluster(state_dir: str) -> ClusterConfig:
+    path = os.path.join(state_dir, "cluster.json")
+    try:
+        with open(path) as f:
+            return ClusterConfig.from_json(json.load(f))
+    except FileNotFoundError:
+        raise NoCluster(state_dir) from None
+
+
+def write_json_atomic(path: str, data: object, mode: int = 0o600) -> None:
+    """Write JSON so that readers see the old or the new file, never half of one."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None

@@ -1,0 +1,122 @@
+"""The cluster daemon: supervises the node agents and runs the cluster-level controllers.
+
+One per local cluster, started by `nodemesh up`. It is a child subreaper, so pod shims and proxies
+that outlive an agent are reparented to it and reaped here. It restarts an agent that dies (with
+backoff) and reconciles Deployments, scheduling and garbage collection whenever the store changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from nodemesh.agent.informer import Informer
+from nodemesh.cluster import procs
+from nodemesh.cluster.config import ClusterConfig, read_json, write_json_atomic
+from nodemesh.cluster.controllers import Controllers
+from nodemesh.cluster.procs import ProcRef
+from nodemesh.store import open_store
+
+log = logging.getLogger("nodemesh.daemon")
+CONTROLLER_RESYNC_SECONDS = 2.0
+
+
+def agent_argv(cfg: ClusterConfig, node: str) -> list[str]:
+    return [sys.executable, "-m", "nodemesh", "--state-dir", cfg.state_dir, "agent",
+            "--node", node]
+
+
+class AgentSupervisor:
+    """Keeps one agent process per node alive, adopting one that is already running."""
+
+    def __init__(self, cfg: ClusterConfig, node: str) -> None:
+        self.cfg = cfg
+        self.node = node
+        self.ref: ProcRef | None = ProcRef.from_json(
+            read_json(os.path.join(cfg.node_dir(node), "agent.json")))
+        if self.ref is not None and not self.ref.alive():
+            self.ref = None
+        self.backoff = 0.0
+        self.next_start = 0.0
+        self.restarts = 0
+
+    def check(self, now: float) -> None:
+        if self.ref is not None and self.ref.alive():
+            return
+        if self.ref is not None:  # it died
+            self.ref = None
+            self.backoff = min(max(self.backoff * 2, 0.2), 5.0)
+            self.next_start = now + self.backoff
+            self.restarts += 1
+            log.warning("agent of %s exited; restarting in %.1fs", self.node, self.backoff)
+        if now >= self.next_start:
+            self.start()
+
+    def start(self) -> None:
+        node_dir = self.cfg.node_dir(self.node)
+        os.makedirs(node_dir, exist_ok=True)
+        log_path = os.path.join(node_dir, "agent.log")
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        pid = os.posix_spawn(sys.executable, agent_argv(self.cfg, self.node), os.environ,
+                             file_actions=[(os.POSIX_SPAWN_DUP2, fd, 1),
+                                           (os.POSIX_SPAWN_DUP2, fd, 2)],
+                             setsid=True)
+        os.close(fd)
+        self.ref = ProcRef.of(pid)
+        log.info("started agent of %s (pid %d)", self.node, pid)
+
+    def stop(self) -> None:
+        procs.stop(self.ref, grace=10)
+
+
+def run_daemon(cfg: ClusterConfig) -> int:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    procs.set_child_subreaper()
+    me = ProcRef.of(os.getpid())
+    assert me is not None
+    write_json_atomic(os.path.join(cfg.state_dir, "daemon.json"), me.to_json())
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+
+    store = open_store(cfg.state_dir)
+    changed = threading.Event()
+    informer = Informer(store)
+    informer.add_listener(
+        lambda kinds: changed.set() if kinds & {"Deployment", "Pod", "Namespace", "*"} else None)
+    informer.start()
+    controllers = Controllers(store, [n.name for n in cfg.nodes])
+    agents = [AgentSupervisor(cfg, n.name) for n in cfg.nodes]
+    log.info("daemon of cluster %s up (pid %d)", cfg.name, os.getpid())
+    last_sync = 0.0
+    while not stopping.is_set():
+        procs.reap_children()
+        now = time.monotonic()
+        for a in agents:
+            a.check(now)
+        if changed.is_set() or now - last_sync > CONTROLLER_RESYNC_SECONDS:
+            changed.clear()
+            last_sync = now
+            try:
+                controllers.sync()
+            except Exception:
+                log.exception("controllers failed; retrying")
+        changed.wait(0.05)
+    log.info("stopping agents")
+    for a in agents:
+        if a.ref is not None:
+            a.ref.signal(signal.SIGTERM)
+    for a in agents:
+        a.stop()
+    informer.stop()
+    # Reap what is left of ours before we go (shims stopped by `down` are reparented here).
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        procs.reap_children()
+        time.sleep(0.05)
+    return 0

@@ -1,0 +1,137 @@
+"""Processes identified by PID and start time, so a recycled PID is never mistaken for ours."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name may contain spaces and parentheses: split after the last ')'.
+    rest = data[data.rindex(")") + 2:].split()
+    if rest[0] == "Z":  # a zombie is gone for our purposes
+        return None
+    return int(rest[19])
+
+
+@dataclass(frozen=True)
+class ProcRef:
+    pid: int
+    start: int
+
+    @classmethod
+    def of(cls, pid: int) -> ProcRef | None:
+        st = start_time(pid)
+        return cls(pid, st) if st is not None else None
+
+    def alive(self) -> bool:
+        return start_time(self.pid) == self.start
+
+    def signal(self, sig: int) -> bool:
+        if not self.alive():
+            return False
+        try:
+            os.kill(self.pid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def to_json(self) -> dict:
+        return {"pid": self.pid, "start": self.start}
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> ProcRef | None:
+        if not d or "pid" not in d:
+            return None
+        return cls(int(d["pid"]), int(d["start"]))
+
+
+def stop(ref: ProcRef | None, grace: float = 5.0) -> None:
+    """SIGTERM, wait up to `grace` seconds, then SIGKILL."""
+    if ref is None or not ref.signal(signal.SIGTERM):
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        reap_children()
+        if not ref.alive():
+            return
+        time.sleep(0.02)
+    ref.signal(signal.SIGKILL)
+    for _ in range(100):
+        reap_children()
+        if not ref.alive():
+            return
+        time.sleep(0.01)
+
+
+def reap_children() -> list[tuple[int, int]]:
+    """Collect exited children without blocking; returns [(pid, wait status)]."""
+    out = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return out
+        if pid == 0:
+            return out
+        out.append((pid, status))
+
+
+def set_child_subreaper() -> None:
+    """Orphans of our descendants are reparented to us (and reaped), not to PID 1."""
+    import ctypes
+
+    PR_SET_CHILD_SUBREAPER = 36
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def spawn_detached(argv: list[str], *, log_path: str, env: dict | None = None,
+                   cwd: str | None = None) -> ProcRef:
+    """Start a long-lived process that is not our child (double fork), return its reference.
+
+    It is reparented to the nearest subreaper (the cluster daemon), so it survives our death
+    and is still reaped when it exits.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # intermediate
+        try:
+            os.close(r)
+            os.setsid()
+            gpid = os.fork()
+            if gpid == 0:
+                os.close(w)
+                fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                null = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null, 0)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                os.closerange(3, 65536)
+                if cwd:
+                    os.chdir(cwd)
+                os.execvpe(argv[0], argv, env if env is not None else os.environ)
+            os.write(w, str(gpid).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        data = f.read()
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    gpid = int(data)
+    for _ in range(200):
+        ref = ProcRef.of(gpid)
+        if ref is not None:
+            return ref
+        time.sleep(0.005)
+    raise RuntimeError(f"{argv[0]} exited at once; see {log_path}")
