@@ -1,0 +1,164 @@
+"""A local cluster for integration tests: `up` in a private state dir, helpers, `down`, and a
+check that nothing of it is left behind.
+
+Tests drive the real CLI (`python -m nodemesh ...`) as a user would, and look at the real kernel
+(`ip netns`, cgroups, /proc) to check what it did.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_subreaper_set = False
+
+
+def become_subreaper() -> None:
+    """Orphans of the clusters we start (their daemons) are reparented to the test process, so
+    we can reap them: PID 1 on this machine does not reap."""
+    global _subreaper_set
+    if not _subreaper_set:
+        ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+        _subreaper_set = True
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> object:
+        return json.loads(self.out)
+
+
+@dataclass
+class Cluster:
+    name: str
+    state_dir: str
+    nodes: int
+    env: dict = field(default_factory=dict)
+
+    # ---- CLI -------------------------------------------------------------------------------
+    def run(self, *args: str, input: str | None = None, timeout: float = 120,
+            check: bool = True) -> Result:
+        p = subprocess.run([sys.executable, "-m", "nodemesh", "--state-dir", self.state_dir, *args],
+                           input=input, capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, **self.env})
+        r = Result(p.returncode, p.stdout, p.stderr)
+        if check and p.returncode != 0:
+            raise AssertionError(f"nodemesh {' '.join(args)} exited {p.returncode}:\n"
+                                 f"{p.stdout}\n{p.stderr}")
+        return r
+
+    def apply(self, manifest: str | list[dict], check: bool = True) -> Result:
+        text = manifest if isinstance(manifest, str) else yaml.safe_dump_all(manifest)
+        return self.run("apply", "-f", "-", input=text, check=check)
+
+    def exec(self, pod: str, *cmd: str, namespace: str = "default", check: bool = True,
+             timeout: float = 60) -> Result:
+        return self.run("exec", "-n", namespace, pod, "--", *cmd, check=check, timeout=timeout)
+
+    def get(self, kind: str, name: str | None = None, namespace: str = "default") -> object:
+        args = ["get", kind] + ([name] if name else []) + ["-n", namespace, "-o", "json"]
+        return self.run(*args).json()
+
+    def pods(self, namespace: str = "default", selector: str | None = None) -> list[dict]:
+        args = ["get", "pods", "-n", namespace, "-o", "json"] + (["-l", selector] if selector else [])
+        return self.run(*args).json()["items"]  # type: ignore[index]
+
+    def wait_pods(self, namespace: str = "default", count: int | None = None,
+                  selector: str | None = None, timeout: float = 60) -> list[dict]:
+        """Wait until `count` pods (all, if None) are Ready and none is terminating."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pods = self.pods(namespace, selector)
+            live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+            ready = [p for p in live if pod_ready(p)]
+            if len(ready) == len(live) == (count if count is not None else len(live)) and (
+                    count != 0 or not pods) and (live or count == 0):
+                return ready
+            if time.monotonic() > deadline:
+                raise AssertionError(f"pods not ready after {timeout}s: "
+                                     + ", ".join(f"{p['metadata']['name']}="
+                                                 f"{(p.get('status') or {}).get('phase')}"
+                                                 for p in pods))
+            time.sleep(0.2)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def up(self) -> None:
+        self.run("up", "--nodes", str(self.nodes), "--name", self.name, timeout=180)
+
+    def daemon_pid(self) -> int | None:
+        try:
+            with open(os.path.join(self.state_dir, "daemon.json")) as f:
+                return int(json.load(f)["pid"])
+        except (FileNotFoundError, ValueError, KeyError):
+            return None
+
+    def down(self) -> None:
+        daemon = self.daemon_pid()
+        self.run("down", timeout=180, check=False)
+        if daemon:
+            reap(daemon)
+
+    def leftovers(self) -> list[str]:
+        """Everything of this cluster still on the machine (should be empty after down)."""
+        found = []
+        try:
+            netns = os.listdir("/run/netns")
+        except FileNotFoundError:
+            netns = []
+        found += [f"netns {n}" for n in netns if n.startswith(self.name + "-")]
+        for root in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+            if os.path.isdir(os.path.join(root, self.name)):
+                found.append(f"cgroup {root}/{self.name}")
+        with open("/proc/self/mountinfo") as f:
+            found += [f"mount {line.split()[4]}" for line in f if self.state_dir in line.split()[4]]
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if self.state_dir in cmd or f"/{self.name}/" in cmd:
+                found.append(f"process {pid}: {cmd[:120]}")
+        return found
+
+
+def reap(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done:
+            return
+        time.sleep(0.05)
+
+
+def pod_ready(pod: dict) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or [])
+
+
+def new_cluster(nodes: int = 2) -> Cluster:
+    become_subreaper()
+    name = "nmt" + uuid.uuid4().hex[:6]
+    state = tempfile.mkdtemp(prefix=f"nodemesh-{name}-")
+    c = Cluster(name=name, state_dir=state, nodes=nodes)
+    c.up()
+    return c
