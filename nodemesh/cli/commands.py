@@ -12,6 +12,7 @@ import time
 
 from nodemesh import __version__
 from nodemesh.cli import output
+from nodemesh.cli.selectors import parse_selector
 from nodemesh.cluster import cgroup, images, lifecycle, netns
 from nodemesh.cluster.config import (
     ClusterConfig,
@@ -56,32 +57,6 @@ def _kind(name: str) -> KindInfo:
 
 def _namespace(args: argparse.Namespace) -> str:
     return getattr(args, "namespace", None) or "default"
-
-
-_SEL_RE = re.compile(r"^\s*(!?)([A-Za-z0-9./_-]+)\s*(?:(==|=|!=)\s*([A-Za-z0-9._-]*)|"
-                     r"\s+(in|notin)\s*\(([^)]*)\))?\s*$")
-
-
-def parse_selector(text: str) -> dict:
-    """kubectl's -l syntax (`a=b,c!=d,e,!f,g in (x,y)`) → a LabelSelector."""
-    parts = re.split(r",(?![^()]*\))", text)
-    match_labels: dict[str, str] = {}
-    exprs: list[dict] = []
-    for part in parts:
-        m = _SEL_RE.match(part)
-        if not m:
-            raise NodemeshError(f"-l {text!r}: cannot parse {part.strip()!r}", 2)
-        neg, key, op, val, setop, setvals = m.groups()
-        if op in ("=", "=="):
-            match_labels[key] = val
-        elif op == "!=":
-            exprs.append({"key": key, "operator": "NotIn", "values": [val]})
-        elif setop:
-            exprs.append({"key": key, "operator": "In" if setop == "in" else "NotIn",
-                          "values": [v.strip() for v in setvals.split(",") if v.strip()]})
-        else:
-            exprs.append({"key": key, "operator": "DoesNotExist" if neg else "Exists"})
-    return {"matchLabels": match_labels, "matchExpressions": exprs}
 
 
 # ---- up / down / status ------------------------------------------------------------------

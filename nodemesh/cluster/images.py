@@ -9,14 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from nodemesh.echo import IMAGE_ALIASES as ECHO_IMAGES
 from nodemesh.errors import NodemeshError
-
-ECHO_IMAGES = (
-    "registry.k8s.io/gateway-api/conformance/echo-advanced",
-    "registry.k8s.io/gateway-api/conformance/echo-basic",
-    "gcr.io/k8s-staging-gateway-api/echo-basic",
-    "gcr.io/k8s-staging-gateway-api/echo-advanced",
-)
 
 
 def _python(module: str) -> list[str]:
