@@ -21,7 +21,10 @@ from nodemesh.agent.informer import Informer
 from nodemesh.agent.pods import PodManager
 from nodemesh.cluster import netns
 from nodemesh.cluster.config import NODE_DNS_IP, ClusterConfig, write_json_atomic
+from nodemesh.errors import NodemeshError
 from nodemesh.cluster.procs import ProcRef
+from nodemesh.observe.filters import FlowFilter, matches
+from nodemesh.observe.ring import FlowRing
 from nodemesh.store import open_store
 from nodemesh.store.base import now_rfc3339
 
@@ -38,6 +41,7 @@ class Agent:
         self.pods = PodManager(cfg, node, self.store, self.informer)
         self.dns = DnsServer(NODE_DNS_IP)
         self.api = ApiServer(cfg.agent_socket(node))
+        self.flows = FlowRing(int(cfg.extra.get("flow_ring_size", 16384)))
         self.started = time.time()
         self._wake: asyncio.Event | None = None
         self._dns_dirty = True
@@ -126,6 +130,7 @@ class Agent:
     def _routes(self) -> None:
         self.api.route("GET", "/healthz", self._healthz)
         self.api.route("GET", "/status", self._status)
+        self.api.route("GET", "/flows", self._flows)
 
     async def _healthz(self, q: dict, body: bytes) -> Any:
         return {"ok": True}
@@ -139,6 +144,35 @@ class Agent:
             "pods": len(self.pods.local), "storeRevision": self.informer.revision,
             "dns": {"address": NODE_DNS_IP, "records": len(self.dns.records.a)},
         }
+
+
+    async def _flows(self, q: dict, body: bytes) -> Any:
+        """Recent flows (`last`, filters), or with `follow=1` a stream of new ones."""
+        try:
+            flt = FlowFilter.from_query(q)
+        except NodemeshError as e:
+            raise ApiError(400, e.message) from None
+        last = int(q.get("last", ["0"])[-1] or 0)
+        if q.get("follow", ["0"])[-1] == "1":
+            return self._follow(flt, last)
+        found = [f for f in self.flows.snapshot() if matches(flt, f)]
+        return found[-last:] if last else found
+
+    async def _follow(self, flt: FlowFilter, last: int):  # noqa: ANN202 - an async generator
+        queue = self.flows.follow()
+        try:
+            if last:
+                for f in [f for f in self.flows.snapshot() if matches(flt, f)][-last:]:
+                    yield f
+            while not self._stopping:
+                try:
+                    f = await asyncio.wait_for(queue.get(), 1.0)
+                except TimeoutError:
+                    continue
+                if matches(flt, f):
+                    yield f
+        finally:
+            self.flows.unfollow(queue)
 
 
 def run_agent(cfg: ClusterConfig, node: str) -> int:

@@ -404,3 +404,73 @@ def cmd_version(args: argparse.Namespace) -> int:
     print(f"nodemesh {__version__}")
     return 0
 
+
+
+# ---- observe ---------------------------------------------------------------------------------
+def _flow_filter(args: argparse.Namespace):  # noqa: ANN202
+    from nodemesh.observe.filters import FlowFilter, parse_time
+
+    flt = FlowFilter(
+        pod=args.pod, from_pod=args.from_pod, to_pod=args.to_pod, namespace=args.flow_namespace,
+        label=args.label, from_label=args.from_label, to_label=args.to_label,
+        service=args.service, to_service=args.to_service, verdict=args.verdict, type=args.type,
+        protocol=args.protocol, http_status=args.http_status, http_method=args.http_method,
+        http_path=args.http_path, identity=args.identity,
+        since=parse_time(args.since) if args.since else None,
+        until=parse_time(args.until) if args.until else None)
+    flt.validate()
+    return flt
+
+
+def cmd_observe(args: argparse.Namespace) -> int:
+    import queue
+    import threading
+
+    from nodemesh.agent.api import AgentClient
+    from nodemesh.observe import printer
+
+    cfg = _cluster(args)
+    flt = _flow_filter(args)
+    nodes = [n.name for n in cfg.nodes if not args.node or n.name in args.node]
+    colour = args.output == "compact" and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    last = args.last if args.last is not None else (0 if args.follow else 20)
+
+    def emit(flow: dict) -> None:
+        if args.output == "json":
+            print(printer.as_json(flow), flush=True)
+        else:
+            print(printer.compact(flow, colour), flush=True)
+
+    query = flt.to_query()
+    flows: list[dict] = []
+    for node in nodes:
+        client = AgentClient(cfg.agent_socket(node), node)
+        flows += client.get("/flows", {**query, "last": [str(last)] if last else ["0"]})
+    flows.sort(key=lambda f: f.get("time", ""))
+    if last:
+        flows = flows[-last:]
+    if args.output == "table" and not args.follow:
+        print(printer.as_table(flows))
+        return 0
+    for f in flows:
+        emit(f)
+    if not args.follow:
+        return 0
+    q: queue.Queue = queue.Queue(10000)
+
+    def pump(node: str) -> None:
+        client = AgentClient(cfg.agent_socket(node), node, timeout=None)
+        try:
+            for f in client.stream("/flows", {**query, "follow": ["1"]}):
+                q.put(f)
+        except Exception as e:  # an agent restart ends its stream; say so and keep the others
+            q.put({"_error": f"node {node}: flow stream ended ({e})"})
+
+    for node in nodes:
+        threading.Thread(target=pump, args=(node,), daemon=True).start()
+    while True:
+        f = q.get()
+        if "_error" in f:
+            print(f"warning: {f['_error']}", file=sys.stderr)
+            continue
+        emit(f)

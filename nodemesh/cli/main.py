@@ -95,6 +95,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the output of the previous run of a restarted container")
     sp.add_argument("--tail", type=int, default=-1)
 
+    sp = cmd("observe", c.cmd_observe, "show flows from every node, as `hubble observe` does")
+    sp.add_argument("-f", "--follow", action="store_true", help="keep printing new flows")
+    sp.add_argument("--last", type=int, default=None, help="the last N flows (default 20)")
+    sp.add_argument("--since", help="flows since a time (RFC 3339) or a duration ago (5m)")
+    sp.add_argument("--until", help="flows until a time (RFC 3339) or a duration ago")
+    sp.add_argument("-o", "--output", choices=["compact", "json", "table"], default="compact")
+    sp.add_argument("--node", action="append", help="only flows seen by this node")
+    for flag, helptext in (
+            ("--pod", "[namespace/]pod-name prefix, either side"),
+            ("--from-pod", "source pod"), ("--to-pod", "destination pod"),
+            ("--label", "label selector, either side"), ("--from-label", "source labels"),
+            ("--to-label", "destination labels"),
+            ("--service", "[namespace/]service, either side"),
+            ("--to-service", "destination service"),
+            ("--verdict", "FORWARDED, DROPPED, REDIRECTED, TRANSLATED"),
+            ("--type", "trace, drop or l7"), ("--protocol", "tcp, udp, icmp, http, grpc"),
+            ("--http-status", "a code (404) or a class (5+)"), ("--http-method", "GET, POST..."),
+            ("--http-path", "a regular expression over the path"),
+            ("--identity", "a numeric security identity, either side")):
+        sp.add_argument(flag, action="append", default=[], help=helptext)
+    sp.add_argument("--namespace", dest="flow_namespace", action="append", default=[],
+                    help="namespace, either side")
+
     sp = cmd("agent", c.cmd_agent, "run a node's agent (started by the cluster daemon)")
     sp.add_argument("--node", required=True)
     cmd("daemon", c.cmd_daemon, "run the cluster daemon (started by `nodemesh up`)")
