@@ -126,7 +126,8 @@ def load_and_validate(paths: list[str], namespace: str | None) -> list[dict]:
     for source, text in read_manifest_paths(paths):
         try:
             docs = load_manifests(text, source)
-            valid = validate_objects(docs, source, default_namespace=namespace or "default")
+            valid = validate_objects(docs, source, default_namespace=namespace or "default",
+                                     enforce_namespace=namespace is not None)
         except InvalidManifest as e:
             errors.extend(e.errors)
             continue
