@@ -1,0 +1,19 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Address -> security identity, through the ipcache (LPM, longest prefix wins). */
+#pragma once
+
+#include "maps.h"
+
+static __always_inline __u32 identity_of(__be32 addr, const struct node_config *cfg)
+{
+	struct ipcache_key key = { .prefixlen = 32, .addr = addr };
+	struct ipcache_entry *e;
+
+	/* The node's own address is "host" even before the agent has written the ipcache: the
+	 * always-allow rule for node -> pod traffic must not depend on map contents. */
+	if (cfg && cfg->node_ip && addr == cfg->node_ip)
+		return IDENTITY_HOST;
+	e = bpf_map_lookup_elem(&nm_ipcache, &key);
+	/* No entry, not even 0.0.0.0/0: outside the cluster. */
+	return e ? e->identity : IDENTITY_WORLD;
+}

@@ -1,0 +1,158 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Every map of the datapath, declared once. Both objects include this header; LIBBPF_PIN_BY_NAME
+ * makes libbpf pin each map as <pin_root_path>/<name> (the node's bpffs directory) or reuse the
+ * pin that is already there, so bpf_lxc.o and bpf_sock.o share one instance of every map and
+ * the maps outlive the agent. */
+#pragma once
+
+#include "common.h"
+
+#define NM_ENDPOINTS_MAX   4096
+#define NM_IPCACHE_MAX     65536
+#define NM_POLICY_MAX      65536
+#define NM_POLICY_CIDR_MAX 16384
+#define NM_CT_MAX          131072
+#define NM_LB_SVC_MAX      65536
+#define NM_LB_BE_MAX       65536
+#define NM_LB_REVNAT_MAX   65536
+#define NM_LB_MAGLEV_MAX   1024
+#define NM_LB_AFFIN_MAX    65536
+#define NM_LB_RSK_MAX      131072
+#define NM_EVENTS_BYTES    (4 << 20)
+#define NM_METRICS_MAX     1024
+#define NM_FLOWCNT_MAX     16384
+
+/* Default Maglev table size; the loader sets the real one (a prime) as the map's value size and
+ * as the .rodata constant nm_maglev_m before load. */
+#define NM_MAGLEV_M_DEFAULT 16381
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct node_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NM_ENDPOINTS_MAX);
+	__type(key, __u32);
+	__type(value, struct endpoint_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, NM_IPCACHE_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct ipcache_key);
+	__type(value, struct ipcache_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_ipcache SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, NM_POLICY_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct policy_key);
+	__type(value, struct policy_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_policy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, NM_POLICY_CIDR_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct policy_cidr_key);
+	__type(value, struct policy_cidr_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_policy_cidr SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, NM_CT_MAX);
+	__type(key, struct ct_key);
+	__type(value, struct ct_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NM_LB_SVC_MAX);
+	__type(key, struct lb4_key);
+	__type(value, struct lb4_service);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_lb4_svc SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NM_LB_BE_MAX);
+	__type(key, __u32);
+	__type(value, struct lb4_backend);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_lb4_be SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NM_LB_REVNAT_MAX);
+	__type(key, __u16);
+	__type(value, struct lb4_reverse_nat);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_lb4_revnat SEC(".maps");
+
+/* rev_nat_index -> __u32 backend_ids[M]. Declared by size (no BTF value type) because the
+ * loader changes the value size to the agent's M before load. NO_PREALLOC: 64 KiB values. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NM_LB_MAGLEV_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(key_size, sizeof(__u16));
+	__uint(value_size, sizeof(__u32) * NM_MAGLEV_M_DEFAULT);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_lb4_maglev SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, NM_LB_AFFIN_MAX);
+	__type(key, struct lb4_affinity_key);
+	__type(value, struct lb4_affinity_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_lb4_affin SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, NM_LB_RSK_MAX);
+	__type(key, struct lb4_reverse_sk_key);
+	__type(value, struct lb4_reverse_sk_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_lb4_rsk SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, NM_EVENTS_BYTES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, NM_METRICS_MAX);
+	__type(key, struct metrics_key);
+	__type(value, struct metrics_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_metrics SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+	__uint(max_entries, NM_FLOWCNT_MAX);
+	__type(key, struct flow_count_key);
+	__type(value, struct metrics_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_flowcnt SEC(".maps");
+
+static __always_inline struct node_config *node_config(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&nm_config, &zero);
+}

@@ -1,0 +1,473 @@
+"""The Python twins of the datapath's C structs and enumerations (bpf/lib/common.h,
+bpf/lib/drop_reasons.h), defined once for the whole agent.
+
+Network-order (`__be16`/`__be32`) fields use ctypes' big-endian scalar types, so Python code
+reads and writes natural values: an address is the integer of `ipaddress.IPv4Address`, a port
+is a plain port number. tests/unit/test_datapath_layout.py compares every struct's size and
+member offsets with the BTF of the compiled objects; `STRUCTS` lists the pairs.
+
+Also here: the key encodings the policy compiler needs (LPM prefix lengths, port ranges as
+prefix blocks) so that nothing outside this module knows the bit layout of a key.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import ipaddress
+from collections.abc import Iterable
+
+u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
+be16: type = ctypes.c_uint16.__ctype_be__  # type: ignore[attr-defined]
+be32: type = ctypes.c_uint32.__ctype_be__  # type: ignore[attr-defined]
+
+
+def ip4(addr: str | int | ipaddress.IPv4Address) -> int:
+    """An IPv4 address as the integer a be32 field takes."""
+    return int(ipaddress.IPv4Address(addr))
+
+
+def ip4_str(value: int) -> str:
+    return str(ipaddress.IPv4Address(value))
+
+
+# --- enumerations ----------------------------------------------------------------------------
+class Direction(enum.IntEnum):
+    """From the pod's point of view."""
+
+    INGRESS = 0  # entering the pod (to_container)
+    EGRESS = 1  # leaving the pod (from_container)
+
+
+class EventType(enum.IntEnum):
+    TRACE = 1  # a new connection passed a tc hook
+    DROP = 2
+    SOCK = 3  # a socket-LB translation
+
+
+class Verdict(enum.IntEnum):
+    """flow_event.verdict / metrics_key.verdict. `hubble` gives flow.proto's Verdict value."""
+
+    FORWARDED = 1
+    DROPPED = 2
+    REDIRECTED = 3
+    TRANSLATED = 4
+
+    @property
+    def hubble(self) -> int:
+        return {1: 1, 2: 2, 3: 5, 4: 7}[self.value]
+
+
+class DropReason(enum.IntEnum):
+    """Values are Hubble's flow.proto DropReason; `hubble_name` is its enum name
+    (`drop_reason_desc` in Hubble JSON)."""
+
+    NONE = 0
+    INVALID_SOURCE_IP = 132
+    POLICY_DENIED = 133
+    INVALID_PACKET = 134
+    UNSUPPORTED_L3 = 139
+    CT_MAP_INSERTION_FAILED = 155
+    FRAG_NOT_SUPPORTED = 157
+    NO_SERVICE = 158
+    PROXY_UNSUPPORTED = 180
+    POLICY_DENY = 181
+    UNKNOWN_ENDPOINT = 203
+
+    @property
+    def hubble_name(self) -> str:
+        return _HUBBLE_DROP_NAMES[self]
+
+
+_HUBBLE_DROP_NAMES = {
+    DropReason.NONE: "DROP_REASON_UNKNOWN",
+    DropReason.INVALID_SOURCE_IP: "INVALID_SOURCE_IP",
+    DropReason.POLICY_DENIED: "POLICY_DENIED",
+    DropReason.INVALID_PACKET: "INVALID_PACKET_DROPPED",
+    DropReason.UNSUPPORTED_L3: "UNSUPPORTED_L3_PROTOCOL",
+    DropReason.CT_MAP_INSERTION_FAILED: "CT_MAP_INSERTION_FAILED",
+    DropReason.FRAG_NOT_SUPPORTED: "IP_FRAGMENTATION_NOT_SUPPORTED",
+    DropReason.NO_SERVICE: "SERVICE_BACKEND_NOT_FOUND",
+    DropReason.PROXY_UNSUPPORTED: "PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL",
+    DropReason.POLICY_DENY: "POLICY_DENY",
+    DropReason.UNKNOWN_ENDPOINT: "DROP_EP_NOT_READY",
+}
+
+
+class PolicyVerdict(enum.IntEnum):
+    NONE = 0
+    ALLOW = 1
+    DENY = 2
+    REDIRECT = 3
+
+
+class ServiceFlags(enum.IntFlag):
+    NONE = 0
+    AFFINITY = 1
+    MAGLEV = 2
+    L7 = 4
+
+
+class EndpointFlags(enum.IntFlag):
+    NONE = 0
+    INGRESS_ENFORCED = 1
+    EGRESS_ENFORCED = 2
+
+
+class Identity(enum.IntEnum):
+    """Reserved identities, numbered as Cilium does; pod identities start at 256."""
+
+    ANY = 0
+    HOST = 1
+    WORLD = 2
+    UNMANAGED = 3
+    HEALTH = 4
+    INIT = 5
+    REMOTE_NODE = 6
+
+
+FIRST_POD_IDENTITY = 256
+
+
+class Proto(enum.IntEnum):
+    ANY = 0
+    ICMP = 1
+    TCP = 6
+    UDP = 17
+
+    @classmethod
+    def parse(cls, value: str | int) -> Proto:
+        if isinstance(value, int):
+            return cls(value)
+        return cls[value.upper()]
+
+
+class CtClosing(enum.IntFlag):
+    NONE = 0
+    TX = 1  # FIN from the side that opened the connection
+    RX = 2  # FIN from the other side
+
+
+CT_F_REPLY_SEEN = 1
+
+POLICY_KEY_BITS = 96  # endpoint(32) identity(32) direction(8) protocol(8) dport(16)
+POLICY_KEY_FIXED_BITS = 72  # endpoint, identity and direction always match
+POLICY_CIDR_KEY_BASE = 64  # endpoint(32) direction(8) pad(24), then the address
+POLICY_CIDR_MAX_RULES = 16
+MAGLEV_DEFAULT_M = 16381
+
+
+# --- structs ---------------------------------------------------------------------------------
+class NodeConfig(ctypes.Structure):
+    _fields_ = [("node_ip", be32), ("dns_ip", be32), ("proxy_ip", be32), ("flags", u32)]
+
+
+class EndpointInfo(ctypes.Structure):
+    _fields_ = [("ipv4", be32), ("identity", u32), ("flags", u32), ("pad", u32)]
+
+
+class IpcacheKey(ctypes.Structure):
+    _fields_ = [("prefixlen", u32), ("addr", be32)]
+
+    @classmethod
+    def of(cls, cidr: str) -> IpcacheKey:
+        net = ipaddress.IPv4Network(cidr, strict=False)
+        return cls(net.prefixlen, int(net.network_address))
+
+
+class IpcacheEntry(ctypes.Structure):
+    _fields_ = [("identity", u32), ("node_ip", be32), ("flags", u32), ("pad", u32)]
+
+
+class PolicyKey(ctypes.Structure):
+    _fields_ = [
+        ("prefixlen", u32),
+        ("endpoint", u32),
+        ("identity", u32),
+        ("direction", u8),
+        ("protocol", u8),
+        ("dport", be16),
+    ]
+
+
+class PolicyEntry(ctypes.Structure):
+    _fields_ = [("verdict", u8), ("pad", u8), ("proxy_port", u16), ("policy_id", u32)]
+
+
+class PolicyCidrKey(ctypes.Structure):
+    _fields_ = [
+        ("prefixlen", u32),
+        ("endpoint", u32),
+        ("direction", u8),
+        ("pad", u8 * 3),
+        ("addr", be32),
+    ]
+
+
+class PolicyPortRule(ctypes.Structure):
+    _fields_ = [
+        ("protocol", u8),
+        ("verdict", u8),
+        ("proxy_port", u16),
+        ("port_lo", u16),
+        ("port_hi", u16),
+        ("policy_id", u32),
+    ]
+
+
+class PolicyCidrEntry(ctypes.Structure):
+    _fields_ = [("count", u32), ("rules", PolicyPortRule * POLICY_CIDR_MAX_RULES)]
+
+
+class CtKey(ctypes.Structure):
+    _fields_ = [
+        ("saddr", be32),
+        ("daddr", be32),
+        ("sport", be16),
+        ("dport", be16),
+        ("protocol", u8),
+        ("direction", u8),
+        ("pad", u16),
+    ]
+
+
+class CtEntry(ctypes.Structure):
+    _fields_ = [
+        ("expires_ns", u64),
+        ("packets", u64),
+        ("bytes", u64),
+        ("src_identity", u32),
+        ("dst_identity", u32),
+        ("tcp_flags_seen", u8),
+        ("closing", u8),
+        ("verdict", u8),
+        ("flags", u8),
+        ("policy_id", u32),
+    ]
+
+
+class Lb4Key(ctypes.Structure):
+    _fields_ = [
+        ("address", be32),
+        ("dport", be16),
+        ("backend_slot", u16),
+        ("protocol", u8),
+        ("pad", u8 * 3),
+    ]
+
+
+class Lb4Service(ctypes.Structure):
+    _fields_ = [
+        ("backend_id", u32),
+        ("count", u16),
+        ("rev_nat_index", u16),
+        ("flags", u8),
+        ("pad", u8),
+        ("l7_proxy_port", u16),
+        ("affinity_timeout", u32),
+    ]
+
+
+class Lb4Backend(ctypes.Structure):
+    _fields_ = [("address", be32), ("port", be16), ("protocol", u8), ("flags", u8)]
+
+
+class Lb4ReverseNat(ctypes.Structure):
+    _fields_ = [("address", be32), ("port", be16), ("pad", u16)]
+
+
+class Lb4AffinityKey(ctypes.Structure):
+    _fields_ = [("netns_cookie", u64), ("rev_nat_index", u16), ("pad", u16), ("pad2", u32)]
+
+
+class Lb4AffinityVal(ctypes.Structure):
+    _fields_ = [("last_used_ns", u64), ("backend_id", u32), ("pad", u32)]
+
+
+class Lb4ReverseSkKey(ctypes.Structure):
+    _fields_ = [("cookie", u64), ("address", be32), ("port", be16), ("pad", u16)]
+
+
+class Lb4ReverseSkVal(ctypes.Structure):
+    _fields_ = [("address", be32), ("port", be16), ("rev_nat_index", u16)]
+
+
+class FlowEvent(ctypes.Structure):
+    _fields_ = [
+        ("ts_ns", u64),
+        ("type", u8),
+        ("verdict", u8),
+        ("reason", u8),
+        ("direction", u8),
+        ("ifindex", u32),
+        ("saddr", be32),
+        ("daddr", be32),
+        ("sport", be16),
+        ("dport", be16),
+        ("protocol", u8),
+        ("tcp_flags", u8),
+        ("rev_nat_index", u16),
+        ("src_identity", u32),
+        ("dst_identity", u32),
+        ("policy_id", u32),
+        ("len", u32),
+        ("netns_cookie", u64),
+        ("orig_daddr", be32),
+        ("orig_dport", be16),
+        ("pad", u16),
+    ]
+
+    def describe(self) -> str:
+        """One line for logs and test failures."""
+        kind = EventType(self.type).name if self.type in EventType._value2member_map_ else self.type
+        reason = f" {DropReason(self.reason).name}" if self.reason else ""
+        proto = Proto(self.protocol).name if self.protocol in Proto._value2member_map_ else self.protocol
+        orig = (f" (vip {ip4_str(self.orig_daddr)}:{self.orig_dport})"
+                if self.type == EventType.SOCK else "")
+        return (f"{kind} {Verdict(self.verdict).name if self.verdict else '-'}{reason} "
+                f"{Direction(self.direction).name} if={self.ifindex} {proto} "
+                f"{ip4_str(self.saddr)}:{self.sport} -> {ip4_str(self.daddr)}:{self.dport}"
+                f"{orig} id {self.src_identity}->{self.dst_identity} policy={self.policy_id}")
+
+
+class MetricsKey(ctypes.Structure):
+    _fields_ = [("reason", u8), ("direction", u8), ("verdict", u8), ("pad", u8)]
+
+
+class MetricsVal(ctypes.Structure):
+    _fields_ = [("packets", u64), ("bytes", u64)]
+
+
+class FlowCountKey(ctypes.Structure):
+    _fields_ = [
+        ("src_identity", u32),
+        ("dst_identity", u32),
+        ("dport", be16),
+        ("protocol", u8),
+        ("verdict", u8),
+        ("direction", u8),
+        ("pad", u8 * 3),
+    ]
+
+
+def maglev_table_type(m: int) -> type[ctypes.Array]:
+    """The value type of nm_lb4_maglev: __u32 backend_ids[M]."""
+    return u32 * m
+
+
+# C struct name -> Python twin, for the layout test.
+STRUCTS: dict[str, type[ctypes.Structure]] = {
+    "node_config": NodeConfig,
+    "endpoint_info": EndpointInfo,
+    "ipcache_key": IpcacheKey,
+    "ipcache_entry": IpcacheEntry,
+    "policy_key": PolicyKey,
+    "policy_entry": PolicyEntry,
+    "policy_cidr_key": PolicyCidrKey,
+    "policy_port_rule": PolicyPortRule,
+    "policy_cidr_entry": PolicyCidrEntry,
+    "ct_key": CtKey,
+    "ct_entry": CtEntry,
+    "lb4_key": Lb4Key,
+    "lb4_service": Lb4Service,
+    "lb4_backend": Lb4Backend,
+    "lb4_reverse_nat": Lb4ReverseNat,
+    "lb4_affinity_key": Lb4AffinityKey,
+    "lb4_affinity_val": Lb4AffinityVal,
+    "lb4_reverse_sk_key": Lb4ReverseSkKey,
+    "lb4_reverse_sk_val": Lb4ReverseSkVal,
+    "flow_event": FlowEvent,
+    "metrics_key": MetricsKey,
+    "metrics_val": MetricsVal,
+    "flow_count_key": FlowCountKey,
+}
+
+# Pinned map name -> (key type, value type). nm_lb4_maglev's value depends on M (see
+# maglev_table_type); nm_events is a ring buffer of FlowEvent records.
+MAPS: dict[str, tuple[type, type | None]] = {
+    "nm_config": (u32, NodeConfig),
+    "nm_endpoints": (u32, EndpointInfo),
+    "nm_ipcache": (IpcacheKey, IpcacheEntry),
+    "nm_policy": (PolicyKey, PolicyEntry),
+    "nm_policy_cidr": (PolicyCidrKey, PolicyCidrEntry),
+    "nm_ct": (CtKey, CtEntry),
+    "nm_lb4_svc": (Lb4Key, Lb4Service),
+    "nm_lb4_be": (u32, Lb4Backend),
+    "nm_lb4_revnat": (u16, Lb4ReverseNat),
+    "nm_lb4_maglev": (u16, None),
+    "nm_lb4_affin": (Lb4AffinityKey, Lb4AffinityVal),
+    "nm_lb4_rsk": (Lb4ReverseSkKey, Lb4ReverseSkVal),
+    "nm_metrics": (MetricsKey, MetricsVal),
+    "nm_flowcnt": (FlowCountKey, MetricsVal),
+}
+RINGBUF_MAPS = ("nm_events",)
+
+
+# --- key encodings ---------------------------------------------------------------------------
+def port_range_blocks(lo: int, hi: int) -> list[tuple[int, int]]:
+    """Split the inclusive port range lo..hi into aligned power-of-two blocks, as (first port,
+    prefix bits of the 16-bit port) pairs: 80..80 -> [(80, 16)], 0..65535 -> [(0, 0)],
+    8080..8083 -> [(8080, 14)]. Each block is one nm_policy entry."""
+    if not 0 <= lo <= hi <= 0xFFFF:
+        raise ValueError(f"bad port range {lo}-{hi}")
+    out = []
+    port = lo
+    while port <= hi:
+        size = port & -port if port else 1 << 16  # the largest block aligned at port
+        while port + size - 1 > hi:
+            size >>= 1
+        out.append((port, 16 - size.bit_length() + 1))
+        port += size
+    return out
+
+
+def policy_key(endpoint: int, identity: int, direction: Direction | int,
+               protocol: int | None = None, port: int | None = None,
+               port_bits: int = 16) -> PolicyKey:
+    """An nm_policy key. protocol None: any protocol and port (prefixlen 72); port None: any
+    port of that protocol (80); otherwise the port, of which the first port_bits bits match
+    (80 + port_bits; 16 = exactly this port). ICMP rules put the ICMP type in `port`."""
+    if protocol is None:
+        if port is not None:
+            raise ValueError("a port needs a protocol")
+        return PolicyKey(POLICY_KEY_FIXED_BITS, endpoint, identity, int(direction), 0, 0)
+    if port is None:
+        return PolicyKey(POLICY_KEY_FIXED_BITS + 8, endpoint, identity, int(direction), protocol, 0)
+    if not 0 <= port_bits <= 16:
+        raise ValueError(f"port_bits {port_bits} not in 0..16")
+    mask = (0xFFFF << (16 - port_bits)) & 0xFFFF
+    return PolicyKey(POLICY_KEY_FIXED_BITS + 8 + port_bits, endpoint, identity, int(direction),
+                     protocol, port & mask)
+
+
+def policy_keys_for_range(endpoint: int, identity: int, direction: Direction | int,
+                          protocol: int, lo: int, hi: int) -> list[PolicyKey]:
+    """The nm_policy keys that together match ports lo..hi."""
+    return [policy_key(endpoint, identity, direction, protocol, p, bits)
+            for p, bits in port_range_blocks(lo, hi)]
+
+
+def policy_cidr_key(endpoint: int, direction: Direction | int, cidr: str) -> PolicyCidrKey:
+    net = ipaddress.IPv4Network(cidr, strict=False)
+    key = PolicyCidrKey()
+    key.prefixlen = POLICY_CIDR_KEY_BASE + net.prefixlen
+    key.endpoint = endpoint
+    key.direction = int(direction)
+    key.addr = int(net.network_address)
+    return key
+
+
+def policy_cidr_entry(rules: Iterable[PolicyPortRule]) -> PolicyCidrEntry:
+    rules = list(rules)
+    if len(rules) > POLICY_CIDR_MAX_RULES:
+        raise ValueError(f"{len(rules)} port rules for one CIDR; at most {POLICY_CIDR_MAX_RULES}")
+    entry = PolicyCidrEntry()
+    entry.count = len(rules)
+    for i, r in enumerate(rules):
+        entry.rules[i] = r
+    return entry
+
+
+def port_rule(verdict: PolicyVerdict, protocol: int = 0, lo: int = 0, hi: int = 0xFFFF,
+              policy_id: int = 0, proxy_port: int = 0) -> PolicyPortRule:
+    return PolicyPortRule(protocol, int(verdict), proxy_port, lo, hi, policy_id)

@@ -1,0 +1,474 @@
+"""A node and its pods in private network namespaces, for BPF datapath tests (root).
+
+    netns nmbpf-<tag>-node   lo: node IP, node-local DNS IP, 169.254.1.1 (the pods' gateway)
+                             lxc1..lxcN (host side of each pod's veth, proxy_arp on), a /32
+                             route per pod, ip_forward on, IPv6 off; no uplink, no default route
+    netns nmbpf-<tag>-pN     eth0 with the pod's /32, default via 169.254.1.1 (on-link)
+    cgroup <cgroup2>/nmbpf-test-<tag>/      the node cgroup (the socket programs attach here)
+           <cgroup2>/nmbpf-test-<tag>/pN/   one child per pod; pod processes run in it
+    <tmp>/bpffs                             a private bpffs mount
+
+Processes run "in a pod" join the pod's cgroup, then enter its network namespace with setns
+(not `ip netns exec`, which remounts /sys and hides the cgroup tree). Everything is recorded as
+it is created and `down()` removes it in reverse order, also after a failure half-way up.
+
+Also the pytest fixtures the test_bpf_* modules share: `topo` (one topology per module) and
+`dp` (a loaded Datapath per test, destroyed afterwards, with every pod programmed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from nodemesh.datapath import libbpf
+from nodemesh.datapath.layout import EndpointFlags, FlowEvent, Identity, IpcacheEntry, IpcacheKey, ip4
+from nodemesh.datapath.loader import Datapath, cgroup2_root, mount_bpffs, unmount
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+GATEWAY = "169.254.1.1"
+NODE_IP = "10.77.255.1"
+DNS_IP = "10.77.255.53"
+POD_NET = "10.77.0"
+POD_IDENTITY_BASE = 1000  # pod N has identity 1000 + N
+
+# A small server: TCP answers every read with "<name> <data>", UDP every datagram likewise.
+SERVER = textwrap.dedent(
+    """
+    import socket, sys, threading
+    name, proto, host, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    if proto == "tcp":
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.listen(1024)
+        print("ready", flush=True)
+        def serve(c):
+            with c:
+                while True:
+                    d = c.recv(4096)
+                    if not d:
+                        return
+                    c.sendall(name.encode() + b" " + d)
+        while True:
+            c, _ = s.accept()
+            threading.Thread(target=serve, args=(c,), daemon=True).start()
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((host, port))
+        print("ready", flush=True)
+        while True:
+            d, a = s.recvfrom(4096)
+            s.sendto(name.encode() + b" " + d, a)
+    """
+)
+
+
+def run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()}")
+    return res
+
+
+def _enter(cgroup: Path | None, netns: str) -> Callable[[], None]:
+    """preexec_fn: join the cgroup (while /sys is still ours), then enter the netns."""
+
+    def fn() -> None:
+        if cgroup is not None:
+            with open(cgroup / "cgroup.procs", "w") as f:
+                f.write(str(os.getpid()))
+        libbpf.setns(f"/run/netns/{netns}")
+
+    return fn
+
+
+@dataclass
+class Pod:
+    topo: Topology
+    index: int
+    netns: str
+    ip: str
+    lxc: str
+    cgroup: Path
+    ifindex: int = 0
+
+    @property
+    def identity(self) -> int:
+        return POD_IDENTITY_BASE + self.index
+
+    @property
+    def name(self) -> str:
+        return f"pod{self.index}"
+
+    def popen(self, argv: list[str], **kw: object) -> subprocess.Popen[str]:
+        """A process in the pod (its cgroup and netns), tracked for cleanup."""
+        return self.topo.popen(argv, self.netns, self.cgroup, **kw)
+
+    def run(self, argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        p = self.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        finally:
+            self.topo.forget(p)
+        return subprocess.CompletedProcess(argv, p.returncode, out, err)
+
+    def python(self, code: str, timeout: float = 60) -> object:
+        """Run a Python snippet in the pod; it must print one JSON document, which is
+        returned."""
+        res = self.run([PYTHON, "-c", textwrap.dedent(code)], timeout=timeout)
+        if res.returncode != 0:
+            raise AssertionError(f"snippet failed in {self.name}:\n{res.stderr}")
+        return json.loads(res.stdout)
+
+    def server(self, proto: str = "tcp", port: int = 8080, name: str | None = None,
+               host: str = "0.0.0.0") -> subprocess.Popen[str]:
+        """Start the echo server and wait until it listens."""
+        p = self.popen([PYTHON, "-c", SERVER, name or f"{self.name}:{port}", proto, host,
+                        str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.topo.wait_ready(p)
+        return p
+
+
+@dataclass
+class Topology:
+    pods_wanted: int = 4
+    tag: str = field(default_factory=lambda: secrets.token_hex(3))
+    pods: list[Pod] = field(default_factory=list)
+    _undo: list[tuple[str, Callable[[], object]]] = field(default_factory=list)
+    _procs: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.node_ns = f"nmbpf-{self.tag}-node"
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"nmbpf-{self.tag}-"))
+        self.bpffs = self.tmp / "bpffs"
+        self.cgroup = cgroup2_root() / f"nmbpf-test-{self.tag}"
+        self._undo.append(("tmpdir", lambda: shutil.rmtree(self.tmp, ignore_errors=True)))
+
+    # -- building -----------------------------------------------------------------------------
+    def _netns(self, name: str) -> None:
+        run(["ip", "netns", "add", name])
+        self._undo.append((f"netns {name}", lambda: run(["ip", "netns", "del", name], check=False)))
+        # IPv6 off before any device arrives: no DAD, router solicitations or MLD noise
+        self.sysctl(name, "net.ipv6.conf.all.disable_ipv6", 1)
+        self.sysctl(name, "net.ipv6.conf.default.disable_ipv6", 1)
+
+    @staticmethod
+    def sysctl(netns: str, key: str, value: object) -> None:
+        def write() -> None:
+            # /proc/sys/net is resolved against the opening thread's network namespace
+            Path("/proc/sys", *key.split(".")).write_text(f"{value}\n")
+
+        libbpf.run_in_netns(f"/run/netns/{netns}", write)
+
+    def up(self) -> Topology:
+        try:
+            self._up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def _up(self) -> None:
+        n = self.node_ns
+        self._netns(n)
+        run(["ip", "-n", n, "link", "set", "lo", "up"])
+        for addr in (f"{NODE_IP}/32", f"{DNS_IP}/32"):
+            run(["ip", "-n", n, "addr", "add", addr, "dev", "lo"])
+        # scope link: the gateway address answers ARP but is never picked as a source
+        run(["ip", "-n", n, "addr", "add", f"{GATEWAY}/32", "dev", "lo", "scope", "link"])
+        self.sysctl(n, "net.ipv4.ip_forward", 1)
+
+        self.cgroup.mkdir()
+        self._undo.append(("cgroup", lambda: self._rmdir_cgroup(self.cgroup)))
+        mount_bpffs(self.bpffs)
+        self._undo.append(("bpffs", lambda: unmount(self.bpffs)))
+
+        for i in range(1, self.pods_wanted + 1):
+            pns = f"nmbpf-{self.tag}-p{i}"
+            self._netns(pns)
+            lxc, ip = f"lxc{i}", f"{POD_NET}.{i}"
+            # created inside the node netns, peer moved straight into the pod: nothing ever
+            # appears in the host's namespace
+            run(["ip", "-n", n, "link", "add", lxc, "type", "veth", "peer", "name", "eth0",
+                 "netns", pns])
+            run(["ip", "-n", n, "link", "set", lxc, "up"])
+            self.sysctl(n, f"net.ipv4.conf.{lxc}.proxy_arp", 1)
+            run(["ip", "-n", n, "route", "add", f"{ip}/32", "dev", lxc, "scope", "link"])
+            run(["ip", "-n", pns, "link", "set", "lo", "up"])
+            run(["ip", "-n", pns, "link", "set", "eth0", "up"])
+            run(["ip", "-n", pns, "addr", "add", f"{ip}/32", "dev", "eth0"])
+            run(["ip", "-n", pns, "route", "add", GATEWAY, "dev", "eth0", "scope", "link"])
+            run(["ip", "-n", pns, "route", "add", "default", "via", GATEWAY, "dev", "eth0"])
+            cg = self.cgroup / f"p{i}"
+            cg.mkdir()
+            self._undo.append((f"cgroup p{i}", lambda cg=cg: self._rmdir_cgroup(cg)))
+            ifindex = libbpf.run_in_netns(f"/run/netns/{n}",
+                                          lambda lxc=lxc: socket.if_nametoindex(lxc))
+            self.pods.append(Pod(self, i, pns, ip, lxc, cg, ifindex))
+
+    @staticmethod
+    def _rmdir_cgroup(path: Path) -> None:
+        for _ in range(50):  # processes leave a cgroup asynchronously after they die
+            try:
+                path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.05)
+        path.rmdir()
+
+    # -- processes ----------------------------------------------------------------------------
+    def popen(self, argv: list[str], netns: str, cgroup: Path | None,
+              **kw: object) -> subprocess.Popen[str]:
+        kw.setdefault("text", True)
+        p = subprocess.Popen(argv, preexec_fn=_enter(cgroup, netns), start_new_session=True,
+                             **kw)  # type: ignore[call-overload]
+        self._procs.append(p)
+        return p
+
+    def track(self, p: subprocess.Popen[str]) -> subprocess.Popen[str]:
+        """Stop p (by PID) at teardown, like the processes started in pods."""
+        self._procs.append(p)
+        return p
+
+    def node_popen(self, argv: list[str], **kw: object) -> subprocess.Popen[str]:
+        """A process in the node netns, outside the pods' cgroups."""
+        return self.popen(argv, self.node_ns, None, **kw)
+
+    def node_server(self, proto: str, host: str, port: int, name: str) -> subprocess.Popen[str]:
+        p = self.node_popen([PYTHON, "-c", SERVER, name, proto, host, str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.wait_ready(p)
+        return p
+
+    def node_python(self, code: str, timeout: float = 30) -> object:
+        p = self.node_popen([PYTHON, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        finally:
+            self.forget(p)
+        if p.returncode != 0:
+            raise AssertionError(f"snippet failed in the node:\n{err}")
+        return json.loads(out)
+
+    def wait_ready(self, p: subprocess.Popen[str], timeout: float = 10) -> None:
+        assert p.stdout is not None
+        ready, _, _ = select.select([p.stdout], [], [], timeout)
+        line = p.stdout.readline() if ready else ""
+        if line.strip() != "ready":
+            err = p.stderr.read() if p.stderr and p.poll() is not None else ""
+            raise AssertionError(f"server did not start: {line!r} {err}")
+
+    def forget(self, p: subprocess.Popen[str]) -> None:
+        self.stop(p)
+        with contextlib.suppress(ValueError):
+            self._procs.remove(p)
+
+    @staticmethod
+    def stop(p: subprocess.Popen[str]) -> None:
+        """Stop one process we started, by its PID (and its session)."""
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=3)
+        for stream in (p.stdin, p.stdout, p.stderr):
+            if stream is not None:
+                stream.close()
+
+    def stop_all(self) -> None:
+        for p in reversed(self._procs):
+            self.stop(p)
+        self._procs.clear()
+
+    # -- the datapath -------------------------------------------------------------------------
+    def datapath(self, **kw: object) -> Datapath:
+        return Datapath(self.tag, str(self.bpffs), str(self.cgroup), netns=self.node_ns,
+                        **kw)  # type: ignore[arg-type]
+
+    def program(self, dp: Datapath, flags: dict[int, EndpointFlags] | None = None) -> None:
+        """Load nothing; attach every pod and write config, ipcache and endpoints (pod i gets
+        flags[i], default none = not isolated)."""
+        dp.set_config(NODE_IP, DNS_IP)
+        dp.ipcache.put(IpcacheKey.of("0.0.0.0/0"), IpcacheEntry(int(Identity.WORLD), 0, 0, 0))
+        dp.ipcache.put(IpcacheKey.of(f"{NODE_IP}/32"), IpcacheEntry(int(Identity.HOST), 0, 0, 0))
+        for pod in self.pods:
+            dp.ipcache.put(IpcacheKey.of(f"{pod.ip}/32"),
+                           IpcacheEntry(pod.identity, ip4(NODE_IP), 0, 0))
+        for pod in self.pods:
+            assert dp.attach_endpoint(pod.lxc) == pod.ifindex
+            dp.set_endpoint(pod.ifindex, pod.ip, pod.identity,
+                            (flags or {}).get(pod.index, EndpointFlags.NONE))
+
+    # -- teardown -----------------------------------------------------------------------------
+    def down(self) -> None:
+        self.stop_all()
+        errors = []
+        for what, undo in reversed(self._undo):
+            try:
+                undo()
+            except Exception as e:  # keep going: remove everything we can
+                errors.append(f"{what}: {e}")
+        self._undo.clear()
+        if errors:
+            raise RuntimeError("teardown incomplete: " + "; ".join(errors))
+
+    def leftovers(self) -> list[str]:
+        out = []
+        names = run(["ip", "netns", "list"]).stdout
+        out += [line.split()[0] for line in names.splitlines() if f"nmbpf-{self.tag}-" in line]
+        if self.cgroup.exists():
+            out.append(str(self.cgroup))
+        if self.tmp.exists():
+            out.append(str(self.tmp))
+        out += [f"pid {p.pid}" for p in self._procs if p.poll() is None]
+        return out
+
+
+def connect(client: Pod, ip: str, port: int = 8080, proto: str = "tcp",
+            src: str | None = None) -> dict:
+    """Open one connection (or send one datagram) and report: ok + the reply + the local port,
+    or the error."""
+    return client.python(f"""
+        import json, socket
+        kind = socket.SOCK_STREAM if "{proto}" == "tcp" else socket.SOCK_DGRAM
+        s = socket.socket(socket.AF_INET, kind)
+        s.settimeout(0.7)
+        if {src!r}:
+            s.bind(({src!r}, 0))
+        try:
+            s.connect(("{ip}", {port}))
+            s.send(b"hi")
+            reply = s.recv(100).decode()
+            print(json.dumps({{"ok": True, "reply": reply, "sport": s.getsockname()[1]}}))
+        except OSError as e:
+            print(json.dumps({{"ok": False, "error": type(e).__name__,
+                               "sport": s.getsockname()[1]}}))
+    """)
+
+
+class Chat:
+    """A long-lived TCP connection from a pod: say() sends a line, returns the reply or None."""
+
+    CLIENT = textwrap.dedent("""
+        import socket, sys
+        s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+        print("ready", flush=True)
+        for line in sys.stdin:
+            s.settimeout(1.0)
+            try:
+                s.sendall(line.strip().encode())
+                print(s.recv(100).decode(), flush=True)
+            except OSError as e:
+                print("error " + type(e).__name__, flush=True)
+    """)
+
+    def __init__(self, topo: Topology, client: Pod, ip: str, port: int = 8080) -> None:
+        self.p = client.popen([PYTHON, "-c", self.CLIENT, ip, str(port)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        topo.wait_ready(self.p)
+
+    def say(self, msg: str) -> str | None:
+        assert self.p.stdin and self.p.stdout
+        self.p.stdin.write(msg + "\n")
+        self.p.stdin.flush()
+        ready, _, _ = select.select([self.p.stdout], [], [], 5)
+        line = self.p.stdout.readline().strip() if ready else ""
+        return None if not line or line.startswith("error") else line
+
+
+class Events:
+    """Collects flow events; drain() before looking."""
+
+    def __init__(self, dp: Datapath) -> None:
+        self.items: list[FlowEvent] = []
+        self.reader = dp.open_events(self.items.append)
+
+    def drain(self) -> list[FlowEvent]:
+        self.reader.drain()
+        return self.items
+
+    def where(self, **fields: object) -> list[FlowEvent]:
+        self.drain()
+        return [e for e in self.items if all(getattr(e, k) == v for k, v in fields.items())]
+
+    def wait_for(self, timeout: float = 2.0, **fields: object) -> list[FlowEvent]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.where(**fields)
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.02)
+
+    def dump(self) -> str:
+        return "\n".join(e.describe() for e in self.drain())
+
+
+def bpffs_entries(topo: Topology) -> list[str]:
+    """What is in the bpffs besides the kernel's own iterators (progs.debug, maps.debug)."""
+    return sorted(str(p.relative_to(topo.bpffs)) for p in topo.bpffs.rglob("*")
+                  if not p.name.endswith(".debug"))
+
+
+# --- pytest fixtures --------------------------------------------------------------------------
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (namespaces, cgroups, BPF)")
+
+
+@pytest.fixture(scope="session")
+def bpf_objects() -> None:
+    _need_root()
+    Datapath("build-check", "/nonexistent", "/nonexistent").ensure_built()
+
+
+@pytest.fixture(scope="module")
+def topo(bpf_objects: None) -> Iterator[Topology]:
+    """One node with four pods, shared by the tests of a module."""
+    t = Topology().up()
+    try:
+        yield t
+    finally:
+        t.down()
+        left = t.leftovers()
+        assert not left, f"left behind: {left}"
+
+
+@pytest.fixture
+def dp(topo: Topology) -> Iterator[Datapath]:
+    """A freshly loaded datapath (new maps) with every pod attached and programmed, not
+    isolated; destroyed after the test with every process the test started."""
+    d = topo.datapath()
+    try:
+        d.load()
+        topo.program(d)
+        yield d
+    finally:
+        topo.stop_all()
+        d.destroy()
+        left = bpffs_entries(topo)
+        assert not left, f"bpffs not empty: {left}"

@@ -1,0 +1,213 @@
+"""The Python twins in nodemesh/datapath/layout.py against the C side, through the BTF of the
+compiled objects (no root: the objects are read as files)."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from nodemesh.datapath import layout
+from nodemesh.datapath.elf import BpfElf
+from nodemesh.datapath.layout import (
+    MAPS,
+    STRUCTS,
+    CtClosing,
+    Direction,
+    DropReason,
+    EndpointFlags,
+    EventType,
+    Identity,
+    Lb4Key,
+    PolicyVerdict,
+    ServiceFlags,
+    Verdict,
+    ip4,
+)
+from nodemesh.datapath.loader import OBJECTS, REPO_ROOT, Datapath, DatapathError
+
+BPF_LIB = REPO_ROOT / "bpf" / "lib"
+
+# docs/datapath.md, "Maps": pinned name -> map type
+DOC_MAP_TYPES = {
+    "nm_config": 2,  # ARRAY
+    "nm_endpoints": 1,  # HASH
+    "nm_ipcache": 11,  # LPM_TRIE
+    "nm_policy": 11,
+    "nm_policy_cidr": 11,
+    "nm_ct": 9,  # LRU_HASH
+    "nm_lb4_svc": 1,
+    "nm_lb4_be": 1,
+    "nm_lb4_revnat": 1,
+    "nm_lb4_maglev": 1,
+    "nm_lb4_affin": 9,
+    "nm_lb4_rsk": 9,
+    "nm_events": 27,  # RINGBUF
+    "nm_metrics": 5,  # PERCPU_HASH
+    "nm_flowcnt": 10,  # LRU_PERCPU_HASH
+}
+
+# Hubble's flow.proto DropReason, for the values the datapath uses
+HUBBLE_DROP_REASONS = {
+    132: "INVALID_SOURCE_IP",
+    133: "POLICY_DENIED",
+    134: "INVALID_PACKET_DROPPED",
+    139: "UNSUPPORTED_L3_PROTOCOL",
+    155: "CT_MAP_INSERTION_FAILED",
+    157: "IP_FRAGMENTATION_NOT_SUPPORTED",
+    158: "SERVICE_BACKEND_NOT_FOUND",
+    180: "PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL",
+    181: "POLICY_DENY",
+    203: "DROP_EP_NOT_READY",
+}
+
+
+@pytest.fixture(scope="module")
+def objects() -> dict[str, BpfElf]:
+    dp = Datapath("unit", "/nonexistent", "/nonexistent")
+    try:
+        dp.ensure_built()
+    except DatapathError as e:
+        if "clang" in str(e):
+            pytest.skip(str(e))
+        raise
+    return {name: BpfElf(dp.object_path(name)) for name in OBJECTS}
+
+
+def ctypes_members(cls: type[ctypes.Structure]) -> list[tuple[str, int, int]]:
+    return [(name, getattr(cls, name).offset, getattr(cls, name).size)
+            for name, *_ in cls._fields_]
+
+
+@pytest.mark.parametrize("c_name", sorted(STRUCTS))
+def test_struct_matches_btf(objects: dict[str, BpfElf], c_name: str) -> None:
+    py = STRUCTS[c_name]
+    found = 0
+    for obj_name, elf in objects.items():
+        st = elf.btf_structs().get(c_name)
+        if st is None:
+            continue
+        found += 1
+        assert ctypes.sizeof(py) == st.size, f"{obj_name}: sizeof(struct {c_name})"
+        c_members = [(m.name, m.offset, m.size) for m in st.members]
+        assert ctypes_members(py) == c_members, f"{obj_name}: struct {c_name}"
+    assert found, f"struct {c_name} is in no object's BTF"
+
+
+def test_every_c_struct_has_a_twin(objects: dict[str, BpfElf]) -> None:
+    kernel_ctx = {"__sk_buff", "bpf_sock_addr", "bpf_sock"}
+    for elf in objects.values():
+        extra = set(elf.btf_structs()) - set(STRUCTS) - kernel_ctx
+        # nm_pkt/policy_decision are program-internal and never leave the kernel
+        assert extra <= {"nm_pkt", "policy_decision", "icmphdr"}, extra
+
+
+@pytest.mark.parametrize("map_name", sorted(DOC_MAP_TYPES))
+def test_map_declarations(objects: dict[str, BpfElf], map_name: str) -> None:
+    by_class = {cls: name for name, cls in STRUCTS.items()}
+    for obj_name, elf in objects.items():
+        d = elf.btf_map_defs().get(map_name)
+        assert d is not None, f"{obj_name} does not declare {map_name}"
+        assert d.type == DOC_MAP_TYPES[map_name], f"{obj_name}: {map_name} type"
+        assert d.pinning == 1, f"{map_name} is not LIBBPF_PIN_BY_NAME"
+        if map_name in layout.RINGBUF_MAPS:
+            continue
+        key_t, value_t = MAPS[map_name]
+        assert d.key_size == ctypes.sizeof(key_t), f"{map_name} key"
+        if key_t in by_class:
+            assert d.key_type == by_class[key_t]
+        if value_t is None:  # the Maglev table, sized by the loader
+            assert d.value_size == 4 * layout.MAGLEV_DEFAULT_M
+        else:
+            assert d.value_size == ctypes.sizeof(value_t), f"{map_name} value"
+            if value_t in by_class:
+                assert d.value_type == by_class[value_t]
+
+
+def test_both_objects_declare_the_same_maps(objects: dict[str, BpfElf]) -> None:
+    lxc, sock = (objects[n].btf_map_defs() for n in OBJECTS)
+    assert lxc == sock  # one declaration (maps.h), shared through the pins
+
+
+def c_defines(*headers: str) -> dict[str, int]:
+    out = {}
+    for h in headers:
+        for m in re.finditer(r"^#define\s+(\w+)\s+\(?(0x[0-9a-f]+|\d+)\)?", (BPF_LIB / h).read_text(),
+                             re.M | re.I):
+            out[m.group(1)] = int(m.group(2), 0)
+    return out
+
+
+def test_enums_match_the_headers() -> None:
+    d = c_defines("common.h", "drop_reasons.h", "maps.h")
+    checks: list[tuple[str, type]] = [
+        ("DROP_", DropReason),
+        ("EV_", EventType),
+        ("VERDICT_", Verdict),
+        ("SVC_F_", ServiceFlags),
+        ("EP_F_", EndpointFlags),
+        ("IDENTITY_", Identity),
+        ("DIR_", Direction),
+    ]
+    for prefix, enum_cls in checks:
+        c = {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
+        py = {m.name: m.value for m in enum_cls if m.value or m.name in c}  # type: ignore[attr-defined]
+        assert c == py, prefix
+    assert {k: v for k, v in d.items() if k.startswith("POLICY_") and k[7:] in
+            PolicyVerdict.__members__} == {f"POLICY_{m.name}": m.value for m in PolicyVerdict}
+    assert (d["CT_CLOSING_TX"], d["CT_CLOSING_RX"]) == (CtClosing.TX, CtClosing.RX)
+    assert d["CT_F_REPLY_SEEN"] == layout.CT_F_REPLY_SEEN
+    assert d["POLICY_CIDR_MAX_RULES"] == layout.POLICY_CIDR_MAX_RULES
+    assert d["POLICY_KEY_BITS"] == layout.POLICY_KEY_BITS
+    assert d["NM_MAGLEV_M_DEFAULT"] == layout.MAGLEV_DEFAULT_M
+
+
+def test_drop_reasons_are_hubbles() -> None:
+    for reason in DropReason:
+        if reason is DropReason.NONE:
+            continue
+        assert HUBBLE_DROP_REASONS[reason.value] == reason.hubble_name
+    assert [Verdict(v).hubble for v in (1, 2, 3, 4)] == [1, 2, 5, 7]
+
+
+def test_network_order_fields_hold_natural_values() -> None:
+    key = Lb4Key(ip4("10.96.0.10"), 80, 1, 6)
+    assert bytes(key) == bytes.fromhex("0a60000a" "0050" "0100" "06000000")
+    assert key.address == ip4("10.96.0.10") and key.dport == 80
+
+
+@pytest.mark.skipif(shutil.which("bpftool") is None, reason="bpftool not installed")
+def test_btf_reader_agrees_with_bpftool(objects: dict[str, BpfElf]) -> None:
+    elf = objects["bpf_sock"]
+    res = subprocess.run(["bpftool", "btf", "dump", "file", str(elf.path), "format", "raw"],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"bpftool can not read the file here: {res.stderr.strip()}")
+    dumped: dict[str, tuple[int, list[tuple[str, int]]]] = {}
+    current = None
+    for line in res.stdout.splitlines():
+        m = re.match(r"\[\d+\] STRUCT '(\w+)' size=(\d+)", line)
+        if m:
+            current = m.group(1)
+            dumped[current] = (int(m.group(2)), [])
+            continue
+        m = re.match(r"\s+'(\w+)' type_id=\d+ bits_offset=(\d+)", line)
+        if m and current:
+            dumped[current][1].append((m.group(1), int(m.group(2)) // 8))
+        elif not line.startswith("\t"):
+            current = None
+    ours = elf.btf_structs()
+    for name in STRUCTS:
+        if name in ours:
+            assert dumped[name] == (ours[name].size,
+                                    [(m.name, m.offset) for m in ours[name].members]), name
+
+
+def test_rodata_variable_is_found(objects: dict[str, BpfElf]) -> None:
+    offset, size = objects["bpf_sock"].variable_offset(".rodata", "nm_maglev_m")
+    assert size == 4 and offset % 4 == 0
+    assert Path(objects["bpf_sock"].path).exists()
