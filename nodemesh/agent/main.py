@@ -9,6 +9,7 @@ SIGTERM stops the agent only: pods, and everything programmed in the kernel, kee
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -16,13 +17,14 @@ import time
 from typing import Any
 
 from nodemesh.agent.api import ApiError, ApiServer
+from nodemesh.agent.datapath import DatapathSync
 from nodemesh.agent.dns import DnsServer, build_records
 from nodemesh.agent.informer import Informer
-from nodemesh.agent.pods import PodManager
+from nodemesh.agent.pods import PodHooks, PodManager
 from nodemesh.cluster import netns
 from nodemesh.cluster.config import NODE_DNS_IP, ClusterConfig, write_json_atomic
-from nodemesh.errors import NodemeshError
 from nodemesh.cluster.procs import ProcRef
+from nodemesh.errors import NodemeshError
 from nodemesh.observe.filters import FlowFilter, matches
 from nodemesh.observe.ring import FlowRing
 from nodemesh.store import open_store
@@ -38,10 +40,16 @@ class Agent:
         self.node = cfg.node(node)
         self.store = open_store(cfg.state_dir)
         self.informer = Informer(self.store)
-        self.pods = PodManager(cfg, node, self.store, self.informer)
+        self.flows = FlowRing(int(cfg.extra.get("flow_ring_size", 16384)))
+        hooks = PodHooks()
+        self.pods = PodManager(cfg, node, self.store, self.informer, hooks)
+        self.datapath = DatapathSync(cfg, node, self.store, self.informer, self.flows,
+                                     self.pods.local,
+                                     int(cfg.extra.get("maglev_table_size", 16381)))
+        hooks.sandbox_ready.append(self.datapath.sandbox_ready)
+        hooks.sandbox_removed.append(self.datapath.sandbox_removed)
         self.dns = DnsServer(NODE_DNS_IP)
         self.api = ApiServer(cfg.agent_socket(node))
-        self.flows = FlowRing(int(cfg.extra.get("flow_ring_size", 16384)))
         self.started = time.time()
         self._wake: asyncio.Event | None = None
         self._dns_dirty = True
@@ -63,6 +71,9 @@ class Agent:
         self.informer.add_listener(self._on_change)
         self.informer.start()
         await asyncio.to_thread(self.informer.wait_synced)
+        # The datapath adopts what the previous agent left pinned, then catches up.
+        await asyncio.to_thread(self.datapath.start)
+        await asyncio.to_thread(self.datapath.sync)
         await self.dns.start()
         self._routes()
         await self.api.start()
@@ -78,6 +89,7 @@ class Agent:
         self.api.close()
         self.dns.close()
         self.pods.shutdown()
+        self.datapath.stop()
         self.informer.stop()
         log.info("agent of %s stopped; pods keep running", self.node.name)
 
@@ -93,10 +105,8 @@ class Agent:
                 k = self.informer.kinds(("Service", "Pod"))
                 self.dns.records = build_records(k["Service"], k["Pod"])
             self.pods.reconcile()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
-            except TimeoutError:
-                pass
 
     async def _status_loop(self) -> None:
         while True:
@@ -143,6 +153,9 @@ class Agent:
             "pid": os.getpid(), "uptimeSeconds": round(time.time() - self.started, 1),
             "pods": len(self.pods.local), "storeRevision": self.informer.revision,
             "dns": {"address": NODE_DNS_IP, "records": len(self.dns.records.a)},
+            "datapath": self.datapath.status(),
+            "flows": {"ring": len(self.flows), "capacity": self.flows.capacity,
+                      "total": self.flows.total, "lostEvents": self.datapath.lost_events},
         }
 
 
@@ -158,7 +171,7 @@ class Agent:
         found = [f for f in self.flows.snapshot() if matches(flt, f)]
         return found[-last:] if last else found
 
-    async def _follow(self, flt: FlowFilter, last: int):  # noqa: ANN202 - an async generator
+    async def _follow(self, flt: FlowFilter, last: int):
         queue = self.flows.follow()
         try:
             if last:

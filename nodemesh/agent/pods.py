@@ -210,12 +210,24 @@ class PodManager:
         write_json_atomic(os.path.join(pod_dir, "runtime.json"), lp.to_json(self.node.name))
         self.local[uid] = lp
         sandbox.create(sb)
+        # Publish the address at once: other nodes learn it (and the pod's identity) while
+        # the containers start.
+        self._publish_pending(pod, lp)
         for hook in self.hooks.sandbox_ready:
             hook(pod, sb)
         self._write_pod_files(pod, sb, argvs)
         self._start_shim(lp)
         log.info("pod %s/%s: created at %s in %.0f ms", meta["namespace"], meta["name"], ip,
                  (time.monotonic() - t0) * 1000)
+
+    def _publish_pending(self, pod: dict, lp: LocalPod) -> None:
+        meta = pod["metadata"]
+        status = self.pod_status(pod, lp)
+        with self.store.transaction() as t:
+            cur = t.get("Pod", meta["namespace"], meta["name"])
+            if cur is not None and cur["metadata"]["uid"] == lp.uid:
+                t.put_status("Pod", meta["namespace"], meta["name"], status)
+                self._reported[lp.uid] = status
 
     def _write_pod_files(self, pod: dict, sb: sandbox.Sandbox, argvs: list[list[str]]) -> None:
         meta, spec = pod["metadata"], pod["spec"]

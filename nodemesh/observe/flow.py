@@ -16,17 +16,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
+from nodemesh.datapath.layout import DropReason
+
 # Datapath enumerations (their C twins are in bpf/lib; values and names are Hubble's).
 EV_TRACE, EV_DROP, EV_SOCK = 1, 2, 3
 VERDICTS = {1: "FORWARDED", 2: "DROPPED", 3: "REDIRECTED", 4: "TRANSLATED"}
-DROP_REASONS = {
-    132: "INVALID_SOURCE_IP",
-    133: "POLICY_DENIED",
-    136: "CT_MAP_INSERTION_FAILED",
-    158: "NO_SERVICE",
-    181: "POLICY_DENY",
-    190: "UNKNOWN_ENDPOINT",
-}
+DROP_REASONS = {int(r): r.hubble_name for r in DropReason}
 PROTOCOLS = {6: "TCP", 17: "UDP", 1: "ICMPv4"}
 TCP_FLAG_NAMES = (("FIN", 0x01), ("SYN", 0x02), ("RST", 0x04), ("PSH", 0x08), ("ACK", 0x10),
                   ("URG", 0x20), ("ECE", 0x40), ("CWR", 0x80))
@@ -156,7 +151,8 @@ def flow_from_event(ev: Mapping, ctx: FlowContext) -> dict:
         if flags:
             l4[proto]["flags"] = flags
     else:
-        l4 = {"ICMPv4": {"type": int(ev.get("sport", 0)) >> 8, "code": 0}}
+        # The datapath puts the ICMP type where a port would be.
+        l4 = {"ICMPv4": {"type": int(ev.get("dport", 0)), "code": 0}}
     flow: dict = {
         "time": rfc3339(ctx.monotonic_to_wall(int(ev["ts_ns"]))),
         "uuid": _uuid(),

@@ -1,0 +1,400 @@
+"""The agent's datapath syncer: store objects → identities, ipcache, services, policy → BPF maps.
+
+Thin on purpose: the pure compilers (`nodemesh.identity`, `nodemesh.policy`,
+`nodemesh.datapath.lb`) decide what the maps should hold; this module gathers their inputs from the
+informer, converts their outputs to the maps' structs, and lets `Datapath.sync_map` write only the
+difference. It also drains the flow-event ring into the agent's flow ring.
+
+Order matters where it touches safety: a pod's policy entries are written before its
+`nm_endpoints` entry (until then its veth drops everything), and its endpoint entry is removed
+before its policy entries.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from nodemesh.cluster.config import NODE_DNS_IP, POD_GATEWAY, ClusterConfig
+from nodemesh.cluster.controllers import is_deleting, pod_ready
+from nodemesh.cluster.sandbox import Sandbox
+from nodemesh.datapath import layout as L
+from nodemesh.datapath.lb import LbService, LbState, compile_lb
+from nodemesh.datapath.libbpf import netns_cookie
+from nodemesh.datapath.loader import Datapath, mount_bpffs
+from nodemesh.identity import allocate_identity, security_labels
+from nodemesh.observe.flow import Endpoint as FlowEndpoint
+from nodemesh.observe.flow import StaticContext, flow_from_event, labels_of, workloads_of
+from nodemesh.observe.ring import FlowRing
+from nodemesh.policy import Compiler, Endpoint, PolicyCompileError, PolicyInput
+from nodemesh.policy.lower import LoweredPolicy, lower_policy
+from nodemesh.store import Store
+
+log = logging.getLogger("nodemesh.datapath")
+PROXY_IP = "169.254.42.1"
+WATCHED = {"Pod", "Service", "Namespace", "NetworkPolicy", "CiliumNetworkPolicy", "Identity", "*"}
+
+
+@dataclass
+class LocalEndpoint:
+    uid: str
+    namespace: str
+    name: str
+    sandbox: Sandbox
+    ifindex: int
+    identity: int = 0
+    programmed: bool = False  # its nm_endpoints entry exists
+    netns_cookie: int = 0  # what socket-LB events carry instead of a source address
+
+
+@dataclass
+class SyncStats:
+    runs: int = 0
+    last_seconds: float = 0.0
+    errors: dict[str, str] = field(default_factory=dict)  # "ns/pod" -> policy compile error
+
+
+def named_ports(pod: Mapping) -> dict[str, tuple[tuple[str, int], ...]]:
+    out: dict[str, list[tuple[str, int]]] = {}
+    for c in pod["spec"].get("containers") or []:
+        for p in c.get("ports") or []:
+            if p.get("name"):
+                out.setdefault(p["name"], []).append((p.get("protocol", "TCP"), p["containerPort"]))
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def resolve_target_port(pod: Mapping, port: Mapping) -> int | None:
+    """A service port's targetPort on one pod (a name resolves per pod, as Kubernetes does)."""
+    target = port.get("targetPort", port["port"])
+    if isinstance(target, int):
+        return target
+    proto = port.get("protocol", "TCP")
+    for c in pod["spec"].get("containers") or []:
+        for p in c.get("ports") or []:
+            if p.get("name") == target and p.get("protocol", "TCP") == proto:
+                return int(p["containerPort"])
+    return None
+
+
+def lb_services(services: list[dict], pods: list[dict]) -> tuple[list[LbService], dict]:
+    """Every ClusterIP service port → an LbService with its ready backends (pure)."""
+    from nodemesh.model.labels import service_selects
+
+    out: list[LbService] = []
+    names: dict[tuple[str, int], tuple[str, str]] = {}
+    for svc in services:
+        spec, meta = svc["spec"], svc["metadata"]
+        vip = spec.get("clusterIP")
+        if not vip or vip == "None":
+            continue
+        selected = [p for p in pods if p["metadata"]["namespace"] == meta["namespace"]
+                    and pod_ready(p) and not is_deleting(p) and (p.get("status") or {}).get("podIP")
+                    and service_selects(spec.get("selector"), p["metadata"].get("labels") or {})]
+        annotations = meta.get("annotations") or {}
+        algorithm = annotations.get("service.cilium.io/lb-algorithm", "random")
+        affinity = None
+        if spec.get("sessionAffinity") == "ClientIP":
+            affinity = int(((spec.get("sessionAffinityConfig") or {}).get("clientIP") or {})
+                           .get("timeoutSeconds", 10800))
+        for port in spec.get("ports") or []:
+            backends = []
+            for p in selected:
+                target = resolve_target_port(p, port)
+                if target:
+                    backends.append((p["status"]["podIP"], target))
+            out.append(LbService(vip=vip, port=port["port"], proto=port.get("protocol", "TCP"),
+                                 backends=sorted(set(backends)), algorithm=algorithm,
+                                 affinity_timeout=affinity))
+            names[(vip, port["port"])] = (meta["namespace"], meta["name"])
+    return out, names
+
+
+class DatapathSync:
+    """Owns the node's Datapath and keeps its maps equal to what the store says."""
+
+    def __init__(self, cfg: ClusterConfig, node: str, store: Store, informer, flows: FlowRing,
+                 local_pods, maglev_table_size: int = 16381) -> None:
+        self.cfg = cfg
+        self.node = cfg.node(node)
+        self.store = store
+        self.informer = informer
+        self.flows = flows
+        self.local_pods = local_pods  # uid -> LocalPod (the PodManager's records)
+        self.dp = Datapath(node, cfg.bpffs, cfg.node_cgroup(node),
+                           maglev_table_size=maglev_table_size)
+        self.endpoints: dict[str, LocalEndpoint] = {}  # uid -> endpoint
+        self.lb_state: LbState | None = None
+        self.stats = SyncStats()
+        self.context = StaticContext(node_name=node)
+        self._lock = threading.RLock()
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        self._lowered: dict[int, LoweredPolicy] = {}  # ifindex -> last good policy
+        self._cookie_ips: dict[int, str] = {}
+        self.lost_events = 0
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        mount_bpffs(self.cfg.bpffs)
+        self.dp.ensure_built()
+        self.dp.load()
+        self.dp.set_config(self.node.ip, NODE_DNS_IP, "0.0.0.0")
+        self.lb_state = self.dp.current_lb_state()
+        self.reader = self.dp.open_events(self._on_event)
+        self.informer.add_listener(lambda kinds: self._dirty.set() if kinds & WATCHED else None)
+        threading.Thread(target=self._sync_loop, name="datapath-sync", daemon=True).start()
+        threading.Thread(target=self._event_loop, name="datapath-events", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _sync_loop(self) -> None:
+        while not self._stop.is_set():
+            self._dirty.wait(2.0)
+            self._dirty.clear()
+            try:
+                self.sync()
+            except Exception:
+                log.exception("datapath sync failed; retrying")
+                time.sleep(0.5)
+
+    def _event_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.reader.drain()
+            except Exception:
+                log.exception("draining flow events failed")
+            time.sleep(0.01)
+
+    # ---- pod hooks (PodManager threads) -----------------------------------------------------
+    def sandbox_ready(self, pod: dict, sb: Sandbox) -> None:
+        """Attach the programs to a new pod's veth and program its policy; the pod's
+        containers start only after this returns."""
+        ifindex = self.dp.attach_endpoint(sb.host_ifname)
+        meta = pod["metadata"]
+        with self._lock:
+            self.endpoints[meta["uid"]] = LocalEndpoint(meta["uid"], meta["namespace"],
+                                                        meta["name"], sb, ifindex,
+                                                        netns_cookie=_cookie(sb))
+            self._sync_locked(extra_pods={meta["uid"]: (pod, sb.ip)})
+
+    def sandbox_removed(self, sb: Sandbox) -> None:
+        with self._lock:
+            ep = self.endpoints.pop(sb.uid, None)
+            if ep is not None:
+                self.dp.endpoints.delete(L.u32(ep.ifindex))  # fail closed first
+                self._lowered.pop(ep.ifindex, None)
+                self._sync_locked()
+        self.dp.detach_endpoint(sb.host_ifname)
+
+    # ---- the sync ---------------------------------------------------------------------------
+    def sync(self) -> None:
+        with self._lock:
+            self._sync_locked()
+
+    def _identity_for(self, labels: dict[str, str], known: dict[tuple, int]) -> int:
+        key = tuple(sorted(labels.items()))
+        ident = known.get(key)
+        if ident is None:
+            ident = allocate_identity(self.store, labels)
+            known[key] = ident
+        return ident
+
+    def _sync_locked(self, extra_pods: Mapping[str, tuple[dict, str]] | None = None) -> None:
+        t0 = time.monotonic()
+        k = self.informer.kinds(("Pod", "Service", "Namespace", "NetworkPolicy",
+                                 "CiliumNetworkPolicy", "Identity"))
+        namespaces = {n["metadata"]["name"]: n for n in k["Namespace"]}
+        known = {tuple(sorted((o.get("spec") or {}).get("labels", {}).items())): int(o["metadata"]["name"])
+                 for o in k["Identity"]}
+        # Every pod with an address: from the store, and local pods not reported yet.
+        pods: dict[str, tuple[dict, str]] = {}
+        for p in k["Pod"]:
+            ip = (p.get("status") or {}).get("podIP")
+            if ip and not is_deleting(p):
+                pods[p["metadata"]["uid"]] = (p, ip)
+        for uid, ep in self.endpoints.items():
+            if uid not in pods:
+                cur = self.informer.get("Pod", ep.namespace, ep.name)
+                if cur is not None and cur["metadata"]["uid"] == uid:
+                    pods[uid] = (cur, ep.sandbox.ip)
+        pods.update(extra_pods or {})
+        self._adopt_local_endpoints()
+
+        # identities
+        identity_of: dict[str, int] = {}
+        ident_labels: dict[int, dict[str, str]] = {}
+        for uid, (p, _) in pods.items():
+            labels = security_labels(p, namespaces.get(p["metadata"]["namespace"]))
+            identity_of[uid] = self._identity_for(labels, known)
+            ident_labels[identity_of[uid]] = labels
+        for key, ident in known.items():
+            ident_labels.setdefault(ident, dict(key))
+
+        # ipcache: every pod, every node, the world
+        node_ips = {n.name: n.ip for n in self.cfg.nodes}
+        ipcache: list[tuple[L.IpcacheKey, L.IpcacheEntry]] = [
+            (L.IpcacheKey.of("0.0.0.0/0"), L.IpcacheEntry(L.Identity.WORLD, 0, 0, 0))]
+        for n in self.cfg.nodes:
+            ident = L.Identity.HOST if n.name == self.node.name else L.Identity.REMOTE_NODE
+            ipcache.append((L.IpcacheKey.of(f"{n.ip}/32"), L.IpcacheEntry(ident, L.ip4(n.ip), 0, 0)))
+        for ip in (POD_GATEWAY, NODE_DNS_IP, PROXY_IP):
+            ipcache.append((L.IpcacheKey.of(f"{ip}/32"),
+                            L.IpcacheEntry(L.Identity.HOST, L.ip4(self.node.ip), 0, 0)))
+        for uid, (p, ip) in pods.items():
+            host = node_ips.get(p["spec"].get("nodeName") or "", self.node.ip)
+            ipcache.append((L.IpcacheKey.of(f"{ip}/32"),
+                            L.IpcacheEntry(identity_of[uid], L.ip4(host), 0, 0)))
+        self.dp.sync_map("nm_ipcache", ipcache)
+
+        # services
+        all_pods = [p for p, _ in pods.values()]
+        svcs, svc_names = lb_services(k["Service"], all_pods)
+        state = compile_lb(svcs, self.lb_state, self.dp.maglev_m)
+        self.dp.apply_lb(state)
+        self.lb_state = state
+
+        # policy, for the local endpoints
+        inp = PolicyInput(
+            endpoints=[Endpoint(p["metadata"]["namespace"], p["metadata"]["name"],
+                                dict(p["metadata"].get("labels") or {}), ip, identity_of[uid],
+                                named_ports(p)) for uid, (p, ip) in pods.items()],
+            namespaces={n: dict(o["metadata"].get("labels") or {}) for n, o in namespaces.items()},
+            identities=ident_labels,
+            network_policies=k["NetworkPolicy"], cilium_policies=k["CiliumNetworkPolicy"])
+        compiler = Compiler(inp)
+        by_ref = {e.ref: e for e in inp.endpoints}
+        policy_names: dict[int, str] = {}
+        errors: dict[str, str] = {}
+        for uid, ep in self.endpoints.items():
+            ep.identity = identity_of.get(uid, 0)
+            pe = by_ref.get(f"{ep.namespace}/{ep.name}")
+            if pe is None:
+                continue
+            try:
+                compiled = compiler.compile(pe)
+                self._lowered[ep.ifindex] = lower_policy(compiled, ep.ifindex)
+                policy_names.update(compiled.policy_names)
+            except PolicyCompileError as e:
+                errors[f"{ep.namespace}/{ep.name}"] = e.message
+                log.error("policy for %s/%s: %s (keeping its previous entries)", ep.namespace,
+                          ep.name, e.message)
+        live = {ep.ifindex for ep in self.endpoints.values()}
+        policy_pairs, cidr_pairs = [], []
+        for ifindex, lowered in self._lowered.items():
+            if ifindex not in live:
+                continue
+            for key, val in lowered.policy.items():
+                policy_pairs.append((L.PolicyKey(key.prefixlen, key.endpoint, key.identity,
+                                                 key.direction, key.protocol, key.dport),
+                                     L.PolicyEntry(val.verdict, 0, val.proxy_port, val.policy_id)))
+            for ckey, cval in lowered.cidr.items():
+                cidr = f"{ckey.addr}/{ckey.prefixlen - 64}"
+                cidr_pairs.append((L.policy_cidr_key(ckey.endpoint, ckey.direction, cidr),
+                                   L.policy_cidr_entry(
+                                       L.PolicyPortRule(r.protocol, r.verdict, r.proxy_port,
+                                                        r.port_lo, r.port_hi, r.policy_id)
+                                       for r in cval.rules)))
+        self.dp.sync_map("nm_policy", policy_pairs)
+        self.dp.sync_map("nm_policy_cidr", cidr_pairs)
+        # Endpoints last: a pod's veth passes traffic only once its policy is in place.
+        endpoint_pairs = []
+        for ep in self.endpoints.values():
+            lowered = self._lowered.get(ep.ifindex)
+            if lowered is None or not ep.identity:
+                continue
+            endpoint_pairs.append((L.u32(ep.ifindex), L.EndpointInfo(
+                L.ip4(ep.sandbox.ip), ep.identity, lowered.flags, 0)))
+            ep.programmed = True
+        self.dp.sync_map("nm_endpoints", endpoint_pairs)
+
+        self._update_context(pods, identity_of, ident_labels, svc_names, policy_names)
+        self.stats.runs += 1
+        self.stats.errors = errors
+        self.stats.last_seconds = time.monotonic() - t0
+
+    def _adopt_local_endpoints(self) -> None:
+        """After an agent restart: pods that run here but that this agent did not create."""
+        for uid, lp in list(self.local_pods.items()):
+            if uid in self.endpoints or lp.shim is None:
+                continue
+            try:
+                ifindex = self.dp.attach_endpoint(lp.sandbox.host_ifname)
+            except Exception as e:
+                log.warning("pod %s/%s: cannot attach to %s: %s", lp.namespace, lp.name,
+                            lp.sandbox.host_ifname, e)
+                continue
+            self.endpoints[uid] = LocalEndpoint(uid, lp.namespace, lp.name, lp.sandbox, ifindex,
+                                                netns_cookie=_cookie(lp.sandbox))
+
+    def _update_context(self, pods: Mapping[str, tuple[dict, str]], identity_of: Mapping[str, int],
+                        ident_labels: Mapping[int, Mapping[str, str]],
+                        svc_names: Mapping[tuple[str, int], tuple[str, str]],
+                        policy_names: Mapping[int, str]) -> None:
+        by_ip, by_identity = {}, {}
+        local_ids = {ep.uid: ep.ifindex for ep in self.endpoints.values()}
+        for uid, (p, ip) in pods.items():
+            meta = p["metadata"]
+            fe = FlowEndpoint(identity=identity_of[uid], namespace=meta["namespace"],
+                              pod_name=meta["name"],
+                              labels=labels_of(meta.get("labels") or {}, meta["namespace"]),
+                              workloads=workloads_of(meta.get("ownerReferences") or []),
+                              id=local_ids.get(uid, 0))
+            by_ip[ip] = fe
+            by_identity.setdefault(identity_of[uid], FlowEndpoint(
+                identity=identity_of[uid], namespace=meta["namespace"], labels=fe.labels))
+        revnat = {}
+        if self.lb_state is not None:
+            for (vip, port, _proto), idx in self.lb_state.rev_nat.items():
+                name = svc_names.get((vip, port))
+                if name:
+                    revnat[idx] = name
+        self._cookie_ips = {ep.netns_cookie: ep.sandbox.ip for ep in self.endpoints.values()
+                            if ep.netns_cookie}
+        self.context = StaticContext(
+            node_name=self.node.name, by_ip=by_ip, by_identity=by_identity,
+            services_by_revnat=revnat, services_by_address=dict(svc_names),
+            policies=dict(policy_names),
+            boot_offset_ns=time.time_ns() - time.monotonic_ns())
+
+    # ---- events ----------------------------------------------------------------------------
+    def _on_event(self, ev: L.FlowEvent) -> None:
+        try:
+            fields = event_fields(ev)
+            if ev.type == L.EventType.SOCK and not ev.saddr:
+                # A socket-LB event comes before the socket has an address: its network
+                # namespace says which pod it is.
+                fields["saddr"] = self._cookie_ips.get(ev.netns_cookie, "0.0.0.0")
+            self.flows.add(flow_from_event(fields, self.context))
+        except Exception:
+            self.lost_events += 1
+            log.exception("bad flow event")
+
+    def status(self) -> dict:
+        return {"endpoints": len(self.endpoints),
+                "programmed": sum(1 for e in self.endpoints.values() if e.programmed),
+                "syncs": self.stats.runs, "lastSyncSeconds": round(self.stats.last_seconds, 4),
+                "policyErrors": self.stats.errors,
+                "services": len(self.lb_state.rev_nat) if self.lb_state else 0}
+
+
+def _cookie(sb: Sandbox) -> int:
+    try:
+        return netns_cookie(sb.netns)
+    except Exception:
+        return 0
+
+
+def event_fields(ev: L.FlowEvent) -> dict:
+    return {
+        "ts_ns": ev.ts_ns, "type": ev.type, "verdict": ev.verdict, "reason": ev.reason,
+        "direction": ev.direction, "ifindex": ev.ifindex, "saddr": L.ip4_str(ev.saddr),
+        "daddr": L.ip4_str(ev.daddr), "sport": ev.sport, "dport": ev.dport,
+        "protocol": ev.protocol, "tcp_flags": ev.tcp_flags, "rev_nat_index": ev.rev_nat_index,
+        "src_identity": ev.src_identity, "dst_identity": ev.dst_identity,
+        "policy_id": ev.policy_id, "len": ev.len, "netns_cookie": ev.netns_cookie,
+        "orig_daddr": L.ip4_str(ev.orig_daddr), "orig_dport": ev.orig_dport,
+    }
