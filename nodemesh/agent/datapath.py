@@ -53,6 +53,7 @@ class LocalEndpoint:
 @dataclass
 class SyncStats:
     runs: int = 0
+    revision: int = 0  # the store revision the last sync reflects
     last_seconds: float = 0.0
     errors: dict[str, str] = field(default_factory=dict)  # "ns/pod" -> policy compile error
 
@@ -205,6 +206,7 @@ class DatapathSync:
 
     def _sync_locked(self, extra_pods: Mapping[str, tuple[dict, str]] | None = None) -> None:
         t0 = time.monotonic()
+        revision = self.informer.revision
         k = self.informer.kinds(("Pod", "Service", "Namespace", "NetworkPolicy",
                                  "CiliumNetworkPolicy", "Identity"))
         namespaces = {n["metadata"]["name"]: n for n in k["Namespace"]}
@@ -313,6 +315,7 @@ class DatapathSync:
 
         self._update_context(pods, identity_of, ident_labels, svc_names, policy_names)
         self.stats.runs += 1
+        self.stats.revision = revision
         self.stats.errors = errors
         self.stats.last_seconds = time.monotonic() - t0
 
@@ -376,7 +379,8 @@ class DatapathSync:
     def status(self) -> dict:
         return {"endpoints": len(self.endpoints),
                 "programmed": sum(1 for e in self.endpoints.values() if e.programmed),
-                "syncs": self.stats.runs, "lastSyncSeconds": round(self.stats.last_seconds, 4),
+                "syncs": self.stats.runs, "syncedRevision": self.stats.revision,
+                "lastSyncSeconds": round(self.stats.last_seconds, 4),
                 "policyErrors": self.stats.errors,
                 "services": len(self.lb_state.rev_nat) if self.lb_state else 0}
 

@@ -95,6 +95,28 @@ class Cluster:
                                                  for p in pods))
             time.sleep(0.2)
 
+    def agent(self, node: str, path: str = "/status") -> dict:
+        from nodemesh.agent.api import AgentClient
+
+        return AgentClient(os.path.join(self.state_dir, "nodes", node, "agent.sock"), node).get(path)
+
+    def wait_synced(self, timeout: float = 10.0) -> float:
+        """Wait until every agent's datapath reflects the store as it is now; returns seconds."""
+        from nodemesh.store import open_store
+
+        target = open_store(self.state_dir).revision()
+        t0 = time.monotonic()
+        pending = [f"node{i}" for i in range(1, self.nodes + 1)]
+        while pending:
+            pending = [n for n in pending
+                       if self.agent(n)["datapath"]["syncedRevision"] < target]
+            if not pending:
+                break
+            if time.monotonic() - t0 > timeout:
+                raise AssertionError(f"agents {pending} did not sync revision {target} in {timeout}s")
+            time.sleep(0.02)
+        return time.monotonic() - t0
+
     # ---- lifecycle -------------------------------------------------------------------------
     def up(self) -> None:
         self.run("up", "--nodes", str(self.nodes), "--name", self.name, timeout=180)

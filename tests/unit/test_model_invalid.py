@@ -249,23 +249,6 @@ CASES: list[tuple[str, str, list[str]]] = [
          'no port named "admin" in this container\'s ports'],
     ),
     (
-        "networkpolicy SCTP",
-        """\
-        apiVersion: networking.k8s.io/v1
-        kind: NetworkPolicy
-        metadata:
-          name: np
-        spec:
-          podSelector: {}
-          ingress:
-          - ports:
-            - protocol: SCTP
-              port: 7777
-        """,
-        ["NetworkPolicy default/np: spec.ingress[0].ports[0].protocol: SCTP is not supported "
-         "(nodemesh supports TCP and UDP)"],
-    ),
-    (
         "endPort without a numeric port",
         """\
         apiVersion: networking.k8s.io/v1
