@@ -135,6 +135,7 @@ class DatapathSync:
         self._stop = threading.Event()
         self._lowered: dict[int, LoweredPolicy] = {}  # ifindex -> last good policy
         self._cookie_ips: dict[int, str] = {}
+        self._syncing = False
         self.lost_events = 0
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -145,12 +146,20 @@ class DatapathSync:
         self.dp.set_config(self.node.ip, NODE_DNS_IP, "0.0.0.0")
         self.lb_state = self.dp.current_lb_state()
         self.reader = self.dp.open_events(self._on_event)
-        self.informer.add_listener(lambda kinds: self._dirty.set() if kinds & WATCHED else None)
+        self.informer.add_listener(self._on_store_change)
         threading.Thread(target=self._sync_loop, name="datapath-sync", daemon=True).start()
         threading.Thread(target=self._event_loop, name="datapath-events", daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _on_store_change(self, kinds: set[str]) -> None:
+        if kinds & WATCHED:
+            self._dirty.set()
+        elif not self._dirty.is_set() and not self._syncing:
+            # Nothing the datapath depends on changed (a node heartbeat, a route's status):
+            # the maps already reflect this revision.
+            self.stats.revision = max(self.stats.revision, self.informer.revision)
 
     def _sync_loop(self) -> None:
         while not self._stop.is_set():
@@ -194,7 +203,11 @@ class DatapathSync:
     # ---- the sync ---------------------------------------------------------------------------
     def sync(self) -> None:
         with self._lock:
-            self._sync_locked()
+            self._syncing = True
+            try:
+                self._sync_locked()
+            finally:
+                self._syncing = False
 
     def _identity_for(self, labels: dict[str, str], known: dict[tuple, int]) -> int:
         key = tuple(sorted(labels.items()))
