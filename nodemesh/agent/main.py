@@ -43,11 +43,13 @@ class Agent:
         self.flows = FlowRing(int(cfg.extra.get("flow_ring_size", 16384)))
         hooks = PodHooks()
         self.pods = PodManager(cfg, node, self.store, self.informer, hooks)
-        self.datapath = DatapathSync(cfg, node, self.store, self.informer, self.flows,
-                                     self.pods.local,
-                                     int(cfg.extra.get("maglev_table_size", 16381)))
-        hooks.sandbox_ready.append(self.datapath.sandbox_ready)
-        hooks.sandbox_removed.append(self.datapath.sandbox_removed)
+        self.datapath: DatapathSync | None = None
+        if cfg.datapath == "bpf":
+            self.datapath = DatapathSync(cfg, node, self.store, self.informer, self.flows,
+                                         self.pods.local,
+                                         int(cfg.extra.get("maglev_table_size", 16381)))
+            hooks.sandbox_ready.append(self.datapath.sandbox_ready)
+            hooks.sandbox_removed.append(self.datapath.sandbox_removed)
         self.dns = DnsServer(NODE_DNS_IP)
         self.api = ApiServer(cfg.agent_socket(node))
         self.started = time.time()
@@ -72,8 +74,9 @@ class Agent:
         self.informer.start()
         await asyncio.to_thread(self.informer.wait_synced)
         # The datapath adopts what the previous agent left pinned, then catches up.
-        await asyncio.to_thread(self.datapath.start)
-        await asyncio.to_thread(self.datapath.sync)
+        if self.datapath is not None:
+            await asyncio.to_thread(self.datapath.start)
+            await asyncio.to_thread(self.datapath.sync)
         await self.dns.start()
         self._routes()
         await self.api.start()
@@ -89,7 +92,8 @@ class Agent:
         self.api.close()
         self.dns.close()
         self.pods.shutdown()
-        self.datapath.stop()
+        if self.datapath is not None:
+            self.datapath.stop()
         self.informer.stop()
         log.info("agent of %s stopped; pods keep running", self.node.name)
 
@@ -153,9 +157,10 @@ class Agent:
             "pid": os.getpid(), "uptimeSeconds": round(time.time() - self.started, 1),
             "pods": len(self.pods.local), "storeRevision": self.informer.revision,
             "dns": {"address": NODE_DNS_IP, "records": len(self.dns.records.a)},
-            "datapath": self.datapath.status(),
+            "datapath": self.datapath.status() if self.datapath else {"mode": "none"},
             "flows": {"ring": len(self.flows), "capacity": self.flows.capacity,
-                      "total": self.flows.total, "lostEvents": self.datapath.lost_events},
+                      "total": self.flows.total,
+                      "lostEvents": self.datapath.lost_events if self.datapath else 0},
         }
 
 

@@ -61,7 +61,8 @@ class LocalPod:
                 "shim": self.shim.to_json() if self.shim else None}
 
 
-def container_env(pod: dict, container: dict, node_ip: str, pod_ip: str) -> dict[str, str]:
+def container_env(pod: dict, container: dict, node_ip: str, pod_ip: str,
+                  pod_dir: str = "") -> dict[str, str]:
     """The environment of a container process: a base, image defaults, then the spec's `env`."""
     meta = pod["metadata"]
     env = {
@@ -70,6 +71,8 @@ def container_env(pod: dict, container: dict, node_ip: str, pod_ip: str) -> dict
         "HOSTNAME": meta["name"],
         "LANG": "C.UTF-8",
     }
+    if pod_dir:  # scratch space that goes with the pod (images such as nginx keep files there)
+        env["NODEMESH_POD_DIR"] = pod_dir
     if images.image_name(container.get("image") or "") in images.ECHO_IMAGES:
         env.update({"POD_NAME": meta["name"], "NAMESPACE": meta["namespace"],
                     "POD_IP": pod_ip, "NODE_NAME": pod["spec"].get("nodeName", "")})
@@ -245,7 +248,7 @@ class PodManager:
         for c, argv in zip(spec["containers"], argvs, strict=True):
             containers.append({
                 "name": c["name"], "image": c.get("image", ""), "argv": argv,
-                "env": container_env(pod, c, self.node.ip, sb.ip), "cwd": c.get("workingDir"),
+                "env": container_env(pod, c, self.node.ip, sb.ip, pod_dir), "cwd": c.get("workingDir"),
                 "ports": c.get("ports") or [], "readinessProbe": c.get("readinessProbe"),
                 "livenessProbe": c.get("livenessProbe"),
             })

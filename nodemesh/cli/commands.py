@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -63,7 +62,7 @@ def _namespace(args: argparse.Namespace) -> str:
 def cmd_up(args: argparse.Namespace) -> int:
     _require_root("nodemesh up")
     t0 = time.monotonic()
-    cfg = lifecycle.up(_state_dir(args), args.nodes, args.name)
+    cfg = lifecycle.up(_state_dir(args), args.nodes, args.name, datapath=args.datapath)
     print(f"cluster {cfg.name} is up in {time.monotonic() - t0:.1f}s; "
           f"try `nodemesh get nodes` and `nodemesh apply -f app.yaml`")
     return 0
@@ -185,7 +184,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    cfg, store = _store(args)
+    _cfg, store = _store(args)
     targets: list[tuple[str, str, str]] = []
     if args.filename:
         from nodemesh.model.manifest import load_manifests, read_manifest_paths
@@ -408,7 +407,7 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 # ---- observe ---------------------------------------------------------------------------------
-def _flow_filter(args: argparse.Namespace):  # noqa: ANN202
+def _flow_filter(args: argparse.Namespace):
     from nodemesh.observe.filters import FlowFilter, parse_time
 
     flt = FlowFilter(

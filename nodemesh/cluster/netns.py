@@ -7,6 +7,7 @@ build, these functions only run the commands and turn failures into readable err
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import subprocess
@@ -119,14 +120,10 @@ def delete_netns(name: str) -> None:
         run(["ip", "netns", "delete", name], check=False)
         # `ip netns delete` leaves the file behind when the mount is busy; try once more by hand.
         if os.path.exists(netns_path(name)):
-            try:
+            with contextlib.suppress(OSError):
                 umount(netns_path(name))
-            except OSError:
-                pass
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(netns_path(name))
-            except OSError:
-                pass
 
 
 def link_exists(ifname: str, netns: str | None = None) -> bool:

@@ -13,6 +13,7 @@ This module is imported by one process per pod, so it uses the standard library 
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -179,10 +180,8 @@ class Container:
 
     def signal(self, sig: int) -> None:
         if self.proc is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
 
     def state(self) -> dict:
         if self.proc is not None:
