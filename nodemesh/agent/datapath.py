@@ -31,10 +31,10 @@ from nodemesh.observe.flow import StaticContext, flow_from_event, labels_of, wor
 from nodemesh.observe.ring import FlowRing
 from nodemesh.policy import Compiler, Endpoint, PolicyCompileError, PolicyInput
 from nodemesh.policy.lower import LoweredPolicy, lower_policy
+from nodemesh.route.inputs import PROXY_IP
 from nodemesh.store import Store
 
 log = logging.getLogger("nodemesh.datapath")
-PROXY_IP = "169.254.42.1"
 WATCHED = {"Pod", "Service", "Namespace", "NetworkPolicy", "CiliumNetworkPolicy", "Identity", "*"}
 
 
@@ -80,8 +80,11 @@ def resolve_target_port(pod: Mapping, port: Mapping) -> int | None:
     return None
 
 
-def lb_services(services: list[dict], pods: list[dict]) -> tuple[list[LbService], dict]:
-    """Every ClusterIP service port → an LbService with its ready backends (pure)."""
+def lb_services(services: list[dict], pods: list[dict],
+                redirects: Mapping | None = None) -> tuple[list[LbService], dict]:
+    """Every ClusterIP service port → an LbService with its ready backends (pure); a port in
+    `redirects` ((ip, port, protocol) keys with .ip/.port/.protocol) goes to that proxy port."""
+    proxy_ports = {(k.ip, k.port, k.protocol): v for k, v in (redirects or {}).items()}
     from nodemesh.model.labels import service_selects
 
     out: list[LbService] = []
@@ -106,9 +109,11 @@ def lb_services(services: list[dict], pods: list[dict]) -> tuple[list[LbService]
                 target = resolve_target_port(p, port)
                 if target:
                     backends.append((p["status"]["podIP"], target))
-            out.append(LbService(vip=vip, port=port["port"], proto=port.get("protocol", "TCP"),
+            proto = port.get("protocol", "TCP")
+            out.append(LbService(vip=vip, port=port["port"], proto=proto,
                                  backends=sorted(set(backends)), algorithm=algorithm,
-                                 affinity_timeout=affinity))
+                                 affinity_timeout=affinity,
+                                 l7_proxy_port=proxy_ports.get((vip, port["port"], proto))))
             names[(vip, port["port"])] = (meta["namespace"], meta["name"])
     return out, names
 
@@ -136,6 +141,13 @@ class DatapathSync:
         self._lowered: dict[int, LoweredPolicy] = {}  # ifindex -> last good policy
         self._cookie_ips: dict[int, str] = {}
         self._syncing = False
+        self.pod_identities: dict[tuple[str, str], int] = {}  # (namespace, name) -> identity
+        self.policy_input: PolicyInput | None = None  # the last compiler input (the proxy uses it)
+        # Destinations the node Envoy takes over (set by the proxy manager): services with routes
+        # and pod ports with L7 policy, (ip, port, protocol) -> listener port.
+        self.service_redirects: dict = {}
+        self.pod_redirects: dict = {}
+        self.proxy_ip = "0.0.0.0"
         self.lost_events = 0
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -209,6 +221,19 @@ class DatapathSync:
             finally:
                 self._syncing = False
 
+    def set_proxy(self, proxy_ip: str) -> None:
+        """The node Envoy is up at proxy_ip: socket-LB may now send connections to it."""
+        with self._lock:
+            self.proxy_ip = proxy_ip
+            self.dp.set_config(self.node.ip, NODE_DNS_IP, proxy_ip)
+
+    def set_proxy_redirects(self, service: Mapping, pod: Mapping) -> None:
+        """New redirect sets from the proxy manager; applied before this returns."""
+        with self._lock:
+            self.service_redirects = dict(service)
+            self.pod_redirects = dict(pod)
+            self._sync_locked()
+
     def _identity_for(self, labels: dict[str, str], known: dict[tuple, int]) -> int:
         key = tuple(sorted(labels.items()))
         ident = known.get(key)
@@ -267,7 +292,7 @@ class DatapathSync:
 
         # services
         all_pods = [p for p, _ in pods.values()]
-        svcs, svc_names = lb_services(k["Service"], all_pods)
+        svcs, svc_names = lb_services(k["Service"], all_pods, self.service_redirects)
         state = compile_lb(svcs, self.lb_state, self.dp.maglev_m)
         self.dp.apply_lb(state)
         self.lb_state = state
@@ -280,6 +305,9 @@ class DatapathSync:
             namespaces={n: dict(o["metadata"].get("labels") or {}) for n, o in namespaces.items()},
             identities=ident_labels,
             network_policies=k["NetworkPolicy"], cilium_policies=k["CiliumNetworkPolicy"])
+        self.policy_input = inp
+        self.pod_identities = {(p["metadata"]["namespace"], p["metadata"]["name"]): identity_of[uid]
+                               for uid, (p, _) in pods.items()}
         compiler = Compiler(inp)
         by_ref = {e.ref: e for e in inp.endpoints}
         policy_names: dict[int, str] = {}

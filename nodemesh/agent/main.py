@@ -21,12 +21,14 @@ from nodemesh.agent.datapath import DatapathSync
 from nodemesh.agent.dns import DnsServer, build_records
 from nodemesh.agent.informer import Informer
 from nodemesh.agent.pods import PodHooks, PodManager
+from nodemesh.agent.proxy import ProxyManager
 from nodemesh.cluster import netns
 from nodemesh.cluster.config import NODE_DNS_IP, ClusterConfig, write_json_atomic
 from nodemesh.cluster.procs import ProcRef
 from nodemesh.errors import NodemeshError
 from nodemesh.observe.filters import FlowFilter, matches
 from nodemesh.observe.ring import FlowRing
+from nodemesh.route import PROXY_IP
 from nodemesh.store import open_store
 from nodemesh.store.base import now_rfc3339
 
@@ -50,6 +52,10 @@ class Agent:
                                          int(cfg.extra.get("maglev_table_size", 16381)))
             hooks.sandbox_ready.append(self.datapath.sandbox_ready)
             hooks.sandbox_removed.append(self.datapath.sandbox_removed)
+        self.proxy: ProxyManager | None = None
+        if cfg.datapath == "bpf" and cfg.extra.get("proxy", True):
+            self.proxy = ProxyManager(cfg, node, self.store, self.informer, self.flows,
+                                      self.datapath)
         self.dns = DnsServer(NODE_DNS_IP)
         self.api = ApiServer(cfg.agent_socket(node))
         self.started = time.time()
@@ -78,17 +84,27 @@ class Agent:
             await asyncio.to_thread(self.datapath.start)
             await asyncio.to_thread(self.datapath.sync)
         await self.dns.start()
+        if self.proxy is not None:
+            await self.proxy.start()
+            assert self.datapath is not None
+            await asyncio.to_thread(self.datapath.set_proxy, PROXY_IP)
         self._routes()
         await self.api.start()
         log.info("agent of %s ready (pid %d, pods adopted: %d)", self.node.name, os.getpid(),
                  len(self.pods.local))
+        self._stopped = asyncio.Event()
         tasks = [asyncio.create_task(self._reconcile_loop()),
                  asyncio.create_task(self._status_loop()),
                  asyncio.create_task(self._heartbeat_loop())]
+        if self.proxy is not None:
+            tasks.append(asyncio.create_task(self.proxy.run(self._stopped)))
         while not self._stopping:
             await asyncio.sleep(0.1)
+        self._stopped.set()
         for t in tasks:
             t.cancel()
+        if self.proxy is not None:
+            await self.proxy.stop()
         self.api.close()
         self.dns.close()
         self.pods.shutdown()
@@ -158,6 +174,7 @@ class Agent:
             "pods": len(self.pods.local), "storeRevision": self.informer.revision,
             "dns": {"address": NODE_DNS_IP, "records": len(self.dns.records.a)},
             "datapath": self.datapath.status() if self.datapath else {"mode": "none"},
+            "proxy": self.proxy.status() if self.proxy else None,
             "flows": {"ring": len(self.flows), "capacity": self.flows.capacity,
                       "total": self.flows.total,
                       "lostEvents": self.datapath.lost_events if self.datapath else 0},

@@ -82,7 +82,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     daemon = lifecycle.daemon_ref(cfg)
     print(f"cluster:    {cfg.name}")
     print(f"state:      {cfg.state_dir}")
-    print(f"daemon:     {'running, pid %d' % daemon.pid if daemon else 'NOT RUNNING (run `nodemesh up`)'}")
+    running = f"running, pid {daemon.pid}" if daemon else "NOT RUNNING (run `nodemesh up`)"
+    print(f"daemon:     {running}")
     print(f"store:      revision {store.revision()}")
     pods = store.list("Pod")
     rows = []

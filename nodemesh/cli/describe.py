@@ -33,7 +33,8 @@ def describe(obj: dict, store: Store) -> str:
                 ([("Namespace", meta["namespace"])] if meta.get("namespace") else []) +
                 [("Labels", _labels(meta.get("labels"))),
                  ("Annotations", _labels(meta.get("annotations"))),
-                 ("Created", f"{meta.get('creationTimestamp')} ({output.age(meta.get('creationTimestamp'))} ago)"),
+                 ("Created", f"{meta.get('creationTimestamp')} "
+                             f"({output.age(meta.get('creationTimestamp'))} ago)"),
                  ("UID", meta.get("uid")),
                  ("Generation", meta.get("generation"))])
     spec, status = obj.get("spec") or {}, obj.get("status") or {}

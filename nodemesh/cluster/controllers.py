@@ -123,9 +123,9 @@ def plan_orphans(pods: Sequence[dict], deployments: Sequence[dict],
             out.append(p)
     for o in objects:
         ns = o["metadata"].get("namespace")
-        if ns and ns not in namespaces and not (o["kind"] == "Pod" and is_deleting(o)):
-            if o not in out:
-                out.append(o)
+        if ns and ns not in namespaces and not (o["kind"] == "Pod" and is_deleting(o)) \
+                and o not in out:
+            out.append(o)
     return out
 
 

@@ -16,6 +16,7 @@ import ctypes
 import enum
 import ipaddress
 from collections.abc import Iterable
+from typing import Any
 
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 be16: type = ctypes.c_uint16.__ctype_be__  # type: ignore[attr-defined]
@@ -108,6 +109,15 @@ class ServiceFlags(enum.IntFlag):
     L7 = 4
 
 
+class ConfigFlags(enum.IntFlag):
+    """node_config.flags."""
+
+    NONE = 0
+    # the proxy return route is installed (routing.install_proxy_routing): replies to the node
+    # Envoy's transparent upstream sockets are marked PROXY_MARK for local delivery
+    PROXY_RETURN = 1
+
+
 class EndpointFlags(enum.IntFlag):
     NONE = 0
     INGRESS_ENFORCED = 1
@@ -149,6 +159,13 @@ class CtClosing(enum.IntFlag):
 
 
 CT_F_REPLY_SEEN = 1
+
+# The proxy return path (bpf/lib/common.h): the mark (within the mask) the datapath sets on a
+# reply that belongs to a transparent socket of the node, and the rule/table that deliver it.
+PROXY_MARK = 0x200
+PROXY_MARK_MASK = 0xF00
+PROXY_ROUTE_TABLE = 2004
+PROXY_RULE_PREF = 9
 
 POLICY_KEY_BITS = 96  # endpoint(32) identity(32) direction(8) protocol(8) dport(16)
 POLICY_KEY_FIXED_BITS = 72  # endpoint, identity and direction always match
@@ -292,6 +309,18 @@ class Lb4ReverseSkVal(ctypes.Structure):
     _fields_ = [("address", be32), ("port", be16), ("rev_nat_index", u16)]
 
 
+class L7RedirKey(ctypes.Structure):
+    _fields_ = [("addr", be32), ("port", be16), ("protocol", u8), ("pad", u8)]
+
+
+class L7RedirVal(ctypes.Structure):
+    _fields_ = [("proxy_port", u16), ("pad", u16), ("policy_id", u32)]
+
+
+class LxcInfo(ctypes.Structure):
+    _fields_ = [("ifindex", u32), ("identity", u32)]
+
+
 class FlowEvent(ctypes.Structure):
     _fields_ = [
         ("ts_ns", u64),
@@ -376,6 +405,9 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "lb4_affinity_val": Lb4AffinityVal,
     "lb4_reverse_sk_key": Lb4ReverseSkKey,
     "lb4_reverse_sk_val": Lb4ReverseSkVal,
+    "l7_redir_key": L7RedirKey,
+    "l7_redir_val": L7RedirVal,
+    "lxc_info": LxcInfo,
     "flow_event": FlowEvent,
     "metrics_key": MetricsKey,
     "metrics_val": MetricsVal,
@@ -399,6 +431,8 @@ MAPS: dict[str, tuple[type, type | None]] = {
     "nm_lb4_rsk": (Lb4ReverseSkKey, Lb4ReverseSkVal),
     "nm_metrics": (MetricsKey, MetricsVal),
     "nm_flowcnt": (FlowCountKey, MetricsVal),
+    "nm_l7_redir": (L7RedirKey, L7RedirVal),
+    "nm_lxc": (be32, LxcInfo),
 }
 RINGBUF_MAPS = ("nm_events",)
 
@@ -471,3 +505,22 @@ def policy_cidr_entry(rules: Iterable[PolicyPortRule]) -> PolicyCidrEntry:
 def port_rule(verdict: PolicyVerdict, protocol: int = 0, lo: int = 0, hi: int = 0xFFFF,
               policy_id: int = 0, proxy_port: int = 0) -> PolicyPortRule:
     return PolicyPortRule(protocol, int(verdict), proxy_port, lo, hi, policy_id)
+
+
+def l7_redirect(addr: str | int, port: int, proxy_port: int, policy_id: int = 0,
+                protocol: int = Proto.TCP) -> tuple[L7RedirKey, L7RedirVal]:
+    """An nm_l7_redir entry: TCP connections to addr:port go to the node Envoy's listener on
+    proxy_port (a pair for Datapath.sync_map)."""
+    if not 0 < proxy_port <= 0xFFFF:
+        raise ValueError(f"bad proxy port {proxy_port}")
+    return L7RedirKey(ip4(addr), port, protocol, 0), L7RedirVal(proxy_port, 0, policy_id)
+
+
+def lxc_key(addr: str | int) -> Any:
+    """The nm_lxc key of a pod IP (a be32 scalar)."""
+    return be32(ip4(addr))
+
+
+def lxc_entry(addr: str | int, ifindex: int, identity: int) -> tuple[Any, LxcInfo]:
+    """An nm_lxc entry: a local pod's IP -> its veth and identity (a pair for sync_map)."""
+    return lxc_key(addr), LxcInfo(ifindex, identity)

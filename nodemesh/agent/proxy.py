@@ -1,0 +1,299 @@
+"""The agent's L7 half: the node's Envoy, its xDS snapshot, redirects into it, route statuses.
+
+On every relevant store change the agent translates (pure, `nodemesh.route.translate`) the
+cluster's routes, services, pods and L7 policy into one Envoy snapshot for this node, serves it
+over xDS, and points the datapath at the new listeners — in an order that never sends a
+connection to a listener Envoy does not have yet: redirects that go away are removed first, the
+snapshot is pushed and ACKed, then new redirects are added. Envoy's access logs come back over
+gRPC and become L7 flows. Route statuses (Accepted, ResolvedRefs, and Envoy's NACKs) are written
+back to the routes.
+
+Envoy is started detached and adopted by the next agent, so restarting the agent never
+restarts Envoy or drops its connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from nodemesh.cluster import netns
+from nodemesh.cluster.config import ClusterConfig, read_json, write_json_atomic
+from nodemesh.observe.flow import flow_from_access_log
+from nodemesh.observe.ring import FlowRing
+from nodemesh.proxy.als import AccessLogReceiver
+from nodemesh.proxy.envoy import EnvoyProcess, bootstrap
+from nodemesh.proxy.snapshot import Snapshot
+from nodemesh.proxy.xds import XdsServer
+from nodemesh.route import (
+    PROXY_IP,
+    L7Input,
+    Pod,
+    RedirectKey,
+    RouteKey,
+    Service,
+    l7_policies_from_compiled,
+    stamp_transition_times,
+    translate,
+    with_nack,
+)
+from nodemesh.route.protos import LISTENER_TYPE
+from nodemesh.store import Store
+from nodemesh.store.base import now_rfc3339
+
+log = logging.getLogger("nodemesh.proxy")
+WATCHED = {"Pod", "Service", "Namespace", "HTTPRoute", "GRPCRoute", "CiliumNetworkPolicy",
+           "Identity", "*"}
+ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
+
+
+class ProxyManager:
+    def __init__(self, cfg: ClusterConfig, node: str, store: Store, informer, flows: FlowRing,
+                 datapath, concurrency: int = 2) -> None:
+        self.cfg = cfg
+        self.node = node
+        self.store = store
+        self.informer = informer
+        self.flows = flows
+        self.datapath = datapath
+        self.concurrency = concurrency
+        node_dir = cfg.node_dir(node)
+        self.socket = os.path.join(node_dir, "xds.sock")
+        self.envoy_dir = os.path.join(node_dir, "envoy")
+        self.ports_file = os.path.join(node_dir, "proxy-ports.json")
+        self.xds = XdsServer(on_nack=self._on_nack)
+        self.als = AccessLogReceiver(self._on_access_log)
+        self.envoy: EnvoyProcess | None = None
+        self.ports: dict[RedirectKey, int] = self._load_ports()
+        self.redirects: dict[RedirectKey, int] = {}
+        self.listener_targets: dict[int, RedirectKey] = {}
+        self.nack: dict[str, Any] | None = None  # the last NACK, while it stands
+        self.owners: Mapping[str, tuple[RouteKey, ...]] = {}
+        self.statuses: dict[RouteKey, dict] = {}
+        self.error: str | None = None
+        self.syncs = 0
+        self.revision = 0
+        self._dirty = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+
+    # ---- persistence of listener ports (a restarted agent keeps Envoy's listeners as they are) --
+    def _load_ports(self) -> dict[RedirectKey, int]:
+        data = read_json(self.ports_file) or {}
+        out = {}
+        for k, port in (data.get("ports") or {}).items():
+            ip, _, rest = k.partition(":")
+            p, _, proto = rest.partition("/")
+            out[RedirectKey(ip, int(p), proto or "TCP")] = int(port)
+        return out
+
+    def _save_ports(self) -> None:
+        write_json_atomic(self.ports_file, {"ports": {str(k): v for k, v in self.ports.items()}})
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        netns.ip_batch([f"addr replace {PROXY_IP}/32 dev lo"])
+        await self.xds.start(self.socket, als=self.als)
+        await asyncio.to_thread(self._ensure_envoy)
+        self.informer.add_listener(self._on_store_change)
+        self._dirty.set()
+
+    def _on_store_change(self, kinds: set[str]) -> None:
+        if kinds & WATCHED and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._dirty.set)
+        elif not self._dirty.is_set():
+            self.revision = max(self.revision, self.informer.revision)
+
+    def _ensure_envoy(self) -> None:
+        pidfile = os.path.join(self.envoy_dir, "envoy.json")
+        if self.envoy is not None and self.envoy.alive():
+            return
+        adopted = EnvoyProcess.adopt(pidfile)
+        if adopted is not None:
+            self.envoy = adopted
+            log.info("adopted the node's Envoy (pid %d)", adopted.pid)
+            return
+        config = bootstrap(self.node, self.socket,
+                           admin_socket=os.path.join(self.envoy_dir, "admin.sock"),
+                           cluster=self.cfg.name)
+        self.envoy = EnvoyProcess.start(config, self.envoy_dir, concurrency=self.concurrency,
+                                        cgroup_path=self.cfg.proxy_cgroup(self.node),
+                                        log_level="warning")
+        log.info("started the node's Envoy (pid %d)", self.envoy.pid)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Sync on changes (and every few seconds); restart Envoy if it died."""
+        last_check = 0.0
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), 2.0)
+            self._dirty.clear()
+            if time.monotonic() - last_check > 1.0:
+                last_check = time.monotonic()
+                if self.envoy is None or not self.envoy.alive():
+                    log.warning("the node's Envoy is not running; starting it")
+                    try:
+                        await asyncio.to_thread(self._ensure_envoy)
+                    except Exception as e:
+                        self.error = f"cannot start Envoy: {e}"
+                        log.error("%s", self.error)
+            try:
+                await self.sync()
+            except Exception as e:
+                self.error = f"{type(e).__name__}: {e}"
+                log.exception("proxy sync failed")
+                await asyncio.sleep(0.5)
+
+    async def stop(self) -> None:
+        await self.xds.stop()
+
+    # ---- the sync --------------------------------------------------------------------------------
+    def _translate(self):
+        from nodemesh.policy import Compiler
+
+        k = self.informer.kinds(("Service", "Pod", "HTTPRoute", "GRPCRoute", "CiliumNetworkPolicy"))
+        identities = self.datapath.pod_identities if self.datapath else {}
+        pods = []
+        for p in k["Pod"]:
+            if p["metadata"].get("deletionTimestamp"):
+                continue
+            meta = p["metadata"]
+            pods.append(Pod.from_object(p, identities.get((meta["namespace"], meta["name"]), 0)))
+        services = [Service.from_object(s) for s in k["Service"]
+                    if (s["spec"].get("clusterIP") or "None") != "None"]
+        l7 = ()
+        has_http_rules = any("rules" in str(c.get("spec", "")) or "rules" in str(c.get("specs", ""))
+                             for c in k["CiliumNetworkPolicy"])
+        if has_http_rules and self.datapath is not None and self.datapath.policy_input is not None:
+            compiler = Compiler(self.datapath.policy_input)
+            compiled = {e.ref: compiler.compile(e) for e in self.datapath.policy_input.endpoints}
+            l7 = l7_policies_from_compiled(compiled, pods)
+        inp = L7Input.build(self.node, services, pods, list(k["HTTPRoute"]) + list(k["GRPCRoute"]),
+                            l7)
+        return translate(inp, self.ports), k
+
+    async def sync(self) -> None:
+        revision = self.informer.revision
+        result, k = await asyncio.to_thread(self._translate)
+        self.ports = dict(result.ports)
+        await asyncio.to_thread(self._save_ports)
+        new = {**result.service_redirects, **result.pod_redirects}
+        # 1. Redirects that go away or move go first: no connection may reach a port Envoy drops.
+        interim = {key: port for key, port in self.redirects.items() if new.get(key) == port}
+        if interim != self.redirects:
+            await asyncio.to_thread(self._set_redirects, interim, result)
+        # 2. The snapshot, and Envoy's answer.
+        snap = result.snapshot
+        xsnap = Snapshot(snap.by_type(), version=snap.version)
+        self.xds.set_snapshot(self.node, xsnap)
+        state = "disconnected"
+        with contextlib.suppress(TimeoutError):
+            state = await self.xds.wait_synced(self.node, timeout=2.0)
+        listeners_ok = self._acked(LISTENER_TYPE, xsnap.type_version(LISTENER_TYPE))
+        # 3. New redirects, once Envoy has the listeners.
+        if listeners_ok or not result.snapshot.listeners:
+            await asyncio.to_thread(self._set_redirects, new, result)
+        else:
+            # Retried on the next round (at most every 2 s, or at the next change).
+            log.warning("Envoy has not accepted the listeners (%s); redirects wait", state)
+        if self.nack is not None and state == "synced":
+            self.nack = None  # a later snapshot was accepted: the rejection no longer stands
+        self.owners = result.owners
+        await asyncio.to_thread(self._write_statuses, result.route_statuses, k)
+        self.listener_targets = {port: key for key, port in result.ports.items()}
+        self.error = None
+        self.syncs += 1
+        self.revision = revision
+
+    def _acked(self, type_url: str, version: str) -> bool:
+        st = self.xds.status(self.node).get(type_url) or {}
+        return bool(version) and st.get("acked_version") == version
+
+    def _set_redirects(self, redirects: Mapping[RedirectKey, int], result) -> None:
+        self.redirects = dict(redirects)
+        if self.datapath is None:
+            return
+        service = {k: v for k, v in redirects.items() if k in result.service_redirects}
+        pod = {k: v for k, v in redirects.items() if k in result.pod_redirects}
+        self.datapath.set_proxy_redirects(service, pod)
+
+    def _write_statuses(self, statuses: Mapping[RouteKey, dict], k: Mapping[str, list]) -> None:
+        now = now_rfc3339()
+        nacked: set[RouteKey] = set()
+        if self.nack is not None:
+            for name in self.nack.get("resource_names") or []:
+                nacked.update(self.owners.get(name, ()))
+        current = {RouteKey.of(o): o for kind in ROUTE_KINDS for o in k[kind]}
+        for key, status in statuses.items():
+            obj = current.get(key)
+            if obj is None:
+                continue
+            if key in nacked and self.nack is not None:
+                status = with_nack(status, self.nack["message"])
+            status = stamp_transition_times(status, obj.get("status"), now)
+            for p in status.get("parents") or []:
+                for c in p.get("conditions") or []:
+                    c["observedGeneration"] = obj["metadata"].get("generation", 1)
+            if status == obj.get("status"):
+                continue
+            with self.store.transaction() as t:
+                cur = t.get(key.kind, key.namespace, key.name)
+                if cur is not None and cur["metadata"]["uid"] == obj["metadata"]["uid"]:
+                    t.put_status(key.kind, key.namespace, key.name, status)
+
+    # ---- Envoy's answers -------------------------------------------------------------------------
+    def _on_nack(self, node_id: str, type_url: str, version: str, message: str,
+                 resource_names: list[str]) -> None:
+        log.warning("Envoy rejected %s %s: %s (suspects: %s)", type_url.rsplit(".", 1)[-1],
+                    version, message, ", ".join(resource_names))
+        self.nack = {"type": type_url, "version": version, "message": message,
+                     "resource_names": list(resource_names), "at": now_rfc3339()}
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._dirty.set)
+
+    def _on_access_log(self, entry: dict) -> None:
+        if entry.get("kind") != "http":
+            return
+        tags = entry.get("custom_tags") or {}
+        local = entry.get("downstream_local_address") or ""
+        port = int(local.rpartition(":")[2] or 0) if ":" in local else 0
+        target = self.listener_targets.get(port)
+        if target is not None:
+            entry = {**entry, "original_destination": f"{target.ip}:{target.port}"}
+        denied = entry.get("response_code") == 403 and "rbac" in str(
+            entry.get("response_code_details") or "")
+        backend = None
+        if tags.get("nodemesh.backend") and "/" in tags["nodemesh.backend"]:
+            ns, _, name = tags["nodemesh.backend"].partition("/")
+            backend = (ns, name.split(":")[0])
+        ctx = self.datapath.context if self.datapath is not None else None
+        if ctx is None:
+            return
+        flow = flow_from_access_log(entry, ctx, denied_by_policy=denied, backend_service=backend)
+        if tags.get("nodemesh.route"):
+            flow.setdefault("l7", {})["route"] = tags["nodemesh.route"]
+        if tags.get("nodemesh.pod"):
+            flow["l7"]["backend_pod"] = tags["nodemesh.pod"]
+        self.flows.add(flow)
+
+    def status(self) -> dict:
+        st = self.xds.status(self.node)
+        return {
+            "envoy": {"pid": self.envoy.pid if self.envoy else None,
+                      "alive": bool(self.envoy and self.envoy.alive()),
+                      "rssBytes": self.envoy.rss_bytes() if self.envoy else None},
+            "xds": {"state": self.xds.sync_state(self.node),
+                    "types": {t.rsplit(".", 1)[-1]: {"acked": v.get("acked_version"),
+                                                     "sent": v.get("sent_version")}
+                              for t, v in st.items()}},
+            "nack": self.nack, "redirects": len(self.redirects), "syncs": self.syncs,
+            "syncedRevision": self.revision, "error": self.error,
+            "accessLogs": self.als.stats() if hasattr(self.als, "stats") else {},
+        }
