@@ -22,8 +22,8 @@ from nodemesh.cluster.config import NODE_DNS_IP, POD_GATEWAY, ClusterConfig
 from nodemesh.cluster.controllers import is_deleting, pod_ready
 from nodemesh.cluster.sandbox import Sandbox
 from nodemesh.datapath import layout as L
+from nodemesh.datapath import libbpf
 from nodemesh.datapath.lb import LbService, LbState, compile_lb
-from nodemesh.datapath.libbpf import netns_cookie
 from nodemesh.datapath.loader import Datapath, mount_bpffs
 from nodemesh.identity import allocate_identity, security_labels
 from nodemesh.observe.flow import Endpoint as FlowEndpoint
@@ -141,6 +141,7 @@ class DatapathSync:
         self._lowered: dict[int, LoweredPolicy] = {}  # ifindex -> last good policy
         self._cookie_ips: dict[int, str] = {}
         self._syncing = False
+        self.identity_workloads: dict[int, tuple[str, str]] = {}  # for per-workload metrics
         self.pod_identities: dict[tuple[str, str], int] = {}  # (namespace, name) -> identity
         self.policy_input: PolicyInput | None = None  # the last compiler input (the proxy uses it)
         # Destinations the node Envoy takes over (set by the proxy manager): services with routes
@@ -149,6 +150,7 @@ class DatapathSync:
         self.pod_redirects: dict = {}
         self.proxy_ip = "0.0.0.0"
         self.lost_events = 0
+        self.timer = None  # set by the agent: a context manager factory for reconcile timing
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -217,7 +219,11 @@ class DatapathSync:
         with self._lock:
             self._syncing = True
             try:
-                self._sync_locked()
+                if self.timer is not None:
+                    with self.timer("datapath"):
+                        self._sync_locked()
+                else:
+                    self._sync_locked()
             finally:
                 self._syncing = False
 
@@ -396,6 +402,11 @@ class DatapathSync:
                 name = svc_names.get((vip, port))
                 if name:
                     revnat[idx] = name
+        from nodemesh.observe.metrics import workload_of
+
+        self.identity_workloads = {}
+        for fe in by_ip.values():
+            self.identity_workloads.setdefault(fe.identity, workload_of(fe.to_json()))
         self._cookie_ips = {ep.netns_cookie: ep.sandbox.ip for ep in self.endpoints.values()
                             if ep.netns_cookie}
         self.context = StaticContext(
@@ -417,6 +428,44 @@ class DatapathSync:
             self.lost_events += 1
             log.exception("bad flow event")
 
+    # ---- for metrics (read at scrape time) ----------------------------------------------------
+    FILL_MAPS = ("nm_endpoints", "nm_ipcache", "nm_policy", "nm_policy_cidr", "nm_ct",
+                 "nm_lb4_svc", "nm_lb4_be", "nm_lb4_revnat", "nm_lb4_affin", "nm_lb4_rsk",
+                 "nm_flowcnt")
+
+    def map_fill(self) -> list[tuple[str, int, int]]:
+        out = []
+        for name in self.FILL_MAPS:
+            try:
+                m = self.dp.map(name)
+                info = libbpf.map_info(m.fd)
+                count = sum(1 for _ in m.keys())  # noqa: SIM118 - a BPF map, not a dict
+                out.append((name, count, int(info.max_entries)))
+            except Exception:
+                continue
+        return out
+
+    def l4_counters(self) -> list[tuple[dict[str, str], int, int]]:
+        """nm_flowcnt per workload pair: (labels, bytes, packets)."""
+        from nodemesh.observe.metrics import workload_of
+
+        names = dict(self.identity_workloads)
+        for ident, label in ((1, "host"), (2, "world"), (6, "remote-node")):
+            names.setdefault(ident, ("", label))
+        totals: dict[tuple, list[int]] = {}
+        for k, c in self.dp.read_flow_counters().items():
+            sns, sw = names.get(k.src_identity, ("", f"identity-{k.src_identity}"))
+            dns, dw = names.get(k.dst_identity, ("", f"identity-{k.dst_identity}"))
+            proto = {6: "tcp", 17: "udp", 1: "icmp"}.get(k.protocol, str(k.protocol))
+            verdict = getattr(k.verdict, "name", str(k.verdict))
+            direction = getattr(k.direction, "name", str(k.direction)).lower()
+            t = totals.setdefault((sns, sw, dns, dw, proto, verdict, direction), [0, 0])
+            t[0] += c.bytes
+            t[1] += c.packets
+        keys = ("source_namespace", "source_workload", "destination_namespace",
+                "destination_workload", "protocol", "verdict", "direction")
+        return [(dict(zip(keys, k, strict=True)), b, p) for k, (b, p) in totals.items()]
+
     def status(self) -> dict:
         return {"endpoints": len(self.endpoints),
                 "programmed": sum(1 for e in self.endpoints.values() if e.programmed),
@@ -428,7 +477,7 @@ class DatapathSync:
 
 def _cookie(sb: Sandbox) -> int:
     try:
-        return netns_cookie(sb.netns)
+        return libbpf.netns_cookie(sb.netns)
     except Exception:
         return 0
 

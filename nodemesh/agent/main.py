@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import time
 from typing import Any
 
@@ -27,6 +28,7 @@ from nodemesh.cluster.config import NODE_DNS_IP, ClusterConfig, write_json_atomi
 from nodemesh.cluster.procs import ProcRef
 from nodemesh.errors import NodemeshError
 from nodemesh.observe.filters import FlowFilter, matches
+from nodemesh.observe.metrics import AgentCollector, AgentMetrics
 from nodemesh.observe.ring import FlowRing
 from nodemesh.route import PROXY_IP
 from nodemesh.store import open_store
@@ -37,12 +39,16 @@ HEARTBEAT_SECONDS = 5.0
 
 
 class Agent:
-    def __init__(self, cfg: ClusterConfig, node: str) -> None:
+    def __init__(self, cfg: ClusterConfig, node: str,
+                 metrics_socket: socket.socket | None = None) -> None:
         self.cfg = cfg
+        self.metrics_socket = metrics_socket
+        self.metrics = AgentMetrics(node)
         self.node = cfg.node(node)
         self.store = open_store(cfg.state_dir)
         self.informer = Informer(self.store)
-        self.flows = FlowRing(int(cfg.extra.get("flow_ring_size", 16384)))
+        self.flows = FlowRing(int(cfg.extra.get("flow_ring_size", 16384)),
+                              on_add=self.metrics.observe_flow)
         hooks = PodHooks()
         self.pods = PodManager(cfg, node, self.store, self.informer, hooks)
         self.datapath: DatapathSync | None = None
@@ -50,12 +56,14 @@ class Agent:
             self.datapath = DatapathSync(cfg, node, self.store, self.informer, self.flows,
                                          self.pods.local,
                                          int(cfg.extra.get("maglev_table_size", 16381)))
+            self.datapath.timer = self.metrics.timed
             hooks.sandbox_ready.append(self.datapath.sandbox_ready)
             hooks.sandbox_removed.append(self.datapath.sandbox_removed)
         self.proxy: ProxyManager | None = None
         if cfg.datapath == "bpf" and cfg.extra.get("proxy", True):
             self.proxy = ProxyManager(cfg, node, self.store, self.informer, self.flows,
                                       self.datapath)
+            self.proxy.timer = self.metrics.reconcile.labels("proxy")
         self.dns = DnsServer(NODE_DNS_IP)
         self.api = ApiServer(cfg.agent_socket(node))
         self.started = time.time()
@@ -90,6 +98,9 @@ class Agent:
             await asyncio.to_thread(self.datapath.set_proxy, PROXY_IP)
         self._routes()
         await self.api.start()
+        self._register_collectors()
+        if self.metrics_socket is not None:
+            await asyncio.start_server(self._serve_metrics, sock=self.metrics_socket)
         log.info("agent of %s ready (pid %d, pods adopted: %d)", self.node.name, os.getpid(),
                  len(self.pods.local))
         self._stopped = asyncio.Event()
@@ -113,6 +124,47 @@ class Agent:
         self.informer.stop()
         log.info("agent of %s stopped; pods keep running", self.node.name)
 
+    def _register_collectors(self) -> None:
+        dp, proxy = self.datapath, self.proxy
+
+        def lost() -> dict[str, int]:
+            out = {"flow_followers": self.flows.lost_followers}
+            if dp is not None:
+                out["datapath_events"] = dp.lost_events
+            if proxy is not None:
+                out["access_logs"] = int(proxy.als.dropped)
+            return out
+
+        self.metrics.registry.register(AgentCollector(
+            self.node.name,
+            maps=dp.map_fill if dp else None,
+            l4_bytes=dp.l4_counters if dp else None,
+            xds=proxy.xds.stats if proxy else None,
+            lost=lost))
+
+    async def _serve_metrics(self, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+        """Prometheus text format on the node's loopback port of the host."""
+        try:
+            line = (await reader.readline()).decode("latin-1")
+            while (await reader.readline()).strip():
+                pass
+            path = line.split(" ")[1] if " " in line else "/"
+            if path.split("?")[0] == "/metrics":
+                self.metrics.flow_ring.set(len(self.flows))
+                body = await asyncio.to_thread(self.metrics.expose)
+                head = "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+            else:
+                body = b"see /metrics\n"
+                head = "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\n"
+            writer.write(f"{head}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                         .encode() + body)
+            await writer.drain()
+        except (ConnectionError, IndexError):
+            pass
+        finally:
+            writer.close()
+
     def _request_stop(self) -> None:
         self._stopping = True
 
@@ -120,11 +172,12 @@ class Agent:
         assert self._wake is not None
         while True:
             self._wake.clear()
-            if self._dns_dirty:
-                self._dns_dirty = False
-                k = self.informer.kinds(("Service", "Pod"))
-                self.dns.records = build_records(k["Service"], k["Pod"])
-            self.pods.reconcile()
+            with self.metrics.timed("pods"):
+                if self._dns_dirty:
+                    self._dns_dirty = False
+                    k = self.informer.kinds(("Service", "Pod"))
+                    self.dns.records = build_records(k["Service"], k["Pod"])
+                self.pods.reconcile()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
 
@@ -210,15 +263,37 @@ class Agent:
             self.flows.unfollow(queue)
 
 
+def bind_metrics(cfg: ClusterConfig, node: str) -> socket.socket | None:
+    """The metrics listener on the host's loopback (created before we enter the node's
+    namespace, so it stays in the host's): the node's documented port, or the next free one
+    when another cluster holds it; the port in use is written to <node dir>/metrics.json."""
+    base = cfg.node(node).metrics_port
+    for port in [base + i * 16 for i in range(16)]:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            s.close()
+            continue
+        s.listen(64)
+        s.setblocking(False)
+        write_json_atomic(os.path.join(cfg.node_dir(node), "metrics.json"),
+                          {"address": "127.0.0.1", "port": port})
+        return s
+    return None
+
+
 def run_agent(cfg: ClusterConfig, node: str) -> int:
     cfg.node(node)  # refuse an unknown node before touching anything
     node_dir = cfg.node_dir(node)
     os.makedirs(node_dir, exist_ok=True)
+    metrics_socket = bind_metrics(cfg, node)
     netns.enter_netns(cfg.node_netns(node))  # before any thread: setns is per thread
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ref = ProcRef.of(os.getpid())
     assert ref is not None
     write_json_atomic(os.path.join(node_dir, "agent.json"), ref.to_json())
-    asyncio.run(Agent(cfg, node).run())
+    asyncio.run(Agent(cfg, node, metrics_socket).run())
     return 0

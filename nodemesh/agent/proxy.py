@@ -82,6 +82,7 @@ class ProxyManager:
         self._dirty = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
+        self.timer = None  # a histogram child (the agent's reconcile latency for "proxy")
 
     # ---- persistence of listener ports (a restarted agent keeps Envoy's listeners as they are) --
     def _load_ports(self) -> dict[RedirectKey, int]:
@@ -180,6 +181,7 @@ class ProxyManager:
         return translate(inp, self.ports), k
 
     async def sync(self) -> None:
+        t0 = time.monotonic()
         revision = self.informer.revision
         result, k = await asyncio.to_thread(self._translate)
         self.ports = dict(result.ports)
@@ -211,6 +213,8 @@ class ProxyManager:
         self.error = None
         self.syncs += 1
         self.revision = revision
+        if self.timer is not None:
+            self.timer.observe(time.monotonic() - t0)
 
     def _acked(self, type_url: str, version: str) -> bool:
         st = self.xds.status(self.node).get(type_url) or {}

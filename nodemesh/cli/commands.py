@@ -95,8 +95,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         except NodemeshError:
             agent = "not running"
         npods = sum(1 for p in pods if p["spec"].get("nodeName") == n.name)
+        m = read_json(os.path.join(cfg.node_dir(n.name), "metrics.json")) or {}
+        metrics = f"http://127.0.0.1:{m['port']}/metrics" if m.get("port") else "-"
         rows.append([n.name, output.node_ready(node) if node else "Unknown", n.ip, n.pod_cidr,
-                     agent, str(npods), f"127.0.0.1:{n.metrics_port}"])
+                     agent, str(npods), metrics])
     print()
     print(output.table(["NODE", "STATUS", "IP", "POD-CIDR", "AGENT", "PODS", "METRICS"], rows))
     phases: dict[str, int] = {}

@@ -5,7 +5,8 @@ What the datapath needs and nothing more: open an object with a pin root, resize
 verifier log), find programs and maps, map operations with ctypes keys and values, pinning,
 cgroup links (`bpf_program__attach_cgroup`) and tcx links (raw `bpf_link_create`: libbpf 1.1
 predates tcx, the kernel does not), link update, ring buffers drained without wakeups, object
-info (tags, ids), the network-namespace cookie, and `setns` (Python 3.11 has no `os.setns`).
+info (tags, ids), the network-namespace cookie, `setns` (Python 3.11 has no `os.setns`), and
+`prog_test_run` (BPF_PROG_TEST_RUN: run a program on a made-up packet, for tests and costs).
 
 libbpf 1.x returns `-errno` from int functions and NULL + errno from pointer functions; both are
 turned into `BpfError` (an `OSError`, so `.errno` works).
@@ -22,7 +23,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,28 @@ class _BatchOpts(ctypes.Structure):
     _fields_ = [("sz", _size), ("elem_flags", _u64), ("flags", _u64)]
 
 
+class _TestRunOpts(ctypes.Structure):
+    """struct bpf_test_run_opts as of libbpf 1.1."""
+
+    _fields_ = [
+        ("sz", _size),
+        ("data_in", _vp),
+        ("data_out", _vp),
+        ("data_size_in", _u32),
+        ("data_size_out", _u32),
+        ("ctx_in", _vp),
+        ("ctx_out", _vp),
+        ("ctx_size_in", _u32),
+        ("ctx_size_out", _u32),
+        ("retval", _u32),
+        ("repeat", _int),
+        ("duration", _u32),
+        ("flags", _u32),
+        ("cpu", _u32),
+        ("batch_size", _u32),
+    ]
+
+
 _open_file = _fn("bpf_object__open_file", _vp, _str, ctypes.POINTER(_OpenOpts))
 _obj_load = _fn("bpf_object__load", _int, _vp)
 _obj_close = _fn("bpf_object__close", None, _vp)
@@ -183,6 +206,7 @@ _map_lookup_batch = _fn(
     ctypes.POINTER(_BatchOpts),
 )
 _num_cpus = _fn("libbpf_num_possible_cpus", _int)
+_test_run = _fn("bpf_prog_test_run_opts", _int, _int, ctypes.POINTER(_TestRunOpts))
 
 _RB_SAMPLE_FN = ctypes.CFUNCTYPE(_int, _vp, _vp, _size)
 _rb_new = _fn("ring_buffer__new", _vp, _int, _RB_SAMPLE_FN, _vp, _vp)
@@ -710,6 +734,42 @@ class BpfObject:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# --- test runs ----------------------------------------------------------------------------------
+class ProgRun(NamedTuple):
+    retval: int
+    duration_ns: int  # the kernel's average per repetition
+    data: bytes  # the packet afterwards
+    ctx: bytes  # the context afterwards (tc: struct __sk_buff, e.g. the mark at offset 8)
+
+
+def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ctx: bytes | None = None,
+                  ctx_out_size: int = 256) -> ProgRun:
+    """BPF_PROG_TEST_RUN: run a program `repeat` times on `data` in the calling thread's
+    network namespace (a tc program's skb->dev is that namespace's loopback, so socket lookups
+    search it). `ctx` is the input context (tc: the leading bytes of struct __sk_buff; only
+    mark, priority, ifindex, cb, tstamp, wire_len, gso_* may be non-zero)."""
+    data_in = ctypes.create_string_buffer(data, len(data))
+    data_out = ctypes.create_string_buffer(len(data) + 256)
+    ctx_out = ctypes.create_string_buffer(ctx_out_size)
+    opts = _TestRunOpts()
+    opts.sz = ctypes.sizeof(_TestRunOpts)
+    opts.data_in = ctypes.cast(data_in, _vp)
+    opts.data_size_in = len(data)
+    opts.data_out = ctypes.cast(data_out, _vp)
+    opts.data_size_out = len(data_out)
+    ctx_in = None
+    if ctx is not None:
+        ctx_in = ctypes.create_string_buffer(ctx, len(ctx))
+        opts.ctx_in = ctypes.cast(ctx_in, _vp)
+        opts.ctx_size_in = len(ctx)
+        opts.ctx_out = ctypes.cast(ctx_out, _vp)
+        opts.ctx_size_out = ctx_out_size
+    opts.repeat = repeat
+    _check(_test_run(prog_fd, ctypes.byref(opts)), "prog test run")
+    return ProgRun(opts.retval, opts.duration, data_out.raw[: opts.data_size_out],
+                   ctx_out.raw[: opts.ctx_size_out] if ctx is not None else b"")
 
 
 # --- links ------------------------------------------------------------------------------------

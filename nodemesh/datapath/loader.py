@@ -1,9 +1,11 @@
 """Load the datapath into a node and keep its maps in sync: the API the agent uses.
 
 `Datapath` owns one node's BPF state under `<bpffs>/<node>/`: the maps (pinned by libbpf, by
-name, shared by bpf_lxc.o and bpf_sock.o), and the links under `links/`: the socket programs
-on the node's cgroup (`cgroup-<program>`) and the tc programs on each pod veth
-(`tcx-<ifname>-ingress|egress`). Pins make all of it outlive the agent; a new agent adopts it:
+name, shared by bpf_lxc.o, bpf_sock.o and bpf_host.o), and the links under `links/`: the socket
+programs on the node's cgroup (`cgroup-<program>`), the tc programs on each pod veth
+(`tcx-<ifname>-ingress|egress`), the proxy's upstream policy check on the proxy's cgroup
+(`proxy-connect4_proxy`) and the return-path program on the node's underlay device
+(`netdev-<ifname>-ingress`). Pins make all of it outlive the agent; a new agent adopts it:
 a link whose program is the same build is kept, one with another build is switched to the new
 program with an atomic link update, so live connections never see a gap.
 
@@ -31,9 +33,10 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-from nodemesh.datapath import libbpf
+from nodemesh.datapath import libbpf, routing
 from nodemesh.datapath.layout import (
     MAPS,
+    ConfigFlags,
     Direction,
     DropReason,
     EndpointFlags,
@@ -45,6 +48,9 @@ from nodemesh.datapath.layout import (
     Verdict,
     ip4,
     ip4_str,
+    l7_redirect,
+    lxc_entry,
+    lxc_key,
     maglev_table_type,
     u32,
 )
@@ -54,7 +60,8 @@ from nodemesh.errors import NodemeshError
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-OBJECTS = ("bpf_lxc", "bpf_sock")  # load order: bpf_lxc creates the pins, bpf_sock reuses them
+# load order: bpf_lxc creates the pins, the others reuse them
+OBJECTS = ("bpf_lxc", "bpf_sock", "bpf_host")
 SOCK_PROGRAMS = {
     "connect4": libbpf.BPF_CGROUP_INET4_CONNECT,
     "sendmsg4": libbpf.BPF_CGROUP_UDP4_SENDMSG,
@@ -65,6 +72,12 @@ TC_PROGRAMS = {  # pin suffix -> (program, tcx attach type)
     "ingress": ("from_container", libbpf.BPF_TCX_INGRESS),
     "egress": ("to_container", libbpf.BPF_TCX_EGRESS),
 }
+# the node Envoy's cgroup (beside the pods' cgroup): its upstream connect()s
+PROXY_PROGRAM = "connect4_proxy"
+PROXY_PIN = f"proxy-{PROXY_PROGRAM}"
+# the node's underlay device: the proxy return path for backends on other nodes
+NETDEV_PROGRAM = "from_netdev"
+NETDEV_PIN_PREFIX = "netdev-"
 CLANG_FLAGS = ["-O2", "-g", "-target", "bpf", "-mcpu=v3", "-Wall", "-Werror",
                "-I/usr/include/x86_64-linux-gnu"]
 MAGLEV_MAP = "nm_lb4_maglev"
@@ -289,6 +302,7 @@ class Datapath:
                 obj.load()
             self._attach_sock_programs()
             self._adopt_tcx_links()
+            self._adopt_host_links()
         except BaseException:
             self.close()
             raise
@@ -321,6 +335,29 @@ class Datapath:
                     info = link.info()
                     if info.tcx_ifindex == 0:  # device gone: the link is defunct
                         libbpf.unpin(pin)
+                    elif not self._same_build(info.prog_id, prog.fd):
+                        link.update_program(prog.fd)
+                        log.info("%s: %s switched to the new program", self.node, pin.name)
+            except libbpf.BpfError as e:
+                log.warning("%s: dropping unusable link pin %s: %s", self.node, pin, e)
+                libbpf.unpin(pin)
+
+    def _adopt_host_links(self) -> None:
+        """Switch the proxy-cgroup and underlay links of earlier agents to this build; their
+        targets are the agent's to re-check (attach_proxy_cgroup, attach_netdev)."""
+        pins = sorted(self.links_dir.glob(f"{NETDEV_PIN_PREFIX}*"))
+        if (self.links_dir / PROXY_PIN).exists():
+            pins.append(self.links_dir / PROXY_PIN)
+        for pin in pins:
+            if pin.name == PROXY_PIN:
+                prog = self._objects["bpf_sock"].program(PROXY_PROGRAM)
+            else:
+                prog = self._objects["bpf_host"].program(NETDEV_PROGRAM)
+            try:
+                with libbpf.Link.from_pin(pin) as link:
+                    info = link.info()
+                    if info.type == libbpf.BPF_LINK_TYPE_TCX and info.tcx_ifindex == 0:
+                        libbpf.unpin(pin)  # the device is gone: the link is defunct
                     elif not self._same_build(info.prog_id, prog.fd):
                         link.update_program(prog.fd)
                         log.info("%s: %s switched to the new program", self.node, pin.name)
@@ -417,25 +454,122 @@ class Datapath:
     def detach_endpoint(self, ifname: str) -> None:
         """Detach and unpin the veth's links (the device may already be gone)."""
         for suffix in TC_PROGRAMS:
-            pin = self.links_dir / f"tcx-{ifname}-{suffix}"
-            if not pin.exists():
-                continue
-            try:
-                with libbpf.Link.from_pin(pin) as link:
-                    link.detach()
-            except libbpf.BpfError as e:
-                if e.errno not in (errno.ENOLINK, errno.EINVAL, errno.ENOENT):
-                    raise
-            libbpf.unpin(pin)
+            self._detach_pin(self.links_dir / f"tcx-{ifname}-{suffix}")
 
+    # -- the node's underlay device and the proxy ------------------------------------------
+    def attach_netdev(self, ifname: str) -> int:
+        """Attach from_netdev (tcx ingress) to the node's underlay device (eth0 of the node
+        namespace): the proxy return path for backends on other nodes. It does nothing to a
+        packet unless nm_config has ConfigFlags.PROXY_RETURN. Idempotent; returns the
+        ifindex. Never attach it to a device of the host's own namespace."""
+        self._require_loaded()
+        prog = self._objects["bpf_host"].program(NETDEV_PROGRAM)
+
+        def attach() -> int:
+            try:
+                ifindex = socket.if_nametoindex(ifname)
+            except OSError:
+                raise DatapathError(f"no interface {ifname} in the node's network namespace") \
+                    from None
+
+            def ok(info: libbpf.LinkInfo) -> bool:
+                return (info.type == libbpf.BPF_LINK_TYPE_TCX and info.tcx_ifindex == ifindex
+                        and info.tcx_attach_type == libbpf.BPF_TCX_INGRESS)
+
+            self._adopt_link(f"{NETDEV_PIN_PREFIX}{ifname}-ingress", prog, ok,
+                             lambda: prog.attach_tcx(ifindex, True))
+            return ifindex
+
+        return self._in_netns(attach)
+
+    def detach_netdev(self, ifname: str) -> None:
+        """Detach and unpin the underlay device's link (the device may already be gone)."""
+        self._detach_pin(self.links_dir / f"{NETDEV_PIN_PREFIX}{ifname}-ingress")
+
+    def attach_proxy_cgroup(self, path: str | Path) -> None:
+        """Attach connect4_proxy to the node Envoy's cgroup: an upstream connect() bound to a
+        local pod's IP must pass that pod's egress policy. The cgroup must be outside the
+        node's (pods') cgroup: there the pods' connect4 would redirect Envoy's own upstreams
+        back to Envoy. One proxy cgroup per node: attaching another moves the link.
+        Idempotent."""
+        self._require_loaded()
+        cg = Path(path)
+        if not cg.is_dir():
+            raise DatapathError(f"cgroup {cg} does not exist")
+        real, node_cg = cg.resolve(), self.cgroup_path.resolve()
+        if real == node_cg or node_cg in real.parents:
+            raise DatapathError(f"the proxy cgroup {cg} must not be the node cgroup "
+                                f"{self.cgroup_path} or below it")
+        if real == cgroup2_root().resolve():
+            raise DatapathError("refusing to attach to the root cgroup")
+        prog = self._objects["bpf_sock"].program(PROXY_PROGRAM)
+        cgroup_id = os.stat(cg).st_ino
+
+        def ok(info: libbpf.LinkInfo) -> bool:
+            return (info.type == libbpf.BPF_LINK_TYPE_CGROUP and info.cgroup_id == cgroup_id
+                    and info.u1 == libbpf.BPF_CGROUP_INET4_CONNECT)
+
+        what = self._adopt_link(PROXY_PIN, prog, ok, lambda: prog.attach_cgroup(cg))
+        log.info("%s: proxy cgroup %s link %s", self.node, cg, what)
+
+    def detach_proxy_cgroup(self) -> None:
+        self._detach_pin(self.links_dir / PROXY_PIN)
+
+    def _detach_pin(self, pin: Path) -> None:
+        if not pin.exists():
+            return
+        try:
+            with libbpf.Link.from_pin(pin) as link:
+                link.detach()
+        except libbpf.BpfError as e:
+            if e.errno not in (errno.ENOLINK, errno.EINVAL, errno.ENOENT):
+                raise
+        libbpf.unpin(pin)
+
+    def install_proxy_routing(self) -> None:
+        """routing.install_proxy_routing in this node's namespace; then set_config(...,
+        flags=ConfigFlags.PROXY_RETURN)."""
+        routing.install_proxy_routing(self.netns)
+
+    def remove_proxy_routing(self) -> None:
+        """routing.remove_proxy_routing in this node's namespace (clear the flag first)."""
+        routing.remove_proxy_routing(self.netns)
+
+    # -- endpoints and config ---------------------------------------------------------------
     def set_endpoint(self, ifindex: int, ipv4: str, identity: int,
                      flags: EndpointFlags = EndpointFlags.NONE) -> None:
         """Write a pod's nm_endpoints entry: the last step of bringing a pod up (fail-closed
-        until then)."""
+        until then); and its nm_lxc entry (IP -> veth, identity), which the proxy's hook
+        needs. An agent that syncs nm_endpoints with sync_map syncs nm_lxc the same way
+        (layout.lxc_entry)."""
         self.endpoints.put(u32(ifindex), EndpointInfo(ip4(ipv4), identity, int(flags), 0))
+        self.set_lxc(ipv4, ifindex, identity)
 
-    def set_config(self, node_ip: str, dns_ip: str = "0.0.0.0", proxy_ip: str = "0.0.0.0") -> None:
-        self.config.put(u32(0), NodeConfig(ip4(node_ip), ip4(dns_ip), ip4(proxy_ip), 0))
+    def remove_endpoint(self, ifindex: int) -> None:
+        """Delete a pod's nm_endpoints entry (its veth fails closed at once) and the nm_lxc
+        entry of its address."""
+        info = self.endpoints.get(u32(ifindex))
+        self.endpoints.delete(u32(ifindex))
+        if info is not None:
+            current = self.lxc.get(lxc_key(info.ipv4))
+            if current is not None and current.ifindex == ifindex:
+                self.lxc.delete(lxc_key(info.ipv4))
+
+    def set_lxc(self, ipv4: str, ifindex: int, identity: int) -> None:
+        key, value = lxc_entry(ipv4, ifindex, identity)
+        self.lxc.put(key, value)
+
+    def set_l7_redirect(self, addr: str, port: int, proxy_port: int, policy_id: int = 0) -> None:
+        """One nm_l7_redir entry (TCP); the agent would rather sync_map("nm_l7_redir", pairs
+        of layout.l7_redirect)."""
+        key, value = l7_redirect(addr, port, proxy_port, policy_id)
+        self.l7_redir.put(key, value)
+
+    def set_config(self, node_ip: str, dns_ip: str = "0.0.0.0", proxy_ip: str = "0.0.0.0",
+                   flags: ConfigFlags = ConfigFlags.NONE) -> None:
+        """nm_config. proxy_ip 0.0.0.0 = no node Envoy (no L7 redirect). PROXY_RETURN only
+        once install_proxy_routing() ran."""
+        self.config.put(u32(0), NodeConfig(ip4(node_ip), ip4(dns_ip), ip4(proxy_ip), int(flags)))
 
     def links(self) -> list[LinkState]:
         """Every pinned link of this node with its kernel ids."""
@@ -489,6 +623,8 @@ class Datapath:
     reverse_sk = property(lambda self: self.map("nm_lb4_rsk"))
     metrics = property(lambda self: self.map("nm_metrics"))
     flowcnt = property(lambda self: self.map("nm_flowcnt"))
+    l7_redir = property(lambda self: self.map("nm_l7_redir"))
+    lxc = property(lambda self: self.map("nm_lxc"))
 
     @staticmethod
     def _key_bytes(key: bytes | ctypes.Structure | ctypes._SimpleCData) -> bytes:  # type: ignore[name-defined]

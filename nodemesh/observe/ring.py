@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 class FlowRing:
-    def __init__(self, capacity: int = 16384) -> None:
+    def __init__(self, capacity: int = 16384,
+                 on_add: Callable[[dict], None] | None = None) -> None:
         self.capacity = capacity
+        self.on_add = on_add  # e.g. metrics, updated as flows arrive
         self._flows: collections.deque[dict] = collections.deque(maxlen=capacity)
         self._lock = threading.Lock()
         self._followers: set[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = set()
@@ -23,6 +25,8 @@ class FlowRing:
         self.lost_followers = 0  # flows a slow follower could not take
 
     def add(self, flow: dict) -> None:
+        if self.on_add is not None:
+            self.on_add(flow)
         with self._lock:
             self._flows.append(flow)
             self.total += 1

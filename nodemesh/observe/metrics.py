@@ -1,0 +1,175 @@
+"""Prometheus metrics of one node: flows, HTTP by workload, TCP connections and bytes, the
+datapath's map fill levels, xDS pushes/ACKs/NACKs, reconcile latency and lost events.
+
+Counters that follow flows are updated as each flow is added to the ring (`observe_flow`); the
+rest is read when Prometheus scrapes (`AgentCollector`), from the datapath maps and the xDS server
+the agent owns, so scraping costs nothing between scrapes.
+
+Each connection is counted once: by the node of its source pod (the egress event), or, for a
+connection from outside the node's pods, by the destination's node (the ingress event).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+disable_created_metrics()  # `_created` series double the output and nobody here reads them
+
+PAIR = ["source_namespace", "source_workload", "destination_namespace", "destination_workload"]
+HTTP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+def workload_of(ep: Mapping[str, Any] | None) -> tuple[str, str]:
+    """(namespace, workload) of a flow endpoint: its controller (Deployment), else its pod, else
+    the reserved identity (world, host, remote-node)."""
+    ep = ep or {}
+    ns = ep.get("namespace") or ""
+    for w in ep.get("workloads") or []:
+        return ns, str(w.get("name"))
+    if ep.get("pod_name"):
+        return ns, str(ep["pod_name"])
+    for lbl in ep.get("labels") or []:
+        if lbl.startswith("reserved:"):
+            return "", lbl.split(":", 1)[1]
+    return "", "unknown"
+
+
+class AgentMetrics:
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.flows = Counter("nodemesh_flows", "Flows seen by this node.",
+                             ["verdict", "type", "protocol", "drop_reason"], registry=r)
+        self.http_requests = Counter(
+            "nodemesh_http_requests", "HTTP requests through this node's proxy.",
+            [*PAIR, "destination_service", "method", "code"], registry=r)
+        self.http_duration = Histogram(
+            "nodemesh_http_request_duration_seconds", "HTTP request duration at the proxy.",
+            [*PAIR, "destination_service"], buckets=HTTP_BUCKETS, registry=r)
+        self.tcp_connections = Counter(
+            "nodemesh_tcp_connections", "New TCP connections (one per connection, cluster-wide).",
+            [*PAIR, "verdict"], registry=r)
+        self.udp_flows = Counter(
+            "nodemesh_udp_flows", "New UDP flows (one per flow, cluster-wide).",
+            [*PAIR, "verdict"], registry=r)
+        self.reconcile = Histogram(
+            "nodemesh_agent_reconcile_seconds", "How long one reconcile round took.", ["loop"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r)
+        self.flow_ring = Gauge("nodemesh_flow_ring_flows", "Flows held in the ring.", registry=r)
+
+    def observe_flow(self, flow: Mapping[str, Any]) -> None:
+        l4 = flow.get("l4") or {}
+        l7 = flow.get("l7") or {}
+        proto = "http" if "http" in l7 else next(iter(l4), "other").lower()
+        verdict = str(flow.get("verdict", ""))
+        self.flows.labels(verdict, str(flow.get("Type", "")), proto,
+                          str(flow.get("drop_reason_desc", ""))).inc()
+        sns, sw = workload_of(flow.get("source"))
+        dns, dw = workload_of(flow.get("destination"))
+        if flow.get("Type") == "L7":
+            http = l7.get("http") or {}
+            svc = flow.get("destination_service") or {}
+            svc_name = f"{svc.get('namespace')}/{svc.get('name')}" if svc else ""
+            self.http_requests.labels(sns, sw, dns, dw, svc_name, str(http.get("method", "")),
+                                      str(http.get("code", ""))).inc()
+            self.http_duration.labels(sns, sw, dns, dw, svc_name).observe(
+                int(l7.get("latency_ns") or 0) / 1e9)
+            return
+        if flow.get("socket_translation"):
+            return  # a socket-LB record, not a connection
+        # A connection is counted where it starts: at the source pod's egress; a connection
+        # from outside this node's pods at the destination's ingress.
+        src_local = bool((flow.get("source") or {}).get("ID"))
+        egress = flow.get("traffic_direction") == "EGRESS"
+        if egress != src_local and verdict != "DROPPED":
+            return
+        if "TCP" in l4:
+            self.tcp_connections.labels(sns, sw, dns, dw, verdict).inc()
+        elif "UDP" in l4:
+            self.udp_flows.labels(sns, sw, dns, dw, verdict).inc()
+
+    def timed(self, loop: str) -> _Timer:
+        return _Timer(self.reconcile.labels(loop))
+
+    def expose(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Timer:
+    def __init__(self, hist: Any) -> None:
+        self.hist = hist
+
+    def __enter__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def __exit__(self, *exc: object) -> None:
+        self.hist.observe(time.monotonic() - self.t0)
+
+
+class AgentCollector(Collector):
+    """Values read at scrape time from the agent's parts (each source is a callable, so a part
+    that is not there — no datapath, no proxy — simply reports nothing)."""
+
+    def __init__(self, node: str, *, maps: Callable[[], Iterable[tuple[str, int, int]]] | None = None,
+                 l4_bytes: Callable[[], Iterable[tuple[dict[str, str], int, int]]] | None = None,
+                 xds: Callable[[], Mapping[str, Any]] | None = None,
+                 lost: Callable[[], Mapping[str, int]] | None = None) -> None:
+        self.node = node
+        self.maps, self.l4_bytes, self.xds, self.lost = maps, l4_bytes, xds, lost
+
+    def collect(self) -> Iterable[Any]:
+        if self.maps:
+            entries = GaugeMetricFamily("nodemesh_bpf_map_entries", "Entries in a datapath map.",
+                                        labels=["map"])
+            cap = GaugeMetricFamily("nodemesh_bpf_map_capacity", "Capacity of a datapath map.",
+                                    labels=["map"])
+            fill = GaugeMetricFamily("nodemesh_bpf_map_fill_ratio",
+                                     "Entries / capacity of a datapath map.", labels=["map"])
+            for name, n, mx in self.maps():
+                entries.add_metric([name], n)
+                cap.add_metric([name], mx)
+                fill.add_metric([name], n / mx if mx else 0.0)
+            yield from (entries, cap, fill)
+        if self.l4_bytes:
+            b = CounterMetricFamily("nodemesh_l4_bytes", "Bytes seen by the datapath, per "
+                                    "workload pair and verdict.",
+                                    labels=[*PAIR, "protocol", "verdict", "direction"])
+            p = CounterMetricFamily("nodemesh_l4_packets", "Packets seen by the datapath, per "
+                                    "workload pair and verdict.",
+                                    labels=[*PAIR, "protocol", "verdict", "direction"])
+            for labels, nbytes, npackets in self.l4_bytes():
+                values = [labels[k] for k in (*PAIR, "protocol", "verdict", "direction")]
+                b.add_metric(values, nbytes)
+                p.add_metric(values, npackets)
+            yield from (b, p)
+        if self.xds:
+            st = self.xds()
+            for kind in ("responses", "acks", "nacks"):
+                m = CounterMetricFamily(f"nodemesh_xds_{kind}",
+                                        f"xDS {kind} (responses = pushes) by resource type.",
+                                        labels=["type"])
+                for type_url, n in (st.get(kind) or {}).items():
+                    m.add_metric([type_url.rsplit(".", 1)[-1]], n)
+                yield m
+        if self.lost:
+            lost = CounterMetricFamily("nodemesh_lost_events",
+                                       "Events that could not be recorded, by where they were lost.",
+                                       labels=["source"])
+            for source, n in self.lost().items():
+                lost.add_metric([source], n)
+            yield lost
