@@ -447,7 +447,6 @@ class DatapathSync:
 
     def l4_counters(self) -> list[tuple[dict[str, str], int, int]]:
         """nm_flowcnt per workload pair: (labels, bytes, packets)."""
-        from nodemesh.observe.metrics import workload_of
 
         names = dict(self.identity_workloads)
         for ident, label in ((1, "host"), (2, "world"), (6, "remote-node")):
