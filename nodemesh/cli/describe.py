@@ -7,14 +7,15 @@ from nodemesh.store import Store
 
 
 def _kv(rows: list[tuple[str, object]], indent: int = 0) -> list[str]:
-    width = max((len(k) for k, _ in rows), default=0) + 2
+    # One width for every block, so the whole description lines up as kubectl's does.
+    width = max([18, *(len(k) + 2 for k, _ in rows)])
     return [" " * indent + f"{k + ':':<{width}}{v}" for k, v in rows]
 
 
 def _labels(d: dict | None) -> str:
     if not d:
         return "<none>"
-    return "\n".join((" " * 14 if i else "") + f"{k}={v}" for i, (k, v) in enumerate(sorted(d.items())))
+    return "\n".join((" " * 18 if i else "") + f"{k}={v}" for i, (k, v) in enumerate(sorted(d.items())))
 
 
 def _conditions(conds: list[dict] | None, indent: int = 2) -> list[str]:
