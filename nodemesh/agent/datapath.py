@@ -476,7 +476,7 @@ class DatapathSync:
 
 def _cookie(sb: Sandbox) -> int:
     try:
-        return libbpf.netns_cookie(sb.netns)
+        return libbpf.netns_cookie(libbpf.netns_path(sb.netns))
     except Exception:
         return 0
 
