@@ -6,7 +6,12 @@
  * the pod), conntrack. Established flows, replies and related ICMP errors pass without a policy
  * lookup; a new connection gets one policy decision (the egress policy of the pod at
  * from_container, its ingress policy at to_container), one event, and a conntrack entry. Every
- * packet is counted in nm_metrics and nm_flowcnt. */
+ * packet is counted in nm_metrics and nm_flowcnt.
+ *
+ * L7 (docs/l7.md): a REDIRECT verdict lets a TCP connection into the pod (it comes from the
+ * client node's Envoy, which enforced the L7 rules), a connection that went around connect4's
+ * redirect is dropped on its way out, and a reply from a local backend to the node Envoy's
+ * transparent upstream socket is marked for local delivery (lib/proxy.h). */
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/drop_reasons.h"
@@ -14,6 +19,7 @@
 #include "lib/events.h"
 #include "lib/conntrack.h"
 #include "lib/policy.h"
+#include "lib/proxy.h"
 
 static __always_inline int drop_packet(const struct nm_pkt *p, __u8 reason, __u8 direction,
 				       __u32 ifindex, __u32 src_identity, __u32 dst_identity,
@@ -25,23 +31,6 @@ static __always_inline int drop_packet(const struct nm_pkt *p, __u8 reason, __u8
 	emit_packet_event(p, EV_DROP, VERDICT_DROPPED, reason, direction, ifindex, src_identity,
 			  dst_identity, policy_id);
 	return TC_ACT_SHOT;
-}
-
-/* Allowed without a policy lookup, as Kubernetes CNIs do: the pod's DNS queries to the
- * node-local DNS (and its answers), and anything the node itself opens towards its pods
- * (probes, nodemesh). */
-static __always_inline int always_allowed(const struct nm_pkt *p, __u8 direction,
-					  __u32 remote_identity, const struct node_config *cfg)
-{
-	int l4_dns = p->protocol == IPPROTO_UDP || p->protocol == IPPROTO_TCP;
-
-	if (direction == DIR_EGRESS)
-		return cfg && cfg->dns_ip && l4_dns && p->daddr == cfg->dns_ip &&
-		       p->dport == bpf_htons(53);
-	if (remote_identity == IDENTITY_HOST)
-		return 1;
-	return cfg && cfg->dns_ip && l4_dns && p->saddr == cfg->dns_ip &&
-	       p->sport == bpf_htons(53);
 }
 
 static __always_inline int handle_packet(struct __sk_buff *skb, const __u8 direction)
@@ -99,6 +88,13 @@ static __always_inline int handle_packet(struct __sk_buff *skb, const __u8 direc
 				    p.protocol == IPPROTO_ICMP ? 0 : p.sport, p.protocol,
 				    VERDICT_FORWARDED, direction ^ 1, p.len);
 		metrics_add(0, direction, VERDICT_FORWARDED, p.len);
+		/* A local backend answering the node Envoy's upstream connection: the reply is
+		 * addressed to the client pod, but the connection is the proxy's (its transparent
+		 * socket in this namespace). Only replies leaving a pod, on connections a socket of
+		 * the node opened, can be that: the others skip the socket lookup. */
+		if (direction == DIR_EGRESS && entry && (entry->flags & CT_F_NODE_SOCKET) &&
+		    proxy_return_enabled(cfg, p.protocol))
+			proxy_return_mark(skb, p.saddr, p.daddr, p.sport, p.dport);
 		return TC_ACT_OK;
 	case CT_RELATED:
 		metrics_add(0, direction, VERDICT_FORWARDED, p.len);
@@ -114,6 +110,19 @@ static __always_inline int handle_packet(struct __sk_buff *skb, const __u8 direc
 	__u32 dst_identity = direction == DIR_EGRESS ? remote_identity : local_identity;
 	struct policy_decision d = { .verdict = POLICY_ALLOW };
 
+	if (direction == DIR_EGRESS && cfg && cfg->proxy_ip) {
+		/* connect4 sends every TCP connection to an L7-covered pod port to the node Envoy.
+		 * One that still arrives here addressed to that port went around it (a raw socket, a
+		 * process outside the pods' cgroup): the destination will let it in on the strength
+		 * of its REDIRECT verdict, trusting that the client's proxy enforced L7, so it must
+		 * not leave. */
+		struct l7_redir_val *r = l7_redirect_lookup(p.daddr, p.dport, p.protocol);
+
+		if (r)
+			return drop_packet(&p, DROP_PROXY_UNSUPPORTED, direction, ifindex,
+					   src_identity, dst_identity, r->policy_id);
+	}
+
 	if (!always_allowed(&p, direction, remote_identity, cfg)) {
 		__u32 enforced = ep->flags & (direction == DIR_EGRESS ? EP_F_EGRESS_ENFORCED :
 									EP_F_INGRESS_ENFORCED);
@@ -123,20 +132,34 @@ static __always_inline int handle_packet(struct __sk_buff *skb, const __u8 direc
 	if (d.verdict == POLICY_DENY)
 		return drop_packet(&p, d.reason, direction, ifindex, src_identity, dst_identity,
 				   d.policy_id);
-	if (d.verdict == POLICY_REDIRECT)
-		/* TODO(L7 issue): bpf_sk_assign to the node Envoy. Until then an L7 rule must not
-		 * turn into "allow everything on that port": fail closed. */
-		return drop_packet(&p, DROP_PROXY_UNSUPPORTED, direction, ifindex, src_identity,
-				   dst_identity, d.policy_id);
 
-	if (ct_create(&key, &p, now, src_identity, dst_identity, d.verdict, d.policy_id))
+	__u8 verdict = VERDICT_FORWARDED;
+
+	if (d.verdict == POLICY_REDIRECT) {
+		/* L7 policy on this port. Entering the pod over TCP, the connection comes from the
+		 * client node's Envoy (connect4 redirected the client there, and Envoy connects with
+		 * the client's address): the proxy enforced the L7 rules, L3/L4 is what this verdict
+		 * already says. Anything else (leaving the pod, which connect4 would have sent to the
+		 * proxy; UDP and the rest, which the proxy does not carry) must not turn an L7 rule
+		 * into "allow the whole port": fail closed. */
+		if (direction != DIR_INGRESS || p.protocol != IPPROTO_TCP)
+			return drop_packet(&p, DROP_PROXY_UNSUPPORTED, direction, ifindex,
+					   src_identity, dst_identity, d.policy_id);
+		verdict = VERDICT_REDIRECTED;
+	}
+
+	/* Entering the pod with a socket attached: opened in the node namespace (the node
+	 * Envoy's upstream, a probe), not forwarded from another pod or node. */
+	__u8 ct_flags = direction == DIR_INGRESS && skb->sk ? CT_F_NODE_SOCKET : 0;
+
+	if (ct_create(&key, &p, now, src_identity, dst_identity, d.verdict, d.policy_id,
+		      ct_flags))
 		return drop_packet(&p, DROP_CT_MAP_INSERTION_FAILED, direction, ifindex,
 				   src_identity, dst_identity, d.policy_id);
 
-	metrics_add(0, direction, VERDICT_FORWARDED, p.len);
-	flowcnt_add(src_identity, dst_identity, key.dport, p.protocol, VERDICT_FORWARDED,
-		    direction, p.len);
-	emit_packet_event(&p, EV_TRACE, VERDICT_FORWARDED, 0, direction, ifindex, src_identity,
+	metrics_add(0, direction, verdict, p.len);
+	flowcnt_add(src_identity, dst_identity, key.dport, p.protocol, verdict, direction, p.len);
+	emit_packet_event(&p, EV_TRACE, verdict, 0, direction, ifindex, src_identity,
 			  dst_identity, d.policy_id);
 	return TC_ACT_OK;
 }

@@ -1,17 +1,25 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /* Socket hooks of the node's cgroup (it covers every pod):
- *   connect4     TCP and connected UDP: ClusterIP VIP:port -> backend, once per connection
+ *   connect4     TCP and connected UDP: ClusterIP VIP:port -> backend, once per connection;
+ *                TCP to an L7-covered pod port (nm_l7_redir; directly or as the backend a
+ *                ClusterIP picked) -> the node Envoy's listener for it
  *   sendmsg4     unconnected UDP: the same, per datagram
  *   recvmsg4     UDP recvfrom(): backend -> VIP, so replies come from the address asked for
- *   getpeername4 backend -> VIP
+ *   getpeername4 backend (or proxy listener) -> VIP (or the pod IP:port asked for)
  * A service without backends refuses connect()/sendto() at once with ECONNREFUSED. Every
- * translation and every refusal is an event. */
+ * translation and every refusal is an event.
+ *
+ * And one hook of the proxy's cgroup (beside the pods', so none of the above touches Envoy):
+ *   connect4_proxy  an upstream connection bound to a local pod's IP (Envoy's original_src)
+ *                   must pass that pod's egress policy, as if the pod had opened it. */
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/drop_reasons.h"
 #include "lib/identity.h"
 #include "lib/events.h"
 #include "lib/lb.h"
+#include "lib/policy.h"
+#include "lib/proxy.h"
 
 #define SYS_REJECT  0
 #define SYS_PROCEED 1
@@ -19,7 +27,8 @@
 static __always_inline void emit_sock_event(struct bpf_sock_addr *ctx, __u8 type, __u8 verdict,
 					    __u8 reason, __be32 daddr, __be16 dport,
 					    __be32 vip, __be16 vport, __u16 rev_nat_index,
-					    __u64 netns_cookie, const struct node_config *cfg)
+					    __u64 netns_cookie, const struct node_config *cfg,
+					    __u32 policy_id)
 {
 	struct flow_event *e = bpf_ringbuf_reserve(&nm_events, sizeof(*e), 0);
 	struct bpf_sock *sk = ctx->sk;
@@ -47,7 +56,7 @@ static __always_inline void emit_sock_event(struct bpf_sock_addr *ctx, __u8 type
 	e->rev_nat_index = rev_nat_index;
 	e->src_identity = saddr ? identity_of(saddr, cfg) : 0;
 	e->dst_identity = verdict == VERDICT_DROPPED ? 0 : identity_of(daddr, cfg);
-	e->policy_id = 0;
+	e->policy_id = policy_id;
 	e->len = 0;
 	e->netns_cookie = netns_cookie;
 	e->orig_daddr = vip;
@@ -62,11 +71,41 @@ static __always_inline int refuse(struct bpf_sock_addr *ctx, __be32 vip, __be16 
 {
 	metrics_add(DROP_NO_SERVICE, DIR_EGRESS, VERDICT_DROPPED, 0);
 	emit_sock_event(ctx, EV_DROP, VERDICT_DROPPED, DROP_NO_SERVICE, vip, vport, vip, vport,
-			rev_nat_index, netns_cookie, cfg);
+			rev_nat_index, netns_cookie, cfg, 0);
 	/* Returning 0 alone surfaces as EPERM; the application should see what a kube-proxy
 	 * REJECT rule gives it. */
 	bpf_set_retval(-ECONNREFUSED);
 	return SYS_REJECT;
+}
+
+/* A connection straight to a pod IP:port that L7 policy covers: to the node Envoy's listener
+ * for it. getpeername() keeps showing the pod (nm_lb4_rsk with rev_nat_index 0). */
+static __always_inline int sock4_l7_redirect_direct(struct bpf_sock_addr *ctx, __be32 daddr,
+						    __be16 dport, __u8 protocol)
+{
+	struct node_config *cfg = node_config();
+
+	/* proxy_ip first: an array lookup the verifier inlines, so without L7 a plain connect
+	 * pays no hash lookup here */
+	if (!cfg || !cfg->proxy_ip)
+		return SYS_PROCEED;
+
+	struct l7_redir_val *r = l7_redirect_lookup(daddr, dport, protocol);
+
+	if (!r || !r->proxy_port)
+		return SYS_PROCEED;
+
+	__be32 paddr = cfg->proxy_ip;
+	__be16 pport = bpf_htons(r->proxy_port);
+	__u32 policy_id = r->policy_id;
+
+	ctx->user_ip4 = paddr;
+	ctx->user_port = (__u32)pport; /* must be a 4-byte write */
+	lb4_remember(bpf_get_socket_cookie(ctx), paddr, pport, daddr, dport, 0);
+	metrics_add(0, DIR_EGRESS, VERDICT_REDIRECTED, 0);
+	emit_sock_event(ctx, EV_SOCK, VERDICT_REDIRECTED, 0, paddr, pport, daddr, dport, 0,
+			bpf_get_netns_cookie(ctx), cfg, policy_id);
+	return SYS_PROCEED;
 }
 
 static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx)
@@ -81,7 +120,7 @@ static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 	struct lb4_service *svc = lb4_lookup_service(vip, vport, protocol);
 
 	if (!svc)
-		return SYS_PROCEED;
+		return sock4_l7_redirect_direct(ctx, vip, vport, protocol);
 
 	struct node_config *cfg = node_config();
 	__u64 netns_cookie = bpf_get_netns_cookie(ctx);
@@ -90,6 +129,7 @@ static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 	__be32 addr;
 	__be16 port;
 	__u8 verdict = VERDICT_TRANSLATED;
+	__u32 policy_id = 0;
 
 	if ((svc->flags & SVC_F_L7) && svc->l7_proxy_port && cfg && cfg->proxy_ip) {
 		/* Routed service: the node Envoy listens on one port per service, so it knows the
@@ -125,6 +165,18 @@ static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 			lb4_affinity_update(svc, netns_cookie, backend_id, now);
 		addr = be->address;
 		port = be->port;
+		/* The chosen backend's port is L7-covered: the proxy, which knows the backend from
+		 * its listener port; the application still sees the VIP. */
+		if (cfg && cfg->proxy_ip) {
+			struct l7_redir_val *r = l7_redirect_lookup(addr, port, protocol);
+
+			if (r && r->proxy_port) {
+				addr = cfg->proxy_ip;
+				port = bpf_htons(r->proxy_port);
+				verdict = VERDICT_REDIRECTED;
+				policy_id = r->policy_id;
+			}
+		}
 	}
 
 	ctx->user_ip4 = addr;
@@ -132,7 +184,7 @@ static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 	lb4_remember(bpf_get_socket_cookie(ctx), addr, port, vip, vport, rev_nat_index);
 	metrics_add(0, DIR_EGRESS, verdict, 0);
 	emit_sock_event(ctx, EV_SOCK, verdict, 0, addr, port, vip, vport, rev_nat_index,
-			netns_cookie, cfg);
+			netns_cookie, cfg, policy_id);
 	return SYS_PROCEED;
 }
 
@@ -148,17 +200,133 @@ static __always_inline int sock4_xlate_rev(struct bpf_sock_addr *ctx)
 	if (!val)
 		return SYS_PROCEED;
 
-	/* As Cilium does: translate only while the service still exists with that VIP, so a
-	 * removed service stops pretending. */
+	/* As Cilium does: translate only while the service still exists with that VIP (or, for
+	 * a direct L7 redirect, index 0, while the pod port is still redirected), so a removed
+	 * service stops pretending. */
 	__u16 index = val->rev_nat_index;
-	struct lb4_reverse_nat *rn = bpf_map_lookup_elem(&nm_lb4_revnat, &index);
+	int live;
 
-	if (!rn || rn->address != val->address || rn->port != val->port) {
+	if (index == 0) {
+		live = l7_redirect_lookup(val->address, val->port, (__u8)ctx->protocol) != 0;
+	} else {
+		struct lb4_reverse_nat *rn = bpf_map_lookup_elem(&nm_lb4_revnat, &index);
+
+		live = rn && rn->address == val->address && rn->port == val->port;
+	}
+	if (!live) {
 		bpf_map_delete_elem(&nm_lb4_rsk, &key);
 		return SYS_PROCEED;
 	}
 	ctx->user_ip4 = val->address;
 	ctx->user_port = (__u32)val->port;
+	return SYS_PROCEED;
+}
+
+/* An event of connect4_proxy, told as the client pod's: its veth, its identity, egress. */
+static __always_inline void emit_proxy_event(struct bpf_sock_addr *ctx, __u8 type, __u8 verdict,
+					     __u8 reason, __u32 ifindex, const struct nm_pkt *p,
+					     __u32 src_identity, __u32 dst_identity,
+					     __u32 policy_id)
+{
+	struct flow_event *e = bpf_ringbuf_reserve(&nm_events, sizeof(*e), 0);
+
+	if (!e)
+		return;
+	e->ts_ns = bpf_ktime_get_ns();
+	e->type = type;
+	e->verdict = verdict;
+	e->reason = reason;
+	e->direction = DIR_EGRESS;
+	e->ifindex = ifindex;
+	e->saddr = p->saddr;
+	e->daddr = p->daddr;
+	e->sport = p->sport;
+	e->dport = p->dport;
+	e->protocol = p->protocol;
+	e->tcp_flags = 0;
+	e->rev_nat_index = 0;
+	e->src_identity = src_identity;
+	e->dst_identity = dst_identity;
+	e->policy_id = policy_id;
+	e->len = 0;
+	e->netns_cookie = bpf_get_netns_cookie(ctx);
+	e->orig_daddr = 0;
+	e->orig_dport = 0;
+	e->pad = 0;
+	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+}
+
+static __always_inline int proxy_deny(struct bpf_sock_addr *ctx, __u8 reason, __u32 ifindex,
+				      const struct nm_pkt *p, __u32 src_identity,
+				      __u32 dst_identity, __u32 policy_id)
+{
+	metrics_add(reason, DIR_EGRESS, VERDICT_DROPPED, 0);
+	flowcnt_add(src_identity, dst_identity, p->dport, p->protocol, VERDICT_DROPPED,
+		    DIR_EGRESS, 0);
+	emit_proxy_event(ctx, EV_DROP, VERDICT_DROPPED, reason, ifindex, p, src_identity,
+			 dst_identity, policy_id);
+	/* The default for a rejecting connect4 program, made explicit: Envoy reports the
+	 * upstream as a connect failure (503). */
+	bpf_set_retval(-EPERM);
+	return SYS_REJECT;
+}
+
+/* The node Envoy's upstream connect(). Envoy's original_src binds the socket to the client
+ * pod's IP before connecting, so the bound address says on whose behalf it connects: that
+ * pod's egress policy decides, exactly as from_container decides a new connection of the pod
+ * (which never sees this one: it leaves from the node namespace). Sockets not bound to a
+ * local pod's address are the proxy's own business. */
+static __always_inline int sock4_proxy_egress(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	__u8 protocol = (__u8)ctx->protocol;
+
+	if (!sk || (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP))
+		return SYS_PROCEED;
+
+	__be32 src = sk->src_ip4;
+
+	if (!src)
+		return SYS_PROCEED;
+
+	struct lxc_info *lxc = bpf_map_lookup_elem(&nm_lxc, &src);
+
+	if (!lxc)
+		return SYS_PROCEED;
+
+	__u32 ifindex = lxc->ifindex;
+	__u32 local_identity = lxc->identity;
+	struct node_config *cfg = node_config();
+	struct nm_pkt p = {
+		.saddr = src,
+		.daddr = ctx->user_ip4,
+		.sport = bpf_htons((__u16)sk->src_port), /* 0 until connect() picks one */
+		.dport = (__be16)ctx->user_port,
+		.protocol = protocol,
+	};
+	__u32 remote_identity = identity_of(p.daddr, cfg);
+	struct endpoint_info *ep = bpf_map_lookup_elem(&nm_endpoints, &ifindex);
+
+	/* Fail-closed as at the veth: an endpoint whose policy is not in place yet. */
+	if (!ep)
+		return proxy_deny(ctx, DROP_UNKNOWN_ENDPOINT, ifindex, &p, local_identity,
+				  remote_identity, 0);
+
+	struct policy_decision d = { .verdict = POLICY_ALLOW };
+
+	if (!always_allowed(&p, DIR_EGRESS, remote_identity, cfg))
+		policy_decide(&d, ifindex, DIR_EGRESS, (ep->flags & EP_F_EGRESS_ENFORCED) != 0,
+			      remote_identity, p.daddr, &p);
+	/* REDIRECT (an egress L7 rule) is allowed: this is the proxy that enforces it. */
+	if (d.verdict == POLICY_DENY)
+		return proxy_deny(ctx, d.reason, ifindex, &p, local_identity, remote_identity,
+				  d.policy_id);
+
+	metrics_add(0, DIR_EGRESS, VERDICT_FORWARDED, 0);
+	flowcnt_add(local_identity, remote_identity, p.dport, protocol, VERDICT_FORWARDED,
+		    DIR_EGRESS, 0);
+	emit_proxy_event(ctx, EV_TRACE, VERDICT_FORWARDED, 0, ifindex, &p, local_identity,
+			 remote_identity, d.policy_id);
 	return SYS_PROCEED;
 }
 
@@ -184,6 +352,12 @@ SEC("cgroup/getpeername4")
 int getpeername4(struct bpf_sock_addr *ctx)
 {
 	return sock4_xlate_rev(ctx);
+}
+
+SEC("cgroup/connect4")
+int connect4_proxy(struct bpf_sock_addr *ctx)
+{
+	return sock4_proxy_egress(ctx);
 }
 
 char LICENSE[] SEC("license") = "GPL";

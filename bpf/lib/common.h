@@ -41,6 +41,9 @@ struct icmphdr {
 #ifndef ECONNREFUSED
 #define ECONNREFUSED 111
 #endif
+#ifndef EPERM
+#define EPERM 1
+#endif
 
 #define NS_PER_SEC 1000000000ULL
 
@@ -56,12 +59,24 @@ struct icmphdr {
 #define TCP_FLAG_ACK 0x10
 
 /* nm_config[0]: written by the agent at start. */
+/* The agent installed the proxy return route (fwmark PROXY_MARK -> table PROXY_ROUTE_TABLE:
+ * local 0/0 dev lo): replies to the node Envoy's transparent upstream sockets may be marked. */
+#define CFG_F_PROXY_RETURN 1
 struct node_config {
 	__be32 node_ip;  /* this node's underlay address (identity "host") */
 	__be32 dns_ip;   /* node-local DNS (always reachable on UDP/TCP 53) */
-	__be32 proxy_ip; /* node Envoy's address (L7 issue) */
-	__u32 flags;     /* reserved */
+	__be32 proxy_ip; /* node Envoy's address (always reachable, identity "host"); 0 = no L7 */
+	__u32 flags;     /* CFG_F_* */
 };
+
+/* The proxy return path: a packet for a transparent socket of the node namespace gets this
+ * mark (in the bits of PROXY_MARK_MASK; Cilium's MARK_MAGIC_TO_PROXY), and the agent's rule
+ * `fwmark 0x200/0xf00 lookup 2004` with `local 0.0.0.0/0 dev lo table 2004` delivers it
+ * locally instead of routing it to the pod whose address it carries. */
+#define PROXY_MARK         0x200
+#define PROXY_MARK_MASK    0xf00
+#define PROXY_ROUTE_TABLE  2004
+#define PROXY_RULE_PREF    9
 
 /* nm_endpoints[ifindex of the host-side veth] */
 #define EP_F_INGRESS_ENFORCED 1
@@ -158,6 +173,10 @@ struct ct_key {
 #define CT_CLOSING_RX 2 /* FIN from the other side */
 #define CT_CLOSING_ALL (CT_CLOSING_TX | CT_CLOSING_RX)
 #define CT_F_REPLY_SEEN 1
+/* Opened by a socket of the node namespace (to_container saw skb->sk: forwarded packets lose
+ * theirs crossing a veth into another namespace). Only the replies of such connections can be
+ * for the node Envoy's transparent upstreams, so only they pay the return-path socket lookup. */
+#define CT_F_NODE_SOCKET 2
 struct ct_entry {
 	__u64 expires_ns; /* bpf_ktime_get_ns() deadline */
 	__u64 packets;
@@ -223,6 +242,28 @@ struct lb4_reverse_sk_val {
 	__be32 address;   /* the VIP the application asked for */
 	__be16 port;
 	__u16 rev_nat_index;
+};
+
+/* nm_l7_redir: pod ports that L7 policy covers. connect4 sends a TCP connection to such a
+ * destination (directly, or as the backend a ClusterIP picked) to the node Envoy's listener
+ * for it. */
+struct l7_redir_key {
+	__be32 addr;      /* the pod's IP */
+	__be16 port;
+	__u8 protocol;    /* IPPROTO_TCP (other protocols are not redirected) */
+	__u8 pad;
+};
+struct l7_redir_val {
+	__u16 proxy_port; /* host order: the Envoy listener on nm_config.proxy_ip */
+	__u16 pad;
+	__u32 policy_id;  /* the L7 policy, for the event */
+};
+
+/* nm_lxc: a local pod's IP -> its endpoint, for hooks that see an address but no veth (the
+ * proxy's connect4_proxy: whose egress policy applies to an upstream bound to that IP). */
+struct lxc_info {
+	__u32 ifindex;    /* host-side veth: the nm_endpoints / nm_policy key */
+	__u32 identity;
 };
 
 /* nm_events records. */

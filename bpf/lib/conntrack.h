@@ -173,7 +173,7 @@ static __always_inline int ct_lookup(const struct nm_pkt *p, __u8 direction, __u
 /* Returns 0 or the error of the map update (conntrack full: the caller drops). */
 static __always_inline int ct_create(const struct ct_key *k, const struct nm_pkt *p, __u64 now,
 				     __u32 src_identity, __u32 dst_identity, __u8 verdict,
-				     __u32 policy_id)
+				     __u32 policy_id, __u8 flags)
 {
 	__u8 closing = 0;
 
@@ -189,7 +189,7 @@ static __always_inline int ct_create(const struct ct_key *k, const struct nm_pkt
 		.tcp_flags_seen = p->protocol == IPPROTO_TCP ? p->tcp_flags : 0,
 		.closing = closing,
 		.verdict = verdict,
-		.flags = 0,
+		.flags = flags,
 		.policy_id = policy_id,
 	};
 

@@ -13,6 +13,10 @@ static __always_inline __u32 identity_of(__be32 addr, const struct node_config *
 	 * always-allow rule for node -> pod traffic must not depend on map contents. */
 	if (cfg && cfg->node_ip && addr == cfg->node_ip)
 		return IDENTITY_HOST;
+	/* The node Envoy's address belongs to the node too (its upstreams carry the client's
+	 * address instead, so this never lends "host" to a proxied connection). */
+	if (cfg && cfg->proxy_ip && addr == cfg->proxy_ip)
+		return IDENTITY_HOST;
 	e = bpf_map_lookup_elem(&nm_ipcache, &key);
 	/* No entry, not even 0.0.0.0/0: outside the cluster. */
 	return e ? e->identity : IDENTITY_WORLD;

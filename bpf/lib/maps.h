@@ -21,6 +21,8 @@
 #define NM_EVENTS_BYTES    (4 << 20)
 #define NM_METRICS_MAX     1024
 #define NM_FLOWCNT_MAX     16384
+#define NM_L7_REDIR_MAX    16384
+#define NM_LXC_MAX         NM_ENDPOINTS_MAX
 
 /* Default Maglev table size; the loader sets the real one (a prime) as the map's value size and
  * as the .rodata constant nm_maglev_m before load. */
@@ -149,6 +151,22 @@ struct {
 	__type(value, struct metrics_val);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } nm_flowcnt SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NM_L7_REDIR_MAX);
+	__type(key, struct l7_redir_key);
+	__type(value, struct l7_redir_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_l7_redir SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NM_LXC_MAX);
+	__type(key, __be32);
+	__type(value, struct lxc_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_lxc SEC(".maps");
 
 static __always_inline struct node_config *node_config(void)
 {

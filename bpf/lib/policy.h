@@ -118,3 +118,24 @@ static __always_inline void policy_decide(struct policy_decision *d, __u32 endpo
 		}
 	}
 }
+
+/* Allowed without a policy lookup, as Kubernetes CNIs do: the pod's DNS queries to the
+ * node-local DNS (and its answers), anything the node itself opens towards its pods (probes,
+ * nodemesh), and anything between a pod and the node Envoy's address (any port: connect4 sends
+ * redirected connections there, and the proxy enforces the policy that asked for it). */
+static __always_inline int always_allowed(const struct nm_pkt *p, __u8 direction,
+					  __u32 remote_identity, const struct node_config *cfg)
+{
+	int l4_dns = p->protocol == IPPROTO_UDP || p->protocol == IPPROTO_TCP;
+
+	if (!cfg)
+		return direction == DIR_INGRESS && remote_identity == IDENTITY_HOST;
+	if (direction == DIR_EGRESS)
+		return (cfg->proxy_ip && p->daddr == cfg->proxy_ip) ||
+		       (cfg->dns_ip && l4_dns && p->daddr == cfg->dns_ip &&
+			p->dport == bpf_htons(53));
+	if (remote_identity == IDENTITY_HOST)
+		return 1;
+	return (cfg->proxy_ip && p->saddr == cfg->proxy_ip) ||
+	       (cfg->dns_ip && l4_dns && p->saddr == cfg->dns_ip && p->sport == bpf_htons(53));
+}

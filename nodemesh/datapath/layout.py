@@ -159,6 +159,7 @@ class CtClosing(enum.IntFlag):
 
 
 CT_F_REPLY_SEEN = 1
+CT_F_NODE_SOCKET = 2  # opened by a socket of the node namespace (to_container saw skb->sk)
 
 # The proxy return path (bpf/lib/common.h): the mark (within the mask) the datapath sets on a
 # reply that belongs to a transparent socket of the node, and the rule/table that deliver it.

@@ -585,6 +585,14 @@ class Datapath:
                 continue
         return out
 
+    def program(self, name: str) -> libbpf.Program:
+        """A loaded program by name, from whichever object has it (prog_test_run, info)."""
+        self._require_loaded()
+        for obj in self._objects.values():
+            if any(p.name == name for p in obj.programs()):
+                return obj.program(name)
+        raise DatapathError(f"no program {name} in {', '.join(self._objects)}")
+
     # -- maps ---------------------------------------------------------------------------------
     def map(self, name: str) -> libbpf.Map[Any, Any]:
         """A typed handle on a pinned map (opened once, from the pin: it works with or without

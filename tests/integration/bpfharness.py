@@ -1,16 +1,24 @@
 """A node and its pods in private network namespaces, for BPF datapath tests (root).
 
-    netns nmbpf-<tag>-node   lo: node IP, node-local DNS IP, 169.254.1.1 (the pods' gateway)
+    netns nmbpf-<tag>-node   lo: node IP, node-local DNS IP, 169.254.1.1 (the pods' gateway),
+                             169.254.42.1 (PROXY_IP, the node Envoy's address)
                              lxc1..lxcN (host side of each pod's veth, proxy_arp on), a /32
                              route per pod, ip_forward on, IPv6 off; no uplink, no default route
+                             (join_underlay adds eth0 towards a second node: see there)
     netns nmbpf-<tag>-pN     eth0 with the pod's /32, default via 169.254.1.1 (on-link)
     cgroup <cgroup2>/nmbpf-test-<tag>/      the node cgroup (the socket programs attach here)
            <cgroup2>/nmbpf-test-<tag>/pN/   one child per pod; pod processes run in it
+           <cgroup2>/nmbpf-test-<tag>-proxy/  the node Envoy's cgroup, beside the pods' (as
+                                            the agent runs it): connect4_proxy attaches here
     <tmp>/bpffs                             a private bpffs mount
 
 Processes run "in a pod" join the pod's cgroup, then enter its network namespace with setns
 (not `ip netns exec`, which remounts /sys and hides the cgroup tree). Everything is recorded as
 it is created and `down()` removes it in reverse order, also after a failure half-way up.
+
+A second node is another Topology with its own addresses (`second_node`) joined to the first
+by `join_underlay`: a veth pair between the two node namespaces, both ends named eth0, with an
+underlay /24 and routes to each other's pod /24 and node IP.
 
 Also the pytest fixtures the test_bpf_* modules share: `topo` (one topology per module) and
 `dp` (a loaded Datapath per test, destroyed afterwards, with every pod programmed).
@@ -48,28 +56,33 @@ NODE_IP = "10.77.255.1"
 DNS_IP = "10.77.255.53"
 POD_NET = "10.77.0"
 POD_IDENTITY_BASE = 1000  # pod N has identity 1000 + N
+PROXY_IP = "169.254.42.1"  # the node Envoy's address (docs/l7.md), on every node's lo
+UNDERLAY_NET = "10.79.0"  # join_underlay: node A's eth0 is .1, node B's .2
 
 # A small server: TCP answers every read with "<name> <data>", UDP every datagram likewise.
 SERVER = textwrap.dedent(
     """
     import socket, sys, threading
     name, proto, host, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    # "peer": say who connected (the address the server saw) after the data
+    show_peer = sys.argv[5:6] == ["peer"]
     if proto == "tcp":
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((host, port))
         s.listen(1024)
         print("ready", flush=True)
-        def serve(c):
+        def serve(c, peer):
             with c:
                 while True:
                     d = c.recv(4096)
                     if not d:
                         return
-                    c.sendall(name.encode() + b" " + d)
+                    tail = f" from {peer[0]}".encode() if show_peer else b""
+                    c.sendall(name.encode() + b" " + d + tail)
         while True:
-            c, _ = s.accept()
-            threading.Thread(target=serve, args=(c,), daemon=True).start()
+            c, a = s.accept()
+            threading.Thread(target=serve, args=(c, a), daemon=True).start()
     else:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.bind((host, port))
@@ -77,6 +90,49 @@ SERVER = textwrap.dedent(
         while True:
             d, a = s.recvfrom(4096)
             s.sendto(name.encode() + b" " + d, a)
+    """
+)
+
+# A stand-in for the node Envoy: listens on listen_ip:port; per client connection it reads one
+# message, opens an upstream connection to upstream_ip:port and relays one exchange, answering
+# "via-proxy <upstream's answer>" or "upstream-error <errno name or exception>". With
+# "transparent" the upstream socket is what Envoy's original_src makes: IP_TRANSPARENT, bound to
+# the client's address before connect(). "echo" answers "proxy <client IP> <data>" itself.
+PROXY = textwrap.dedent(
+    """
+    import errno, socket, sys, threading
+    listen_ip, listen_port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    upstream = (sys.argv[4], int(sys.argv[5])) if len(sys.argv) > 5 else None
+    timeout = float(sys.argv[6]) if len(sys.argv) > 6 else 1.5
+    IP_TRANSPARENT = 19
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((listen_ip, listen_port))
+    s.listen(128)
+    print("ready", flush=True)
+    def serve(c, peer):
+        with c:
+            data = c.recv(4096)
+            if mode == "echo":
+                c.sendall(f"proxy {peer[0]} ".encode() + data)
+                return
+            u = socket.socket()
+            u.settimeout(timeout)
+            try:
+                if mode == "transparent":
+                    u.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                    u.bind((peer[0], 0))
+                u.connect(upstream)
+                u.sendall(data)
+                c.sendall(b"via-proxy " + u.recv(4096))
+            except OSError as e:
+                name = errno.errorcode.get(e.errno, type(e).__name__) if e.errno else type(e).__name__
+                c.sendall(f"upstream-error {name}".encode())
+            finally:
+                u.close()
+    while True:
+        c, a = s.accept()
+        threading.Thread(target=serve, args=(c, a), daemon=True).start()
     """
 )
 
@@ -112,7 +168,7 @@ class Pod:
 
     @property
     def identity(self) -> int:
-        return POD_IDENTITY_BASE + self.index
+        return self.topo.identity_base + self.index
 
     @property
     def name(self) -> str:
@@ -139,10 +195,12 @@ class Pod:
         return json.loads(res.stdout)
 
     def server(self, proto: str = "tcp", port: int = 8080, name: str | None = None,
-               host: str = "0.0.0.0") -> subprocess.Popen[str]:
-        """Start the echo server and wait until it listens."""
+               host: str = "0.0.0.0", peer: bool = False) -> subprocess.Popen[str]:
+        """Start the echo server and wait until it listens; peer: append " from <client IP>"
+        to every answer."""
         p = self.popen([PYTHON, "-c", SERVER, name or f"{self.name}:{port}", proto, host,
-                        str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                        str(port), *(["peer"] if peer else [])],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.topo.wait_ready(p)
         return p
 
@@ -151,7 +209,12 @@ class Pod:
 class Topology:
     pods_wanted: int = 4
     tag: str = field(default_factory=lambda: secrets.token_hex(3))
+    pod_net: str = POD_NET  # pod N is <pod_net>.N
+    node_ip: str = NODE_IP
+    dns_ip: str = DNS_IP
+    identity_base: int = POD_IDENTITY_BASE  # pod N has identity identity_base + N
     pods: list[Pod] = field(default_factory=list)
+    peers: list[Topology] = field(default_factory=list)  # nodes joined by join_underlay
     _undo: list[tuple[str, Callable[[], object]]] = field(default_factory=list)
     _procs: list[subprocess.Popen[str]] = field(default_factory=list)
 
@@ -160,6 +223,7 @@ class Topology:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"nmbpf-{self.tag}-"))
         self.bpffs = self.tmp / "bpffs"
         self.cgroup = cgroup2_root() / f"nmbpf-test-{self.tag}"
+        self.proxy_cgroup = cgroup2_root() / f"nmbpf-test-{self.tag}-proxy"
         self._undo.append(("tmpdir", lambda: shutil.rmtree(self.tmp, ignore_errors=True)))
 
     # -- building -----------------------------------------------------------------------------
@@ -190,21 +254,24 @@ class Topology:
         n = self.node_ns
         self._netns(n)
         run(["ip", "-n", n, "link", "set", "lo", "up"])
-        for addr in (f"{NODE_IP}/32", f"{DNS_IP}/32"):
+        for addr in (f"{self.node_ip}/32", f"{self.dns_ip}/32"):
             run(["ip", "-n", n, "addr", "add", addr, "dev", "lo"])
-        # scope link: the gateway address answers ARP but is never picked as a source
-        run(["ip", "-n", n, "addr", "add", f"{GATEWAY}/32", "dev", "lo", "scope", "link"])
+        # scope link: the gateway and proxy addresses answer but are never picked as a source
+        for addr in (GATEWAY, PROXY_IP):
+            run(["ip", "-n", n, "addr", "add", f"{addr}/32", "dev", "lo", "scope", "link"])
         self.sysctl(n, "net.ipv4.ip_forward", 1)
 
         self.cgroup.mkdir()
         self._undo.append(("cgroup", lambda: self._rmdir_cgroup(self.cgroup)))
+        self.proxy_cgroup.mkdir()
+        self._undo.append(("proxy cgroup", lambda: self._rmdir_cgroup(self.proxy_cgroup)))
         mount_bpffs(self.bpffs)
         self._undo.append(("bpffs", lambda: unmount(self.bpffs)))
 
         for i in range(1, self.pods_wanted + 1):
             pns = f"nmbpf-{self.tag}-p{i}"
             self._netns(pns)
-            lxc, ip = f"lxc{i}", f"{POD_NET}.{i}"
+            lxc, ip = f"lxc{i}", f"{self.pod_net}.{i}"
             # created inside the node netns, peer moved straight into the pod: nothing ever
             # appears in the host's namespace
             run(["ip", "-n", n, "link", "add", lxc, "type", "veth", "peer", "name", "eth0",
@@ -223,6 +290,25 @@ class Topology:
             ifindex = libbpf.run_in_netns(f"/run/netns/{n}",
                                           lambda lxc=lxc: socket.if_nametoindex(lxc))
             self.pods.append(Pod(self, i, pns, ip, lxc, cg, ifindex))
+
+    def join_underlay(self, other: Topology) -> None:
+        """Connect this node and `other` like two machines on one L2 segment: a veth pair
+        eth0 (here, <UNDERLAY_NET>.1/24) <-> eth0 (there, .2/24), and on each side routes to
+        the other's pod /24 and node IP through it. Undone with this topology (deleting either
+        end deletes the pair)."""
+        a, b = self.node_ns, other.node_ns
+        run(["ip", "-n", a, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
+             "netns", b])
+        self._undo.append(("underlay", lambda: run(["ip", "-n", a, "link", "del", "eth0"],
+                                                   check=False)))
+        for ns, me, peer_topo, peer_addr in ((a, 1, other, 2), (b, 2, self, 1)):
+            run(["ip", "-n", ns, "addr", "add", f"{UNDERLAY_NET}.{me}/24", "dev", "eth0"])
+            run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+            via = f"{UNDERLAY_NET}.{peer_addr}"
+            run(["ip", "-n", ns, "route", "add", f"{peer_topo.pod_net}.0/24", "via", via])
+            run(["ip", "-n", ns, "route", "add", f"{peer_topo.node_ip}/32", "via", via])
+        self.peers.append(other)
+        other.peers.append(self)
 
     @staticmethod
     def _rmdir_cgroup(path: Path) -> None:
@@ -254,15 +340,32 @@ class Topology:
         """A process in the node netns, outside the pods' cgroups."""
         return self.popen(argv, self.node_ns, None, **kw)
 
+    def proxy(self, port: int, mode: str = "transparent", upstream: tuple[str, int] | None = None,
+              timeout: float = 1.5) -> subprocess.Popen[str]:
+        """Start the stand-in node Envoy (PROXY) on PROXY_IP:port in the proxy cgroup."""
+        argv = [PYTHON, "-c", PROXY, PROXY_IP, str(port), mode]
+        if upstream:
+            argv += [upstream[0], str(upstream[1]), str(timeout)]
+        p = self.proxy_popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.wait_ready(p)
+        return p
+
     def node_server(self, proto: str, host: str, port: int, name: str) -> subprocess.Popen[str]:
         p = self.node_popen([PYTHON, "-c", SERVER, name, proto, host, str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.wait_ready(p)
         return p
 
-    def node_python(self, code: str, timeout: float = 30) -> object:
-        p = self.node_popen([PYTHON, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    def proxy_popen(self, argv: list[str], **kw: object) -> subprocess.Popen[str]:
+        """A process in the node netns and the proxy cgroup: where the node Envoy runs."""
+        return self.popen(argv, self.node_ns, self.proxy_cgroup, **kw)
+
+    def node_python(self, code: str, timeout: float = 30, proxy: bool = False) -> object:
+        """Run a snippet in the node netns (proxy: in the proxy cgroup); it prints one JSON
+        document, which is returned."""
+        start = self.proxy_popen if proxy else self.node_popen
+        p = start([PYTHON, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
+                  stderr=subprocess.PIPE)
         try:
             out, err = p.communicate(timeout=timeout)
         finally:
@@ -312,13 +415,21 @@ class Topology:
 
     def program(self, dp: Datapath, flags: dict[int, EndpointFlags] | None = None) -> None:
         """Load nothing; attach every pod and write config, ipcache and endpoints (pod i gets
-        flags[i], default none = not isolated)."""
-        dp.set_config(NODE_IP, DNS_IP)
+        flags[i], default none = not isolated). The pods of joined nodes go into the ipcache
+        too, their node IPs as remote-node."""
+        dp.set_config(self.node_ip, self.dns_ip)
         dp.ipcache.put(IpcacheKey.of("0.0.0.0/0"), IpcacheEntry(int(Identity.WORLD), 0, 0, 0))
-        dp.ipcache.put(IpcacheKey.of(f"{NODE_IP}/32"), IpcacheEntry(int(Identity.HOST), 0, 0, 0))
+        dp.ipcache.put(IpcacheKey.of(f"{self.node_ip}/32"),
+                       IpcacheEntry(int(Identity.HOST), 0, 0, 0))
         for pod in self.pods:
             dp.ipcache.put(IpcacheKey.of(f"{pod.ip}/32"),
-                           IpcacheEntry(pod.identity, ip4(NODE_IP), 0, 0))
+                           IpcacheEntry(pod.identity, ip4(self.node_ip), 0, 0))
+        for peer in self.peers:
+            dp.ipcache.put(IpcacheKey.of(f"{peer.node_ip}/32"),
+                           IpcacheEntry(int(Identity.REMOTE_NODE), ip4(peer.node_ip), 0, 0))
+            for pod in peer.pods:
+                dp.ipcache.put(IpcacheKey.of(f"{pod.ip}/32"),
+                               IpcacheEntry(pod.identity, ip4(peer.node_ip), 0, 0))
         for pod in self.pods:
             assert dp.attach_endpoint(pod.lxc) == pod.ifindex
             dp.set_endpoint(pod.ifindex, pod.ip, pod.identity,
@@ -341,8 +452,9 @@ class Topology:
         out = []
         names = run(["ip", "netns", "list"]).stdout
         out += [line.split()[0] for line in names.splitlines() if f"nmbpf-{self.tag}-" in line]
-        if self.cgroup.exists():
-            out.append(str(self.cgroup))
+        for cg in (self.cgroup, self.proxy_cgroup):
+            if cg.exists():
+                out.append(str(cg))
         if self.tmp.exists():
             out.append(str(self.tmp))
         out += [f"pid {p.pid}" for p in self._procs if p.poll() is None]

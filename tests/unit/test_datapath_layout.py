@@ -16,6 +16,7 @@ from nodemesh.datapath.elf import BpfElf
 from nodemesh.datapath.layout import (
     MAPS,
     STRUCTS,
+    ConfigFlags,
     CtClosing,
     Direction,
     DropReason,
@@ -49,6 +50,8 @@ DOC_MAP_TYPES = {
     "nm_events": 27,  # RINGBUF
     "nm_metrics": 5,  # PERCPU_HASH
     "nm_flowcnt": 10,  # LRU_PERCPU_HASH
+    "nm_l7_redir": 1,
+    "nm_lxc": 1,
 }
 
 # Hubble's flow.proto DropReason, for the values the datapath uses
@@ -128,9 +131,11 @@ def test_map_declarations(objects: dict[str, BpfElf], map_name: str) -> None:
                 assert d.value_type == by_class[value_t]
 
 
-def test_both_objects_declare_the_same_maps(objects: dict[str, BpfElf]) -> None:
-    lxc, sock = (objects[n].btf_map_defs() for n in OBJECTS)
-    assert lxc == sock  # one declaration (maps.h), shared through the pins
+def test_every_object_declares_the_same_maps(objects: dict[str, BpfElf]) -> None:
+    first, *others = (objects[n].btf_map_defs() for n in OBJECTS)
+    assert set(OBJECTS) == {"bpf_lxc", "bpf_sock", "bpf_host"}
+    for defs in others:
+        assert defs == first  # one declaration (maps.h), shared through the pins
 
 
 def c_defines(*headers: str) -> dict[str, int]:
@@ -152,6 +157,7 @@ def test_enums_match_the_headers() -> None:
         ("EP_F_", EndpointFlags),
         ("IDENTITY_", Identity),
         ("DIR_", Direction),
+        ("CFG_F_", ConfigFlags),
     ]
     for prefix, enum_cls in checks:
         c = {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
@@ -161,9 +167,13 @@ def test_enums_match_the_headers() -> None:
             PolicyVerdict.__members__} == {f"POLICY_{m.name}": m.value for m in PolicyVerdict}
     assert (d["CT_CLOSING_TX"], d["CT_CLOSING_RX"]) == (CtClosing.TX, CtClosing.RX)
     assert d["CT_F_REPLY_SEEN"] == layout.CT_F_REPLY_SEEN
+    assert d["CT_F_NODE_SOCKET"] == layout.CT_F_NODE_SOCKET
     assert d["POLICY_CIDR_MAX_RULES"] == layout.POLICY_CIDR_MAX_RULES
     assert d["POLICY_KEY_BITS"] == layout.POLICY_KEY_BITS
     assert d["NM_MAGLEV_M_DEFAULT"] == layout.MAGLEV_DEFAULT_M
+    for name in ("PROXY_MARK", "PROXY_MARK_MASK", "PROXY_ROUTE_TABLE", "PROXY_RULE_PREF"):
+        assert d[name] == getattr(layout, name), name
+    assert layout.PROXY_MARK & ~layout.PROXY_MARK_MASK == 0
 
 
 def test_drop_reasons_are_hubbles() -> None:
@@ -211,3 +221,15 @@ def test_rodata_variable_is_found(objects: dict[str, BpfElf]) -> None:
     offset, size = objects["bpf_sock"].variable_offset(".rodata", "nm_maglev_m")
     assert size == 4 and offset % 4 == 0
     assert Path(objects["bpf_sock"].path).exists()
+
+
+def test_l7_and_lxc_entries_encode_as_the_c_side_reads_them() -> None:
+    key, val = layout.l7_redirect("10.77.0.2", 8080, 15001, policy_id=7)
+    # be32 addr, be16 port, u8 protocol (TCP), pad; u16 proxy port in host order, pad, u32 id
+    assert bytes(key) == bytes.fromhex("0a4d0002" "1f90" "06" "00")
+    assert bytes(val) == (15001).to_bytes(2, "little") + bytes(2) + (7).to_bytes(4, "little")
+    with pytest.raises(ValueError):
+        layout.l7_redirect("10.77.0.2", 8080, 0)
+    k, v = layout.lxc_entry("10.77.0.2", 5, 1002)
+    assert bytes(k) == bytes.fromhex("0a4d0002")
+    assert (v.ifindex, v.identity) == (5, 1002)
