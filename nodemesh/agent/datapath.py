@@ -227,11 +227,16 @@ class DatapathSync:
             finally:
                 self._syncing = False
 
-    def set_proxy(self, proxy_ip: str) -> None:
-        """The node Envoy is up at proxy_ip: socket-LB may now send connections to it."""
+    def set_proxy(self, proxy_ip: str, proxy_cgroup: str) -> None:
+        """The node Envoy is up at proxy_ip: its replies must come back to it (the return path
+        on the underlay device and pod veths), its upstream connections pass their client's
+        egress policy (connect4_proxy on its cgroup), and socket-LB may now send to it."""
         with self._lock:
+            self.dp.attach_netdev("eth0")
+            self.dp.attach_proxy_cgroup(proxy_cgroup)
+            self.dp.install_proxy_routing()
             self.proxy_ip = proxy_ip
-            self.dp.set_config(self.node.ip, NODE_DNS_IP, proxy_ip)
+            self.dp.set_config(self.node.ip, NODE_DNS_IP, proxy_ip, L.ConfigFlags.PROXY_RETURN)
 
     def set_proxy_redirects(self, service: Mapping, pod: Mapping) -> None:
         """New redirect sets from the proxy manager; applied before this returns."""
@@ -349,16 +354,22 @@ class DatapathSync:
                                        for r in cval.rules)))
         self.dp.sync_map("nm_policy", policy_pairs)
         self.dp.sync_map("nm_policy_cidr", cidr_pairs)
+        # Pod ports that L7 policy covers: connect() from any pod here goes to the node Envoy.
+        self.dp.sync_map("nm_l7_redir", [L.l7_redirect(k.ip, k.port, port)
+                                         for k, port in sorted(self.pod_redirects.items())
+                                         if k.protocol == "TCP"])
         # Endpoints last: a pod's veth passes traffic only once its policy is in place.
-        endpoint_pairs = []
+        endpoint_pairs, lxc_pairs = [], []
         for ep in self.endpoints.values():
             lowered = self._lowered.get(ep.ifindex)
             if lowered is None or not ep.identity:
                 continue
             endpoint_pairs.append((L.u32(ep.ifindex), L.EndpointInfo(
                 L.ip4(ep.sandbox.ip), ep.identity, lowered.flags, 0)))
+            lxc_pairs.append(L.lxc_entry(ep.sandbox.ip, ep.ifindex, ep.identity))
             ep.programmed = True
         self.dp.sync_map("nm_endpoints", endpoint_pairs)
+        self.dp.sync_map("nm_lxc", lxc_pairs)
 
         self._update_context(pods, identity_of, ident_labels, svc_names, policy_names)
         self.stats.runs += 1

@@ -95,7 +95,8 @@ class Agent:
         if self.proxy is not None:
             await self.proxy.start()
             assert self.datapath is not None
-            await asyncio.to_thread(self.datapath.set_proxy, PROXY_IP)
+            await asyncio.to_thread(self.datapath.set_proxy, PROXY_IP,
+                                    self.cfg.proxy_cgroup(self.node.name))
         self._routes()
         await self.api.start()
         self._register_collectors()

@@ -4,9 +4,11 @@ Everything here returns Envoy-YAML-shaped dicts; `translate` turns them into typ
 with `protos.parse`. Choices that keep the proxy transparent to the applications (the client
 believes it talks to the Service directly):
 
-- listeners bind ``PROXY_IP:<port>`` and run the ``original_src`` listener filter with mark
-  0x200: upstream connections leave with the client pod's address (so the server's node
-  enforces its ingress policy on the real client) and carry the mark the return path needs;
+- listeners bind ``PROXY_IP:<port>`` and run the ``original_src`` listener filter without a
+  mark: upstream connections leave with the client pod's address (so the server's node enforces
+  its ingress policy on the real client). The datapath marks the *replies* (0x200, found by a
+  socket lookup) for local delivery; a mark on the upstream socket itself would make the
+  node's policy routing deliver Envoy's own SYNs locally instead of to the backend;
 - HTTP/1.1 and h2c downstream (``codec_type: AUTO``), HTTP/1.0 accepted, WebSocket upgrades
   passed through; ``use_remote_address: false`` and ``skip_xff_append`` leave
   ``x-forwarded-for`` alone; the ``server`` header passes through; the router adds no
@@ -44,7 +46,6 @@ from nodemesh.route.protos import (
     UPSTREAM_CODEC_TYPE,
 )
 
-PROXY_MARK = 0x200  # docs/l7.md: the return path routes packets with this mark to local
 XDS_CLUSTER = "xds_cluster"  # the bootstrap's static cluster towards the agent (xDS and ALS)
 ALS_LOG_NAME = "nodemesh"
 CONNECT_TIMEOUT = "2s"
@@ -150,7 +151,7 @@ def listener(name: str, port: int, destination: RedirectKey, chains: list[dict[s
         "name": name,
         "address": {"socket_address": {"address": PROXY_IP, "port_value": port}},
         "listener_filters": [{"name": ORIGINAL_SRC_FILTER, "typed_config": {
-            "@type": ORIGINAL_SRC_TYPE, "mark": PROXY_MARK}}],
+            "@type": ORIGINAL_SRC_TYPE}}],
         "filter_chains": chains,
         "traffic_direction": "OUTBOUND",
         "metadata": metadata(destination=str(destination), **meta),
