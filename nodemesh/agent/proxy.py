@@ -83,6 +83,7 @@ class ProxyManager:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self.timer = None  # a histogram child (the agent's reconcile latency for "proxy")
+        self.l7_policy_names: dict[tuple[str, int], list[str]] = {}
 
     # ---- persistence of listener ports (a restarted agent keeps Envoy's listeners as they are) --
     def _load_ports(self) -> dict[RedirectKey, int]:
@@ -176,6 +177,9 @@ class ProxyManager:
             compiler = Compiler(self.datapath.policy_input)
             compiled = {e.ref: compiler.compile(e) for e in self.datapath.policy_input.endpoints}
             l7 = l7_policies_from_compiled(compiled, pods)
+        # Which policies guard each redirected pod port: an L7 denial names them in its flow.
+        self.l7_policy_names = {(p.pod_ip, p.port): sorted({r.policy for r in p.rules if r.policy})
+                                for p in l7}
         inp = L7Input.build(self.node, services, pods, list(k["HTTPRoute"]) + list(k["GRPCRoute"]),
                             l7)
         return translate(inp, self.ports), k
@@ -285,6 +289,18 @@ class ProxyManager:
             flow.setdefault("l7", {})["route"] = tags["nodemesh.route"]
         if tags.get("nodemesh.pod"):
             flow["l7"]["backend_pod"] = tags["nodemesh.pod"]
+        if denied:
+            ip, port = flow["IP"]["destination"], flow["l4"]["TCP"]["destination_port"]
+            by = []
+            for name in self.l7_policy_names.get((ip, port), []):
+                kind, _, ref = name.partition(" ")
+                ns, _, n = ref.rpartition("/")
+                by.append({"kind": kind, "namespace": ns, "name": n})
+            if by:
+                flow["ingress_denied_by"] = by
+            flow["drop_reason_desc"] = "POLICY_DENIED"
+            flow["Summary"] += " (no L7 rule allows it: " + ", ".join(
+                f"{b['kind']} {b['namespace']}/{b['name']}" for b in by) + ")" if by else ""
         self.flows.add(flow)
 
     def status(self) -> dict:

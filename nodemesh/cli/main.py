@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("--http-path", "a regular expression over the path"),
             ("--identity", "a numeric security identity, either side")):
         sp.add_argument(flag, action="append", default=[], help=helptext)
-    sp.add_argument("--namespace", dest="flow_namespace", action="append", default=[],
+    sp.add_argument("-n", "--namespace", dest="flow_namespace", action="append", default=[],
                     help="namespace, either side")
 
     sp = cmd("demo", c.cmd_demo, "bring up a 2-node cluster, deploy a demo app with policies "

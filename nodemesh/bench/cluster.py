@@ -1,0 +1,298 @@
+"""A local cluster as the benchmark uses it: `up` in a private state dir, the CLI, pods, the
+processes of the mesh, CPU pinning, `down`, and a check that nothing of it is left behind.
+
+Everything goes through the real CLI (`python -m nodemesh --state-dir DIR ...`) as a user would,
+except `apply_timed`, which runs the CLI's apply in this process so that the change-latency test
+measures the apply and not the interpreter's start-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Orphans of the clusters we start (their daemons) are reparented to us, so we can reap
+    them: PID 1 on this machine does not reap."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def reap_children() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def read_json(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if rest[0] == "Z" else int(rest[19])
+
+
+def pid_from_ref(path: str) -> int | None:
+    """The PID in a `{"pid", "start"}` file if that very process still runs."""
+    d = read_json(path)
+    if not isinstance(d, dict) or "pid" not in d:
+        return None
+    pid = int(d["pid"])
+    if "start" in d and start_time(pid) != int(d["start"]):
+        return None
+    return pid if start_time(pid) is not None else None
+
+
+def tasks(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
+
+
+def exe(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+
+
+def cgroup_procs(root: str) -> list[int]:
+    """Every process in the cgroup tree at `root`."""
+    out: list[int] = []
+    for d, _dirs, files in os.walk(root):
+        if "cgroup.procs" in files:
+            try:
+                with open(os.path.join(d, "cgroup.procs")) as f:
+                    out += [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+    return out
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@dataclass
+class BenchCluster:
+    name: str
+    state_dir: str
+    datapath: str
+    nodes: int = 1
+    log: Callable[[str], None] = print
+    _cfg: Any = field(default=None, repr=False)
+
+    # ---- CLI ------------------------------------------------------------------------------
+    def cli(self, *args: str, input: str | None = None, timeout: float = 120,
+            check: bool = True) -> Result:
+        p = subprocess.run([sys.executable, "-m", "nodemesh", "--state-dir", self.state_dir, *args],
+                           input=input, capture_output=True, text=True, timeout=timeout)
+        r = Result(p.returncode, p.stdout, p.stderr)
+        if check and p.returncode != 0:
+            raise RuntimeError(f"nodemesh {' '.join(args[:4])} exited {p.returncode}: "
+                               f"{p.stderr.strip()[-800:]}")
+        return r
+
+    def apply(self, objs: list[dict[str, Any]]) -> None:
+        self.cli("apply", "-f", "-", input=yaml.safe_dump_all(objs))
+
+    def apply_timed(self, objs: list[dict[str, Any]]) -> tuple[int, int]:
+        """Apply in this process, exactly as `nodemesh apply -f FILE` does; returns the
+        CLOCK_MONOTONIC nanoseconds at the start and at the end of the apply."""
+        from argparse import Namespace
+
+        from nodemesh.cli.commands import cmd_apply
+
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write(yaml.safe_dump_all(objs))
+            path = f.name
+        try:
+            sink = io.StringIO()
+            t0 = time.monotonic_ns()
+            with contextlib.redirect_stdout(sink):
+                rc = cmd_apply(Namespace(filename=[path], namespace=None, state_dir=self.state_dir))
+            t1 = time.monotonic_ns()
+        finally:
+            os.unlink(path)
+        if rc != 0:
+            raise RuntimeError(f"apply failed: {sink.getvalue()}")
+        return t0, t1
+
+    def get(self, kind: str, name: str | None = None) -> Any:
+        args = ["get", kind] + ([name] if name else []) + ["-o", "json"]
+        return json.loads(self.cli(*args).out)
+
+    def pods(self) -> list[dict[str, Any]]:
+        return self.get("pods")["items"]
+
+    def vip(self, svc: str) -> str:
+        return self.get("svc", svc)["spec"]["clusterIP"]
+
+    def pod_ips(self, app: str) -> list[str]:
+        return sorted((p["status"]["podIP"] for p in self.pods()
+                       if (p["metadata"].get("labels") or {}).get("app") == app
+                       and not p["metadata"].get("deletionTimestamp")),
+                      key=lambda ip: tuple(int(x) for x in ip.split(".")))
+
+    def wait_ready(self, expected: int | None = None, timeout: float = 120.0) -> list[dict]:
+        """Wait until every pod is Ready (and, with `expected`, that many exist)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pods = [p for p in self.pods() if not p["metadata"].get("deletionTimestamp")]
+            ready = [p for p in pods if _pod_ready(p)]
+            if len(ready) == len(pods) and (expected is None or len(pods) == expected):
+                return pods
+            if time.monotonic() > deadline:
+                bad = [p["metadata"]["name"] for p in pods if not _pod_ready(p)]
+                raise RuntimeError(f"cluster {self.name}: pods not ready after {timeout:.0f}s "
+                                   f"({len(ready)}/{len(pods)}, expected {expected}): {bad[:5]}")
+            time.sleep(0.3)
+
+    def exec(self, pod: str, argv: list[str], container: str | None = None,
+             timeout: float = 300, check: bool = True) -> Result:
+        args = ["exec"] + (["-c", container] if container else []) + [pod, "--", *argv]
+        return self.cli(*args, timeout=timeout, check=check)
+
+    def exec_popen(self, pod: str, argv: list[str], container: str | None = None
+                   ) -> subprocess.Popen[str]:
+        args = ["exec"] + (["-c", container] if container else []) + [pod, "--", *argv]
+        return subprocess.Popen([sys.executable, "-m", "nodemesh", "--state-dir", self.state_dir,
+                                 *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, bufsize=1)
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def up(self) -> None:
+        self.cli("up", "--nodes", str(self.nodes), "--name", self.name,
+                 "--datapath", self.datapath, timeout=180)
+
+    @property
+    def cfg(self) -> Any:
+        if self._cfg is None:
+            from nodemesh.cluster.config import load_cluster
+
+            self._cfg = load_cluster(self.state_dir)
+        return self._cfg
+
+    def down(self) -> None:
+        daemon = pid_from_ref(os.path.join(self.state_dir, "daemon.json"))
+        self.cli("down", timeout=300, check=False)
+        deadline = time.monotonic() + 10
+        while daemon and start_time(daemon) is not None and time.monotonic() < deadline:
+            reap_children()
+            time.sleep(0.05)
+        reap_children()
+
+    def leftovers(self) -> list[str]:
+        """Everything of this cluster still on the machine (empty after a clean `down`)."""
+        found = []
+        with contextlib.suppress(FileNotFoundError):
+            found += [f"netns {n}" for n in os.listdir("/run/netns") if n.startswith(self.name + "-")]
+        for root in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+            if os.path.isdir(os.path.join(root, self.name)):
+                found.append(f"cgroup {root}/{self.name}")
+        with open("/proc/self/mountinfo") as f:
+            found += [f"mount {line.split()[4]}" for line in f
+                      if line.split()[4].startswith(self.state_dir)]
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if self.state_dir in cmd or f"/{self.name}/" in cmd:
+                found.append(f"process {pid}: {cmd[:100]}")
+        if os.path.exists(self.state_dir):
+            found.append(f"state dir {self.state_dir}")
+        return found
+
+    # ---- processes ------------------------------------------------------------------------
+    def node_dir(self, node: str = "node1") -> str:
+        return os.path.join(self.state_dir, "nodes", node)
+
+    def agent_pid(self, node: str = "node1") -> int | None:
+        return pid_from_ref(os.path.join(self.node_dir(node), "agent.json"))
+
+    def daemon_pid(self) -> int | None:
+        return pid_from_ref(os.path.join(self.state_dir, "daemon.json"))
+
+    def node_envoy_pids(self, node: str = "node1") -> list[int]:
+        """The node's Envoy: the processes of the node's proxy cgroup, or its pidfile."""
+        pids = set(cgroup_procs(self.cfg.proxy_cgroup(node)))
+        for rel in ("envoy/envoy.json", "envoy.json"):
+            p = pid_from_ref(os.path.join(self.node_dir(node), rel))
+            if p:
+                pids.add(p)
+        return sorted(pids)
+
+    def pod_pids(self) -> list[int]:
+        return cgroup_procs(self.cfg.cgroup_dir)
+
+    def sidecar_envoy_pids(self) -> list[int]:
+        """Envoys that run inside pods (the sidecar model)."""
+        from nodemesh.proxy.envoy import envoy_binary
+
+        binary = os.path.realpath(envoy_binary())
+        node_cgroups = [self.cfg.node_cgroup(f"node{i}") for i in range(1, self.nodes + 1)]
+        return sorted(p for root in node_cgroups for p in cgroup_procs(root) if exe(p) == binary)
+
+    def mesh_pids(self) -> list[int]:
+        """nodemesh's own processes on the node: the agent and the node Envoy."""
+        if self.datapath == "none":
+            return []
+        agent = self.agent_pid()
+        return sorted(({agent} if agent else set()) | set(self.node_envoy_pids()))
+
+    def all_pids(self) -> list[int]:
+        pids = set(cgroup_procs(self.cfg.cgroup_dir))
+        for p in (self.daemon_pid(), self.agent_pid()):
+            if p:
+                pids.add(p)
+        return sorted(pids | set(self.node_envoy_pids()))
+
+    def pin(self, cpus: set[int]) -> int:
+        """Pin every thread of every process of the cluster to `cpus`; returns the count."""
+        n = 0
+        for pid in self.all_pids():
+            for t in tasks(pid):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(t, cpus)
+                    n += 1
+        return n
+
+
+def _pod_ready(p: dict[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (p.get("status") or {}).get("conditions") or [])

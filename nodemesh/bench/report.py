@@ -1,0 +1,540 @@
+"""Turns the raw results of `nodemesh bench` into summaries, verdicts on the targets, Markdown
+tables and PNG plots (pure except for writing the plots)."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from typing import Any
+
+from nodemesh.bench.stats import (
+    fmt,
+    fmt_ratio,
+    histogram_percentiles,
+    median,
+    merge_histograms,
+    ratio,
+    spread,
+)
+from nodemesh.bench.workload import MODE_TITLES, MODES
+
+PCTS = ("p50", "p90", "p99", "p999")
+MIB = 2**20
+MAX_ERROR_FRACTION = 0.01
+
+
+def _phase_key(ph: dict[str, Any]) -> str:
+    p = ph.get("phase") or {}
+    return "wrk" if p.get("kind") == "wrk" else f"open@{p.get('rate')}"
+
+
+# ---- summaries --------------------------------------------------------------------------
+def summarize_traffic(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """{workload: {phase: {mode: summary}}} with medians over runs and pooled percentiles."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for c in cells:
+        for ph in c.get("phases") or []:
+            groups[(c["workload"], _phase_key(ph), c["mode"])].append(ph)
+    out: dict[str, Any] = defaultdict(lambda: defaultdict(dict))
+    for (wl, key, mode), phs in groups.items():
+        ok = [p for p in phs if "error" not in p]
+        requests = [p.get("requests", 0) for p in ok]
+        errors = [p.get("errors", 0) for p in ok]
+        total_req = [p.get("requests_total", p.get("requests", 0)) for p in ok]
+        cpu_per_k = [1000 * p["mesh_cpu_s"] / t for p, t in zip(ok, total_req, strict=True) if t]
+        cpu0_per_k = [1000 * p["cpu_busy_s"].get("cpu0", 0) / t
+                      for p, t in zip(ok, total_req, strict=True) if t]
+        s: dict[str, Any] = {
+            "runs": len(phs), "failed_runs": len(phs) - len(ok),
+            "requests": sum(requests), "errors": sum(errors),
+            "error_fraction": (sum(errors) / (sum(errors) + sum(requests)))
+            if sum(errors) + sum(requests) else None,
+            "rps": spread(p.get("achieved_rps") for p in ok),
+            "latency_us": {k: spread((p.get("latency_us") or {}).get(k) for p in ok) for k in PCTS},
+            "mesh_cpu_s_per_1000": spread(cpu_per_k),
+            "cpu0_s_per_1000": spread(cpu0_per_k),
+            "send_lag_p99_us": median((p.get("send_lag_us") or {}).get("p99") for p in ok),
+        }
+        if key != "wrk":
+            s["pooled_us"] = histogram_percentiles(merge_histograms(p.get("histogram") or {}
+                                                                    for p in ok))
+        out[wl][key][mode] = s
+    return {k: dict(v) for k, v in out.items()}
+
+
+def _lat(t: dict[str, Any], wl: str, key: str, mode: str, pct: str) -> float | None:
+    try:
+        return t[wl][key][mode]["latency_us"][pct]["median"]
+    except KeyError:
+        return None
+
+
+def _rps(t: dict[str, Any], wl: str, mode: str) -> float | None:
+    try:
+        return t[wl]["wrk"][mode]["rps"]["median"]
+    except KeyError:
+        return None
+
+
+def summarize_datapath(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for c in cells:
+        groups[(c["placement"], c["datapath"], c["target"])].append(c)
+    out: dict[str, Any] = {}
+    for (placement, dp, target), cs in groups.items():
+        d: dict[str, Any] = {"runs": len(cs)}
+        for m in ("rr", "crr", "cps"):
+            rs = [c[m] for c in cs if m in c]
+            d[m] = {"p50_us": spread(r["p50_us"] for r in rs), "p99_us": spread(r["p99_us"] for r in rs),
+                    "rate": spread(r["rate"] for r in rs), "errors": sum(r["errors"] for r in rs)}
+        out[f"{placement}/{dp}/{target}"] = d
+    return out
+
+
+def summarize(res: dict[str, Any]) -> dict[str, Any]:
+    s: dict[str, Any] = {}
+    if "traffic" in res:
+        s["traffic"] = summarize_traffic(res["traffic"]["cells"])
+    if "datapath" in res:
+        s["datapath"] = summarize_datapath(res["datapath"]["cells"])
+    s["targets"] = targets(res, s)
+    return s
+
+
+# ---- the targets ------------------------------------------------------------------------
+def targets(res: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    t = s.get("traffic") or {}
+    rates = [f"open@{r}" for r in (res.get("plan") or {}).get("rates", [])]
+    # 1. L4 against no mesh.
+    rows = []
+    for wl in t:
+        for key in rates:
+            for pct in ("p50", "p99"):
+                r = ratio(_lat(t, wl, key, "l4", pct), _lat(t, wl, key, "nomesh", pct))
+                if r is not None:
+                    rows.append({"workload": wl, "phase": key, "metric": pct, "ratio": r,
+                                 "met": r <= 1.05})
+        r = ratio(_rps(t, wl, "l4"), _rps(t, wl, "nomesh"))
+        if r is not None:
+            rows.append({"workload": wl, "phase": "wrk", "metric": "max rate", "ratio": r,
+                         "met": r >= 0.95})
+    out["l4_vs_nomesh"] = {"rows": rows, "met": bool(rows) and all(x["met"] for x in rows),
+                           "met_count": sum(x["met"] for x in rows), "count": len(rows)}
+    # 2. L7 added p99 against the sidecar model's added p99.
+    rows = []
+    for wl in t:
+        for key in rates:
+            base = _lat(t, wl, key, "nomesh", "p99")
+            l7, sc = _lat(t, wl, key, "l7", "p99"), _lat(t, wl, key, "sidecar", "p99")
+            if None in (base, l7, sc):
+                continue
+            added_l7, added_sc = l7 - base, sc - base  # type: ignore[operator]
+            r = added_l7 / added_sc if added_sc > 0 else None
+            rows.append({"workload": wl, "phase": key, "added_l7_us": added_l7,
+                         "added_sidecar_us": added_sc, "ratio": r,
+                         "met": r is not None and r <= 0.4})
+    l7_available = (res.get("l7") or {}).get("available", False)
+    out["l7_vs_sidecar"] = {"rows": rows, "available": l7_available,
+                            "reason": (res.get("l7") or {}).get("reason"),
+                            "met": (bool(rows) and all(x["met"] for x in rows)) if l7_available
+                            else None,
+                            "met_count": sum(x["met"] for x in rows), "count": len(rows)}
+    # 3. Memory at the largest pod count.
+    pts = (res.get("memory") or {}).get("points") or []
+    if pts:
+        p = max(pts, key=lambda x: x["pods"])
+        nm, sc = p["nodemesh"], p["sidecar"]
+        r_pss = ratio(nm["total_pss"], sc["pss"])
+        r_rss = ratio(nm["total_rss"], sc["rss"])
+        out["memory"] = {"pods": p["pods"], "nodemesh_pss_mib": nm["total_pss"] / MIB,
+                         "sidecar_pss_mib": sc["pss"] / MIB, "ratio_pss": r_pss,
+                         "nodemesh_rss_mib": nm["total_rss"] / MIB, "sidecar_rss_mib": sc["rss"] / MIB,
+                         "ratio_rss": r_rss, "node_envoy_running": nm["envoy"]["processes"] > 0,
+                         "met": r_pss is not None and r_pss <= 1 / 30}
+    # 4. Change latency.
+    ch = res.get("change") or {}
+    out["change"] = {k: {"p50_ms": ch[k].get("p50_ms"), "p99_ms": ch[k].get("p99_ms"),
+                         "n": ch[k].get("n"), "missed": ch[k].get("missed"),
+                         "error": ch[k].get("error"),
+                         "met": (ch[k].get("p99_ms") is not None and ch[k]["p99_ms"] <= 100
+                                 and not ch[k].get("missed"))
+                         if "p99_ms" in ch[k] else None}
+                     for k in ("policy", "route") if k in ch}
+    # 5. Datapath: ≤ 5 % added latency.
+    d = s.get("datapath") or {}
+    rows = []
+    for placement in sorted({k.split("/")[0] for k in d}):
+        base = d.get(f"{placement}/none/pod")
+        for target in ("pod", "service"):
+            cur = d.get(f"{placement}/bpf/{target}")
+            if not base or not cur:
+                continue
+            for m in ("rr", "crr"):
+                for pct in ("p50_us", "p99_us"):
+                    r = ratio(cur[m][pct]["median"], base[m][pct]["median"])
+                    rows.append({"placement": placement, "target": target, "test": m,
+                                 "metric": pct[:-3], "ratio": r,
+                                 "met": r is not None and r <= 1.05})
+            r = ratio(cur["cps"]["rate"]["median"], base["cps"]["rate"]["median"])
+            rows.append({"placement": placement, "target": target, "test": "cps",
+                         "metric": "conn/s", "ratio": r, "met": r is not None and r >= 1 / 1.05})
+    out["datapath"] = {"rows": rows, "met": bool(rows) and all(x["met"] for x in rows),
+                       "met_count": sum(x["met"] for x in rows), "count": len(rows)}
+    return out
+
+
+def problems(res: dict[str, Any]) -> list[str]:
+    """What makes a run unusable: a mode that carried no traffic or failed, leftovers."""
+    out = []
+    if res.get("failed"):
+        out.append(f"run failed: {res['failed']}")
+    if res.get("leftovers"):
+        out.append(f"left behind: {res['leftovers']}")
+    t = (res.get("summary") or {}).get("traffic") or {}
+    modes = set(res.get("modes") or MODES)
+    if not (res.get("l7") or {}).get("available"):
+        modes.discard("l7")
+    for wl, phases in t.items():
+        for key, by_mode in phases.items():
+            for mode in modes:
+                s = by_mode.get(mode)
+                if s is None:
+                    out.append(f"{wl} {key} {mode}: no result")
+                elif s["failed_runs"] or not s["requests"]:
+                    out.append(f"{wl} {key} {mode}: no traffic ({s['failed_runs']} failed runs)")
+                elif (s["error_fraction"] or 0) > MAX_ERROR_FRACTION:
+                    out.append(f"{wl} {key} {mode}: {s['error_fraction']:.1%} errors")
+    return out
+
+
+# ---- Markdown ---------------------------------------------------------------------------
+def _verdict(met: bool | None) -> str:
+    return {True: "**met**", False: "**not met**", None: "n/a"}[met]
+
+
+def _range(sp: dict[str, Any], digits: int = 0) -> str:
+    if sp.get("median") is None:
+        return "-"
+    if sp["n"] <= 1:
+        return fmt(sp["median"], digits)
+    return f"{fmt(sp['median'], digits)} ({fmt(sp['min'], digits)}-{fmt(sp['max'], digits)})"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    s = res.get("summary") or {}
+    env = res.get("environment") or {}
+    plan = res.get("plan") or {}
+    L: list[str] = []
+    L.append(f"# nodemesh bench — {res.get('started', '')}{' (quick)' if plan.get('quick') else ''}\n")
+    L.append(f"Machine: {env.get('cpu_model')} x {env.get('cpus')}, {env.get('memory_gib')} GiB, "
+             f"kernel {env.get('kernel')}; Envoy {env.get('envoy')}; {env.get('wrk')}; "
+             f"nginx {env.get('nginx')}; Python {env.get('python')}; nodemesh {env.get('nodemesh')} "
+             f"(git {env.get('git_commit')}{', with local changes' if env.get('git_dirty') else ''}).")
+    L.append(f"Runs per cell: {plan.get('runs')}; wrk {plan.get('wrk_seconds')} s "
+             f"(-c {plan.get('wrk_connections')}); open loop {plan.get('open_seconds')} s per rate "
+             f"(+{plan.get('warmup')} s warm-up) at {', '.join(map(str, plan.get('rates', [])))} "
+             f"req/s. Total time {res.get('seconds')} s.")
+    l7 = res.get("l7") or {}
+    L.append(f"nodemesh L7: {'available' if l7.get('available') else 'UNAVAILABLE'} — "
+             f"{l7.get('reason')}.")
+    bg = res.get("background") or {}
+    if bg:
+        L.append(f"Other processes on the machine used {bg.get('other_processes_cpu_s')} CPU-s "
+                 f"during the {bg.get('wall_s')} s run.")
+    L.append("")
+    tg = s.get("targets") or {}
+    L.append("## Targets\n")
+    L.append("| target | result | measured |")
+    L.append("|---|---|---|")
+    x = tg.get("l4_vs_nomesh") or {}
+    worst = _worst(x.get("rows") or [], "p")
+    L.append(f"| L4: p50, p99 ≤ 1.05 x no mesh; max rate ≥ 0.95 x | {_verdict(x.get('met'))} "
+             f"({x.get('met_count')}/{x.get('count')} cells) | {worst} |")
+    x = tg.get("l7_vs_sidecar") or {}
+    if x.get("available"):
+        rs = [r["ratio"] for r in x.get("rows") or [] if r["ratio"] is not None]
+        L.append(f"| L7: added p99 ≤ 0.4 x sidecar's added p99 | {_verdict(x.get('met'))} "
+                 f"({x.get('met_count')}/{x.get('count')}) | ratios {fmt(min(rs), 2) if rs else '-'}"
+                 f"-{fmt(max(rs), 2) if rs else '-'} |")
+    else:
+        L.append(f"| L7: added p99 ≤ 0.4 x sidecar's added p99 | n/a: L7 unavailable | "
+                 f"{x.get('reason')} |")
+    x = tg.get("memory") or {}
+    if x:
+        L.append(f"| memory at {x['pods']} pods ≤ 1/30 of sidecars | {_verdict(x.get('met'))} | "
+                 f"PSS {x['nodemesh_pss_mib']:.0f} vs {x['sidecar_pss_mib']:.0f} MiB = "
+                 f"1/{1 / x['ratio_pss']:.1f}; RSS {x['nodemesh_rss_mib']:.0f} vs "
+                 f"{x['sidecar_rss_mib']:.0f} MiB = 1/{1 / x['ratio_rss']:.1f}"
+                 f"{'' if x.get('node_envoy_running') else ' (no node Envoy running)'} |")
+    for k, v in (tg.get("change") or {}).items():
+        if v.get("error"):
+            L.append(f"| {k} change ≤ 100 ms p99 | n/a | {v['error']} |")
+        else:
+            L.append(f"| {k} change ≤ 100 ms p99 | {_verdict(v.get('met'))} | p50 "
+                     f"{fmt(v.get('p50_ms'), 1)} ms, p99 {fmt(v.get('p99_ms'), 1)} ms "
+                     f"(n={v.get('n')}, missed {v.get('missed')}) |")
+    x = tg.get("datapath") or {}
+    if x.get("rows"):
+        L.append(f"| datapath ≤ 5 % added latency | {_verdict(x.get('met'))} "
+                 f"({x.get('met_count')}/{x.get('count')}) | {_worst(x['rows'], 'dp')} |")
+    L.append("")
+    L += _traffic_tables(res, s)
+    L += _datapath_tables(s)
+    L += _change_tables(res)
+    L += _memory_tables(res)
+    return "\n".join(L) + "\n"
+
+
+def _worst(rows: list[dict[str, Any]], kind: str) -> str:
+    bad = [r for r in rows if not r["met"] and r["ratio"] is not None]
+    pick = bad or [r for r in rows if r["ratio"] is not None]
+    if not pick:
+        return "-"
+    if kind == "dp":
+        r = max(pick, key=lambda r: abs((r["ratio"] or 1) - 1))
+        return (f"worst: {r['placement']} pod→{r['target']} {r['test']} {r['metric']} "
+                f"{fmt_ratio(r['ratio'])}")
+    r = max(pick, key=lambda r: (r["ratio"] if r["metric"] != "max rate" else 2 - r["ratio"]))
+    return f"worst: {r['workload']} {r['phase']} {r['metric']} {fmt_ratio(r['ratio'])}"
+
+
+def _modes_in(t: dict[str, Any]) -> list[str]:
+    seen = {m for wl in t.values() for ph in wl.values() for m in ph}
+    return [m for m in MODES if m in seen]
+
+
+def _traffic_tables(res: dict[str, Any], s: dict[str, Any]) -> list[str]:
+    t = s.get("traffic") or {}
+    if not t:
+        return []
+    modes = _modes_in(t)
+    L = ["## Traffic\n", "Medians over runs (min-max in brackets). Latency in µs, from the "
+         "scheduled send time. Ratios are of medians.\n"]
+    L.append("### Max rate (wrk, closed loop, 12 connections)\n")
+    L.append("| workload | " + " | ".join(MODE_TITLES[m] for m in modes)
+             + " | L4/none | L7/none | L7/sidecar |")
+    L.append("|---|" + "---|" * (len(modes) + 3))
+    for wl in t:
+        cells = [_range(t[wl]["wrk"][m]["rps"]) if m in t[wl].get("wrk", {}) else "-" for m in modes]
+        rs = [fmt_ratio(ratio(_rps(t, wl, a), _rps(t, wl, b)))
+              for a, b in (("l4", "nomesh"), ("l7", "nomesh"), ("l7", "sidecar"))]
+        L.append(f"| {wl} | " + " | ".join(cells + rs) + " |")
+    L.append("")
+    for rate in (res.get("plan") or {}).get("rates", []):
+        key = f"open@{rate}"
+        L.append(f"### Open loop at {rate} req/s: p50 / p90 / p99 / p99.9 (µs)\n")
+        L.append("| workload | mode | p50 | p90 | p99 | p99.9 | achieved req/s | errors | "
+                 "p50 xnone | p99 xnone | p99 xsidecar |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        for wl in t:
+            for m in modes:
+                x = t[wl].get(key, {}).get(m)
+                if not x:
+                    continue
+                lat = x["latency_us"]
+                L.append(
+                    f"| {wl} | {MODE_TITLES[m]} | " + " | ".join(_range(lat[p]) for p in PCTS)
+                    + f" | {fmt(x['rps']['median'])} | {x['errors']} | "
+                    f"{fmt_ratio(ratio(_lat(t, wl, key, m, 'p50'), _lat(t, wl, key, 'nomesh', 'p50')))} | "
+                    f"{fmt_ratio(ratio(_lat(t, wl, key, m, 'p99'), _lat(t, wl, key, 'nomesh', 'p99')))} | "
+                    f"{fmt_ratio(ratio(_lat(t, wl, key, m, 'p99'), _lat(t, wl, key, 'sidecar', 'p99')))} |")
+        L.append("")
+    L.append("### CPU of the mesh's own processes per 1,000 requests (CPU-seconds)\n")
+    L.append("Sidecar: every sidecar Envoy; nodemesh: the node agent and the node Envoy. "
+             "`CPU 0` is everything on the servers' CPU (servers, proxies, agents, softirqs, "
+             "and anything else that ran there), for comparison.\n")
+    hdr_rates = (res.get("plan") or {}).get("rates", [])
+    L.append("| workload | mode | " + " | ".join(f"mesh @{r}/s" for r in hdr_rates)
+             + " | mesh @max | " + " | ".join(f"CPU 0 @{r}/s" for r in hdr_rates) + " |")
+    L.append("|---|---|" + "---|" * (2 * len(hdr_rates) + 1))
+    for wl in t:
+        for m in modes:
+            row = []
+            for key in [f"open@{r}" for r in hdr_rates] + ["wrk"]:
+                x = t[wl].get(key, {}).get(m)
+                row.append(fmt(x["mesh_cpu_s_per_1000"]["median"], 4) if x else "-")
+            for key in [f"open@{r}" for r in hdr_rates]:
+                x = t[wl].get(key, {}).get(m)
+                row.append(fmt(x["cpu0_s_per_1000"]["median"], 4) if x else "-")
+            L.append(f"| {wl} | {MODE_TITLES[m]} | " + " | ".join(row) + " |")
+    L.append("")
+    lags = [x["send_lag_p99_us"] for wl in t.values() for ph in wl.values() for x in ph.values()
+            if x.get("send_lag_p99_us") is not None]
+    if lags:
+        L.append(f"Open-loop send lag (actual - scheduled send time), p99 per phase: median "
+                 f"{fmt(median(lags), 1)} µs, worst {fmt(max(lags), 1)} µs.\n")
+    return L
+
+
+def _datapath_tables(s: dict[str, Any]) -> list[str]:
+    d = s.get("datapath") or {}
+    if not d:
+        return []
+    L = ["## Datapath (issue 3): 64-byte TCP request/response\n",
+         "rr: one connection, back-to-back round trips; crr: connect, round trip, close (RST); "
+         "cps: 8 concurrent connect/round-trip/close loops. Medians over runs (min-max).\n",
+         "| placement | datapath | target | rr p50 | rr p99 | crr p50 | crr p99 | conn/s | "
+         "rr p50 x | rr p99 x | crr p50 x | crr p99 x | conn/s x |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(d):
+        placement, dp, target = key.split("/")
+        x = d[key]
+        base = d.get(f"{placement}/none/pod") or x
+        rs = [fmt_ratio(ratio(x[m][p]["median"], base[m][p]["median"]))
+              for m, p in (("rr", "p50_us"), ("rr", "p99_us"), ("crr", "p50_us"), ("crr", "p99_us"))]
+        rs.append(fmt_ratio(ratio(x["cps"]["rate"]["median"], base["cps"]["rate"]["median"])))
+        L.append(f"| {placement} | {dp} | pod→{target} | {_range(x['rr']['p50_us'], 1)} | "
+                 f"{_range(x['rr']['p99_us'], 1)} | {_range(x['crr']['p50_us'], 1)} | "
+                 f"{_range(x['crr']['p99_us'], 1)} | {_range(x['cps']['rate'])} | " + " | ".join(rs) + " |")
+    L.append("")
+    return L
+
+
+def _change_tables(res: dict[str, Any]) -> list[str]:
+    ch = res.get("change") or {}
+    if not ch:
+        return []
+    L = ["## Change latency: apply → first effect seen from a client pod\n",
+         "| change | samples | missed | p50 ms | p99 ms | max ms | apply itself p50 ms | "
+         "`nodemesh apply` CLI wall ms |", "|---|---|---|---|---|---|---|---|"]
+    for k in ("policy", "route"):
+        v = ch.get(k) or {}
+        if "error" in v:
+            L.append(f"| {k} | - | - | - | - | - | - | {v['error']} |")
+            continue
+        L.append(f"| {v.get('kind')} | {v.get('n')} | {v.get('missed')} | {fmt(v.get('p50_ms'), 1)} | "
+                 f"{fmt(v.get('p99_ms'), 1)} | {fmt(v.get('max_ms'), 1)} | "
+                 f"{fmt(v.get('apply_p50_ms'), 1)} | {fmt(v.get('cli_apply_ms'), 0)} |")
+    L.append("")
+    return L
+
+
+def _memory_tables(res: dict[str, Any]) -> list[str]:
+    pts = (res.get("memory") or {}).get("points") or []
+    if not pts:
+        return []
+    L = ["## Memory of the mesh's components (MiB)\n",
+         "| pods on the node | sidecars: Envoys | sidecars RSS | sidecars PSS | nodemesh agent "
+         "RSS / PSS | node Envoy RSS / PSS | BPF maps (memlock) | nodemesh total PSS+maps | "
+         "ratio (PSS) | runtime-only agent PSS |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in pts:
+        nm, sc = p["nodemesh"], p["sidecar"]
+        r = ratio(nm["total_pss"], sc["pss"])
+        L.append(f"| {p['pods']} | {sc['processes']} | {sc['rss'] / MIB:.0f} | {sc['pss'] / MIB:.0f} | "
+                 f"{nm['agent']['rss'] / MIB:.0f} / {nm['agent']['pss'] / MIB:.0f} | "
+                 f"{nm['envoy']['rss'] / MIB:.0f} / {nm['envoy']['pss'] / MIB:.0f} | "
+                 f"{nm['bpf_maps']['bytes'] / MIB:.1f} | {nm['total_pss'] / MIB:.0f} | "
+                 f"{'1/' + format(1 / r, '.1f') if r else '-'} | "
+                 f"{p['runtime_only_agent']['pss'] / MIB:.0f} |")
+    L.append("")
+    return L
+
+
+# ---- plots ------------------------------------------------------------------------------
+COLORS = {"nomesh": "#444444", "sidecar": "#d62728", "l4": "#1f77b4", "l7": "#2ca02c"}
+
+
+def plots(res: dict[str, Any], out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    s = res.get("summary") or {}
+    t = s.get("traffic") or {}
+    modes = _modes_in(t) if t else []
+    labels = ["p50", "p90", "p99", "p99.9"]
+    for rate in (res.get("plan") or {}).get("rates", []):
+        key = f"open@{rate}"
+        wls = [wl for wl in t if key in t[wl]]
+        if not wls:
+            continue
+        cols = min(4, len(wls))
+        rows = (len(wls) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
+        for ax, wl in zip(axes.flat, wls, strict=False):
+            for m in modes:
+                x = t[wl][key].get(m)
+                if not x:
+                    continue
+                ys = [x["latency_us"][p]["median"] for p in PCTS]
+                ax.plot(labels, ys, marker="o", color=COLORS[m], label=MODE_TITLES[m])
+            ax.set_yscale("log")
+            ax.set_title(wl, fontsize=9)
+            ax.set_ylabel("µs")
+            ax.grid(True, which="both", alpha=0.3)
+        for ax in list(axes.flat)[len(wls):]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=8)
+        fig.suptitle(f"Latency percentiles at {rate} req/s (open loop; median of runs)")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"latency-{rate}rps.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    if t:
+        wls = [wl for wl in t if "wrk" in t[wl]]
+        fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(wls)), 3.8))
+        width = 0.8 / max(1, len(modes))
+        for i, m in enumerate(modes):
+            ys = [(_rps(t, wl, m) or 0) / 1000 for wl in wls]
+            ax.bar([j + i * width for j in range(len(wls))], ys, width, color=COLORS[m],
+                   label=MODE_TITLES[m])
+        ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(wls))])
+        ax.set_xticklabels(wls, rotation=20, fontsize=8)
+        ax.set_ylabel("thousand req/s")
+        ax.set_title("Max rate (wrk, closed loop; median of runs)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "max-rate.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    pts = (res.get("memory") or {}).get("points") or []
+    if pts:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [p["pods"] for p in pts]
+        ax.plot(xs, [p["sidecar"]["pss"] / MIB for p in pts], "o-", color=COLORS["sidecar"],
+                label="sidecar model (PSS of all sidecars)")
+        ax.plot(xs, [p["sidecar"]["rss"] / MIB for p in pts], "o--", color=COLORS["sidecar"],
+                alpha=0.5, label="sidecar model (RSS)")
+        ax.plot(xs, [p["nodemesh"]["total_pss"] / MIB for p in pts], "o-", color=COLORS["l4"],
+                label="nodemesh (agent + node Envoy PSS + BPF maps)")
+        ax.plot(xs, [p["nodemesh"]["total_rss"] / MIB for p in pts], "o--", color=COLORS["l4"],
+                alpha=0.5, label="nodemesh (RSS + BPF maps)")
+        ax.set_yscale("log")
+        ax.set_xlabel("pods on the node")
+        ax.set_ylabel("MiB")
+        ax.set_title("Memory of the mesh's components")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "memory.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    d = s.get("datapath") or {}
+    if d:
+        keys = sorted(d)
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for ax, m in zip(axes, ("rr", "crr"), strict=True):
+            p50 = [d[k][m]["p50_us"]["median"] or 0 for k in keys]
+            p99 = [d[k][m]["p99_us"]["median"] or 0 for k in keys]
+            idx = range(len(keys))
+            ax.bar([i - 0.2 for i in idx], p50, 0.4, label="p50", color="#1f77b4")
+            ax.bar([i + 0.2 for i in idx], p99, 0.4, label="p99", color="#ff7f0e")
+            ax.set_xticks(list(idx))
+            ax.set_xticklabels([k.replace("/", "\n") for k in keys], fontsize=7)
+            ax.set_ylabel("µs")
+            ax.set_title(f"TCP {m} (64 B)")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "datapath.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
