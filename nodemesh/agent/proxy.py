@@ -209,8 +209,15 @@ class ProxyManager:
         else:
             # Retried on the next round (at most every 2 s, or at the next change).
             log.warning("Envoy has not accepted the listeners (%s); redirects wait", state)
-        if self.nack is not None and state == "synced":
-            self.nack = None  # a later snapshot was accepted: the rejection no longer stands
+        # A rejection stands while the version Envoy rejected is the one we still serve.
+        self.nack = None
+        for type_url, st in self.xds.status(self.node).items():
+            nack = st.get("nack")
+            if nack and nack.get("version") == xsnap.type_version(type_url):
+                self.nack = {"type": type_url, "version": nack["version"],
+                             "message": nack.get("message", ""),
+                             "resource_names": list(nack.get("resource_names") or [])}
+                break
         self.owners = result.owners
         await asyncio.to_thread(self._write_statuses, result.route_statuses, k)
         self.listener_targets = {port: key for key, port in result.ports.items()}
@@ -239,6 +246,11 @@ class ProxyManager:
             for name in self.nack.get("resource_names") or []:
                 nacked.update(self.owners.get(name, ()))
         current = {RouteKey.of(o): o for kind in ROUTE_KINDS for o in k[kind]}
+        # Envoy's message rarely names the resource, and several may have changed at once: when
+        # some of the suspects hold a regular expression RE2 rejects, those are the culprits.
+        culprits = {key for key in nacked if key in current and _bad_regexes(current[key])}
+        if culprits:
+            nacked = culprits
         for key, status in statuses.items():
             obj = current.get(key)
             if obj is None:
@@ -261,8 +273,7 @@ class ProxyManager:
                  resource_names: list[str]) -> None:
         log.warning("Envoy rejected %s %s: %s (suspects: %s)", type_url.rsplit(".", 1)[-1],
                     version, message, ", ".join(resource_names))
-        self.nack = {"type": type_url, "version": version, "message": message,
-                     "resource_names": list(resource_names), "at": now_rfc3339()}
+        # The next sync reads the rejection from the xDS status and writes it into the routes.
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._dirty.set)
 
@@ -317,3 +328,25 @@ class ProxyManager:
             "syncedRevision": self.revision, "error": self.error,
             "accessLogs": self.als.stats() if hasattr(self.als, "stats") else {},
         }
+
+
+def _bad_regexes(route: Mapping[str, Any]) -> list[str]:
+    """The RegularExpression values of a route that RE2 would reject."""
+    from nodemesh.route.validate import check_regex
+
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            value = node.get("value")
+            if node.get("type") == "RegularExpression" and isinstance(value, str) \
+                    and check_regex(value):
+                found.append(value)
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(route.get("spec") or {})
+    return found

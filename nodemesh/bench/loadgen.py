@@ -188,7 +188,8 @@ def run_wrk(ph: dict[str, Any]) -> dict[str, Any]:
             f.write(WRK_LUA)
     threads = int(ph.get("threads", len(targets)))
     url = f"http://{targets[0]}{ph['path']}"
-    argv = ["wrk", "-t", str(threads), "-c", str(ph["connections"]), "-d", f"{ph['seconds']}s",
+    seconds = max(1, round(float(ph["seconds"])))  # wrk takes whole seconds
+    argv = ["wrk", "-t", str(threads), "-c", str(ph["connections"]), "-d", f"{seconds}s",
             "--timeout", "2s", "-s", lua]
     if ph.get("host"):
         argv += ["-H", f"Host: {ph['host']}"]
@@ -312,7 +313,7 @@ class OpenLoop:
     # -- sending --
     def _send(self, c: _Conn, sched: int) -> None:
         now = time.perf_counter_ns()
-        if sched >= self.record_from:
+        if sched >= self.record_from and not self.close:
             self.lag.append(now - sched)
         c.sched = sched
         c.buf = b""
@@ -331,6 +332,8 @@ class OpenLoop:
                 if sched >= self.record_from:
                     self.errors["overload"] += 1
                 return
+            if sched >= self.record_from:  # new connection: the lag is until connect() starts
+                self.lag.append(time.perf_counter_ns() - sched)
             try:
                 s, target = self._new_socket()
             except OSError:

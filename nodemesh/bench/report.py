@@ -97,6 +97,13 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         s["traffic"] = summarize_traffic(res["traffic"]["cells"])
     if "datapath" in res:
         s["datapath"] = summarize_datapath(res["datapath"]["cells"])
+    gates = [c["gate"] for sec in ("traffic", "datapath") for c in (res.get(sec) or {}).get("cells", [])
+             if c.get("gate")]
+    if gates:
+        s["quiet_gate"] = {"cells": len(gates),
+                           "busy_cpus_before_cell": spread(g["busy_cpus"] for g in gates),
+                           "waited_s": round(sum(g["waited_s"] for g in gates), 1),
+                           "cells_started_busy": sum(1 for g in gates if g["busy_cpus"] >= 0.45)}
     s["targets"] = targets(res, s)
     return s
 
@@ -242,6 +249,13 @@ def markdown(res: dict[str, Any]) -> str:
     if bg:
         L.append(f"Other processes on the machine used {bg.get('other_processes_cpu_s')} CPU-s "
                  f"during the {bg.get('wall_s')} s run.")
+    q = s.get("quiet_gate")
+    if q:
+        b = q["busy_cpus_before_cell"]
+        L.append(f"Machine load just before each cell (busy CPUs of 2, all processes): median "
+                 f"{fmt(b['median'], 2)}, max {fmt(b['max'], 2)}; the harness waited "
+                 f"{q['waited_s']} s in total for quiet, and {q['cells_started_busy']} of "
+                 f"{q['cells']} cells started with the machine still busy.")
     L.append("")
     tg = s.get("targets") or {}
     L.append("## Targets\n")

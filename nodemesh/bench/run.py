@@ -118,7 +118,8 @@ def environment() -> dict[str, Any]:
 
 
 def all_process_cpu() -> dict[int, tuple[str, float]]:
-    """CPU seconds of every process on the machine (to report what else ran meanwhile)."""
+    """CPU seconds (utime + stime) of every process on the machine, to report what else ran
+    meanwhile (processes that start and end between two calls are not seen)."""
     tck = os.sysconf("SC_CLK_TCK")
     out: dict[int, tuple[str, float]] = {}
     for pid in os.listdir("/proc"):
@@ -133,7 +134,7 @@ def all_process_cpu() -> dict[int, tuple[str, float]]:
             continue
         rest = data.rsplit(")", 1)[1].split()
         out[int(pid)] = (cmd or data.split("(", 1)[1].split(")")[0],
-                         (int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14])) / tck)
+                         (int(rest[11]) + int(rest[12])) / tck)
     return out
 
 

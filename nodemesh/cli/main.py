@@ -146,7 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # kubectl accepts flags between positionals (`delete svc -n prod web`); argparse stops
+    # filling positionals at the first flag, so hand the rest over here.
+    if extra and not any(e.startswith("-") for e in extra):
+        if getattr(args, "command", None) == "delete":
+            args.names = [*args.names, *extra]
+            extra = []
+        elif getattr(args, "command", None) in ("get", "describe") and len(extra) == 1 \
+                and getattr(args, "name", None) is None:
+            args.name = extra[0]
+            extra = []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
