@@ -158,7 +158,9 @@ def test_one_envoy_per_node_with_100_pods(capsys: pytest.CaptureFixture[str]) ->
                   "spec": {"replicas": 100, "selector": {"matchLabels": {"app": "many"}},
                            "template": {"metadata": {"labels": {"app": "many"}}, "spec": {
                                "containers": [{"name": "c", "image": "debian",
-                                               "command": ["sleep", "infinity"]}]}}}},
+                                               "command": ["sleep", "infinity"],
+                                               "ports": [{"containerPort": 8080,
+                                                          "name": "http"}]}]}}}},
                  service("many"), route("many-route", "many", "PathPrefix", "/", "many")])
         c.wait_pods(count=100, timeout=120)
         envoys = [p for p in os.listdir("/proc") if p.isdigit() and _is_envoy_of(p, c.state_dir)]
