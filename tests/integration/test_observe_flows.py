@@ -183,7 +183,7 @@ def test_weighted_route_flows_name_the_backend(traffic: dict) -> None:
     (["--node", "node2"], lambda f: f["node_name"] == "node2"),
     (["--until", "1d"], lambda f: False),
 ])
-def test_each_filter(traffic: dict, args: list[str], check) -> None:  # noqa: ANN001
+def test_each_filter(traffic: dict, args: list[str], check) -> None:
     flows = observe(traffic["cluster"], "--since", "10m", *args)
     if args == ["--until", "1d"]:
         assert flows == []  # nothing is older than a day

@@ -1,6 +1,7 @@
 """Fixtures and helpers for the route translation tests (tests/unit/test_route_*.py).
 
-- `gamma/`: the Gateway API mesh conformance data (manifests and one route YAML per test);
+- the Gateway API mesh conformance data (manifests and one route YAML per test), which lives in
+  `nodemesh/conformance/data/` (the conformance runner uses it too);
 - `mesh_cluster()`: the conformance manifests as translation input — Services with ClusterIPs,
   one pod per Deployment on node ``n1`` and one on ``n2``;
 - `routes_from_yaml()`: route YAML through nodemesh's model (validated and defaulted);
@@ -19,14 +20,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl
 
+from nodemesh.conformance import DATA_DIR, TESTS_DIR
 from nodemesh.model.manifest import load_manifests
 from nodemesh.model.validate import validate_objects
 from nodemesh.route import L7Input, Pod, ProxySnapshotResult, Service
 from nodemesh.route.protos import to_dict
 
-HERE = os.path.dirname(__file__)
-GAMMA = os.path.join(HERE, "gamma")
-GAMMA_TESTS = os.path.join(GAMMA, "tests")
+GAMMA = DATA_DIR
+GAMMA_TESTS = TESTS_DIR
 NS = "gateway-conformance-mesh"
 CONSUMER_NS = "gateway-conformance-mesh-consumer"
 
