@@ -87,6 +87,7 @@ def test_agent_sigkill_keeps_connections_and_verdicts(cluster: Cluster) -> None:
     assert results["stranger-new"]["ok"] == 0 and results["stranger-new"]["bad"] >= 3, results
     # And after the restart the verdicts are still the same.
     cluster.wait_synced()
-    probe = "import socket,sys\ntry:\n socket.create_connection((sys.argv[1],9090),timeout=1);print('open')\nexcept OSError:\n print('closed')"
+    probe = ("import socket,sys\ntry:\n socket.create_connection((sys.argv[1],9090),timeout=1);"
+             "print('open')\nexcept OSError:\n print('closed')")
     assert cluster.exec("friend", sys.executable, "-c", probe, ip).out.strip() == "open"
     assert cluster.exec("stranger", sys.executable, "-c", probe, ip).out.strip() == "closed"
