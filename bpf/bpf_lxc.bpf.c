@@ -10,8 +10,9 @@
  *
  * L7 (docs/l7.md): a REDIRECT verdict lets a TCP connection into the pod (it comes from the
  * client node's Envoy, which enforced the L7 rules), a connection that went around connect4's
- * redirect is dropped on its way out, and a reply from a local backend to the node Envoy's
- * transparent upstream socket is marked for local delivery (lib/proxy.h). */
+ * redirect (one for this pod's identity or for any client) is dropped on its way out, and a
+ * reply from a local backend to the node Envoy's transparent upstream socket is marked for
+ * local delivery (lib/proxy.h). */
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/drop_reasons.h"
@@ -111,12 +112,15 @@ static __always_inline int handle_packet(struct __sk_buff *skb, const __u8 direc
 	struct policy_decision d = { .verdict = POLICY_ALLOW };
 
 	if (direction == DIR_EGRESS && cfg && cfg->proxy_ip) {
-		/* connect4 sends every TCP connection to an L7-covered pod port to the node Envoy.
+		/* connect4 sends this pod's TCP connections to a pod port that an L7 rule covers for
+		 * its identity (an nm_l7_redir entry for it, or for any client) to the node Envoy.
 		 * One that still arrives here addressed to that port went around it (a raw socket, a
-		 * process outside the pods' cgroup): the destination will let it in on the strength
-		 * of its REDIRECT verdict, trusting that the client's proxy enforced L7, so it must
-		 * not leave. */
-		struct l7_redir_val *r = l7_redirect_lookup(p.daddr, p.dport, p.protocol);
+		 * process outside the pods' cgroup, a namespace nm_netns does not know yet): the
+		 * destination will let it in on the strength of its REDIRECT verdict, trusting that
+		 * the client's proxy enforced L7, so it must not leave. A client without an entry is
+		 * not redirected and passes on to the destination's L3/L4 policy. */
+		struct l7_redir_val *r = l7_redirect_lookup(p.daddr, p.dport, p.protocol,
+							    local_identity);
 
 		if (r)
 			return drop_packet(&p, DROP_PROXY_UNSUPPORTED, direction, ifindex,

@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /* Socket hooks of the node's cgroup (it covers every pod):
  *   connect4     TCP and connected UDP: ClusterIP VIP:port -> backend, once per connection;
- *                TCP to an L7-covered pod port (nm_l7_redir; directly or as the backend a
- *                ClusterIP picked) -> the node Envoy's listener for it
+ *                TCP to a pod port that an L7 rule covers for this client (nm_l7_redir for the
+ *                identity of the client's network namespace, nm_netns, or for any client;
+ *                directly or as the backend a ClusterIP picked) -> the node Envoy's listener
  *   sendmsg4     unconnected UDP: the same, per datagram
  *   recvmsg4     UDP recvfrom(): backend -> VIP, so replies come from the address asked for
  *   getpeername4 backend (or proxy listener) -> VIP (or the pod IP:port asked for)
@@ -24,11 +25,13 @@
 #define SYS_REJECT  0
 #define SYS_PROCEED 1
 
+/* client: the pod whose identity decided an L7 redirect (names the source: the socket has no
+ * address yet), or 0. */
 static __always_inline void emit_sock_event(struct bpf_sock_addr *ctx, __u8 type, __u8 verdict,
 					    __u8 reason, __be32 daddr, __be16 dport,
 					    __be32 vip, __be16 vport, __u16 rev_nat_index,
 					    __u64 netns_cookie, const struct node_config *cfg,
-					    __u32 policy_id)
+					    __u32 policy_id, const struct netns_info *client)
 {
 	struct flow_event *e = bpf_ringbuf_reserve(&nm_events, sizeof(*e), 0);
 	struct bpf_sock *sk = ctx->sk;
@@ -46,7 +49,7 @@ static __always_inline void emit_sock_event(struct bpf_sock_addr *ctx, __u8 type
 	e->verdict = verdict;
 	e->reason = reason;
 	e->direction = DIR_EGRESS;
-	e->ifindex = 0;
+	e->ifindex = client ? client->ifindex : 0;
 	e->saddr = saddr;
 	e->daddr = daddr;
 	e->sport = bpf_htons(sport); /* bpf_sock.src_port is host order */
@@ -54,7 +57,7 @@ static __always_inline void emit_sock_event(struct bpf_sock_addr *ctx, __u8 type
 	e->protocol = (__u8)ctx->protocol;
 	e->tcp_flags = 0;
 	e->rev_nat_index = rev_nat_index;
-	e->src_identity = saddr ? identity_of(saddr, cfg) : 0;
+	e->src_identity = client ? client->identity : saddr ? identity_of(saddr, cfg) : 0;
 	e->dst_identity = verdict == VERDICT_DROPPED ? 0 : identity_of(daddr, cfg);
 	e->policy_id = policy_id;
 	e->len = 0;
@@ -71,26 +74,35 @@ static __always_inline int refuse(struct bpf_sock_addr *ctx, __be32 vip, __be16 
 {
 	metrics_add(DROP_NO_SERVICE, DIR_EGRESS, VERDICT_DROPPED, 0);
 	emit_sock_event(ctx, EV_DROP, VERDICT_DROPPED, DROP_NO_SERVICE, vip, vport, vip, vport,
-			rev_nat_index, netns_cookie, cfg, 0);
+			rev_nat_index, netns_cookie, cfg, 0, 0);
 	/* Returning 0 alone surfaces as EPERM; the application should see what a kube-proxy
 	 * REJECT rule gives it. */
 	bpf_set_retval(-ECONNREFUSED);
 	return SYS_REJECT;
 }
 
-/* A connection straight to a pod IP:port that L7 policy covers: to the node Envoy's listener
- * for it. getpeername() keeps showing the pod (nm_lb4_rsk with rev_nat_index 0). */
+/* A connection straight to a pod IP:port that an L7 rule covers for this client: to the node
+ * Envoy's listener for it. getpeername() keeps showing the pod (nm_lb4_rsk with rev_nat_index
+ * 0). A client no L7 rule covers connects to the pod itself, whose L3/L4 policy decides; so
+ * does a socket whose network namespace nm_netns does not know (its from_container drops the
+ * connection if its identity should have been redirected). */
 static __always_inline int sock4_l7_redirect_direct(struct bpf_sock_addr *ctx, __be32 daddr,
 						    __be16 dport, __u8 protocol)
 {
 	struct node_config *cfg = node_config();
 
-	/* proxy_ip first: an array lookup the verifier inlines, so without L7 a plain connect
-	 * pays no hash lookup here */
-	if (!cfg || !cfg->proxy_ip)
+	/* proxy_ip and the protocol first: an array lookup the verifier inlines, so without L7
+	 * (and for UDP) a plain connect pays no hash lookup here */
+	if (!cfg || !cfg->proxy_ip || protocol != IPPROTO_TCP)
 		return SYS_PROCEED;
 
-	struct l7_redir_val *r = l7_redirect_lookup(daddr, dport, protocol);
+	__u64 netns_cookie = bpf_get_netns_cookie(ctx);
+	struct netns_info *client = netns_client(netns_cookie);
+
+	if (!client)
+		return SYS_PROCEED;
+
+	struct l7_redir_val *r = l7_redirect_lookup(daddr, dport, protocol, client->identity);
 
 	if (!r || !r->proxy_port)
 		return SYS_PROCEED;
@@ -104,7 +116,7 @@ static __always_inline int sock4_l7_redirect_direct(struct bpf_sock_addr *ctx, _
 	lb4_remember(bpf_get_socket_cookie(ctx), paddr, pport, daddr, dport, 0);
 	metrics_add(0, DIR_EGRESS, VERDICT_REDIRECTED, 0);
 	emit_sock_event(ctx, EV_SOCK, VERDICT_REDIRECTED, 0, paddr, pport, daddr, dport, 0,
-			bpf_get_netns_cookie(ctx), cfg, policy_id);
+			netns_cookie, cfg, policy_id, client);
 	return SYS_PROCEED;
 }
 
@@ -130,6 +142,7 @@ static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 	__be16 port;
 	__u8 verdict = VERDICT_TRANSLATED;
 	__u32 policy_id = 0;
+	struct netns_info *client = 0;
 
 	if ((svc->flags & SVC_F_L7) && svc->l7_proxy_port && cfg && cfg->proxy_ip) {
 		/* Routed service: the node Envoy listens on one port per service, so it knows the
@@ -165,16 +178,21 @@ static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 			lb4_affinity_update(svc, netns_cookie, backend_id, now);
 		addr = be->address;
 		port = be->port;
-		/* The chosen backend's port is L7-covered: the proxy, which knows the backend from
-		 * its listener port; the application still sees the VIP. */
-		if (cfg && cfg->proxy_ip) {
-			struct l7_redir_val *r = l7_redirect_lookup(addr, port, protocol);
+		/* The chosen backend's port is L7-covered for this client: the proxy, which knows
+		 * the backend from its listener port; the application still sees the VIP. */
+		if (cfg && cfg->proxy_ip && protocol == IPPROTO_TCP)
+			client = netns_client(netns_cookie);
+		if (client) {
+			struct l7_redir_val *r = l7_redirect_lookup(addr, port, protocol,
+								    client->identity);
 
 			if (r && r->proxy_port) {
 				addr = cfg->proxy_ip;
 				port = bpf_htons(r->proxy_port);
 				verdict = VERDICT_REDIRECTED;
 				policy_id = r->policy_id;
+			} else {
+				client = 0; /* the event names a client only for its redirect */
 			}
 		}
 	}
@@ -184,7 +202,7 @@ static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 	lb4_remember(bpf_get_socket_cookie(ctx), addr, port, vip, vport, rev_nat_index);
 	metrics_add(0, DIR_EGRESS, verdict, 0);
 	emit_sock_event(ctx, EV_SOCK, verdict, 0, addr, port, vip, vport, rev_nat_index,
-			netns_cookie, cfg, policy_id);
+			netns_cookie, cfg, policy_id, client);
 	return SYS_PROCEED;
 }
 
@@ -201,13 +219,19 @@ static __always_inline int sock4_xlate_rev(struct bpf_sock_addr *ctx)
 		return SYS_PROCEED;
 
 	/* As Cilium does: translate only while the service still exists with that VIP (or, for
-	 * a direct L7 redirect, index 0, while the pod port is still redirected), so a removed
-	 * service stops pretending. */
+	 * a direct L7 redirect, index 0, while the pod port is still redirected for this client:
+	 * an entry for its identity or for any client; for any client only while nm_netns does
+	 * not know the socket's namespace, as just after an upgrade), so a removed service stops
+	 * pretending. */
 	__u16 index = val->rev_nat_index;
 	int live;
 
 	if (index == 0) {
-		live = l7_redirect_lookup(val->address, val->port, (__u8)ctx->protocol) != 0;
+		struct netns_info *client = netns_client(bpf_get_netns_cookie(ctx));
+		__u32 identity = client ? client->identity : IDENTITY_ANY;
+
+		live = l7_redirect_lookup(val->address, val->port, (__u8)ctx->protocol,
+					  identity) != 0;
 	} else {
 		struct lb4_reverse_nat *rn = bpf_map_lookup_elem(&nm_lb4_revnat, &index);
 

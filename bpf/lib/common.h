@@ -244,19 +244,29 @@ struct lb4_reverse_sk_val {
 	__u16 rev_nat_index;
 };
 
-/* nm_l7_redir: pod ports that L7 policy covers. connect4 sends a TCP connection to such a
+/* nm_l7_redir: pod ports that L7 policy covers, per client identity. connect4 sends a TCP
+ * connection of a client whose identity has an entry (or of any client, identity 0) to such a
  * destination (directly, or as the backend a ClusterIP picked) to the node Envoy's listener
- * for it. */
+ * for it; every other client connects straight to the pod, whose L3/L4 policy decides. */
 struct l7_redir_key {
 	__be32 addr;      /* the pod's IP */
 	__be16 port;
 	__u8 protocol;    /* IPPROTO_TCP (other protocols are not redirected) */
 	__u8 pad;
+	__u32 identity;   /* the client's security identity (host order); 0 = any client */
 };
 struct l7_redir_val {
 	__u16 proxy_port; /* host order: the Envoy listener on nm_config.proxy_ip */
 	__u16 pad;
 	__u32 policy_id;  /* the L7 policy, for the event */
+};
+
+/* nm_netns: a local pod's network namespace (its cookie, bpf_get_netns_cookie()) -> its
+ * identity and veth, for socket hooks that see neither an address nor a device: connect4 runs
+ * before the socket is bound, and the L7 redirect is decided by the client's identity. */
+struct netns_info {
+	__u32 identity;
+	__u32 ifindex;    /* host-side veth */
 };
 
 /* nm_lxc: a local pod's IP -> its endpoint, for hooks that see an address but no veth (the

@@ -18,11 +18,12 @@
 #define NM_LB_MAGLEV_MAX   1024
 #define NM_LB_AFFIN_MAX    65536
 #define NM_LB_RSK_MAX      131072
-#define NM_EVENTS_BYTES    (4 << 20)
+#define NM_EVENTS_BYTES    (1 << 20)
 #define NM_METRICS_MAX     1024
 #define NM_FLOWCNT_MAX     16384
 #define NM_L7_REDIR_MAX    16384
 #define NM_LXC_MAX         NM_ENDPOINTS_MAX
+#define NM_NETNS_MAX       NM_ENDPOINTS_MAX
 
 /* Default Maglev table size; the loader sets the real one (a prime) as the map's value size and
  * as the .rodata constant nm_maglev_m before load. */
@@ -167,6 +168,15 @@ struct {
 	__type(value, struct lxc_info);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } nm_lxc SEC(".maps");
+
+/* A local pod's network namespace cookie -> its identity and veth (the agent, per pod). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NM_NETNS_MAX);
+	__type(key, __u64);
+	__type(value, struct netns_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_netns SEC(".maps");
 
 static __always_inline struct node_config *node_config(void)
 {

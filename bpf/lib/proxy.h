@@ -12,15 +12,37 @@
 
 #include "maps.h"
 
-/* The node Envoy's listener for a redirected destination, or 0. TCP only: Envoy's L7 filters
- * are HTTP/gRPC, and the return path below is TCP's. */
-static __always_inline struct l7_redir_val *l7_redirect_lookup(__be32 addr, __be16 port,
-							       __u8 protocol)
+/* The local pod a socket belongs to, by its network namespace, or 0 (not a pod the agent
+ * told us about: the node itself, a pod not yet programmed). */
+static __always_inline struct netns_info *netns_client(__u64 netns_cookie)
 {
-	struct l7_redir_key key = { .addr = addr, .port = port, .protocol = protocol };
+	return bpf_map_lookup_elem(&nm_netns, &netns_cookie);
+}
+
+/* The node Envoy's listener for a connection of a client with this identity to addr:port, or
+ * 0: the entry for that identity, else the one for any client (identity 0). Only clients some
+ * L7 rule covers have one; the others go straight to the destination, whose L3/L4 policy
+ * decides (Cilium's order: L3/L4 in the kernel first, L7 in the proxy). TCP only: Envoy's L7
+ * filters are HTTP/gRPC, and the return path below is TCP's. */
+static __always_inline struct l7_redir_val *l7_redirect_lookup(__be32 addr, __be16 port,
+							       __u8 protocol, __u32 identity)
+{
+	struct l7_redir_key key = {
+		.addr = addr,
+		.port = port,
+		.protocol = protocol,
+		.identity = identity,
+	};
+	struct l7_redir_val *r;
 
 	if (protocol != IPPROTO_TCP)
 		return 0;
+	if (identity != IDENTITY_ANY) {
+		r = bpf_map_lookup_elem(&nm_l7_redir, &key);
+		if (r)
+			return r;
+		key.identity = IDENTITY_ANY;
+	}
 	return bpf_map_lookup_elem(&nm_l7_redir, &key);
 }
 

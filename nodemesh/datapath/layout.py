@@ -7,7 +7,8 @@ is a plain port number. tests/unit/test_datapath_layout.py compares every struct
 member offsets with the BTF of the compiled objects; `STRUCTS` lists the pairs.
 
 Also here: the key encodings the policy compiler needs (LPM prefix lengths, port ranges as
-prefix blocks) so that nothing outside this module knows the bit layout of a key.
+prefix blocks), and the entries of the endpoint maps (`lxc_entry`, `netns_entry`) and of
+nm_l7_redir (`l7_redirect`), so that nothing outside this module knows the bit layout of a key.
 """
 
 from __future__ import annotations
@@ -311,7 +312,8 @@ class Lb4ReverseSkVal(ctypes.Structure):
 
 
 class L7RedirKey(ctypes.Structure):
-    _fields_ = [("addr", be32), ("port", be16), ("protocol", u8), ("pad", u8)]
+    _fields_ = [("addr", be32), ("port", be16), ("protocol", u8), ("pad", u8),
+                ("identity", u32)]
 
 
 class L7RedirVal(ctypes.Structure):
@@ -320,6 +322,10 @@ class L7RedirVal(ctypes.Structure):
 
 class LxcInfo(ctypes.Structure):
     _fields_ = [("ifindex", u32), ("identity", u32)]
+
+
+class NetnsInfo(ctypes.Structure):
+    _fields_ = [("identity", u32), ("ifindex", u32)]
 
 
 class FlowEvent(ctypes.Structure):
@@ -409,6 +415,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "l7_redir_key": L7RedirKey,
     "l7_redir_val": L7RedirVal,
     "lxc_info": LxcInfo,
+    "netns_info": NetnsInfo,
     "flow_event": FlowEvent,
     "metrics_key": MetricsKey,
     "metrics_val": MetricsVal,
@@ -434,6 +441,7 @@ MAPS: dict[str, tuple[type, type | None]] = {
     "nm_flowcnt": (FlowCountKey, MetricsVal),
     "nm_l7_redir": (L7RedirKey, L7RedirVal),
     "nm_lxc": (be32, LxcInfo),
+    "nm_netns": (u64, NetnsInfo),
 }
 RINGBUF_MAPS = ("nm_events",)
 
@@ -509,12 +517,17 @@ def port_rule(verdict: PolicyVerdict, protocol: int = 0, lo: int = 0, hi: int = 
 
 
 def l7_redirect(addr: str | int, port: int, proxy_port: int, policy_id: int = 0,
-                protocol: int = Proto.TCP) -> tuple[L7RedirKey, L7RedirVal]:
-    """An nm_l7_redir entry: TCP connections to addr:port go to the node Envoy's listener on
-    proxy_port (a pair for Datapath.sync_map)."""
+                protocol: int = Proto.TCP, identity: int = 0) -> tuple[L7RedirKey, L7RedirVal]:
+    """An nm_l7_redir entry: TCP connections of clients with `identity` (0: of any client) on
+    this node to addr:port go to the node Envoy's listener on proxy_port (a pair for
+    Datapath.sync_map). connect4 takes the entry for the client's identity before the one
+    for any client; a client with neither connects to addr:port itself."""
     if not 0 < proxy_port <= 0xFFFF:
         raise ValueError(f"bad proxy port {proxy_port}")
-    return L7RedirKey(ip4(addr), port, protocol, 0), L7RedirVal(proxy_port, 0, policy_id)
+    if not 0 <= identity <= 0xFFFFFFFF:
+        raise ValueError(f"bad identity {identity}")
+    return (L7RedirKey(ip4(addr), port, protocol, 0, identity),
+            L7RedirVal(proxy_port, 0, policy_id))
 
 
 def lxc_key(addr: str | int) -> Any:
@@ -525,3 +538,17 @@ def lxc_key(addr: str | int) -> Any:
 def lxc_entry(addr: str | int, ifindex: int, identity: int) -> tuple[Any, LxcInfo]:
     """An nm_lxc entry: a local pod's IP -> its veth and identity (a pair for sync_map)."""
     return lxc_key(addr), LxcInfo(ifindex, identity)
+
+
+def netns_key(cookie: int) -> Any:
+    """The nm_netns key of a network namespace cookie (a u64 scalar)."""
+    return u64(cookie)
+
+
+def netns_entry(cookie: int, identity: int, ifindex: int) -> tuple[Any, NetnsInfo]:
+    """An nm_netns entry: a local pod's network namespace (its cookie, libbpf.netns_cookie)
+    -> its identity and veth (a pair for sync_map). connect4 decides the L7 redirect by this
+    identity: a pod without an entry is never redirected."""
+    if not 0 < cookie <= 0xFFFFFFFFFFFFFFFF:
+        raise ValueError(f"bad netns cookie {cookie}")
+    return netns_key(cookie), NetnsInfo(identity, ifindex)

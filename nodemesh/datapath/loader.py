@@ -7,7 +7,10 @@ programs on the node's cgroup (`cgroup-<program>`), the tc programs on each pod 
 (`proxy-connect4_proxy`) and the return-path program on the node's underlay device
 (`netdev-<ifname>-ingress`). Pins make all of it outlive the agent; a new agent adopts it:
 a link whose program is the same build is kept, one with another build is switched to the new
-program with an atomic link update, so live connections never see a gap.
+program with an atomic link update, so live connections never see a gap. A pinned map whose
+shape the new build changed is recreated: empty until the agent's next sync refills it, or,
+where `MIGRATIONS` says how, with its entries converted (nm_l7_redir from before per-client
+redirects).
 
 Maps are written by diff (`sync_map`, `apply_lb`): only changed entries are written, stale ones
 deleted, so applying the same desired state twice writes nothing.
@@ -52,6 +55,8 @@ from nodemesh.datapath.layout import (
     lxc_entry,
     lxc_key,
     maglev_table_type,
+    netns_entry,
+    netns_key,
     u32,
 )
 from nodemesh.datapath.lb import LbState, is_prime
@@ -81,6 +86,23 @@ NETDEV_PIN_PREFIX = "netdev-"
 CLANG_FLAGS = ["-O2", "-g", "-target", "bpf", "-mcpu=v3", "-Wall", "-Werror",
                "-I/usr/include/x86_64-linux-gnu"]
 MAGLEV_MAP = "nm_lb4_maglev"
+
+
+def _l7_redir_any_client(key: bytes, value: bytes) -> tuple[bytes, bytes]:
+    """nm_l7_redir before per-client redirects ({addr, port, protocol, pad}: every client was
+    redirected) -> the same entry for identity 0 (any client)."""
+    return key + bytes(4), value
+
+
+# Maps whose entries survive a shape change: map -> (old key size, old value size, convert an
+# old entry's bytes to the new shape's). Without a migration a recreated map is empty until the
+# agent's next sync; for nm_l7_redir that would let clients past the L7 rules in between (they
+# would connect straight to pods whose REDIRECT verdicts admit them), so its old entries are
+# carried over as identity 0, which keeps the from_container bypass drop in force (fail-closed)
+# until the agent has written nm_netns and its per-identity entries.
+MIGRATIONS: dict[str, tuple[int, int, Callable[[bytes, bytes], tuple[bytes, bytes]]]] = {
+    "nm_l7_redir": (8, 8, _l7_redir_any_client),
+}
 
 T = TypeVar("T")
 # what sync_map takes: {key bytes: value} or [(key struct or bytes, value), ...]
@@ -210,6 +232,7 @@ class Datapath:
         self._objects: dict[str, libbpf.BpfObject] = {}
         self._maps: dict[str, libbpf.Map[Any, Any]] = {}
         self._readers: list[RingReader] = []
+        self._migrated: dict[str, list[tuple[bytes, bytes]]] = {}
 
     # -- build --------------------------------------------------------------------------------
     def _sources(self) -> list[Path]:
@@ -272,9 +295,52 @@ class Datapath:
             want = (m.type, m.key_size, m.value_size, m.max_entries, m.map_flags)
             have = (info.type, info.key_size, info.value_size, info.max_entries, info.map_flags)
             if want != have:
-                log.warning("map %s changed shape %s -> %s: recreating it, its entries are lost",
-                            pin, have, want)
+                carried = self._read_for_migration(m.name, pin, info)
+                if carried is None:
+                    log.warning("map %s changed shape %s -> %s: recreating it empty (the "
+                                "agent's next sync refills the maps it writes)", pin, have, want)
+                else:
+                    log.warning("map %s changed shape %s -> %s: recreating it with its %d "
+                                "entries converted", pin, have, want, len(carried))
+                    self._migrated[m.name] = carried
                 libbpf.unpin(pin)
+
+    def _read_for_migration(self, name: str, pin: Path,
+                            info: libbpf.MapInfo) -> list[tuple[bytes, bytes]] | None:
+        """The entries of a pinned map of an older shape, converted to the new one (MIGRATIONS),
+        or None when there is no migration from that shape."""
+        migration = MIGRATIONS.get(name)
+        if migration is None or (info.key_size, info.value_size) != migration[:2]:
+            return None
+        key_t = ctypes.c_uint8 * info.key_size
+        value_t = ctypes.c_uint8 * info.value_size
+        old = libbpf.Map.from_pin(pin, key_t, value_t)
+        try:
+            return [migration[2](bytes(k), bytes(v)) for k, v in old.items()]
+        finally:
+            old.close()
+
+    def _restore_migrated(self) -> None:
+        """Write the converted entries into the maps that the last load created (before any
+        link is switched to the new programs, which use the new maps)."""
+        for name in list(self._migrated):
+            pin = self.pin_dir / name
+            if not pin.exists():
+                continue
+            entries = self._migrated.pop(name)
+            fd = libbpf.obj_get(pin)
+            try:
+                info = libbpf.map_info(fd)
+            finally:
+                os.close(fd)
+            new = libbpf.Map.from_pin(pin, ctypes.c_uint8 * info.key_size,
+                                      ctypes.c_uint8 * info.value_size)
+            try:
+                for k, v in entries:
+                    new.put((ctypes.c_uint8 * len(k)).from_buffer_copy(k),
+                            (ctypes.c_uint8 * len(v)).from_buffer_copy(v))
+            finally:
+                new.close()
 
     def load(self) -> None:
         """Open and load both objects with their maps pinned under <bpffs>/<node>/, then attach
@@ -300,10 +366,12 @@ class Datapath:
                     obj.set_rodata("nm_maglev_m", self.maglev_m.to_bytes(4, "little"))
                 self._reconcile_pins(obj)
                 obj.load()
+                self._restore_migrated()
             self._attach_sock_programs()
             self._adopt_tcx_links()
             self._adopt_host_links()
         except BaseException:
+            self._migrated.clear()
             self.close()
             raise
 
@@ -537,32 +605,48 @@ class Datapath:
 
     # -- endpoints and config ---------------------------------------------------------------
     def set_endpoint(self, ifindex: int, ipv4: str, identity: int,
-                     flags: EndpointFlags = EndpointFlags.NONE) -> None:
+                     flags: EndpointFlags = EndpointFlags.NONE,
+                     netns_cookie: int | None = None) -> None:
         """Write a pod's nm_endpoints entry: the last step of bringing a pod up (fail-closed
-        until then); and its nm_lxc entry (IP -> veth, identity), which the proxy's hook
-        needs. An agent that syncs nm_endpoints with sync_map syncs nm_lxc the same way
-        (layout.lxc_entry)."""
+        until then); its nm_lxc entry (IP -> veth, identity), which the proxy's hook needs;
+        and with netns_cookie (libbpf.netns_cookie of the pod's namespace) its nm_netns entry
+        (cookie -> identity, veth), without which connect4 never redirects the pod to the
+        node Envoy. An agent that syncs nm_endpoints with sync_map syncs nm_lxc and nm_netns
+        the same way (layout.lxc_entry, layout.netns_entry)."""
         self.endpoints.put(u32(ifindex), EndpointInfo(ip4(ipv4), identity, int(flags), 0))
         self.set_lxc(ipv4, ifindex, identity)
+        if netns_cookie is not None:
+            self.set_netns(netns_cookie, identity, ifindex)
 
     def remove_endpoint(self, ifindex: int) -> None:
-        """Delete a pod's nm_endpoints entry (its veth fails closed at once) and the nm_lxc
-        entry of its address."""
+        """Delete a pod's nm_endpoints entry (its veth fails closed at once), the nm_lxc entry
+        of its address and the nm_netns entries that name its veth."""
         info = self.endpoints.get(u32(ifindex))
         self.endpoints.delete(u32(ifindex))
         if info is not None:
             current = self.lxc.get(lxc_key(info.ipv4))
             if current is not None and current.ifindex == ifindex:
                 self.lxc.delete(lxc_key(info.ipv4))
+        for key in [k for k, v in self.pod_netns.items() if v.ifindex == ifindex]:
+            self.pod_netns.delete(key)
 
     def set_lxc(self, ipv4: str, ifindex: int, identity: int) -> None:
         key, value = lxc_entry(ipv4, ifindex, identity)
         self.lxc.put(key, value)
 
-    def set_l7_redirect(self, addr: str, port: int, proxy_port: int, policy_id: int = 0) -> None:
-        """One nm_l7_redir entry (TCP); the agent would rather sync_map("nm_l7_redir", pairs
-        of layout.l7_redirect)."""
-        key, value = l7_redirect(addr, port, proxy_port, policy_id)
+    def set_netns(self, cookie: int, identity: int, ifindex: int) -> None:
+        """One nm_netns entry: the pod whose network namespace has this cookie."""
+        key, value = netns_entry(cookie, identity, ifindex)
+        self.pod_netns.put(key, value)
+
+    def remove_netns(self, cookie: int) -> None:
+        self.pod_netns.delete(netns_key(cookie))
+
+    def set_l7_redirect(self, addr: str, port: int, proxy_port: int, policy_id: int = 0,
+                        identity: int = 0) -> None:
+        """One nm_l7_redir entry (TCP) for clients of that identity (0: any client); the agent
+        would rather sync_map("nm_l7_redir", pairs of layout.l7_redirect)."""
+        key, value = l7_redirect(addr, port, proxy_port, policy_id, identity=identity)
         self.l7_redir.put(key, value)
 
     def set_config(self, node_ip: str, dns_ip: str = "0.0.0.0", proxy_ip: str = "0.0.0.0",
@@ -633,6 +717,7 @@ class Datapath:
     flowcnt = property(lambda self: self.map("nm_flowcnt"))
     l7_redir = property(lambda self: self.map("nm_l7_redir"))
     lxc = property(lambda self: self.map("nm_lxc"))
+    pod_netns = property(lambda self: self.map("nm_netns"))
 
     @staticmethod
     def _key_bytes(key: bytes | ctypes.Structure | ctypes._SimpleCData) -> bytes:  # type: ignore[name-defined]

@@ -165,6 +165,7 @@ class Pod:
     lxc: str
     cgroup: Path
     ifindex: int = 0
+    netns_cookie: int = 0  # what bpf_get_netns_cookie() says for the pod's sockets (nm_netns)
 
     @property
     def identity(self) -> int:
@@ -289,7 +290,8 @@ class Topology:
             self._undo.append((f"cgroup p{i}", lambda cg=cg: self._rmdir_cgroup(cg)))
             ifindex = libbpf.run_in_netns(f"/run/netns/{n}",
                                           lambda lxc=lxc: socket.if_nametoindex(lxc))
-            self.pods.append(Pod(self, i, pns, ip, lxc, cg, ifindex))
+            cookie = libbpf.netns_cookie(f"/run/netns/{pns}")
+            self.pods.append(Pod(self, i, pns, ip, lxc, cg, ifindex, cookie))
 
     def join_underlay(self, other: Topology) -> None:
         """Connect this node and `other` like two machines on one L2 segment: a veth pair
@@ -414,9 +416,9 @@ class Topology:
                         **kw)  # type: ignore[arg-type]
 
     def program(self, dp: Datapath, flags: dict[int, EndpointFlags] | None = None) -> None:
-        """Load nothing; attach every pod and write config, ipcache and endpoints (pod i gets
-        flags[i], default none = not isolated). The pods of joined nodes go into the ipcache
-        too, their node IPs as remote-node."""
+        """Load nothing; attach every pod and write config, ipcache and endpoints (nm_endpoints,
+        nm_lxc, nm_netns, as the agent does; pod i gets flags[i], default none = not isolated).
+        The pods of joined nodes go into the ipcache too, their node IPs as remote-node."""
         dp.set_config(self.node_ip, self.dns_ip)
         dp.ipcache.put(IpcacheKey.of("0.0.0.0/0"), IpcacheEntry(int(Identity.WORLD), 0, 0, 0))
         dp.ipcache.put(IpcacheKey.of(f"{self.node_ip}/32"),
@@ -433,7 +435,8 @@ class Topology:
         for pod in self.pods:
             assert dp.attach_endpoint(pod.lxc) == pod.ifindex
             dp.set_endpoint(pod.ifindex, pod.ip, pod.identity,
-                            (flags or {}).get(pod.index, EndpointFlags.NONE))
+                            (flags or {}).get(pod.index, EndpointFlags.NONE),
+                            netns_cookie=pod.netns_cookie)
 
     # -- teardown -----------------------------------------------------------------------------
     def down(self) -> None:

@@ -1,7 +1,8 @@
 """The kernel side of the node Envoy (docs/l7.md) on a real kernel: the proxy address, the
-pod-port redirect at connect(), the proxy return path (same node and across an underlay), the
-upstream egress check on the proxy's cgroup, REDIRECT verdicts at the destination, cleanup,
-and the per-packet cost of the return-path socket lookup.
+pod-port redirect at connect() (per client identity: L3/L4 first), the proxy return path (same
+node and across an underlay), the upstream egress check on the proxy's cgroup, REDIRECT verdicts
+at the destination, restart and upgrade, cleanup, and the per-packet cost of the return-path
+socket lookup.
 
 A Python stand-in plays Envoy (bpfharness.PROXY): a listener on PROXY_IP in the node namespace
 and the proxy cgroup, whose upstream sockets are what Envoy's original_src makes
@@ -9,12 +10,15 @@ and the proxy cgroup, whose upstream sockets are what Envoy's original_src makes
 
 from __future__ import annotations
 
+import ctypes
 import json
+import logging
 import socket
 import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +36,7 @@ from nodemesh.datapath.layout import (
     EndpointFlags,
     EventType,
     Identity,
+    L7RedirKey,
     PolicyEntry,
     PolicyVerdict,
     Proto,
@@ -39,6 +44,8 @@ from nodemesh.datapath.layout import (
     ip4,
     l7_redirect,
     lxc_key,
+    netns_entry,
+    netns_key,
     policy_key,
     u32,
 )
@@ -119,6 +126,18 @@ except OSError as e:
 
 def exchange(pod: Pod, ip: str, port: int, timeout: float = 4.0, msg: str = "hi") -> dict:
     return pod.python(EXCHANGE.format(ip=ip, port=port, timeout=timeout, msg=msg))  # type: ignore[return-value]
+
+
+def bypass(t: Topology, pod: Pod, ip: str, port: int = 8080, timeout: float = 0.7) -> dict:
+    """One exchange from the pod's network namespace by a process outside the pods' cgroup:
+    connect4 does not run for it (as for a raw socket), so nothing redirects it."""
+    p = t.popen([PYTHON, "-c", EXCHANGE.format(ip=ip, port=port, timeout=timeout, msg="hi")],
+                pod.netns, None, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, _ = p.communicate(timeout=10)
+    finally:
+        t.forget(p)
+    return json.loads(out)  # type: ignore[no-any-return]
 
 
 def upstream(t: Topology, src: str, ip: str, port: int = 8080, timeout: float = 1.5) -> dict:
@@ -281,23 +300,178 @@ def test_pod_port_redirect_to_the_proxy(topo: Topology, dp: Datapath) -> None:
     assert exchange(p1, VIP, 80)["reply"] == "pod2:8080 hi"
 
 
-def test_getpeername_stops_pretending_once_the_redirect_is_gone(topo: Topology,
-                                                                dp: Datapath) -> None:
+@pytest.mark.parametrize("for_client", [False, True], ids=["any-client", "client-identity"])
+def test_getpeername_stops_pretending_once_the_redirect_is_gone(topo: Topology, dp: Datapath,
+                                                                for_client: bool) -> None:
     p1, p2 = topo.pods[:2]
+    identity = p1.identity if for_client else 0
     configure(topo, dp)
     topo.proxy(PROXY_PORT, "echo")
-    dp.set_l7_redirect(p2.ip, 8080, PROXY_PORT)
+    dp.set_l7_redirect(p2.ip, 8080, PROXY_PORT, identity=identity)
+    if for_client:  # another client's entry keeps nothing alive for p1
+        dp.set_l7_redirect(p2.ip, 8080, PROXY_PORT, identity=topo.pods[2].identity)
     proc = p1.popen([PYTHON, "-c", PEER_TWICE, p2.ip, "8080"], stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdin and proc.stdout
     first = json.loads(proc.stdout.readline())
-    dp.l7_redir.delete(l7_redirect(p2.ip, 8080, PROXY_PORT)[0])
+    dp.l7_redir.delete(l7_redirect(p2.ip, 8080, PROXY_PORT, identity=identity)[0])
     proc.stdin.write("\n")
     proc.stdin.flush()
     second = json.loads(proc.stdout.readline())
 
     assert first == [p2.ip, 8080]
     assert second == [PROXY_IP, PROXY_PORT]  # as a removed service stops pretending
+
+
+def test_redirect_is_decided_per_client_identity(topo: Topology, dp: Datapath) -> None:
+    """Only a client that an L7 rule covers goes to the proxy; the others connect to the pod,
+    whose L3/L4 policy decides (a POLICY_DENIED drop there, not a 403 from Envoy)."""
+    p1, p2, p3, p4 = topo.pods
+    configure(topo, dp)
+    p2.server("tcp", 8080, peer=True)
+    topo.proxy(PROXY_PORT, "echo")
+    dp.set_l7_redirect(p2.ip, 8080, PROXY_PORT, policy_id=61, identity=p1.identity)
+    events = Events(dp)
+
+    covered = exchange(p1, p2.ip, 8080)
+    assert covered["reply"] == f"proxy {p1.ip} hi", covered
+    assert covered["peer"] == [p2.ip, 8080]
+    socks = events.where(type=EventType.SOCK)
+    assert len(socks) == 1, events.dump()
+    e = socks[0]
+    assert (e.verdict, e.daddr, e.dport, e.orig_daddr, e.orig_dport, e.policy_id) == (
+        Verdict.REDIRECTED, ip4(PROXY_IP), PROXY_PORT, ip4(p2.ip), 8080, 61)
+    # the event names the client whose identity decided (the socket has no address yet)
+    assert (e.src_identity, e.ifindex, e.netns_cookie) == (p1.identity, p1.ifindex,
+                                                           p1.netns_cookie)
+
+    # pod3: no L7 rule covers it, so no redirect: it reaches the server itself
+    direct = exchange(p3, p2.ip, 8080)
+    assert direct["reply"] == f"pod2:8080 hi from {p3.ip}", direct
+    assert direct["peer"] == [p2.ip, 8080]
+    assert not events.where(type=EventType.SOCK, netns_cookie=p3.netns_cookie)
+    left = events.where(type=EventType.TRACE, ifindex=p3.ifindex, sport=direct["sport"])
+    assert [(t.daddr, t.dport, t.verdict) for t in left] == [(ip4(p2.ip), 8080,
+                                                             Verdict.FORWARDED)]
+    assert not events.where(type=EventType.DROP), events.dump()
+
+    # the destination's L3/L4 policy: only pod1's identity may come in (as the L7 rule says:
+    # REDIRECT); pod3 is dropped in the kernel at pod2, never sees the proxy
+    isolate(dp, p2, EndpointFlags.INGRESS_ENFORCED)
+    rule(dp, p2, INGRESS, p1.identity, PolicyVerdict.REDIRECT, 61, proxy_port=PROXY_PORT)
+    denied = exchange(p3, p2.ip, 8080, timeout=0.7)
+    assert not denied["ok"], denied
+    drops = events.where(type=EventType.DROP, saddr=ip4(p3.ip), sport=denied["sport"])
+    assert drops, events.dump()
+    assert {(d.ifindex, d.direction, d.reason) for d in drops} == {
+        (p2.ifindex, INGRESS, DropReason.POLICY_DENIED)}
+    assert (drops[0].src_identity, drops[0].dst_identity, drops[0].dport) == (
+        p3.identity, p2.identity, 8080)
+    assert not events.where(type=EventType.SOCK, netns_cookie=p3.netns_cookie)
+    assert exchange(p1, p2.ip, 8080)["reply"] == f"proxy {p1.ip} hi"
+
+    # through a ClusterIP: the backend is chosen first, then the client's identity decides
+    dp.apply_lb(compile_lb([LbService(VIP, 80, "TCP", [(p2.ip, 8080)])], maglev_m=dp.maglev_m))
+    via_vip = exchange(p1, VIP, 80)
+    assert via_vip["reply"] == f"proxy {p1.ip} hi" and via_vip["peer"] == [VIP, 80], via_vip
+    e = events.where(type=EventType.SOCK, orig_daddr=ip4(VIP), netns_cookie=p1.netns_cookie)[0]
+    assert (e.verdict, e.daddr, e.dport, e.policy_id, e.src_identity) == (
+        Verdict.REDIRECTED, ip4(PROXY_IP), PROXY_PORT, 61, p1.identity)
+    assert not exchange(p4, VIP, 80, timeout=0.7)["ok"]
+    e = events.where(type=EventType.SOCK, orig_daddr=ip4(VIP), netns_cookie=p4.netns_cookie)[0]
+    assert (e.verdict, e.daddr, e.dport, e.policy_id) == (Verdict.TRANSLATED, ip4(p2.ip), 8080, 0)
+    assert events.where(type=EventType.DROP, ifindex=p2.ifindex, saddr=ip4(p4.ip),
+                        reason=DropReason.POLICY_DENIED)
+    # and an L4 allow for pod4 lets it reach the server straight through the service
+    rule(dp, p2, INGRESS, p4.identity, PolicyVerdict.ALLOW, 62)
+    assert exchange(p4, VIP, 80)["reply"] == f"pod2:8080 hi from {p4.ip}"
+
+
+def test_any_client_entry_and_unknown_namespaces(topo: Topology, dp: Datapath) -> None:
+    """Identity 0 redirects every client; an entry for the client's identity wins over it; a
+    socket whose network namespace nm_netns does not know is not redirected (and, since its
+    pod should have been, its connection is stopped at its veth)."""
+    p1, p2, p3, p4 = topo.pods
+    configure(topo, dp)
+    p2.server("tcp", 8080, peer=True)
+    topo.proxy(PROXY_PORT, "echo")
+    topo.node_server("tcp", PROXY_IP, PROXY_PORT + 1, "envoy-for-pod3")
+    dp.set_l7_redirect(p2.ip, 8080, PROXY_PORT, policy_id=70)
+    events = Events(dp)
+
+    for pod in (p1, p3, p4):
+        res = exchange(pod, p2.ip, 8080)
+        assert res["reply"] == f"proxy {pod.ip} hi" and res["peer"] == [p2.ip, 8080], res
+    assert len(events.where(type=EventType.SOCK, verdict=Verdict.REDIRECTED, policy_id=70)) == 3
+
+    dp.set_l7_redirect(p2.ip, 8080, PROXY_PORT + 1, policy_id=71, identity=p3.identity)
+    own = exchange(p3, p2.ip, 8080)
+    assert own["reply"] == "envoy-for-pod3 hi" and own["peer"] == [p2.ip, 8080], own
+    e = events.where(type=EventType.SOCK, policy_id=71)[0]
+    assert (e.dport, e.src_identity) == (PROXY_PORT + 1, p3.identity)
+    assert exchange(p1, p2.ip, 8080)["reply"] == f"proxy {p1.ip} hi"
+
+    # pod4's namespace unknown (an agent that has not written it yet): not redirected, and
+    # dropped at its own veth, not let through to pod2 past the L7 rule
+    dp.remove_netns(p4.netns_cookie)
+    before = len(events.where(type=EventType.SOCK))
+    stray = exchange(p4, p2.ip, 8080, timeout=0.7)
+    assert not stray["ok"], stray
+    assert len(events.where(type=EventType.SOCK)) == before
+    stopped = events.where(type=EventType.DROP, sport=stray["sport"])
+    assert stopped and {(d.ifindex, d.direction, d.reason, d.policy_id, d.src_identity)
+                        for d in stopped} == {
+        (p4.ifindex, EGRESS, DropReason.PROXY_UNSUPPORTED, 70, p4.identity)}, events.dump()
+    # written again (the agent's next sync): redirected again
+    dp.sync_map("nm_netns", [netns_entry(p.netns_cookie, p.identity, p.ifindex)
+                             for p in topo.pods])
+    assert exchange(p4, p2.ip, 8080)["reply"] == f"proxy {p4.ip} hi"
+
+    # the node itself (not a pod: no nm_netns entry) is never redirected; socket hooks of the
+    # pods' cgroup do not run for it anyway, so it reaches pod2 directly
+    from_node = topo.node_python(f"""
+        import json, socket
+        s = socket.create_connection(("{p2.ip}", 8080), timeout=2)
+        s.sendall(b"probe")
+        print(json.dumps(s.recv(100).decode()))
+    """)
+    assert from_node.startswith("pod2:8080 probe")  # type: ignore[union-attr]
+
+    # removing a pod removes its nm_netns entry with the others
+    dp.remove_endpoint(p4.ifindex)
+    assert dp.pod_netns.get(netns_key(p4.netns_cookie)) is None
+    assert dp.lxc.get(lxc_key(p4.ip)) is None
+    assert dp.pod_netns.get(netns_key(p1.netns_cookie)) is not None
+
+
+def test_bypass_drop_is_per_client_identity(topo: Topology, dp: Datapath) -> None:
+    """A connection that went around connect4 is stopped at the source only if connect4
+    would have redirected that client: an entry for its identity or for any client."""
+    p1, p2, p3 = topo.pods[:3]
+    configure(topo, dp)
+    p2.server("tcp", 8080, peer=True)
+    dp.set_l7_redirect(p2.ip, 8080, PROXY_PORT, policy_id=81, identity=p1.identity)
+    events = Events(dp)
+
+    assert not bypass(topo, p1, p2.ip)["ok"]
+    stopped = events.where(type=EventType.DROP, ifindex=p1.ifindex)
+    assert stopped and {(d.reason, d.direction, d.policy_id, d.src_identity) for d in stopped} \
+        == {(DropReason.PROXY_UNSUPPORTED, EGRESS, 81, p1.identity)}, events.dump()
+    passed = bypass(topo, p3, p2.ip, timeout=2)
+    assert passed["reply"] == f"pod2:8080 hi from {p3.ip}", passed
+    assert not events.where(type=EventType.DROP, ifindex=p3.ifindex)
+
+    # an entry for any client: pod3's bypass is stopped too; pod1's still by its own entry
+    dp.set_l7_redirect(p2.ip, 8080, PROXY_PORT, policy_id=82)
+    assert not bypass(topo, p3, p2.ip)["ok"]
+    assert {d.policy_id for d in events.where(type=EventType.DROP, ifindex=p3.ifindex)} == {82}
+    n = len(stopped)
+    assert not bypass(topo, p1, p2.ip)["ok"]
+    again = events.where(type=EventType.DROP, ifindex=p1.ifindex)
+    assert len(again) > n and {d.policy_id for d in again} == {81}
+    # another port of the same pod is no one's L7 port
+    p2.server("tcp", 8081)
+    assert bypass(topo, p1, p2.ip, 8081, timeout=2)["reply"] == "pod2:8081 hi"
 
 
 # --- (c) the return path --------------------------------------------------------------------
@@ -489,12 +663,7 @@ def test_redirect_verdict_lets_the_proxied_connection_in(
 
     # a client that goes around connect4 (here: a process outside the pods' cgroup) is stopped
     # at its own veth, since the destination trusts a REDIRECT verdict
-    bypass = topo.popen([PYTHON, "-c", EXCHANGE.format(ip=p2.ip, port=8080, timeout=0.7,
-                                                       msg="hi")],
-                        p1.netns, None, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, _ = bypass.communicate(timeout=10)
-    topo.forget(bypass)
-    assert not json.loads(out)["ok"]
+    assert not bypass(topo, p1, p2.ip)["ok"]
     stopped = events.where(type=EventType.DROP, ifindex=p1.ifindex,
                            reason=DropReason.PROXY_UNSUPPORTED)
     assert stopped and (stopped[0].direction, stopped[0].policy_id) == (EGRESS, 55)
@@ -545,6 +714,140 @@ def test_attach_adopt_detach_and_destroy_leave_nothing(topo: Topology, dp: Datap
     for link_id in ids:
         assert run(["bpftool", "link", "show", "id", str(link_id)], check=False).returncode
     assert run(["bpftool", "cgroup", "show", str(topo.proxy_cgroup)]).stdout.strip() == ""
+
+
+def test_restart_keeps_redirects_and_an_upgrade_recreates_the_map(
+        topo: Topology, dp: Datapath, caplog: pytest.LogCaptureFixture) -> None:
+    p1, p2, p3 = topo.pods[:3]
+    configure(topo, dp)
+    p2.server("tcp", 8080, peer=True)
+    topo.proxy(PROXY_PORT, "echo")
+    dp.set_l7_redirect(p2.ip, 8080, PROXY_PORT, policy_id=90, identity=p1.identity)
+    assert exchange(p1, p2.ip, 8080)["reply"] == f"proxy {p1.ip} hi"
+    links = {s.name: (s.link_id, s.prog_id) for s in dp.links()}
+
+    # a restarted agent (the same build) adopts it all: links, nm_l7_redir, nm_netns
+    dp.load()
+    assert {s.name: (s.link_id, s.prog_id) for s in dp.links()} == links
+    assert exchange(p1, p2.ip, 8080)["reply"] == f"proxy {p1.ip} hi"
+    assert exchange(p3, p2.ip, 8080)["reply"] == f"pod2:8080 hi from {p3.ip}"
+
+    # what an agent from before per-client redirects leaves behind: nm_l7_redir with the old
+    # 8-byte key (its entries redirect every client) and no nm_netns
+    dp.close()
+    pin = dp.pin_dir / "nm_l7_redir"
+    libbpf.unpin(pin)
+    libbpf.unpin(dp.pin_dir / "nm_netns")
+    run(["bpftool", "map", "create", str(pin), "type", "hash", "key", "8", "value", "8",
+         "entries", "16384", "name", "nm_l7_redir"])
+    key, value = l7_redirect(p2.ip, 8080, PROXY_PORT, policy_id=91)
+    old_key = bytes(key)[:8]
+    run(["bpftool", "map", "update", "pinned", str(pin), "key", "hex",
+         *(f"{b:02x}" for b in old_key), "value", "hex", *(f"{b:02x}" for b in bytes(value))])
+
+    with caplog.at_level(logging.WARNING, logger="nodemesh.datapath.loader"):
+        dp.load()
+    assert "nm_l7_redir changed shape" in caplog.text, caplog.text
+    assert "1 entries converted" in caplog.text
+    assert libbpf.map_info(dp.l7_redir.fd).key_size == ctypes.sizeof(L7RedirKey)
+    assert [(k.addr, k.port, k.protocol, k.identity, v.proxy_port, v.policy_id)
+            for k, v in dp.l7_redir.items()] == [(ip4(p2.ip), 8080, Proto.TCP, 0, PROXY_PORT, 91)]
+    assert list(dp.pod_netns.keys()) == []
+    # the same links, switched to programs that use the new maps
+    upgraded = {s.name: (s.link_id, s.prog_id) for s in dp.links()}
+    assert {n: ids[0] for n, ids in upgraded.items()} == {n: ids[0] for n, ids in links.items()}
+    for name in ("cgroup-connect4", f"tcx-{p1.lxc}-ingress"):
+        assert upgraded[name][1] != links[name][1], name
+    events = Events(dp)
+
+    # until the agent has written nm_netns, connect4 redirects no one, and each pod's
+    # connection to the L7 port is stopped at its veth (fail-closed), not let past the rule
+    stray = exchange(p1, p2.ip, 8080, timeout=0.7)
+    assert not stray["ok"], stray
+    assert [(d.ifindex, d.reason, d.policy_id) for d in
+            events.where(type=EventType.DROP, sport=stray["sport"])][:1] == [
+        (p1.ifindex, DropReason.PROXY_UNSUPPORTED, 91)], events.dump()
+
+    # the agent's next sync refills both maps with its per-identity entries
+    dp.sync_map("nm_netns", [netns_entry(p.netns_cookie, p.identity, p.ifindex)
+                             for p in topo.pods])
+    assert dp.sync_map("nm_l7_redir", [l7_redirect(p2.ip, 8080, PROXY_PORT, policy_id=90,
+                                                   identity=p1.identity)]) == (1, 1)
+    assert exchange(p1, p2.ip, 8080)["reply"] == f"proxy {p1.ip} hi"
+    assert exchange(p3, p2.ip, 8080)["reply"] == f"pod2:8080 hi from {p3.ip}"
+
+
+# The last commit whose datapath had nm_l7_redir without the client identity (8-byte key,
+# every client redirected) and no nm_netns.
+BEFORE_PER_CLIENT_REDIRECTS = "576c72fe398c33da4677d66b95fb3ce52abc6290"
+
+
+def test_upgrade_from_the_build_before_per_client_redirects(topo: Topology,
+                                                            tmp_path: Path) -> None:
+    """The real upgrade: the previous build's programs run with a redirect in place and a
+    redirected connection open; a new agent loads this build over the same pins."""
+    old_src = tmp_path / "old"
+    old_src.mkdir()
+    archive = subprocess.run(["git", "-C", str(bpfharness.REPO), "archive",
+                              BEFORE_PER_CLIENT_REDIRECTS, "bpf"], capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip(f"the previous build's sources are not available: {archive.stderr!r}")
+    subprocess.run(["tar", "-x", "-C", str(old_src)], input=archive.stdout, check=True)
+    old = topo.datapath(obj_dir=str(tmp_path / "build"), src_dir=str(old_src / "bpf"))
+    new = topo.datapath()
+    p1, p2, p3 = topo.pods[:3]
+    try:
+        old.ensure_built()
+        old.load()
+        assert not (old.pin_dir / "nm_netns").exists()
+        old.set_config(topo.node_ip, topo.dns_ip, PROXY_IP)
+        for pod in topo.pods:
+            old.attach_endpoint(pod.lxc)
+            old.set_endpoint(pod.ifindex, pod.ip, pod.identity)
+        raw = ctypes.c_uint8 * 8
+        old_map = libbpf.Map.from_pin(old.pin_dir / "nm_l7_redir", raw, raw)
+        key, value = l7_redirect(p2.ip, 8080, PROXY_PORT, policy_id=5)
+        old_map.put(raw.from_buffer_copy(bytes(key)[:8]), raw.from_buffer_copy(bytes(value)))
+        old_map.close()
+        p2.server("tcp", 8080, peer=True)
+        topo.proxy(PROXY_PORT, "echo")
+        assert exchange(p3, p2.ip, 8080)["reply"] == f"proxy {p3.ip} hi"  # every client
+        held = p1.popen([PYTHON, "-c", PEER_TWICE, p2.ip, "8080"], stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert held.stdin and held.stdout
+        assert json.loads(held.stdout.readline()) == [p2.ip, 8080]
+        links = {s.name: (s.link_id, s.prog_id) for s in old.links()}
+        old.close()
+
+        new.load()
+        upgraded = {s.name: (s.link_id, s.prog_id) for s in new.links()}
+        assert set(upgraded) == set(links)
+        for name, (link_id, prog_id) in upgraded.items():  # switched in place
+            assert (link_id, prog_id != links[name][1]) == (links[name][0], True), name
+        assert [(k.addr, k.port, k.identity, v.proxy_port, v.policy_id)
+                for k, v in new.l7_redir.items()] == [(ip4(p2.ip), 8080, 0, PROXY_PORT, 5)]
+        events = Events(new)
+
+        # before the agent's sync: fail-closed, and the open connection keeps its peer
+        stray = exchange(p3, p2.ip, 8080, timeout=0.7)
+        assert not stray["ok"], stray
+        drops = events.where(type=EventType.DROP, sport=stray["sport"])
+        assert drops and drops[0].reason == DropReason.PROXY_UNSUPPORTED, events.dump()
+        held.stdin.write("\n")
+        held.stdin.flush()
+        assert json.loads(held.stdout.readline()) == [p2.ip, 8080]
+
+        new.sync_map("nm_netns", [netns_entry(p.netns_cookie, p.identity, p.ifindex)
+                                  for p in topo.pods])
+        new.sync_map("nm_l7_redir", [l7_redirect(p2.ip, 8080, PROXY_PORT, policy_id=5,
+                                                 identity=p1.identity)])
+        assert exchange(p1, p2.ip, 8080)["reply"] == f"proxy {p1.ip} hi"
+        assert exchange(p3, p2.ip, 8080)["reply"] == f"pod2:8080 hi from {p3.ip}"
+    finally:
+        topo.stop_all()
+        new.destroy()
+        old.destroy()
+    assert not bpffs_entries(topo)
 
 
 # --- the cost of the return-path lookup -----------------------------------------------------

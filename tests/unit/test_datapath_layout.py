@@ -52,6 +52,7 @@ DOC_MAP_TYPES = {
     "nm_flowcnt": 10,  # LRU_PERCPU_HASH
     "nm_l7_redir": 1,
     "nm_lxc": 1,
+    "nm_netns": 1,
 }
 
 # Hubble's flow.proto DropReason, for the values the datapath uses
@@ -225,11 +226,42 @@ def test_rodata_variable_is_found(objects: dict[str, BpfElf]) -> None:
 
 def test_l7_and_lxc_entries_encode_as_the_c_side_reads_them() -> None:
     key, val = layout.l7_redirect("10.77.0.2", 8080, 15001, policy_id=7)
-    # be32 addr, be16 port, u8 protocol (TCP), pad; u16 proxy port in host order, pad, u32 id
-    assert bytes(key) == bytes.fromhex("0a4d0002" "1f90" "06" "00")
+    # be32 addr, be16 port, u8 protocol (TCP), pad, u32 client identity (host order, 0 = any);
+    # u16 proxy port in host order, pad, u32 policy id
+    assert bytes(key) == bytes.fromhex("0a4d0002" "1f90" "06" "00" "00000000")
     assert bytes(val) == (15001).to_bytes(2, "little") + bytes(2) + (7).to_bytes(4, "little")
+    key, _ = layout.l7_redirect("10.77.0.2", 8080, 15001, identity=1001)
+    assert bytes(key) == bytes.fromhex("0a4d0002" "1f90" "06" "00") + (1001).to_bytes(4, "little")
+    assert key.identity == 1001
     with pytest.raises(ValueError):
         layout.l7_redirect("10.77.0.2", 8080, 0)
+    with pytest.raises(ValueError):
+        layout.l7_redirect("10.77.0.2", 8080, 15001, identity=-1)
     k, v = layout.lxc_entry("10.77.0.2", 5, 1002)
     assert bytes(k) == bytes.fromhex("0a4d0002")
     assert (v.ifindex, v.identity) == (5, 1002)
+
+
+def test_netns_entries_encode_as_the_c_side_reads_them() -> None:
+    # u64 netns cookie (host order) -> {u32 identity, u32 ifindex}
+    k, v = layout.netns_entry(0x1122334455667788, 1002, 5)
+    assert bytes(k) == (0x1122334455667788).to_bytes(8, "little")
+    assert bytes(v) == (1002).to_bytes(4, "little") + (5).to_bytes(4, "little")
+    assert bytes(layout.netns_key(4096)) == (4096).to_bytes(8, "little")
+    assert MAPS["nm_netns"] == (layout.u64, layout.NetnsInfo)
+    for bad in (0, -1, 1 << 64):
+        with pytest.raises(ValueError):
+            layout.netns_entry(bad, 1002, 5)
+
+
+def test_l7_redir_migration_keeps_old_entries_for_any_client() -> None:
+    from nodemesh.datapath.loader import MIGRATIONS
+
+    old_key = bytes.fromhex("0a4d0002" "1f90" "06" "00")  # before per-client redirects
+    old_val = bytes(layout.L7RedirVal(15001, 0, 7))
+    key_size, value_size, convert = MIGRATIONS["nm_l7_redir"]
+    assert (key_size, value_size) == (len(old_key), len(old_val))
+    new_key, new_val = convert(old_key, old_val)
+    assert new_key == bytes(layout.l7_redirect("10.77.0.2", 8080, 15001, policy_id=7)[0])
+    assert new_val == old_val
+    assert len(new_key) == ctypes.sizeof(layout.L7RedirKey)
