@@ -148,6 +148,7 @@ class DatapathSync:
         # and pod ports with L7 policy, (ip, port, protocol) -> listener port.
         self.service_redirects: dict = {}
         self.pod_redirects: dict = {}
+        self.pod_redirect_identities: dict = {}  # RedirectKey -> client identities (0 = any)
         self.proxy_ip = "0.0.0.0"
         self.lost_events = 0
         self.timer = None  # set by the agent: a context manager factory for reconcile timing
@@ -238,11 +239,13 @@ class DatapathSync:
             self.proxy_ip = proxy_ip
             self.dp.set_config(self.node.ip, NODE_DNS_IP, proxy_ip, L.ConfigFlags.PROXY_RETURN)
 
-    def set_proxy_redirects(self, service: Mapping, pod: Mapping) -> None:
+    def set_proxy_redirects(self, service: Mapping, pod: Mapping,
+                            pod_identities: Mapping | None = None) -> None:
         """New redirect sets from the proxy manager; applied before this returns."""
         with self._lock:
             self.service_redirects = dict(service)
             self.pod_redirects = dict(pod)
+            self.pod_redirect_identities = dict(pod_identities or {})
             self._sync_locked()
 
     def _identity_for(self, labels: dict[str, str], known: dict[tuple, int]) -> int:
@@ -355,9 +358,15 @@ class DatapathSync:
         self.dp.sync_map("nm_policy", policy_pairs)
         self.dp.sync_map("nm_policy_cidr", cidr_pairs)
         # Pod ports that L7 policy covers: connect() from any pod here goes to the node Envoy.
-        self.dp.sync_map("nm_l7_redir", [L.l7_redirect(k.ip, k.port, port)
-                                         for k, port in sorted(self.pod_redirects.items())
-                                         if k.protocol == "TCP"])
+        # Only clients some L7 rule covers are redirected (per client identity; 0 = any client);
+        # every other client connects to the pod, whose L3/L4 policy decides in the kernel.
+        redir = []
+        for k, port in sorted(self.pod_redirects.items()):
+            if k.protocol != "TCP":
+                continue
+            for ident in sorted(self.pod_redirect_identities.get(k, {0})):
+                redir.append(L.l7_redirect(k.ip, k.port, port, identity=ident))
+        self.dp.sync_map("nm_l7_redir", redir)
         # Endpoints last: a pod's veth passes traffic only once its policy is in place.
         endpoint_pairs, lxc_pairs = [], []
         for ep in self.endpoints.values():
@@ -368,6 +377,11 @@ class DatapathSync:
                 L.ip4(ep.sandbox.ip), ep.identity, lowered.flags, 0)))
             lxc_pairs.append(L.lxc_entry(ep.sandbox.ip, ep.ifindex, ep.identity))
             ep.programmed = True
+        # The network namespace of each pod says who a connect() comes from (its socket has no
+        # address yet): written with, and agreeing with, the endpoint entries.
+        self.dp.sync_map("nm_netns", [L.netns_entry(ep.netns_cookie, ep.identity, ep.ifindex)
+                                      for ep in self.endpoints.values()
+                                      if ep.programmed and ep.netns_cookie])
         self.dp.sync_map("nm_endpoints", endpoint_pairs)
         self.dp.sync_map("nm_lxc", lxc_pairs)
 

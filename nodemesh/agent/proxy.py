@@ -84,6 +84,7 @@ class ProxyManager:
         self._lock = threading.Lock()
         self.timer = None  # a histogram child (the agent's reconcile latency for "proxy")
         self.l7_policy_names: dict[tuple[str, int], list[str]] = {}
+        self.l7_identities: dict[RedirectKey, set[int]] = {}
 
     # ---- persistence of listener ports (a restarted agent keeps Envoy's listeners as they are) --
     def _load_ports(self) -> dict[RedirectKey, int]:
@@ -180,6 +181,8 @@ class ProxyManager:
         # Which policies guard each redirected pod port: an L7 denial names them in its flow.
         self.l7_policy_names = {(p.pod_ip, p.port): sorted({r.policy for r in p.rules if r.policy})
                                 for p in l7}
+        # Which clients each redirected pod port takes into the proxy (0 = any identity).
+        self.l7_identities = {p.key: {i for r in p.rules for i in r.identities} for p in l7}
         inp = L7Input.build(self.node, services, pods, list(k["HTTPRoute"]) + list(k["GRPCRoute"]),
                             l7)
         return translate(inp, self.ports), k
@@ -237,7 +240,7 @@ class ProxyManager:
             return
         service = {k: v for k, v in redirects.items() if k in result.service_redirects}
         pod = {k: v for k, v in redirects.items() if k in result.pod_redirects}
-        self.datapath.set_proxy_redirects(service, pod)
+        self.datapath.set_proxy_redirects(service, pod, self.l7_identities)
 
     def _write_statuses(self, statuses: Mapping[RouteKey, dict], k: Mapping[str, list]) -> None:
         now = now_rfc3339()

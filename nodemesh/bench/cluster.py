@@ -282,13 +282,16 @@ class BenchCluster:
                 pids.add(p)
         return sorted(pids | set(self.node_envoy_pids()))
 
-    def pin(self, cpus: set[int]) -> int:
-        """Pin every thread of every process of the cluster to `cpus`; returns the count."""
+    def pin(self, cpus: set[int], nice: int | None = None) -> int:
+        """Pin every thread of every process of the cluster to `cpus` (and give it the `nice`
+        value); returns the number of threads."""
         n = 0
         for pid in self.all_pids():
             for t in tasks(pid):
                 with contextlib.suppress(OSError):
                     os.sched_setaffinity(t, cpus)
+                    if nice is not None:
+                        os.setpriority(os.PRIO_PROCESS, t, nice)
                     n += 1
         return n
 

@@ -212,6 +212,9 @@ def problems(res: dict[str, Any]) -> list[str]:
                     out.append(f"{wl} {key} {mode}: no traffic ({s['failed_runs']} failed runs)")
                 elif (s["error_fraction"] or 0) > MAX_ERROR_FRACTION:
                     out.append(f"{wl} {key} {mode}: {s['error_fraction']:.1%} errors")
+    for c in (res.get("traffic") or {}).get("cells") or []:
+        if c["mode"] == "l7" and c.get("node_envoy_requests") == 0:
+            out.append(f"{c['workload']} l7 run {c['run']}: no request crossed the node Envoy")
     return out
 
 
@@ -256,6 +259,13 @@ def markdown(res: dict[str, Any]) -> str:
                  f"{fmt(b['median'], 2)}, max {fmt(b['max'], 2)}; the harness waited "
                  f"{q['waited_s']} s in total for quiet, and {q['cells_started_busy']} of "
                  f"{q['cells']} cells started with the machine still busy.")
+    n_disc = sum(len((res.get(k) or {}).get("discarded") or []) for k in ("traffic", "datapath"))
+    left = sum(1 for k in ("traffic", "datapath") for c in (res.get(k) or {}).get("cells") or []
+               if c.get("disturbed"))
+    L.append(f"{n_disc} cell measurements were repeated because other work disturbed them "
+             f"(other processes above {res.get('foreign_max_cpus', 0.25)} CPUs, or the generator "
+             f"stalled); {left} kept cells were still disturbed after the allowed repeats. All "
+             "attempts are in the raw JSON.")
     L.append("")
     tg = s.get("targets") or {}
     L.append("## Targets\n")

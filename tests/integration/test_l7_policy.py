@@ -109,6 +109,7 @@ def test_denied_requests_are_dropped_l7_flows(l7: Cluster) -> None:
     while True:  # Envoy flushes access logs every second
         flows = [line for line in l7.run("observe", "--type", "l7", "--verdict", "DROPPED",
                                          "--from-pod", "default/alpha", "--http-method", "DELETE",
+                                         "--http-path", "^/forbidden/thing$",
                                          "-o", "json", "--last", "50").out.splitlines() if line]
         if flows:
             break

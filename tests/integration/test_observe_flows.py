@@ -69,6 +69,7 @@ def traffic(cluster: Cluster) -> dict:
     while curl("client", f"http://{shop_ip}:8080/admin") != "403":  # L7 policy in place
         assert time.monotonic() < deadline
         time.sleep(0.2)
+    time.sleep(1.5)  # the probes' access logs (flushed every second) land before we count
     before = _metrics(cluster)
     t0 = time.time()
     codes = {"catalog": [curl("client", f"http://{shop_ip}:8080/catalog/{i}") for i in range(5)],
