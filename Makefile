@@ -65,3 +65,9 @@ bench-quick: setup
 
 clean:
 	rm -rf build
+
+# The Gateway API mesh conformance suite on a fresh 2-node cluster; writes
+# docs/conformance/report.yaml (docs/conformance/README.md).
+.PHONY: conformance
+conformance: setup
+	$(PY) -m nodemesh.conformance

@@ -110,7 +110,8 @@ def build_report(outcomes: Iterable[Outcome], *, version: str, date: str, gatewa
         ext = _status(len(levels[True]["passed"]), len(levels[True]["skipped"]),
                       len(levels[True]["failed"]), levels[True]["failed"], levels[True]["skipped"])
         ext["supportedFeatures"] = sorted(p.extended & SUPPORTED_FEATURES)
-        ext["unsupportedFeatures"] = sorted(p.extended - SUPPORTED_FEATURES)
+        if p.extended - SUPPORTED_FEATURES:
+            ext["unsupportedFeatures"] = sorted(p.extended - SUPPORTED_FEATURES)
         profiles.append({
             "name": p.name,
             "summary": f"{_summary('Core', core)}. {_summary('Extended', ext)}.",

@@ -73,6 +73,7 @@ class TestResult:
     routes: list[dict[str, Any]] = field(default_factory=list)
     checks: list[dict[str, Any]] = field(default_factory=list)
     notes: str = ""
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per step
 
 
 def _ready(pod: dict) -> bool:
@@ -124,13 +125,16 @@ class Runner:
     """One conformance run on one fresh cluster."""
 
     def __init__(self, state_dir: str, name: str, nodes: int = 2,
-                 timeouts: TimeoutConfig | None = None, log: TextIO | None = None) -> None:
+                 timeouts: TimeoutConfig | None = None, log: TextIO | None = None,
+                 outside_clients: bool = False) -> None:
         self.state_dir = state_dir
+        self.outside_clients = outside_clients
         self.name = name
         self.nodes = nodes
         self.timeouts = timeouts or TimeoutConfig()
         self.log_stream = sys.stderr if log is None else log
         self.clients: dict[str, dict[str, str]] = {}
+        self._echo_v2_ip = ""
         self.daemon_pid: int | None = None
         self._store: Store | None = None
 
@@ -239,16 +243,51 @@ class Runner:
             self.clients[role] = {"namespace": ns, "pod": q["metadata"]["name"],
                                   "ip": (q.get("status") or {}).get("podIP", ""),
                                   "node": q["spec"].get("nodeName", "")}
+        self._echo_v2_ip = self.clients["v2"]["ip"]
+        if self.outside_clients:
+            self.replace_clients()
         self.log(f"conformance workloads ready in {time.monotonic() - t0:.1f}s: " + ", ".join(
             f"{r}={c['namespace']}/{c['pod']} ({c['ip']} on {c['node']})"
             for r, c in self.clients.items()))
+
+    def replace_clients(self) -> None:
+        """Diagnostic mode (not conformance): send every request from a pod that is no backend
+        of any echo Service, on the node of the upstream client it stands in for."""
+        pods = []
+        for role, c in self.clients.items():
+            pods.append({"apiVersion": "v1", "kind": "Pod",
+                         "metadata": {"name": f"conformance-client-{role}",
+                                      "namespace": c["namespace"],
+                                      "labels": {"app": "conformance-client"}},
+                         "spec": {"nodeName": c["node"], "containers": [{
+                             "name": "client", "image": "debian",
+                             "command": ["sleep", "infinity"]}]}})
+        p = self.nm("apply", "-f", "-", input=yaml.safe_dump_all(pods), check=False)
+        if p.returncode != 0:
+            raise SetupError(f"applying the outside clients failed: {(p.stderr or p.stdout).strip()}")
+
+        def ready() -> tuple[bool, str]:
+            waiting = [f"{q['metadata']['namespace']}/{q['metadata']['name']}" for q in pods
+                       if not _ready(self.store.get("Pod", q["metadata"]["namespace"],
+                                                    q["metadata"]["name"]) or {})]
+            return not waiting, ", ".join(waiting)
+
+        try:
+            self.wait("the outside client pods becoming Ready", ready, 120, interval=0.2)
+            self.wait("the agents syncing", self.synced, 60)
+        except TimeoutError as e:
+            raise SetupError(str(e)) from None
+        for role, c in self.clients.items():
+            q = self.store.get("Pod", c["namespace"], f"conformance-client-{role}") or {}
+            self.clients[role] = {**c, "pod": q["metadata"]["name"],
+                                  "ip": (q.get("status") or {}).get("podIP", "")}
 
     def down(self) -> list[str]:
         """``nodemesh down``, reap what was ours, and list what of the cluster is left."""
         if self._store is not None:
             with contextlib.suppress(Exception):
                 self._store.close()
-            self._store: Store | None = None
+            self._store = None
         p = self.nm("down", timeout=300, check=False)
         if p.returncode != 0:
             self.log(f"nodemesh down exited {p.returncode}: {(p.stderr or p.stdout).strip()}")
@@ -257,22 +296,27 @@ class Runner:
 
     # ---- one test --------------------------------------------------------------------------------
     def variables(self) -> dict[str, str]:
-        return {f"{role}_ip": c["ip"] for role, c in self.clients.items()}
+        """Template values of the cases: ``{v2_ip}`` is the echo-v2 pod's IP."""
+        return {"v2_ip": self._echo_v2_ip}
 
     def probe(self, test: ConformanceTest, role: str) -> dict[str, Any]:
         c = self.clients[role]
         job = {"test": test.short_name, "client": role, "vars": self.variables(),
                "timeouts": asdict(self.timeouts)}
-        p = self.nm("exec", "-n", c["namespace"], c["pod"], "--", sys.executable, "-m",
-                    "nodemesh.conformance.probe", input=json.dumps(job), timeout=900, check=False)
         try:
-            out = json.loads(p.stdout)
-        except ValueError:
-            return {"client": role, "results": [{
-                "name": f"probe in {c['namespace']}/{c['pod']}", "client": role, "ok": False,
-                "error": f"probe exited {p.returncode}: {(p.stderr or p.stdout).strip()[-2000:]}",
-                "attempts": 0, "seconds": 0, "details": {}}]}
-        return out
+            p = self.nm("exec", "-n", c["namespace"], c["pod"], "--", sys.executable, "-m",
+                        "nodemesh.conformance.probe", input=json.dumps(job), timeout=900,
+                        check=False)
+        except subprocess.TimeoutExpired as e:
+            why = f"probe timed out after {e.timeout:.0f}s"
+        else:
+            try:
+                return json.loads(p.stdout)
+            except ValueError:
+                why = f"probe exited {p.returncode}: {(p.stderr or p.stdout).strip()[-2000:]}"
+        return {"client": role, "results": [{
+            "name": f"probe in {c['namespace']}/{c['pod']}", "client": role, "ok": False,
+            "error": why, "attempts": 0, "seconds": 0, "details": {}}]}
 
     def route_status(self, keys: list[tuple[str, str, str, int]]) -> list[dict[str, Any]]:
         out = []
@@ -296,6 +340,14 @@ class Runner:
                             manifests=list(test.manifests), notes=test.notes)
         keys = route_keys(files)
         applied = False
+        mark = time.monotonic()
+
+        def phase(step: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            result.phases[step] = round(now - mark, 3)
+            mark = now
+
         try:
             for path in files:
                 p = self.nm("apply", "-f", path, check=False)
@@ -303,6 +355,7 @@ class Runner:
                     result.reason = f"apply {os.path.basename(path)}: {(p.stderr or p.stdout).strip()}"
                     return result
                 applied = True
+            phase("apply")
             for kind, ns, name, parents in keys:
                 try:
                     self.wait(f"{kind} {ns}/{name} getting {test.conditions}",
@@ -312,17 +365,20 @@ class Runner:
                 except TimeoutError as e:
                     result.reason = str(e)
                     return result
+            phase("conditions")
             try:
                 self.wait("the agents syncing the routes", self.synced, 30)
             except TimeoutError as e:
                 result.reason = str(e)
                 return result
+            phase("sync")
             result.routes = self.route_status(keys)
             roles = test.clients()
             with ThreadPoolExecutor(max_workers=len(roles)) as pool:
                 outs = list(pool.map(lambda r: self.probe(test, r), roles))
+            phase("traffic")
             result.checks = [r for out in outs for r in out.get("results") or []]
-            expected = sum(1 for _ in test.checks)
+            expected = len(test.checks)
             failed = [r for r in result.checks if not r.get("ok")]
             if failed:
                 first = failed[0]
@@ -334,9 +390,11 @@ class Runner:
                 result.status = "passed"
             return result
         finally:
+            mark = time.monotonic()
             if applied:
                 for path in files:
                     self.nm("delete", "-f", path, check=False)
+                phase("delete")
 
                 def gone() -> tuple[bool, str]:
                     left = [f"{k} {n}/{m}" for k, n, m, _ in keys if self.store.get(k, n, m)]
@@ -347,6 +405,7 @@ class Runner:
                 except TimeoutError as e:
                     if result.status == "passed":
                         result.status, result.reason = "failed", f"cleanup: {e}"
+                phase("cleanup")
             result.seconds = round(time.monotonic() - t0, 2)
 
 
@@ -428,6 +487,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="leave the cluster up afterwards (remove it with nodemesh down)")
     ap.add_argument("--test", action="append", choices=names, metavar="NAME",
                     help="run only this test (repeatable); the others are reported as skipped")
+    ap.add_argument("--max-time-to-consistency", type=float, metavar="SECONDS",
+                    default=TimeoutConfig.max_time_to_consistency,
+                    help="how long one request may take to answer as expected 3 times in a row "
+                         "(default: upstream's %(default)g; lower is stricter and fails faster)")
+    ap.add_argument("--outside-clients", action="store_true",
+                    help="diagnostic, not conformance: send from pods that are no echo backend "
+                         "(on the same nodes) instead of the echo pods upstream uses")
     ap.add_argument("--url", default=DEFAULT_URL, help="implementation.url of the report")
     ap.add_argument("--contact", action="append", help="implementation.contact (repeatable)")
     return ap.parse_args(argv)
@@ -439,12 +505,18 @@ def main(argv: list[str] | None = None) -> int:
         print("python -m nodemesh.conformance: needs root (it brings up a local cluster)",
               file=sys.stderr)
         return 2
+    if args.outside_clients and os.path.abspath(args.report) == DEFAULT_REPORT:
+        print("python -m nodemesh.conformance: --outside-clients is a diagnostic run; give "
+              "--report elsewhere (it must not replace the conformance report)", file=sys.stderr)
+        return 2
     become_subreaper()
     name = args.name or "nmc" + uuid.uuid4().hex[:6]
     state_dir = args.state_dir or tempfile.mkdtemp(prefix=f"nodemesh-{name}-")
     if args.state_dir is None:
         os.rmdir(state_dir)  # `up` creates it (mode 0700); we only wanted a unique name
-    runner = Runner(state_dir, name)
+    runner = Runner(state_dir, name, timeouts=TimeoutConfig(
+        max_time_to_consistency=args.max_time_to_consistency),
+        outside_clients=args.outside_clients)
     started = datetime.datetime.now(datetime.UTC)
     t0 = time.monotonic()
     results: list[TestResult] = []
@@ -473,7 +545,11 @@ def main(argv: list[str] | None = None) -> int:
                                           features=list(test.features),
                                           provisional=test.provisional))
                 continue
-            r = runner.run_test(test)
+            try:
+                r = runner.run_test(test)
+            except Exception as e:  # an agent gone, a CLI hung: this test failed, go on
+                r = TestResult(test.short_name, "failed", f"runner error: {type(e).__name__}: {e}",
+                               features=list(test.features), provisional=test.provisional)
             results.append(r)
             runner.log(f"{head}: {r.status.upper()} ({r.seconds:.1f}s)"
                        + (f"\n        {r.reason}" if r.reason else ""))
@@ -493,13 +569,17 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
     with open(args.report, "w") as f:
         f.write("# Generated by `python -m nodemesh.conformance` (docs/conformance/README.md).\n")
+        if args.outside_clients:
+            f.write("# DIAGNOSTIC RUN (--outside-clients): requests came from pods that are no echo "
+                    "backend.\n# This is not a conformance result.\n")
         yaml.safe_dump(report, f, sort_keys=False, width=100)
     if args.results:
         with open(args.results, "w") as f:
             json.dump({
                 "cluster": {"name": name, "stateDir": state_dir, "nodes": runner.nodes,
                             "daemonPid": runner.daemon_pid, "clients": runner.clients,
-                            "kept": bool(args.keep and not setup_error)},
+                            "kept": bool(args.keep and not setup_error),
+                            "outsideClients": args.outside_clients},
                 "dataCommit": DATA_COMMIT, "version": report["implementation"]["version"],
                 "date": report["date"], "seconds": round(seconds, 1),
                 "setupSeconds": round(setup_seconds, 1),
