@@ -202,10 +202,16 @@ class ProxyManager:
         snap = result.snapshot
         xsnap = Snapshot(snap.by_type(), version=snap.version)
         self.xds.set_snapshot(self.node, xsnap)
-        state = "disconnected"
-        with contextlib.suppress(TimeoutError):
-            state = await self.xds.wait_synced(self.node, timeout=2.0)
-        listeners_ok = self._acked(LISTENER_TYPE, xsnap.type_version(LISTENER_TYPE))
+        # Redirects need Envoy's listeners, and nothing else: wait for the listeners' answer
+        # only (an Envoy with no clusters never answers for endpoints, for instance).
+        lds_version = xsnap.type_version(LISTENER_TYPE)
+        if result.snapshot.listeners:
+            with contextlib.suppress(TimeoutError):
+                await self.xds.wait_for(
+                    lambda: self._acked(LISTENER_TYPE, lds_version)
+                    or self._nacked(LISTENER_TYPE, lds_version), timeout=2.0)
+        listeners_ok = self._acked(LISTENER_TYPE, lds_version)
+        state = self.xds.sync_state(self.node)
         # 3. New redirects, once Envoy has the listeners.
         if listeners_ok or not result.snapshot.listeners:
             await asyncio.to_thread(self._set_redirects, new, result)
@@ -229,6 +235,10 @@ class ProxyManager:
         self.revision = revision
         if self.timer is not None:
             self.timer.observe(time.monotonic() - t0)
+
+    def _nacked(self, type_url: str, version: str) -> bool:
+        nack = (self.xds.status(self.node).get(type_url) or {}).get("nack")
+        return bool(nack) and nack.get("version") == version
 
     def _acked(self, type_url: str, version: str) -> bool:
         st = self.xds.status(self.node).get(type_url) or {}

@@ -87,6 +87,10 @@ def summarize_datapath(cells: list[dict[str, Any]]) -> dict[str, Any]:
             rs = [c[m] for c in cs if m in c]
             d[m] = {"p50_us": spread(r["p50_us"] for r in rs), "p99_us": spread(r["p99_us"] for r in rs),
                     "rate": spread(r["rate"] for r in rs), "errors": sum(r["errors"] for r in rs)}
+        per_conn = [1e6 * c["mesh_cpu_s"] / n for c in cs
+                    if (n := sum((c.get(m) or {}).get("count", 0) for m in ("crr", "cps")))
+                    and c.get("mesh_cpu_s") is not None]
+        d["mesh_cpu_us_per_conn"] = spread(per_conn)
         out[f"{placement}/{dp}/{target}"] = d
     return out
 
@@ -97,6 +101,8 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         s["traffic"] = summarize_traffic(res["traffic"]["cells"])
     if "datapath" in res:
         s["datapath"] = summarize_datapath(res["datapath"]["cells"])
+    if (res.get("calibration") or {}).get("cells"):
+        s["calibration"] = summarize_traffic(res["calibration"]["cells"])
     gates = [c["gate"] for sec in ("traffic", "datapath") for c in (res.get(sec) or {}).get("cells", [])
              if c.get("gate")]
     if gates:
@@ -126,7 +132,7 @@ def targets(res: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
         if r is not None:
             rows.append({"workload": wl, "phase": "wrk", "metric": "max rate", "ratio": r,
                          "met": r >= 0.95})
-    out["l4_vs_nomesh"] = {"rows": rows, "met": bool(rows) and all(x["met"] for x in rows),
+    out["l4_vs_nomesh"] = {"rows": rows, "met": all(x["met"] for x in rows) if rows else None,
                            "met_count": sum(x["met"] for x in rows), "count": len(rows)}
     # 2. L7 added p99 against the sidecar model's added p99.
     rows = []
@@ -138,15 +144,17 @@ def targets(res: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
                 continue
             added_l7, added_sc = l7 - base, sc - base  # type: ignore[operator]
             r = added_l7 / added_sc if added_sc > 0 else None
+            # With no added p99 for the sidecar model (noise), the ratio means nothing.
             rows.append({"workload": wl, "phase": key, "added_l7_us": added_l7,
                          "added_sidecar_us": added_sc, "ratio": r,
-                         "met": r is not None and r <= 0.4})
+                         "met": None if r is None else r <= 0.4})
     l7_available = (res.get("l7") or {}).get("available", False)
     out["l7_vs_sidecar"] = {"rows": rows, "available": l7_available,
                             "reason": (res.get("l7") or {}).get("reason"),
-                            "met": (bool(rows) and all(x["met"] for x in rows)) if l7_available
-                            else None,
-                            "met_count": sum(x["met"] for x in rows), "count": len(rows)}
+                            "met": all(x["met"] for x in rows if x["met"] is not None)
+                            if l7_available and rows else None,
+                            "met_count": sum(1 for x in rows if x["met"]),
+                            "count": sum(1 for x in rows if x["met"] is not None)}
     # 3. Memory at the largest pod count.
     pts = (res.get("memory") or {}).get("points") or []
     if pts:
@@ -186,7 +194,7 @@ def targets(res: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
             r = ratio(cur["cps"]["rate"]["median"], base["cps"]["rate"]["median"])
             rows.append({"placement": placement, "target": target, "test": "cps",
                          "metric": "conn/s", "ratio": r, "met": r is not None and r >= 1 / 1.05})
-    out["datapath"] = {"rows": rows, "met": bool(rows) and all(x["met"] for x in rows),
+    out["datapath"] = {"rows": rows, "met": all(x["met"] for x in rows) if rows else None,
                        "met_count": sum(x["met"] for x in rows), "count": len(rows)}
     return out
 
@@ -221,6 +229,13 @@ def problems(res: dict[str, Any]) -> list[str]:
 # ---- Markdown ---------------------------------------------------------------------------
 def _verdict(met: bool | None) -> str:
     return {True: "**met**", False: "**not met**", None: "n/a"}[met]
+
+
+def _fraction(r: float | None) -> str:
+    """nodemesh's memory as a fraction of the sidecars' (or a multiple, when larger)."""
+    if r is None:
+        return "-"
+    return f"1/{1 / r:.1f}" if r < 1 else f"{r:.2f}x"
 
 
 def _range(sp: dict[str, Any], digits: int = 0) -> str:
@@ -276,11 +291,13 @@ def markdown(res: dict[str, Any]) -> str:
     L.append(f"| L4: p50, p99 ≤ 1.05 x no mesh; max rate ≥ 0.95 x | {_verdict(x.get('met'))} "
              f"({x.get('met_count')}/{x.get('count')} cells) | {worst} |")
     x = tg.get("l7_vs_sidecar") or {}
-    if x.get("available"):
+    if x.get("available") and x.get("rows"):
         rs = [r["ratio"] for r in x.get("rows") or [] if r["ratio"] is not None]
         L.append(f"| L7: added p99 ≤ 0.4 x sidecar's added p99 | {_verdict(x.get('met'))} "
                  f"({x.get('met_count')}/{x.get('count')}) | ratios {fmt(min(rs), 2) if rs else '-'}"
                  f"-{fmt(max(rs), 2) if rs else '-'} |")
+    elif x.get("available"):
+        L.append("| L7: added p99 ≤ 0.4 x sidecar's added p99 | n/a | no traffic measured |")
     else:
         L.append(f"| L7: added p99 ≤ 0.4 x sidecar's added p99 | n/a: L7 unavailable | "
                  f"{x.get('reason')} |")
@@ -288,8 +305,8 @@ def markdown(res: dict[str, Any]) -> str:
     if x:
         L.append(f"| memory at {x['pods']} pods ≤ 1/30 of sidecars | {_verdict(x.get('met'))} | "
                  f"PSS {x['nodemesh_pss_mib']:.0f} vs {x['sidecar_pss_mib']:.0f} MiB = "
-                 f"1/{1 / x['ratio_pss']:.1f}; RSS {x['nodemesh_rss_mib']:.0f} vs "
-                 f"{x['sidecar_rss_mib']:.0f} MiB = 1/{1 / x['ratio_rss']:.1f}"
+                 f"{_fraction(x['ratio_pss'])}; RSS {x['nodemesh_rss_mib']:.0f} vs "
+                 f"{x['sidecar_rss_mib']:.0f} MiB = {_fraction(x['ratio_rss'])}"
                  f"{'' if x.get('node_envoy_running') else ' (no node Envoy running)'} |")
     for k, v in (tg.get("change") or {}).items():
         if v.get("error"):
@@ -388,6 +405,23 @@ def _traffic_tables(res: dict[str, Any], s: dict[str, Any]) -> list[str]:
     if lags:
         L.append(f"Open-loop send lag (actual - scheduled send time), p99 per phase: median "
                  f"{fmt(median(lags), 1)} µs, worst {fmt(max(lags), 1)} µs.\n")
+    cal = s.get("calibration") or {}
+    if cal:
+        L.append("### Calibration: the generators against nginx on the pod's own loopback\n")
+        L.append("The floor the generators can measure (nginx + loopback + the generator itself); "
+                 "medians over runs.\n")
+        L.append("| workload | phase | req/s | p50 | p90 | p99 | p99.9 | send lag p99 |")
+        L.append("|---|---|---|---|---|---|---|---|")
+        for wl, phases in cal.items():
+            for key, by_mode in phases.items():
+                x = by_mode.get("loopback")
+                if not x:
+                    continue
+                lat = x["latency_us"]
+                L.append(f"| {wl} | {key} | {fmt(x['rps']['median'])} | "
+                         + " | ".join(fmt(lat[p]["median"]) for p in PCTS)
+                         + f" | {fmt(x.get('send_lag_p99_us'), 1)} |")
+        L.append("")
     return L
 
 
@@ -399,8 +433,8 @@ def _datapath_tables(s: dict[str, Any]) -> list[str]:
          "rr: one connection, back-to-back round trips; crr: connect, round trip, close (RST); "
          "cps: 8 concurrent connect/round-trip/close loops. Medians over runs (min-max).\n",
          "| placement | datapath | target | rr p50 | rr p99 | crr p50 | crr p99 | conn/s | "
-         "rr p50 x | rr p99 x | crr p50 x | crr p99 x | conn/s x |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         "rr p50 x | rr p99 x | crr p50 x | crr p99 x | conn/s x | agent CPU µs/conn |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(d):
         placement, dp, target = key.split("/")
         x = d[key]
@@ -410,7 +444,8 @@ def _datapath_tables(s: dict[str, Any]) -> list[str]:
         rs.append(fmt_ratio(ratio(x["cps"]["rate"]["median"], base["cps"]["rate"]["median"])))
         L.append(f"| {placement} | {dp} | pod→{target} | {_range(x['rr']['p50_us'], 1)} | "
                  f"{_range(x['rr']['p99_us'], 1)} | {_range(x['crr']['p50_us'], 1)} | "
-                 f"{_range(x['crr']['p99_us'], 1)} | {_range(x['cps']['rate'])} | " + " | ".join(rs) + " |")
+                 f"{_range(x['crr']['p99_us'], 1)} | {_range(x['cps']['rate'])} | " + " | ".join(rs)
+                 + f" | {fmt(x['mesh_cpu_us_per_conn']['median'], 1)} |")
     L.append("")
     return L
 
@@ -450,7 +485,7 @@ def _memory_tables(res: dict[str, Any]) -> list[str]:
                  f"{nm['agent']['rss'] / MIB:.0f} / {nm['agent']['pss'] / MIB:.0f} | "
                  f"{nm['envoy']['rss'] / MIB:.0f} / {nm['envoy']['pss'] / MIB:.0f} | "
                  f"{nm['bpf_maps']['bytes'] / MIB:.1f} | {nm['total_pss'] / MIB:.0f} | "
-                 f"{'1/' + format(1 / r, '.1f') if r else '-'} | "
+                 f"{_fraction(r)} | "
                  f"{p['runtime_only_agent']['pss'] / MIB:.0f} |")
     L.append("")
     return L

@@ -37,7 +37,7 @@ from typing import Any
 
 from nodemesh.bench import memory, workload
 from nodemesh.bench.cluster import BenchCluster, become_subreaper, reap_children
-from nodemesh.bench.loadgen import WRK_LUA, cpu_busy_seconds
+from nodemesh.bench.loadgen import WRK_LUA, cpu_busy_seconds, proc_cpu_seconds
 from nodemesh.bench.stats import median, percentile
 from nodemesh.bench.workload import MODES, Workload
 
@@ -77,7 +77,7 @@ class Plan:
 FULL = Plan(quick=False, runs=5, workloads=workload.ALL_WORKLOADS, wrk_seconds=2.0,
             open_seconds=2.0, warmup=0.25, rates=(500, 2000), wrk_connections=12, pool=32,
             dp_runs=5, dp_seconds=1.5, dp_placements=("same-cpu", "cross-cpu"), dp_parallel=8,
-            change_samples=25, change_interval_ms=2.0, mem_points=(10, 50, 100),
+            change_samples=100, change_interval_ms=2.0, mem_points=(10, 50, 100),
             gate_max_wait=15.0, gate_total=300.0, retries=2,
             retries_total=60)
 QUICK = replace(FULL, quick=True, runs=1,
@@ -244,9 +244,9 @@ class Bench:
         py, ev = self.python, self.envoy
         rr_svc = workload.service("rr", {"app": "rr"}, port=workload.RR_PORT,
                                   target=workload.RR_PORT)
-        self.plain.apply([*workload.plain_servers(py), workload.client_pod(),
+        self.plain.apply([*workload.plain_servers(py), workload.client_pod(), workload.calib_pod(),
                           workload.rr_pod(self.nmrr), rr_svc, *workload.sidecar_servers(py, ev)])
-        n_plain, n_mesh = 14, 9  # pods in what is applied here (see workload.py)
+        n_plain, n_mesh = 15, 9  # pods in what is applied here (see workload.py)
         policy = workload.allow_client_policy("allow-client", ["nginx", "echo", "rr"],
                                               [workload.SERVER_PORT, workload.RR_PORT])
         self.mesh.apply([*workload.plain_servers(py), workload.client_pod(),
@@ -400,6 +400,8 @@ print(json.dumps(out))
 
     # ---- traffic --------------------------------------------------------------------------
     def mode_client(self, mode: str) -> tuple[BenchCluster, str, str | None]:
+        if mode == "loopback":
+            return self.plain, "calib", None
         if mode == "nomesh":
             return self.plain, "client", None
         if mode == "sidecar":
@@ -408,6 +410,8 @@ print(json.dumps(out))
 
     def mode_targets(self, mode: str, server: str) -> tuple[list[str], str]:
         """(targets "ip:port", Host header) of the workload's servers in `mode`."""
+        if mode == "loopback":
+            return [f"127.0.0.1:{workload.SERVER_PORT}"], "localhost"
         if mode == "nomesh":
             return [f"{ip}:{workload.SERVER_PORT}" for ip in self.targets["plain"][server]], server
         key = {"sidecar": "sidecar", "l4": "l4", "l7": "l7"}[mode]
@@ -415,7 +419,7 @@ print(json.dumps(out))
         return [f"{self.targets[key][server]}:{workload.SERVICE_PORT}"], host
 
     def mode_cpu_pids(self, mode: str) -> list[int]:
-        if mode == "nomesh":
+        if mode in ("nomesh", "loopback"):
             return []
         if mode == "sidecar":
             return self.plain.sidecar_envoy_pids()
@@ -486,7 +490,20 @@ print(json.dumps(out))
         log(f"traffic: {p.runs} run(s) x {len(p.workloads)} workload(s) x {len(modes)} mode(s) "
             f"= {total} cells")
         t0 = time.monotonic()
+        calibration: list[dict[str, Any]] = []
+        # Filled in as we go: an interrupted run still reports what it measured.
+        self.results["calibration"] = {"cells": calibration}
+        self.results["traffic"] = {"cells": cells, "discarded": discarded}
+        calib = [w for w in workload.ALL_WORKLOADS if w.server == "nginx" and w.body == "small"
+                 and (w in p.workloads or w.conn == "keepalive")]
         for run in range(p.runs):
+            # The generators against nginx on the pod's loopback: the floor they measure.
+            for w in calib:
+                cell = self.traffic_cell("loopback", w, run)
+                calibration.append(cell)
+                log(f"  calibration run {run + 1} {w.name} on loopback: " + ", ".join(
+                    f"{x['phase']['kind']}@{x['phase'].get('rate', 'max')} p50 "
+                    f"{x.get('latency_us', {}).get('p50', 0):.0f}us" for x in cell["phases"]))
             order = modes[run % len(modes):] + modes[:run % len(modes)]
             for w in p.workloads:
                 for mode in order:
@@ -499,8 +516,7 @@ print(json.dumps(out))
                         f" {x.get('achieved_rps', 0):.0f}/s p99 {x.get('latency_us', {}).get('p99', 0):.0f}us"
                         f" err {x.get('errors', '?')}" for x in ph) or cell.get("error", "")
                     log(f"  [{len(cells)}/{total}] run {run + 1} {w.name} {mode}: {summary}")
-        self.results["traffic"] = {"cells": cells, "discarded": discarded,
-                                   "seconds": round(time.monotonic() - t0, 1)}
+        self.results["traffic"]["seconds"] = round(time.monotonic() - t0, 1)
 
     # ---- datapath ---------------------------------------------------------------------------
     def datapath_exec(self, cluster: BenchCluster, target: str, placement: str) -> dict[str, Any]:
@@ -540,11 +556,15 @@ print(json.dumps(out))
                                 placement: str = placement, run: int = run) -> dict[str, Any]:
                         gate = self.quiet_gate()
                         self.pin()
+                        mesh = cluster.mesh_pids()
                         self.meter.start()
+                        c0 = proc_cpu_seconds(mesh)
                         r = self.datapath_exec(cluster, ip, placement)
+                        mesh_cpu = proc_cpu_seconds(mesh) - c0
                         foreign = self.meter.stop()
                         return {"run": run, "placement": placement, "datapath": dp,
                                 "target": target_kind, "gate": gate, **foreign,
+                                "mesh_cpu_s": round(mesh_cpu, 3) if mesh else None,
                                 "disturbed": disturbed(foreign["foreign_cpus"], 0.0), **r}
                     r = self.repeat_if_disturbed(measure, discarded)
                     cells.append(r)
@@ -775,7 +795,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--sections", default="traffic,datapath,change,memory",
                     help="comma-separated subset of traffic,datapath,change,memory")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    ap.add_argument("--render", metavar="RESULTS_JSON",
+                    help="do not measure: write the summary and plots of an earlier run again")
     args = ap.parse_args(argv)
+    if args.render:
+        return render(args.render, args.out, not args.no_plots)
     if os.geteuid() != 0:
         print("error: nodemesh bench needs root (network namespaces, cgroups, BPF)",
               file=sys.stderr)
@@ -857,6 +881,25 @@ def main(argv: list[str]) -> int:
     for p in problems:
         log(f"problem: {p}")
     return 1 if (failed or left or problems) else 0
+
+
+def render(path: str, out_dir: str | None, with_plots: bool) -> int:
+    """Summary (next to the JSON, or in `out_dir`) and plots (docs/bench/, or `out_dir`) of an
+    earlier run's raw results."""
+    from nodemesh.bench import report
+
+    with open(path) as f:
+        res = json.load(f)
+    res["summary"] = report.summarize(res)
+    md = os.path.join(out_dir, "summary.md") if out_dir else os.path.splitext(path)[0] + ".md"
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    with open(md, "w") as f:
+        f.write(report.markdown(res))
+    if with_plots:
+        report.plots(res, out_dir or os.path.join(REPO, "docs", "bench"))
+    print(f"wrote {md}")
+    return 0
 
 
 def _background(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],

@@ -371,6 +371,11 @@ def l7_services() -> list[dict[str, Any]]:
     return objs
 
 
+def calib_pod() -> dict[str, Any]:
+    """nginx alone in a pod: the load generators' calibration runs against it on loopback."""
+    return pod("calib", {"app": "calib"}, [server_container("nginx", "")])
+
+
 CHANGE_TARGET = "pt"
 
 

@@ -63,7 +63,11 @@ class AgentSupervisor:
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         # glibc gives every thread its own malloc arena (64 MiB each, kept once touched): the
         # agent's few threads would otherwise triple its resident memory.
-        env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
+        env = {**os.environ, "MALLOC_ARENA_MAX": "2",
+               # The agent forks (pod shims, Envoy) while gRPC threads run; gRPC's fork
+               # handlers then crash the child now and then. The children exec at once and
+               # need none of gRPC's state.
+               "GRPC_ENABLE_FORK_SUPPORT": "false"}
         pid = os.posix_spawn(sys.executable, agent_argv(self.cfg, self.node), env,
                              file_actions=[(os.POSIX_SPAWN_DUP2, fd, 1),
                                            (os.POSIX_SPAWN_DUP2, fd, 2)],
