@@ -158,8 +158,15 @@ class DatapathSync:
         mount_bpffs(self.cfg.bpffs)
         self.dp.ensure_built()
         self.dp.load()
-        self.dp.set_config(self.node.ip, NODE_DNS_IP, "0.0.0.0")
+        # Keep the proxy settings a previous agent made (the node Envoy outlives agents): a
+        # moment with proxy_ip 0 would let connections around the proxy.
+        current = self.dp.config.get(L.u32(0))
+        proxy_ip = L.ip4_str(current.proxy_ip) if current is not None else "0.0.0.0"
+        flags = L.ConfigFlags(current.flags) if current is not None else L.ConfigFlags.NONE
+        self.proxy_ip = proxy_ip
+        self.dp.set_config(self.node.ip, NODE_DNS_IP, proxy_ip, flags)
         self.lb_state = self.dp.current_lb_state()
+        self._adopt_redirects()
         self.reader = self.dp.open_events(self._on_event)
         self.informer.add_listener(self._on_store_change)
         threading.Thread(target=self._sync_loop, name="datapath-sync", daemon=True).start()
@@ -247,6 +254,25 @@ class DatapathSync:
             self.pod_redirects = dict(pod)
             self.pod_redirect_identities = dict(pod_identities or {})
             self._sync_locked()
+
+    def _adopt_redirects(self) -> None:
+        """Keep the redirects into the node Envoy that a previous agent programmed until this
+        agent's proxy manager has computed its own: until then the services with routes and
+        the pod ports with L7 policy must stay behind the proxy."""
+        from nodemesh.route.inputs import RedirectKey
+
+        protos = {6: "TCP", 17: "UDP"}
+        for k, v in self.dp.services.items():
+            if k.backend_slot == 0 and v.flags & L.ServiceFlags.L7 and v.l7_proxy_port:
+                key = RedirectKey(L.ip4_str(k.address), k.dport, protos.get(k.protocol, "TCP"))
+                self.service_redirects[key] = v.l7_proxy_port
+        for k, v in self.dp.l7_redir.items():
+            key = RedirectKey(L.ip4_str(k.addr), k.port, protos.get(k.protocol, "TCP"))
+            self.pod_redirects[key] = v.proxy_port
+            self.pod_redirect_identities.setdefault(key, set()).add(k.identity)
+        if self.service_redirects or self.pod_redirects:
+            log.info("kept %d service and %d pod-port redirects into the node Envoy",
+                     len(self.service_redirects), len(self.pod_redirects))
 
     def _identity_for(self, labels: dict[str, str], known: dict[tuple, int]) -> int:
         key = tuple(sorted(labels.items()))

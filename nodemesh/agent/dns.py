@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import socket
 import struct
 from collections.abc import Iterable
@@ -160,6 +161,16 @@ class DnsServer:
                 if resp:
                     self.t.sendto(resp, addr)  # type: ignore[attr-defined]
 
+        inherited = [int(f) for f in os.environ.get("NODEMESH_DNS_FDS", "").split(",") if f]
+        if len(inherited) == 2:
+            # Sockets the cluster daemon holds for this node: they outlive the agent.
+            udp = socket.socket(fileno=inherited[0])
+            tcp = socket.socket(fileno=inherited[1])
+            udp.setblocking(False)
+            tcp.setblocking(False)
+            self._udp, _ = await loop.create_datagram_endpoint(Udp, sock=udp)
+            self._tcp = await asyncio.start_server(self._serve_tcp, sock=tcp)
+            return
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.address, self.port))

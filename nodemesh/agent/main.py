@@ -92,6 +92,10 @@ class Agent:
         if self.datapath is not None:
             await asyncio.to_thread(self.datapath.start)
             await asyncio.to_thread(self.datapath.sync)
+        # Records first: queries queued while no agent ran are answered as soon as we listen.
+        k = self.informer.kinds(("Service", "Pod"))
+        self.dns.records = build_records(k["Service"], k["Pod"])
+        self._dns_dirty = False
         await self.dns.start()
         if self.proxy is not None:
             await self.proxy.start()

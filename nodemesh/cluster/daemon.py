@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 
 from nodemesh.agent.informer import Informer
-from nodemesh.cluster import procs
-from nodemesh.cluster.config import ClusterConfig, read_json, write_json_atomic
+from nodemesh.cluster import netns, procs
+from nodemesh.cluster.config import NODE_DNS_IP, ClusterConfig, read_json, write_json_atomic
 from nodemesh.cluster.controllers import Controllers
 from nodemesh.cluster.procs import ProcRef
 from nodemesh.store import open_store
@@ -43,6 +44,7 @@ class AgentSupervisor:
         self.backoff = 0.0
         self.next_start = 0.0
         self.restarts = 0
+        self.dns: tuple[socket.socket, socket.socket] | None = None
 
     def check(self, now: float) -> None:
         if self.ref is not None and self.ref.alive():
@@ -56,6 +58,35 @@ class AgentSupervisor:
         if now >= self.next_start:
             self.start()
 
+    def _dns_sockets(self) -> tuple[socket.socket, socket.socket]:
+        """The node-local DNS sockets, created once in the node's namespace and held here, so
+        a restarted agent inherits them: queries that arrive while no agent runs wait in the
+        socket's queue instead of failing."""
+        if self.dns is None:
+            made: list = []
+
+            def bind() -> None:
+                try:
+                    netns.enter_netns(self.cfg.node_netns(self.node))
+                    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+                    udp.bind((NODE_DNS_IP, 53))
+                    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    tcp.bind((NODE_DNS_IP, 53))
+                    tcp.listen(128)
+                    made.extend((udp, tcp))
+                except OSError as e:
+                    made.append(e)
+
+            t = threading.Thread(target=bind)  # setns is per thread: ours stays in the host's
+            t.start()
+            t.join()
+            if isinstance(made[0], OSError):
+                raise made[0]
+            self.dns = (made[0], made[1])
+        return self.dns
+
     def start(self) -> None:
         node_dir = self.cfg.node_dir(self.node)
         os.makedirs(node_dir, exist_ok=True)
@@ -63,15 +94,21 @@ class AgentSupervisor:
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         # glibc gives every thread its own malloc arena (64 MiB each, kept once touched): the
         # agent's few threads would otherwise triple its resident memory.
-        env = {**os.environ, "MALLOC_ARENA_MAX": "2",
+        actions = [(os.POSIX_SPAWN_DUP2, fd, 1), (os.POSIX_SPAWN_DUP2, fd, 2)]
+        try:
+            udp, tcp = self._dns_sockets()
+            actions += [(os.POSIX_SPAWN_DUP2, udp.fileno(), 3), (os.POSIX_SPAWN_DUP2, tcp.fileno(), 4)]
+            dns_fds = "3,4"
+        except OSError as e:  # the agent binds its own, and says why in its log
+            log.warning("node %s: cannot hold DNS sockets for the agent: %s", self.node, e)
+            dns_fds = ""
+        env = {**os.environ, "MALLOC_ARENA_MAX": "2", "NODEMESH_DNS_FDS": dns_fds,
                # The agent forks (pod shims, Envoy) while gRPC threads run; gRPC's fork
                # handlers then crash the child now and then. The children exec at once and
                # need none of gRPC's state.
                "GRPC_ENABLE_FORK_SUPPORT": "false"}
         pid = os.posix_spawn(sys.executable, agent_argv(self.cfg, self.node), env,
-                             file_actions=[(os.POSIX_SPAWN_DUP2, fd, 1),
-                                           (os.POSIX_SPAWN_DUP2, fd, 2)],
-                             setsid=True)
+                             file_actions=actions, setsid=True)
         os.close(fd)
         self.ref = ProcRef.of(pid)
         log.info("started agent of %s (pid %d)", self.node, pid)

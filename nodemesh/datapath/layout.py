@@ -161,6 +161,9 @@ class CtClosing(enum.IntFlag):
 
 CT_F_REPLY_SEEN = 1
 CT_F_NODE_SOCKET = 2  # opened by a socket of the node namespace (to_container saw skb->sk)
+# hairpin: the node Envoy's upstream to the client pod itself; its source (the pod's own address)
+# was rewritten to proxy_ip at to_container, the pod's replies are rewritten back (with NODE_SOCKET)
+CT_F_HAIRPIN = 4
 
 # The proxy return path (bpf/lib/common.h): the mark (within the mask) the datapath sets on a
 # reply that belongs to a transparent socket of the node, and the rule/table that deliver it.

@@ -117,7 +117,7 @@ while time.monotonic() < end:
     try:
         conn.request("GET", "/load"); r = conn.getresponse(); r.read()
         if r.status == 200 and r.getheader("x-route") == "alpha": ok += 1
-        else: failed.append(r.status)
+        else: failed.append([r.status, dict(r.getheaders()), time.monotonic()])
     except Exception as e:
         failed.append(repr(e)); conn.close(); conn = http.client.HTTPConnection("alpha", 80, timeout=3)
     # Every 20th request on a new connection: new connections must also work meanwhile.
