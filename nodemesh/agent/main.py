@@ -223,6 +223,9 @@ class Agent:
         self.api.route("GET", "/healthz", self._healthz)
         self.api.route("GET", "/status", self._status)
         self.api.route("GET", "/flows", self._flows)
+        self.api.route("GET", "/proxy/stats", self._proxy_admin("stats"))
+        self.api.route("GET", "/proxy/clusters", self._proxy_admin("clusters"))
+        self.api.route("GET", "/proxy/config", self._proxy_admin("config"))
 
     async def _healthz(self, q: dict, body: bytes) -> Any:
         return {"ok": True}
@@ -242,6 +245,22 @@ class Agent:
                       "lostEvents": self.datapath.lost_events if self.datapath else 0},
         }
 
+
+    def _proxy_admin(self, what: str):
+        """The node Envoy's admin API, through the agent (Envoy's admin is local to the node)."""
+
+        async def handler(q: dict, body: bytes) -> Any:
+            envoy = self.proxy.envoy if self.proxy else None
+            if envoy is None or not envoy.alive():
+                raise ApiError(503, f"node {self.node.name} has no running Envoy")
+            if what == "stats":
+                flt = (q.get("filter") or [None])[-1]
+                return await asyncio.to_thread(envoy.stats, flt)
+            if what == "clusters":
+                return await asyncio.to_thread(envoy.clusters)
+            return await asyncio.to_thread(envoy.config_dump)
+
+        return handler
 
     async def _flows(self, q: dict, body: bytes) -> Any:
         """Recent flows (`last`, filters), or with `follow=1` a stream of new ones."""

@@ -111,8 +111,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"services:   {len(store.list('Service'))}")
     print(f"policies:   {len(store.list('NetworkPolicy'))} NetworkPolicy, "
           f"{len(store.list('CiliumNetworkPolicy'))} CiliumNetworkPolicy")
+    routes = store.list("HTTPRoute") + store.list("GRPCRoute")
     print(f"routes:     {len(store.list('HTTPRoute'))} HTTPRoute, "
           f"{len(store.list('GRPCRoute'))} GRPCRoute")
+    # Problems a user must see: routes not accepted (with Envoy's word on a rejection).
+    for r in routes:
+        for p in (r.get("status") or {}).get("parents") or []:
+            for cond in p.get("conditions") or []:
+                if cond.get("type") in ("Accepted", "ResolvedRefs") and cond.get("status") == "False":
+                    meta = r["metadata"]
+                    print(f"  ! {r['kind']} {meta['namespace']}/{meta['name']}: {cond['type']}="
+                          f"False ({cond.get('reason')}): {cond.get('message')}")
+    for n in cfg.nodes:
+        try:
+            st = AgentClient(cfg.agent_socket(n.name), n.name, timeout=2).get("/status")
+        except NodemeshError:
+            continue
+        proxy = st.get("proxy") or {}
+        envoy = proxy.get("envoy") or {}
+        if proxy:
+            print(f"proxy {n.name}: Envoy pid {envoy.get('pid')}, xDS {proxy.get('xds', {}).get('state')}"
+                  + (f", REJECTED: {proxy['nack']['message']}" if proxy.get("nack") else ""))
     return 0
 
 
@@ -513,3 +532,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if getattr(args, "state_dir", None):
         extra = ["--state-dir", args.state_dir, *extra]
     return bench_main(extra)
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    import json
+
+    from nodemesh.agent.api import AgentClient
+
+    cfg = _cluster(args)
+    nodes = [n.name for n in cfg.nodes if args.node in (None, n.name)]
+    if not nodes:
+        raise NodemeshError(f"no node named {args.node!r}", 2)
+    for node in nodes:
+        client = AgentClient(cfg.agent_socket(node), node, timeout=30)
+        data = client.get(f"/proxy/{args.what}", {"filter": [args.filter]} if args.filter else None)
+        if args.what == "stats":
+            for name, value in sorted(data.items()):
+                print(f"{node}  {name}: {value}")
+        else:
+            print(json.dumps({"node": node, args.what: data}, indent=1))
+    return 0

@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-n", "--namespace", dest="flow_namespace", action="append", default=[],
                     help="namespace, either side")
 
+    sp = cmd("proxy", c.cmd_proxy, "the node Envoy's admin data, through its agent")
+    sp.add_argument("what", choices=["stats", "clusters", "config"])
+    sp.add_argument("--node", default=None, help="which node (default: every node)")
+    sp.add_argument("--filter", default=None, help="stats: a regular expression over the names")
+
     sp = cmd("demo", c.cmd_demo, "bring up a 2-node cluster, deploy a demo app with policies "
              "and a canary, drive traffic and report what the mesh saw")
     sp.add_argument("--requests", type=int, default=400, help="requests to drive (default 400)")
