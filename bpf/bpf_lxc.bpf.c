@@ -12,7 +12,9 @@
  * client node's Envoy, which enforced the L7 rules), a connection that went around connect4's
  * redirect (one for this pod's identity or for any client) is dropped on its way out, and a
  * reply from a local backend to the node Envoy's transparent upstream socket is marked for
- * local delivery (lib/proxy.h). */
+ * local delivery (lib/proxy.h). When the proxy's upstream goes to the client pod itself
+ * (hairpin), to_container rewrites its source (the pod's own address) to nm_config.proxy_ip and
+ * from_container rewrites the pod's replies back (lib/proxy.h, CT_F_HAIRPIN). */
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/drop_reasons.h"
@@ -62,6 +64,19 @@ static __always_inline int handle_packet(struct __sk_buff *skb, const __u8 direc
 		return drop_packet(&p, DROP_INVALID_PACKET, direction, ifindex, 0, 0, 0);
 	}
 
+	__u8 hairpin = 0;
+
+	/* Entering the pod from its own address: the node Envoy's upstream to the pod itself.
+	 * Plain traffic pays this comparison and nothing else. */
+	if (direction == DIR_INGRESS && p.saddr == ep->ipv4) {
+		int r = hairpin_snat(skb, &p, cfg);
+
+		if (r < 0)
+			return drop_packet(&p, DROP_INVALID_PACKET, direction, ifindex, 0,
+					   local_identity, 0);
+		hairpin = r;
+	}
+
 	__be32 remote = p.saddr;
 
 	if (direction == DIR_EGRESS) {
@@ -93,9 +108,17 @@ static __always_inline int handle_packet(struct __sk_buff *skb, const __u8 direc
 		 * addressed to the client pod, but the connection is the proxy's (its transparent
 		 * socket in this namespace). Only replies leaving a pod, on connections a socket of
 		 * the node opened, can be that: the others skip the socket lookup. */
-		if (direction == DIR_EGRESS && entry && (entry->flags & CT_F_NODE_SOCKET) &&
-		    proxy_return_enabled(cfg, p.protocol))
-			proxy_return_mark(skb, p.saddr, p.daddr, p.sport, p.dport);
+		if (direction == DIR_EGRESS && entry && (entry->flags & CT_F_NODE_SOCKET)) {
+			/* A hairpin: the reply goes to proxy_ip, the connection is the proxy's
+			 * socket bound to this pod's own address. */
+			if (entry->flags & CT_F_HAIRPIN) {
+				if (hairpin_reply(skb, &p, ep->ipv4, cfg) < 0)
+					return drop_packet(&p, DROP_INVALID_PACKET, direction,
+							   ifindex, local_identity, 0, 0);
+			} else if (proxy_return_enabled(cfg, p.protocol)) {
+				proxy_return_mark(skb, p.saddr, p.daddr, p.sport, p.dport);
+			}
+		}
 		return TC_ACT_OK;
 	case CT_RELATED:
 		metrics_add(0, direction, VERDICT_FORWARDED, p.len);
@@ -155,6 +178,9 @@ static __always_inline int handle_packet(struct __sk_buff *skb, const __u8 direc
 	/* Entering the pod with a socket attached: opened in the node namespace (the node
 	 * Envoy's upstream, a probe), not forwarded from another pod or node. */
 	__u8 ct_flags = direction == DIR_INGRESS && skb->sk ? CT_F_NODE_SOCKET : 0;
+
+	if (hairpin)
+		ct_flags = CT_F_NODE_SOCKET | CT_F_HAIRPIN;
 
 	if (ct_create(&key, &p, now, src_identity, dst_identity, d.verdict, d.policy_id,
 		      ct_flags))

@@ -177,6 +177,12 @@ struct ct_key {
  * theirs crossing a veth into another namespace). Only the replies of such connections can be
  * for the node Envoy's transparent upstreams, so only they pay the return-path socket lookup. */
 #define CT_F_NODE_SOCKET 2
+/* Hairpin through the node Envoy (lib/proxy.h): a connection the proxy opened with the pod's own
+ * address as source to the pod itself. to_container rewrote its source to nm_config.proxy_ip,
+ * and the entry is keyed by that tuple (as the pod sees it); from_container gives the pod's
+ * replies their destination back (the pod's own address) before the return path. Always set
+ * together with CT_F_NODE_SOCKET. */
+#define CT_F_HAIRPIN 4
 struct ct_entry {
 	__u64 expires_ns; /* bpf_ktime_get_ns() deadline */
 	__u64 packets;

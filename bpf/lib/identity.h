@@ -14,7 +14,8 @@ static __always_inline __u32 identity_of(__be32 addr, const struct node_config *
 	if (cfg && cfg->node_ip && addr == cfg->node_ip)
 		return IDENTITY_HOST;
 	/* The node Envoy's address belongs to the node too (its upstreams carry the client's
-	 * address instead, so this never lends "host" to a proxied connection). */
+	 * address instead, so this lends "host" to a proxied connection only when the client is
+	 * the backend itself: the hairpin, whose source to_container rewrote to proxy_ip). */
 	if (cfg && cfg->proxy_ip && addr == cfg->proxy_ip)
 		return IDENTITY_HOST;
 	e = bpf_map_lookup_elem(&nm_ipcache, &key);

@@ -27,6 +27,8 @@ Also the pytest fixtures the test_bpf_* modules share: `topo` (one topology per 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
 import json
 import os
 import secrets
@@ -34,6 +36,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -89,7 +92,8 @@ SERVER = textwrap.dedent(
         print("ready", flush=True)
         while True:
             d, a = s.recvfrom(4096)
-            s.sendto(name.encode() + b" " + d, a)
+            tail = f" from {a[0]}".encode() if show_peer else b""
+            s.sendto(name.encode() + b" " + d + tail, a)
     """
 )
 
@@ -144,6 +148,29 @@ def run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
     return res
 
 
+SIOCETHTOOL = 0x8946
+ETHTOOL_GTXCSUM, ETHTOOL_STXCSUM = 0x16, 0x17
+
+
+def _ethtool_value(netns: str, ifname: str, cmd: int, data: int = 0) -> int:
+    """One legacy ethtool get/set (struct ethtool_value) on a device of netns (no ethtool
+    binary needed)."""
+
+    def call() -> int:
+        value = ctypes.create_string_buffer(struct.pack("II", cmd, data))
+        ifreq = struct.pack("16sP", ifname.encode(), ctypes.addressof(value)).ljust(40, b"\0")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            fcntl.ioctl(s.fileno(), SIOCETHTOOL, ifreq)
+        return int(struct.unpack("II", value.raw[:8])[1])
+
+    return libbpf.run_in_netns(f"/run/netns/{netns}", call)
+
+
+def set_tx_checksum(netns: str, ifname: str, on: bool) -> None:
+    _ethtool_value(netns, ifname, ETHTOOL_STXCSUM, int(on))
+    assert _ethtool_value(netns, ifname, ETHTOOL_GTXCSUM) == int(on), (netns, ifname)
+
+
 def _enter(cgroup: Path | None, netns: str) -> Callable[[], None]:
     """preexec_fn: join the cgroup (while /sys is still ours), then enter the netns."""
 
@@ -195,10 +222,26 @@ class Pod:
             raise AssertionError(f"snippet failed in {self.name}:\n{res.stderr}")
         return json.loads(res.stdout)
 
+    @contextlib.contextmanager
+    def software_checksums(self) -> Iterator[None]:
+        """Turn TX checksum offload off on both ends of the pod's veth (lxcN in the node, eth0
+        in the pod) for the duration: TCP and UDP then cross the veth with checksums computed
+        in full (TCP's CHECKSUM_PARTIAL is completed at the device, after the tc hooks, from
+        the pseudo-header sum they rewrote) and the receiving stacks verify them, so a wrong
+        checksum rewrite in the datapath is a lost packet instead of going unnoticed."""
+        ends = ((self.topo.node_ns, self.lxc), (self.netns, "eth0"))
+        for netns, ifname in ends:
+            set_tx_checksum(netns, ifname, False)
+        try:
+            yield
+        finally:
+            for netns, ifname in ends:
+                set_tx_checksum(netns, ifname, True)
+
     def server(self, proto: str = "tcp", port: int = 8080, name: str | None = None,
                host: str = "0.0.0.0", peer: bool = False) -> subprocess.Popen[str]:
         """Start the echo server and wait until it listens; peer: append " from <client IP>"
-        to every answer."""
+        to every answer (TCP and UDP)."""
         p = self.popen([PYTHON, "-c", SERVER, name or f"{self.name}:{port}", proto, host,
                         str(port), *(["peer"] if peer else [])],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -169,6 +169,7 @@ def test_enums_match_the_headers() -> None:
     assert (d["CT_CLOSING_TX"], d["CT_CLOSING_RX"]) == (CtClosing.TX, CtClosing.RX)
     assert d["CT_F_REPLY_SEEN"] == layout.CT_F_REPLY_SEEN
     assert d["CT_F_NODE_SOCKET"] == layout.CT_F_NODE_SOCKET
+    assert d["CT_F_HAIRPIN"] == layout.CT_F_HAIRPIN
     assert d["POLICY_CIDR_MAX_RULES"] == layout.POLICY_CIDR_MAX_RULES
     assert d["POLICY_KEY_BITS"] == layout.POLICY_KEY_BITS
     assert d["NM_MAGLEV_M_DEFAULT"] == layout.MAGLEV_DEFAULT_M
