@@ -38,8 +38,10 @@ static __always_inline void emit_sock_event(struct bpf_sock_addr *ctx, __u8 type
 	__be32 saddr = 0;
 	__u16 sport = 0;
 
-	if (!e)
+	if (!e) {
+		count_lost_event();
 		return;
+	}
 	if (sk) {
 		saddr = sk->src_ip4;
 		sport = (__u16)sk->src_port;
@@ -254,8 +256,10 @@ static __always_inline void emit_proxy_event(struct bpf_sock_addr *ctx, __u8 typ
 {
 	struct flow_event *e = bpf_ringbuf_reserve(&nm_events, sizeof(*e), 0);
 
-	if (!e)
+	if (!e) {
+		count_lost_event();
 		return;
+	}
 	e->ts_ns = bpf_ktime_get_ns();
 	e->type = type;
 	e->verdict = verdict;

@@ -52,6 +52,16 @@ static __always_inline void flowcnt_add(__u32 src_identity, __u32 dst_identity, 
 	}
 }
 
+/* A full ring buffer loses the event; the loss is counted in nm_lost for the agent to report. */
+static __always_inline void count_lost_event(void)
+{
+	__u32 slot = 0;
+	__u64 *lost = bpf_map_lookup_elem(&nm_lost, &slot);
+
+	if (lost)
+		*lost += 1;
+}
+
 /* A packet event (EV_TRACE for a new connection, EV_DROP for a drop) from a tc hook. */
 static __always_inline void emit_packet_event(const struct nm_pkt *p, __u8 type, __u8 verdict,
 					      __u8 reason, __u8 direction, __u32 ifindex,
@@ -60,8 +70,10 @@ static __always_inline void emit_packet_event(const struct nm_pkt *p, __u8 type,
 {
 	struct flow_event *e = bpf_ringbuf_reserve(&nm_events, sizeof(*e), 0);
 
-	if (!e)
+	if (!e) {
+		count_lost_event();
 		return;
+	}
 	e->ts_ns = bpf_ktime_get_ns();
 	e->type = type;
 	e->verdict = verdict;

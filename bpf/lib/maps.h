@@ -137,6 +137,15 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } nm_events SEC(".maps");
 
+/* Flow events the ring buffer had no room for (per CPU, one slot): counted, never hidden. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_lost SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(max_entries, NM_METRICS_MAX);

@@ -479,6 +479,16 @@ class DatapathSync:
             self.lost_events += 1
             log.exception("bad flow event")
 
+    def ring_lost(self) -> int:
+        """Events the kernel could not put in the ring buffer (nm_lost, summed over CPUs)."""
+        try:
+            per_cpu = self.dp.map("nm_lost").get(L.u32(0))
+        except Exception:
+            return 0
+        if per_cpu is None:
+            return 0
+        return int(sum(int(getattr(v, "value", v)) for v in per_cpu))
+
     # ---- for metrics (read at scrape time) ----------------------------------------------------
     FILL_MAPS = ("nm_endpoints", "nm_ipcache", "nm_policy", "nm_policy_cidr", "nm_ct",
                  "nm_lb4_svc", "nm_lb4_be", "nm_lb4_revnat", "nm_lb4_affin", "nm_lb4_rsk",

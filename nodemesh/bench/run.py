@@ -246,11 +246,12 @@ class Bench:
                                   target=workload.RR_PORT)
         self.plain.apply([*workload.plain_servers(py), workload.client_pod(), workload.calib_pod(),
                           workload.rr_pod(self.nmrr), rr_svc, *workload.sidecar_servers(py, ev)])
-        n_plain, n_mesh = 15, 9  # pods in what is applied here (see workload.py)
-        policy = workload.allow_client_policy("allow-client", ["nginx", "echo", "rr"],
-                                              [workload.SERVER_PORT, workload.RR_PORT])
+        n_plain, n_mesh = 15, 16  # pods in what is applied here (see workload.py)
+        policy = workload.allow_client_policy(
+            "allow-client", ["nginx", "echo", "nginx-l7", "echo-l7", "rr"],
+            [workload.SERVER_PORT, workload.RR_PORT])
         self.mesh.apply([*workload.plain_servers(py), workload.client_pod(),
-                         workload.rr_pod(self.nmrr), rr_svc, policy, *workload.l7_services(),
+                         workload.rr_pod(self.nmrr), rr_svc, policy, *workload.l7_workload(py),
                          *workload.change_target(py)])
         self.plain.wait_ready(expected=n_plain)
         outbound = [workload.OutboundService(f"sc-{s}", self.plain.vip(f"sc-{s}"),
@@ -265,6 +266,7 @@ class Bench:
         self.plain.exec("client", tw)
         self.plain.exec("sc-client", tw, container="app")
         self.mesh.exec("client", tw)
+        self.mesh.exec("client-l7", tw)
         self.targets = {
             "plain": {s: self.plain.pod_ips(s) for s in workload.SERVERS},
             "sidecar": {s: self.plain.vip(f"sc-{s}") for s in workload.SERVERS},
@@ -345,7 +347,7 @@ print(json.dumps(out))
                 accepted &= any(c.get("type") == "Accepted" and c.get("status") == "True"
                                 for c in conds)
             before = self.node_envoy_requests()
-            probe = json.loads(self.mesh.exec("client", [self.python, "-c", self.PROBE, json.dumps(
+            probe = json.loads(self.mesh.exec("client-l7", [self.python, "-c", self.PROBE, json.dumps(
                 {n: self.targets["l7"][n[:-3]] for n in names})]).out)
             after = self.node_envoy_requests()
             ok = all(p.get("status") == 200 for p in probe.values())
@@ -406,6 +408,8 @@ print(json.dumps(out))
             return self.plain, "client", None
         if mode == "sidecar":
             return self.plain, "sc-client", "app"
+        if mode == "l7":
+            return self.mesh, "client-l7", None
         return self.mesh, "client", None
 
     def mode_targets(self, mode: str, server: str) -> tuple[list[str], str]:
@@ -575,12 +579,12 @@ print(json.dumps(out))
                                     "seconds": round(time.monotonic() - t0, 1)}
 
     # ---- change latency ---------------------------------------------------------------------
-    def change_series(self, kind: str, argv: list[str], states: list[Any],
+    def change_series(self, kind: str, pod: str, argv: list[str], states: list[Any],
                       objs_of: Callable[[Any], list[dict]], outcome_of: Callable[[Any], str],
                       ) -> dict[str, Any]:
         """Flip between `states` (states[0] is in force), apply → first probe sent after the
         apply's start that shows the new state's outcome."""
-        proc = self.mesh.exec_popen("client", argv)
+        proc = self.mesh.exec_popen(pod, argv)
         lines: list[tuple[int, str]] = []
         cond = threading.Condition()
 
@@ -667,7 +671,7 @@ print(json.dumps(out))
         log(f"change: policy flips ({self.plan.change_samples} samples)")
         self.pin()
         out["policy"] = self.change_series(
-            "NetworkPolicy", ["taskset", "-c", str(LOADGEN_CPU), self.python, "-m",
+            "NetworkPolicy", "client", ["taskset", "-c", str(LOADGEN_CPU), self.python, "-m",
                               "nodemesh.bench.poller", "tcp", self.targets["pt_vip"],
                               str(workload.SERVICE_PORT), str(self.plan.change_interval_ms)],
             [True, False], lambda allow: [workload.toggle_policy(pt, pt, allow)],
@@ -677,7 +681,7 @@ print(json.dumps(out))
             log(f"change: route edits ({self.plan.change_samples} samples)")
             gens = list(range(self.plan.change_samples + 1))
             out["route"] = self.change_series(
-                "HTTPRoute", ["taskset", "-c", str(LOADGEN_CPU), self.python, "-m",
+                "HTTPRoute", "client-l7", ["taskset", "-c", str(LOADGEN_CPU), self.python, "-m",
                               "nodemesh.bench.poller", "http", self.targets["pt_l7_vip"],
                               str(workload.SERVICE_PORT), str(self.plan.change_interval_ms), "/"],
                 gens, lambda g: [workload.http_route(f"{pt}-l7", f"{pt}-l7", header_gen=g)],
@@ -695,13 +699,25 @@ print(json.dumps(out))
     def memory(self) -> None:
         t0 = time.monotonic()
         points = []
+        # Each node must hold exactly N meshed pods: keep one client and the nginx servers
+        # (scaled below), remove the rest. Services, policies and routes stay.
+        self.mesh.cli("delete", "deployment", "echo", "nginx-l7", "echo-l7", "pt", check=False)
+        self.mesh.cli("delete", "pod", "client-l7", "rr", check=False, timeout=180)
+        self.plain.cli("delete", "deployment", "sc-echo", check=False)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            left = ([p for p in self.mesh.pods() if _app(p) not in ("nginx", "")]
+                    + [p for p in self.plain.pods() if _app(p) == "sc-echo"])
+            if not left:
+                break
+            time.sleep(0.5)
         for n in self.plan.mem_points:
             # Count what is on the node now; the scalable deployments make up the rest.
             plain = [p for p in self.plain.pods() if not p["metadata"].get("deletionTimestamp")]
             sc_others = [p for p in plain if len(p["spec"].get("containers") or []) == 2
-                         and not p["metadata"]["name"].startswith("sc-nginx-")]
+                         and _app(p) != "sc-nginx"]
             mesh = [p for p in self.mesh.pods() if not p["metadata"].get("deletionTimestamp")]
-            mesh_others = [p for p in mesh if not p["metadata"]["name"].startswith("nginx-")]
+            mesh_others = [p for p in mesh if _app(p) != "nginx"]
             sc_n = max(1, n - len(sc_others))
             mesh_n = max(1, n - len(mesh_others))
             log(f"memory: {n} pods per node (sc-nginx x {sc_n}, nginx x {mesh_n})")
@@ -712,8 +728,8 @@ print(json.dumps(out))
             self.mesh.apply([o for o in workload.plain_servers(py, replicas=mesh_n)
                              if o["kind"] == "Deployment" and o["metadata"]["name"] == "nginx"])
             timeout = 60 + 3 * n
-            self.plain.wait_ready(expected=len(plain) - len([p for p in plain if p["metadata"][
-                "name"].startswith("sc-nginx-")]) + sc_n, timeout=timeout)
+            self.plain.wait_ready(expected=len(plain) - len([p for p in plain if _app(p) == "sc-nginx"])
+                                  + sc_n, timeout=timeout)
             self.mesh.wait_ready(expected=len(mesh_others) + mesh_n, timeout=timeout)
             time.sleep(3.0)  # let the new Envoys and the agents settle
             sidecars = self.plain.sidecar_envoy_pids()
@@ -756,6 +772,10 @@ print(json.dumps(out))
             left.append(f"work dir {self.work}")
         reap_children()
         return left
+
+
+def _app(pod: dict[str, Any]) -> str:
+    return (pod["metadata"].get("labels") or {}).get("app", "")
 
 
 def disturbed(foreign_cpus: float, lag_p99_us: float) -> str:

@@ -362,12 +362,18 @@ def sidecar_client(envoy: str, outbound: list[OutboundService]) -> dict[str, Any
     return client_pod("sc-client", sidecar_container(envoy, sidecar_bootstrap("sc-client", outbound)))
 
 
-def l7_services() -> list[dict[str, Any]]:
-    """A second Service over the same server pods, with a route: only this one goes via Envoy."""
-    objs: list[dict[str, Any]] = []
+def l7_workload(python: str, replicas: int = 3) -> list[dict[str, Any]]:
+    """The L7 mode's own client and servers, with Services that have a route (only these go
+    via the node Envoy). They are separate from the L4 mode's pods: the node Envoy's upstream
+    connections carry the client pod's address (original_src), and a direct connection of the
+    same client that happens to pick the same source port towards the same server pod hangs
+    (see docs/benchmarks.md), which would make one mode's traffic disturb the other's."""
+    objs: list[dict[str, Any]] = [client_pod("client-l7")]
     for s in SERVERS:
-        objs.append(service(f"{s}-l7", {"app": s}))
-        objs.append(http_route(f"{s}-l7", f"{s}-l7"))
+        name = f"{s}-l7"
+        objs.append(deployment(name, replicas, {"app": name}, [server_container(s, python)]))
+        objs.append(service(name, {"app": name}))
+        objs.append(http_route(name, name))
     return objs
 
 

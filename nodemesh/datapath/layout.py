@@ -445,6 +445,7 @@ MAPS: dict[str, tuple[type, type | None]] = {
     "nm_l7_redir": (L7RedirKey, L7RedirVal),
     "nm_lxc": (be32, LxcInfo),
     "nm_netns": (u64, NetnsInfo),
+    "nm_lost": (u32, u64),
 }
 RINGBUF_MAPS = ("nm_events",)
 
