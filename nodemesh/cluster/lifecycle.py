@@ -156,6 +156,15 @@ def down(state_dir: str, keep_state: bool = False, progress: Progress = print) -
             os.unlink(os.path.join(cfg.state_dir, "daemon.json"))
     else:
         shutil.rmtree(cfg.state_dir, ignore_errors=True)
+    # Check our own work: anything left is named, never silently kept.
+    from nodemesh.cluster.inventory import leftovers
+
+    left = [x for x in leftovers(cfg.name, cfg.state_dir, include_state_dir=not keep_state)
+            if not (keep_state and x.startswith("state dir"))
+            and f"pid {os.getppid()}" not in x]
+    left = [x for x in left if not x.startswith(f"process {os.getppid()}:")]
+    if left:
+        progress(f"warning: left behind: {'; '.join(left)}")
     progress(f"cluster {cfg.name} removed")
     return True
 

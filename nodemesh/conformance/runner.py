@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import yaml
 
 from nodemesh import __version__
+from nodemesh.cluster.inventory import leftovers as inventory_leftovers
 from nodemesh.conformance import DATA_COMMIT, MANIFESTS, TESTS_DIR
 from nodemesh.conformance.cases import CLIENTS, TESTS, ConformanceTest, TimeoutConfig
 from nodemesh.conformance.report import Outcome, build_report, profiles_of
@@ -432,30 +433,8 @@ def reap_children(timeout: float = 5.0) -> None:
 
 
 def leftovers(name: str, state_dir: str) -> list[str]:
-    """Everything of the cluster still on the machine: network namespaces, its cgroup, mounts
-    under its state dir, processes naming it."""
-    found: list[str] = []
-    with contextlib.suppress(FileNotFoundError):
-        found += [f"netns {n}" for n in sorted(os.listdir("/run/netns")) if n.startswith(name + "-")]
-    for root in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
-        if os.path.isdir(os.path.join(root, name)):
-            found.append(f"cgroup {root}/{name}")
-    with open("/proc/self/mountinfo") as f:
-        found += [f"mount {line.split()[4]}" for line in f if state_dir in line.split()[4]]
-    me = os.getpid()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == me:
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if state_dir in cmd or f"/{name}/" in cmd:
-            found.append(f"process {pid}: {cmd[:120]}")
-    if os.path.exists(state_dir):
-        found.append(f"state dir {state_dir}")
-    return found
+    """Everything of the cluster still on the machine (nodemesh.cluster.inventory)."""
+    return inventory_leftovers(name, state_dir)
 
 
 # ---- the command ----------------------------------------------------------------------------------

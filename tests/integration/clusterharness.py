@@ -136,28 +136,9 @@ class Cluster:
 
     def leftovers(self) -> list[str]:
         """Everything of this cluster still on the machine (should be empty after down)."""
-        found = []
-        try:
-            netns = os.listdir("/run/netns")
-        except FileNotFoundError:
-            netns = []
-        found += [f"netns {n}" for n in netns if n.startswith(self.name + "-")]
-        for root in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
-            if os.path.isdir(os.path.join(root, self.name)):
-                found.append(f"cgroup {root}/{self.name}")
-        with open("/proc/self/mountinfo") as f:
-            found += [f"mount {line.split()[4]}" for line in f if self.state_dir in line.split()[4]]
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if self.state_dir in cmd or f"/{self.name}/" in cmd:
-                found.append(f"process {pid}: {cmd[:120]}")
-        return found
+        from nodemesh.cluster.inventory import leftovers
+
+        return leftovers(self.name, self.state_dir)
 
 
 def reap(pid: int, timeout: float = 10.0) -> None:
