@@ -159,10 +159,9 @@ def down(state_dir: str, keep_state: bool = False, progress: Progress = print) -
     # Check our own work: anything left is named, never silently kept.
     from nodemesh.cluster.inventory import leftovers
 
+    # (Our parent may name the state dir too: `sudo nodemesh --state-dir X down`.)
     left = [x for x in leftovers(cfg.name, cfg.state_dir, include_state_dir=not keep_state)
-            if not (keep_state and x.startswith("state dir"))
-            and f"pid {os.getppid()}" not in x]
-    left = [x for x in left if not x.startswith(f"process {os.getppid()}:")]
+            if not x.startswith(f"process {os.getppid()}:")]
     if left:
         progress(f"warning: left behind: {'; '.join(left)}")
     progress(f"cluster {cfg.name} removed")
