@@ -13,6 +13,7 @@ before its policy entries.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -27,7 +28,7 @@ from nodemesh.datapath.lb import LbService, LbState, compile_lb
 from nodemesh.datapath.loader import Datapath, mount_bpffs
 from nodemesh.identity import allocate_identity, security_labels
 from nodemesh.observe.flow import Endpoint as FlowEndpoint
-from nodemesh.observe.flow import StaticContext, flow_from_event, labels_of, workloads_of
+from nodemesh.observe.flow import RawEvent, StaticContext, labels_of, workloads_of
 from nodemesh.observe.ring import FlowRing
 from nodemesh.policy import Compiler, Endpoint, PolicyCompileError, PolicyInput
 from nodemesh.policy.lower import LoweredPolicy, lower_policy
@@ -152,6 +153,8 @@ class DatapathSync:
         self.proxy_ip = "0.0.0.0"
         self.lost_events = 0
         self.timer = None  # set by the agent: a context manager factory for reconcile timing
+        self.local_ips: frozenset[bytes] = frozenset()
+        self.on_local_ips = None  # called with local_ips after each sync (the agent's metrics)
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -167,7 +170,7 @@ class DatapathSync:
         self.dp.set_config(self.node.ip, NODE_DNS_IP, proxy_ip, flags)
         self.lb_state = self.dp.current_lb_state()
         self._adopt_redirects()
-        self.reader = self.dp.open_events(self._on_event)
+        self.reader = self.dp.open_events(self._on_event, raw=True)
         self.informer.add_listener(self._on_store_change)
         threading.Thread(target=self._sync_loop, name="datapath-sync", daemon=True).start()
         threading.Thread(target=self._event_loop, name="datapath-events", daemon=True).start()
@@ -460,6 +463,10 @@ class DatapathSync:
             self.identity_workloads.setdefault(fe.identity, workload_of(fe.to_json()))
         self._cookie_ips = {ep.netns_cookie: ep.sandbox.ip for ep in self.endpoints.values()
                             if ep.netns_cookie}
+        self.local_ips = frozenset(socket.inet_aton(ep.sandbox.ip)
+                                   for ep in self.endpoints.values())
+        if self.on_local_ips is not None:
+            self.on_local_ips(self.local_ips)
         self.context = StaticContext(
             node_name=self.node.name, by_ip=by_ip, by_identity=by_identity,
             services_by_revnat=revnat, services_by_address=dict(svc_names),
@@ -467,17 +474,17 @@ class DatapathSync:
             boot_offset_ns=time.time_ns() - time.monotonic_ns())
 
     # ---- events ----------------------------------------------------------------------------
-    def _on_event(self, ev: L.FlowEvent) -> None:
-        try:
-            fields = event_fields(ev)
-            if ev.type == L.EventType.SOCK and not ev.saddr:
-                # A socket-LB event comes before the socket has an address: its network
-                # namespace says which pod it is.
-                fields["saddr"] = self._cookie_ips.get(ev.netns_cookie, "0.0.0.0")
-            self.flows.add(flow_from_event(fields, self.context))
-        except Exception:
-            self.lost_events += 1
-            log.exception("bad flow event")
+    def _on_event(self, raw: bytes) -> None:
+        # Kept raw: the flow is built only if someone reads it (observe, the UI, a follower).
+        self.flows.add(RawEvent(raw, self.context, self._cookie_ips))
+
+    def workload_of_identity(self, identity: int) -> tuple[str, str]:
+        """(namespace, workload) for metrics; reserved identities by name."""
+        found = self.identity_workloads.get(identity)
+        if found is not None:
+            return found
+        return "", {1: "host", 2: "world", 6: "remote-node", 5: "init"}.get(
+            identity, f"identity-{identity}")
 
     def ring_lost(self) -> int:
         """Events the kernel could not put in the ring buffer (nm_lost, summed over CPUs)."""
@@ -540,15 +547,3 @@ def _cookie(sb: Sandbox) -> int:
         return libbpf.netns_cookie(libbpf.netns_path(sb.netns))
     except Exception:
         return 0
-
-
-def event_fields(ev: L.FlowEvent) -> dict:
-    return {
-        "ts_ns": ev.ts_ns, "type": ev.type, "verdict": ev.verdict, "reason": ev.reason,
-        "direction": ev.direction, "ifindex": ev.ifindex, "saddr": L.ip4_str(ev.saddr),
-        "daddr": L.ip4_str(ev.daddr), "sport": ev.sport, "dport": ev.dport,
-        "protocol": ev.protocol, "tcp_flags": ev.tcp_flags, "rev_nat_index": ev.rev_nat_index,
-        "src_identity": ev.src_identity, "dst_identity": ev.dst_identity,
-        "policy_id": ev.policy_id, "len": ev.len, "netns_cookie": ev.netns_cookie,
-        "orig_daddr": L.ip4_str(ev.orig_daddr), "orig_dport": ev.orig_dport,
-    }

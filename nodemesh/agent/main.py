@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import time
+from datetime import datetime, timedelta
 from typing import Any
 
 from nodemesh.agent.api import ApiError, ApiServer
@@ -30,7 +31,7 @@ from nodemesh.cluster.procs import ProcRef
 from nodemesh.errors import NodemeshError
 from nodemesh.observe.filters import FlowFilter, matches
 from nodemesh.observe.metrics import AgentCollector, AgentMetrics
-from nodemesh.observe.ring import FlowRing
+from nodemesh.observe.ring import FlowRing, as_flow
 from nodemesh.route import PROXY_IP
 from nodemesh.store import open_store
 from nodemesh.store.base import now_rfc3339
@@ -49,7 +50,7 @@ class Agent:
         self.store = open_store(cfg.state_dir)
         self.informer = Informer(self.store)
         self.flows = FlowRing(int(cfg.extra.get("flow_ring_size", 16384)),
-                              on_add=self.metrics.observe_flow)
+                              on_add=self.metrics.observe)
         hooks = PodHooks()
         self.pods = PodManager(cfg, node, self.store, self.informer, hooks)
         self.datapath: DatapathSync | None = None
@@ -58,6 +59,7 @@ class Agent:
                                          self.pods.local,
                                          int(cfg.extra.get("maglev_table_size", 16381)))
             self.datapath.timer = self.metrics.timed
+            self.datapath.on_local_ips = lambda ips: setattr(self.metrics, "local_ips", ips)
             hooks.sandbox_ready.append(self.datapath.sandbox_ready)
             hooks.sandbox_removed.append(self.datapath.sandbox_removed)
         self.proxy: ProxyManager | None = None
@@ -143,7 +145,8 @@ class Agent:
             return out
 
         self.metrics.registry.register(AgentCollector(
-            self.node.name,
+            self.node.name, metrics=self.metrics,
+            workloads=dp.workload_of_identity if dp else None,
             maps=dp.map_fill if dp else None,
             l4_bytes=dp.l4_counters if dp else None,
             xds=proxy.xds.stats if proxy else None,
@@ -273,18 +276,37 @@ class Agent:
         last = int(q.get("last", ["0"])[-1] or 0)
         if q.get("follow", ["0"])[-1] == "1":
             return self._follow(flt, last)
-        found = [f for f in self.flows.snapshot() if matches(flt, f)]
-        return found[-last:] if last else found
+        return await asyncio.to_thread(self._matching, flt, last)
+
+    def _matching(self, flt: FlowFilter, last: int) -> list[dict]:
+        """The flows that match, oldest first; with `last`, only the newest `last` of them.
+        Walks back from the newest and stops early, so flows nobody asks for stay raw."""
+        # Flows arrive roughly in time order (access logs up to a second or two late): stop
+        # walking back well before `since`, and let the filter decide exactly.
+        cutoff = None
+        if flt.since:
+            t = datetime.fromisoformat(flt.since.replace("Z", "+00:00")) - timedelta(seconds=10)
+            cutoff = t.strftime("%Y-%m-%dT%H:%M:%S")
+        found = []
+        for f in self.flows.newest_first():
+            if cutoff and f.get("time", "")[:19] < cutoff:
+                break
+            if matches(flt, f):
+                found.append(f)
+                if last and len(found) >= last:
+                    break
+        found.reverse()
+        return found
 
     async def _follow(self, flt: FlowFilter, last: int):
         queue = self.flows.follow()
         try:
             if last:
-                for f in [f for f in self.flows.snapshot() if matches(flt, f)][-last:]:
+                for f in await asyncio.to_thread(self._matching, flt, last):
                     yield f
             while not self._stopping:
                 try:
-                    f = await asyncio.wait_for(queue.get(), 1.0)
+                    f = as_flow(await asyncio.wait_for(queue.get(), 1.0))
                 except TimeoutError:
                     continue
                 if matches(flt, f):

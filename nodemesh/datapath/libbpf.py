@@ -832,10 +832,12 @@ class RingBuffer(Generic[R]):
     never fires: call drain() on a timer. callback(record) gets a copy of each record;
     an exception in it is re-raised by drain() after the batch."""
 
-    def __init__(self, map_fd: int, callback: Callable[[R], None], record_type: type[R]) -> None:
+    def __init__(self, map_fd: int, callback: Callable[[R], None], record_type: type[R],
+                 raw: bool = False) -> None:
         self._record_type = record_type
         self._size = ctypes.sizeof(record_type)
         self._callback = callback
+        self._raw = raw  # hand over the record's bytes: decoding is left to whoever reads it
         self._error: BaseException | None = None
 
         def sample(_ctx: int, data: int, size: int) -> int:
@@ -843,7 +845,7 @@ class RingBuffer(Generic[R]):
                 raw = ctypes.string_at(data, min(size, self._size))
                 if len(raw) < self._size:
                     raw = raw.ljust(self._size, b"\0")
-                self._callback(self._record_type.from_buffer_copy(raw))
+                self._callback(raw if self._raw else self._record_type.from_buffer_copy(raw))
             except BaseException as e:  # never unwind through C
                 if self._error is None:
                     self._error = e

@@ -183,8 +183,9 @@ class RingReader:
     """The node's flow events. The programs never wake us: call drain() on a timer (run() does,
     every 10 ms, from an asyncio loop)."""
 
-    def __init__(self, map_fd: int, callback: Callable[[FlowEvent], None]) -> None:
-        self._rb = libbpf.RingBuffer(map_fd, callback, FlowEvent)
+    def __init__(self, map_fd: int, callback: Callable[[FlowEvent], None],
+                 raw: bool = False) -> None:
+        self._rb = libbpf.RingBuffer(map_fd, callback, FlowEvent, raw=raw)
 
     def drain(self) -> int:
         return self._rb.drain()
@@ -803,11 +804,13 @@ class Datapath:
         return state
 
     # -- observe ------------------------------------------------------------------------------
-    def open_events(self, callback: Callable[[FlowEvent], None]) -> RingReader:
-        """A reader of nm_events; callback gets each FlowEvent when drain() runs."""
+    def open_events(self, callback: Callable[[FlowEvent], None],
+                    raw: bool = False) -> RingReader:
+        """A reader of nm_events; callback gets each FlowEvent (with raw: its bytes, to decode
+        later) when drain() runs."""
         fd = libbpf.obj_get(self.pin_dir / "nm_events")
         try:
-            reader = RingReader(fd, callback)
+            reader = RingReader(fd, callback, raw=raw)
         finally:
             os.close(fd)  # the ring buffer holds its own mapping
         self._readers.append(reader)

@@ -10,6 +10,8 @@ translation went to, the node's name.
 from __future__ import annotations
 
 import itertools
+import socket
+import struct
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -291,3 +293,83 @@ def workloads_of(owner_refs: Sequence[Mapping]) -> tuple[tuple[str, str], ...]:
         if ref.get("controller"):
             out.append((str(ref.get("kind")), str(ref.get("name"))))
     return tuple(out)
+
+
+# ---- datapath events kept raw: decoded only when someone reads them ---------------------------
+# A new connection costs the agent a few microseconds this way (one bytes copy, a few counters),
+# instead of the tens of microseconds that building a Hubble flow takes; flows are built when
+# `nodemesh observe`, the UI or a follower asks for them.
+_EV_HEAD = struct.Struct("<BBBBI")  # at 8: type, verdict, reason, direction, ifindex
+_EV_PORTS = struct.Struct(">HH")  # at 24: sport, dport (network order)
+_EV_IDS = struct.Struct("<IIII")  # at 32: src identity, dst identity, policy id, len
+_EV_COOKIE = struct.Struct("<Q")  # at 48
+_EV_ORIG_PORT = struct.Struct(">H")  # at 60
+
+
+def decode_event(raw: bytes) -> dict:
+    """A `struct flow_event` (its 64 bytes) → plain fields, as `flow_from_event` takes them."""
+    typ, verdict, reason, direction, ifindex = _EV_HEAD.unpack_from(raw, 8)
+    sport, dport = _EV_PORTS.unpack_from(raw, 24)
+    src_id, dst_id, policy_id, length = _EV_IDS.unpack_from(raw, 32)
+    return {
+        "ts_ns": int.from_bytes(raw[0:8], "little"), "type": typ, "verdict": verdict,
+        "reason": reason, "direction": direction, "ifindex": ifindex,
+        "saddr": socket.inet_ntoa(raw[16:20]), "daddr": socket.inet_ntoa(raw[20:24]),
+        "sport": sport, "dport": dport, "protocol": raw[28], "tcp_flags": raw[29],
+        "rev_nat_index": int.from_bytes(raw[30:32], "little"), "src_identity": src_id,
+        "dst_identity": dst_id, "policy_id": policy_id, "len": length,
+        "netns_cookie": _EV_COOKIE.unpack_from(raw, 48)[0],
+        "orig_daddr": socket.inet_ntoa(raw[56:60]), "orig_dport": _EV_ORIG_PORT.unpack_from(raw, 60)[0],
+    }
+
+
+class RawEvent:
+    """One datapath event as the kernel wrote it, with the context to explain it later."""
+
+    __slots__ = ("_flow", "cookie_ips", "ctx", "raw")
+
+    def __init__(self, raw: bytes, ctx: FlowContext, cookie_ips: Mapping[int, str]) -> None:
+        self.raw = raw
+        self.ctx = ctx
+        self.cookie_ips = cookie_ips
+        self._flow: dict | None = None
+
+    # The few fields the metrics need, without decoding everything.
+    @property
+    def type(self) -> int:
+        return self.raw[8]
+
+    @property
+    def verdict(self) -> int:
+        return self.raw[9]
+
+    @property
+    def reason(self) -> int:
+        return self.raw[10]
+
+    @property
+    def direction(self) -> int:
+        return self.raw[11]
+
+    @property
+    def protocol(self) -> int:
+        return self.raw[28]
+
+    @property
+    def identities(self) -> tuple[int, int]:
+        src, dst, _, _ = _EV_IDS.unpack_from(self.raw, 32)
+        return src, dst
+
+    @property
+    def saddr_bytes(self) -> bytes:
+        return self.raw[16:20]
+
+    def to_flow(self) -> dict:
+        if self._flow is None:
+            fields = decode_event(self.raw)
+            if fields["type"] == EV_SOCK and fields["saddr"] == "0.0.0.0":
+                # A socket-LB event comes before the socket has an address: its network
+                # namespace says which pod it is.
+                fields["saddr"] = self.cookie_ips.get(fields["netns_cookie"], "0.0.0.0")
+            self._flow = flow_from_event(fields, self.ctx)
+        return self._flow

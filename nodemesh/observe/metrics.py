@@ -11,6 +11,7 @@ connection from outside the node's pods, by the destination's node (the ingress 
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -25,6 +26,11 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from nodemesh.observe.flow import DROP_REASONS, EV_SOCK, VERDICTS
+
+VERDICT_NAMES = VERDICTS
+PROTOCOL_NAMES = {6: "tcp", 17: "udp", 1: "icmpv4"}
 
 disable_created_metrics()  # `_created` series double the output and nobody here reads them
 
@@ -52,56 +58,63 @@ class AgentMetrics:
         self.node = node
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.flows = Counter("nodemesh_flows", "Flows seen by this node.",
-                             ["verdict", "type", "protocol", "drop_reason"], registry=r)
+        # Counted by plain tuples as flows arrive (cheap: the datapath's events are not even
+        # decoded), turned into labelled series when Prometheus scrapes (`AgentCollector`).
+        self.flow_counts: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
+        self.conn_counts: collections.Counter[tuple[str, int, int, str]] = collections.Counter()
+        self.local_ips: frozenset[bytes] = frozenset()  # this node's pod IPs (4 raw bytes each)
         self.http_requests = Counter(
             "nodemesh_http_requests", "HTTP requests through this node's proxy.",
             [*PAIR, "destination_service", "method", "code"], registry=r)
         self.http_duration = Histogram(
             "nodemesh_http_request_duration_seconds", "HTTP request duration at the proxy.",
             [*PAIR, "destination_service"], buckets=HTTP_BUCKETS, registry=r)
-        self.tcp_connections = Counter(
-            "nodemesh_tcp_connections", "New TCP connections (one per connection, cluster-wide).",
-            [*PAIR, "verdict"], registry=r)
-        self.udp_flows = Counter(
-            "nodemesh_udp_flows", "New UDP flows (one per flow, cluster-wide).",
-            [*PAIR, "verdict"], registry=r)
         self.reconcile = Histogram(
             "nodemesh_agent_reconcile_seconds", "How long one reconcile round took.", ["loop"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=r)
         self.flow_ring = Gauge("nodemesh_flow_ring_flows", "Flows held in the ring.", registry=r)
 
+    def observe(self, entry: Any) -> None:
+        """A new entry of the flow ring: a flow (dict, e.g. from an access log) or a raw
+        datapath event (`RawEvent`)."""
+        if isinstance(entry, dict):
+            self.observe_flow(entry)
+        else:
+            self.observe_event(entry)
+
+    def observe_event(self, ev: Any) -> None:
+        verdict = VERDICT_NAMES.get(ev.verdict, "VERDICT_UNKNOWN")
+        proto = PROTOCOL_NAMES.get(ev.protocol, "other")
+        reason = DROP_REASONS.get(ev.reason, "") if ev.verdict == 2 else ""
+        self.flow_counts[(verdict, "L3_L4", proto, reason)] += 1
+        if ev.type == EV_SOCK or proto not in ("tcp", "udp"):
+            return
+        # A connection is counted where it starts: at the source pod's egress; a connection
+        # from outside this node's pods at the destination's ingress.
+        if ev.direction == 0 and ev.saddr_bytes in self.local_ips and verdict != "DROPPED":
+            return
+        src, dst = ev.identities
+        self.conn_counts[(proto, src, dst, verdict)] += 1
+
     def observe_flow(self, flow: Mapping[str, Any]) -> None:
         l4 = flow.get("l4") or {}
         l7 = flow.get("l7") or {}
         proto = "http" if "http" in l7 else next(iter(l4), "other").lower()
         verdict = str(flow.get("verdict", ""))
-        self.flows.labels(verdict, str(flow.get("Type", "")), proto,
-                          str(flow.get("drop_reason_desc", ""))).inc()
+        self.flow_counts[(verdict, str(flow.get("Type", "")), proto,
+                          str(flow.get("drop_reason_desc", "")))] += 1
+        if flow.get("Type") != "L7":
+            return
         sns, sw = workload_of(flow.get("source"))
         dns, dw = workload_of(flow.get("destination"))
-        if flow.get("Type") == "L7":
-            http = l7.get("http") or {}
-            svc = flow.get("destination_service") or {}
-            svc_name = f"{svc.get('namespace')}/{svc.get('name')}" if svc else ""
-            self.http_requests.labels(sns, sw, dns, dw, svc_name, str(http.get("method", "")),
-                                      str(http.get("code", ""))).inc()
-            self.http_duration.labels(sns, sw, dns, dw, svc_name).observe(
-                int(l7.get("latency_ns") or 0) / 1e9)
-            return
-        if flow.get("socket_translation"):
-            return  # a socket-LB record, not a connection
-        # A connection is counted where it starts: at the source pod's egress; a connection
-        # from outside this node's pods at the destination's ingress.
-        src_local = bool((flow.get("source") or {}).get("ID"))
-        egress = flow.get("traffic_direction") == "EGRESS"
-        if egress != src_local and verdict != "DROPPED":
-            return
-        if "TCP" in l4:
-            self.tcp_connections.labels(sns, sw, dns, dw, verdict).inc()
-        elif "UDP" in l4:
-            self.udp_flows.labels(sns, sw, dns, dw, verdict).inc()
+        http = l7.get("http") or {}
+        svc = flow.get("destination_service") or {}
+        svc_name = f"{svc.get('namespace')}/{svc.get('name')}" if svc else ""
+        self.http_requests.labels(sns, sw, dns, dw, svc_name, str(http.get("method", "")),
+                                  str(http.get("code", ""))).inc()
+        self.http_duration.labels(sns, sw, dns, dw, svc_name).observe(
+            int(l7.get("latency_ns") or 0) / 1e9)
 
     def timed(self, loop: str) -> _Timer:
         return _Timer(self.reconcile.labels(loop))
@@ -125,14 +138,39 @@ class AgentCollector(Collector):
     """Values read at scrape time from the agent's parts (each source is a callable, so a part
     that is not there — no datapath, no proxy — simply reports nothing)."""
 
-    def __init__(self, node: str, *, maps: Callable[[], Iterable[tuple[str, int, int]]] | None = None,
+    def __init__(self, node: str, *, metrics: AgentMetrics | None = None,
+                 workloads: Callable[[int], tuple[str, str]] | None = None,
+                 maps: Callable[[], Iterable[tuple[str, int, int]]] | None = None,
                  l4_bytes: Callable[[], Iterable[tuple[dict[str, str], int, int]]] | None = None,
                  xds: Callable[[], Mapping[str, Any]] | None = None,
                  lost: Callable[[], Mapping[str, int]] | None = None) -> None:
         self.node = node
+        self.metrics, self.workloads = metrics, workloads
         self.maps, self.l4_bytes, self.xds, self.lost = maps, l4_bytes, xds, lost
 
     def collect(self) -> Iterable[Any]:
+        if self.metrics is not None:
+            flows = CounterMetricFamily("nodemesh_flows", "Flows seen by this node.",
+                                        labels=["verdict", "type", "protocol", "drop_reason"])
+            for key, n in sorted(self.metrics.flow_counts.items()):
+                flows.add_metric(list(key), n)
+            yield flows
+            name = self.workloads or (lambda ident: ("", f"identity-{ident}"))
+            fams = {
+                "tcp": CounterMetricFamily(
+                    "nodemesh_tcp_connections",
+                    "New TCP connections (one per connection, cluster-wide).",
+                    labels=[*PAIR, "verdict"]),
+                "udp": CounterMetricFamily(
+                    "nodemesh_udp_flows", "New UDP flows (one per flow, cluster-wide).",
+                    labels=[*PAIR, "verdict"]),
+            }
+            totals: collections.Counter[tuple] = collections.Counter()
+            for (proto, src, dst, verdict), n in self.metrics.conn_counts.items():
+                totals[(proto, *name(src), *name(dst), verdict)] += n
+            for (proto, *labels), n in sorted(totals.items()):
+                fams[proto].add_metric(labels, n)
+            yield from fams.values()
         if self.maps:
             entries = GaugeMetricFamily("nodemesh_bpf_map_entries", "Entries in a datapath map.",
                                         labels=["map"])

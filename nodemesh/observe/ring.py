@@ -1,5 +1,8 @@
 """The bounded flow ring each agent keeps: newest flows win, readers never block writers.
 
+Entries are flows (dicts) or records that build their flow on demand (`.to_flow()`, such as
+`nodemesh.observe.flow.RawEvent`): readers always get dicts.
+
 Writers (the ring-buffer drain, the access-log receiver) append from any thread; followers get
 each new flow through an asyncio queue of their own, bounded too — a slow follower loses flows
 (counted) instead of slowing the datapath's reader.
@@ -15,16 +18,16 @@ from collections.abc import Callable, Iterator
 
 class FlowRing:
     def __init__(self, capacity: int = 16384,
-                 on_add: Callable[[dict], None] | None = None) -> None:
+                 on_add: Callable[[object], None] | None = None) -> None:
         self.capacity = capacity
         self.on_add = on_add  # e.g. metrics, updated as flows arrive
-        self._flows: collections.deque[dict] = collections.deque(maxlen=capacity)
+        self._flows: collections.deque[object] = collections.deque(maxlen=capacity)
         self._lock = threading.Lock()
         self._followers: set[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = set()
         self.total = 0  # every flow ever added
         self.lost_followers = 0  # flows a slow follower could not take
 
-    def add(self, flow: dict) -> None:
+    def add(self, flow: object) -> None:
         if self.on_add is not None:
             self.on_add(flow)
         with self._lock:
@@ -34,7 +37,7 @@ class FlowRing:
         for loop, q in followers:
             loop.call_soon_threadsafe(self._offer, q, flow)
 
-    def _offer(self, q: asyncio.Queue, flow: dict) -> None:
+    def _offer(self, q: asyncio.Queue, flow: object) -> None:
         try:
             q.put_nowait(flow)
         except asyncio.QueueFull:
@@ -42,7 +45,15 @@ class FlowRing:
 
     def snapshot(self) -> list[dict]:
         with self._lock:
-            return list(self._flows)
+            entries = list(self._flows)
+        return [as_flow(e) for e in entries]
+
+    def newest_first(self) -> Iterator[dict]:
+        """Flows from the newest back, built only as far as the caller reads."""
+        with self._lock:
+            entries = list(self._flows)
+        for e in reversed(entries):
+            yield as_flow(e)
 
     def __len__(self) -> int:
         return len(self._flows)
@@ -51,7 +62,8 @@ class FlowRing:
         return iter(self.snapshot())
 
     def follow(self, maxsize: int = 4096) -> asyncio.Queue:
-        """A queue that receives every flow added from now on (call from the event loop)."""
+        """A queue that receives every entry added from now on (call from the event loop);
+        pass what it yields through `as_flow`."""
         q: asyncio.Queue = asyncio.Queue(maxsize)
         with self._lock:
             self._followers.add((asyncio.get_running_loop(), q))
@@ -60,3 +72,7 @@ class FlowRing:
     def unfollow(self, q: asyncio.Queue) -> None:
         with self._lock:
             self._followers = {(lp, x) for lp, x in self._followers if x is not q}
+
+
+def as_flow(entry: object) -> dict:
+    return entry if isinstance(entry, dict) else entry.to_flow()  # type: ignore[attr-defined]

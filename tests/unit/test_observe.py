@@ -190,3 +190,70 @@ def test_ring_is_bounded_and_feeds_followers() -> None:
     assert [f["i"] for f in ring.snapshot()] == [2, 3, 4]
     assert [f["i"] for f in got] == [0, 1, 2, 3, 4]
     assert ring.total == 5
+
+
+# ---- raw datapath events ----------------------------------------------------------------------
+def _raw_event(**kw) -> bytes:
+    import ctypes
+
+    from nodemesh.datapath import layout as L
+
+    ev = L.FlowEvent()
+    ev.ts_ns = kw.get("ts_ns", 5_000_000_000)
+    ev.type, ev.verdict, ev.reason, ev.direction = (kw.get("type", EV_TRACE), kw.get("verdict", 1),
+                                                    kw.get("reason", 0), kw.get("direction", 1))
+    ev.ifindex = 7
+    ev.saddr, ev.daddr = L.ip4(kw.get("saddr", "10.244.1.2")), L.ip4(kw.get("daddr", "10.244.2.3"))
+    ev.sport, ev.dport = 40000, kw.get("dport", 8080)
+    ev.protocol, ev.tcp_flags = kw.get("protocol", 6), 0x02
+    ev.src_identity, ev.dst_identity = 300, 301
+    ev.netns_cookie = kw.get("netns_cookie", 0)
+    return ctypes.string_at(ctypes.addressof(ev), ctypes.sizeof(ev))
+
+
+def test_raw_event_decodes_like_the_struct() -> None:
+    from nodemesh.observe.flow import RawEvent, decode_event
+
+    raw = _raw_event(dport=443)
+    d = decode_event(raw)
+    assert (d["saddr"], d["daddr"], d["sport"], d["dport"], d["protocol"]) == \
+        ("10.244.1.2", "10.244.2.3", 40000, 443, 6)
+    assert (d["src_identity"], d["dst_identity"], d["verdict"], d["direction"]) == (300, 301, 1, 1)
+    flow = RawEvent(raw, CTX, {}).to_flow()
+    assert flow["source"]["pod_name"] == "client" and flow["l4"]["TCP"]["destination_port"] == 443
+    sock = RawEvent(_raw_event(type=EV_SOCK, verdict=4, saddr="0.0.0.0", netns_cookie=99), CTX,
+                    {99: "10.244.1.2"}).to_flow()
+    assert sock["IP"]["source"] == "10.244.1.2"  # the client named by its netns cookie
+
+
+def test_ring_builds_flows_only_when_read() -> None:
+    from nodemesh.observe.flow import RawEvent
+
+    ring = FlowRing(capacity=10)
+    ev = RawEvent(_raw_event(), CTX, {})
+    ring.add(ev)
+    assert ev._flow is None
+    assert next(ring.newest_first())["verdict"] == "FORWARDED"
+    assert ev._flow is not None
+
+
+def test_metrics_count_raw_events_once_per_connection() -> None:
+    import socket
+
+    from nodemesh.observe.flow import RawEvent
+    from nodemesh.observe.metrics import AgentCollector, AgentMetrics
+
+    m = AgentMetrics("node1")
+    m.local_ips = frozenset({socket.inet_aton("10.244.1.2"), socket.inet_aton("10.244.2.3")})
+    m.observe(RawEvent(_raw_event(direction=1), CTX, {}))  # egress of the client: counted
+    m.observe(RawEvent(_raw_event(direction=0), CTX, {}))  # ingress of a local server: not again
+    m.observe(RawEvent(_raw_event(direction=0, saddr="10.244.3.9"), CTX, {}))  # from elsewhere
+    m.observe(RawEvent(_raw_event(verdict=2, reason=133, direction=0), CTX, {}))  # a drop
+    names = {300: ("shop", "client"), 301: ("shop", "web")}
+    m.registry.register(AgentCollector("node1", metrics=m, workloads=lambda i: names[i]))
+    text = m.expose().decode()
+    assert ('nodemesh_tcp_connections_total{destination_namespace="shop",destination_workload="web",'
+            'source_namespace="shop",source_workload="client",verdict="FORWARDED"} 2.0') in text
+    assert 'verdict="DROPPED"} 1.0' in text
+    assert ('nodemesh_flows_total{drop_reason="POLICY_DENIED",protocol="tcp",type="L3_L4",'
+            'verdict="DROPPED"} 1.0') in text
