@@ -11,16 +11,16 @@
 #define NM_IPCACHE_MAX     65536
 #define NM_POLICY_MAX      65536
 #define NM_POLICY_CIDR_MAX 16384
-#define NM_CT_MAX          131072
+#define NM_CT_MAX          65536
 #define NM_LB_SVC_MAX      65536
 #define NM_LB_BE_MAX       65536
 #define NM_LB_REVNAT_MAX   65536
 #define NM_LB_MAGLEV_MAX   1024
-#define NM_LB_AFFIN_MAX    65536
-#define NM_LB_RSK_MAX      131072
+#define NM_LB_AFFIN_MAX    16384
+#define NM_LB_RSK_MAX      32768
 #define NM_EVENTS_BYTES    (1 << 20)
 #define NM_METRICS_MAX     1024
-#define NM_FLOWCNT_MAX     16384
+#define NM_FLOWCNT_MAX     8192
 #define NM_L7_REDIR_MAX    16384
 #define NM_LXC_MAX         NM_ENDPOINTS_MAX
 #define NM_NETNS_MAX       NM_ENDPOINTS_MAX
@@ -40,6 +40,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, NM_ENDPOINTS_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u32);
 	__type(value, struct endpoint_info);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -83,6 +84,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, NM_LB_SVC_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct lb4_key);
 	__type(value, struct lb4_service);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -91,6 +93,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, NM_LB_BE_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u32);
 	__type(value, struct lb4_backend);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -99,6 +102,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, NM_LB_REVNAT_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u16);
 	__type(value, struct lb4_reverse_nat);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -165,6 +169,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, NM_L7_REDIR_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct l7_redir_key);
 	__type(value, struct l7_redir_val);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -173,6 +178,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, NM_LXC_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __be32);
 	__type(value, struct lxc_info);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -182,6 +188,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, NM_NETNS_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u64);
 	__type(value, struct netns_info);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);

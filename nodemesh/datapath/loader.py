@@ -8,9 +8,9 @@ programs on the node's cgroup (`cgroup-<program>`), the tc programs on each pod 
 (`netdev-<ifname>-ingress`). Pins make all of it outlive the agent; a new agent adopts it:
 a link whose program is the same build is kept, one with another build is switched to the new
 program with an atomic link update, so live connections never see a gap. A pinned map whose
-shape the new build changed is recreated: empty until the agent's next sync refills it, or,
-where `MIGRATIONS` says how, with its entries converted (nm_l7_redir from before per-client
-redirects).
+shape the new build changed is recreated: with its entries copied when only its size or flags
+changed, converted where `MIGRATIONS` says how (nm_l7_redir from before per-client redirects),
+else empty until the agent's next sync refills it.
 
 Maps are written by diff (`sync_map`, `apply_lb`): only changed entries are written, stale ones
 deleted, so applying the same desired state twice writes nothing.
@@ -296,7 +296,7 @@ class Datapath:
             want = (m.type, m.key_size, m.value_size, m.max_entries, m.map_flags)
             have = (info.type, info.key_size, info.value_size, info.max_entries, info.map_flags)
             if want != have:
-                carried = self._read_for_migration(m.name, pin, info)
+                carried = self._read_for_migration(m.name, pin, info, m.type)
                 if carried is None:
                     log.warning("map %s changed shape %s -> %s: recreating it empty (the "
                                 "agent's next sync refills the maps it writes)", pin, have, want)
@@ -306,11 +306,17 @@ class Datapath:
                     self._migrated[m.name] = carried
                 libbpf.unpin(pin)
 
-    def _read_for_migration(self, name: str, pin: Path,
-                            info: libbpf.MapInfo) -> list[tuple[bytes, bytes]] | None:
+    def _read_for_migration(self, name: str, pin: Path, info: libbpf.MapInfo,
+                            new_type: int) -> list[tuple[bytes, bytes]] | None:
         """The entries of a pinned map of an older shape, converted to the new one (MIGRATIONS),
-        or None when there is no migration from that shape."""
+        or copied as they are when only its size or flags changed (same type, same key and
+        value layout); None when there is no way to carry them over."""
         migration = MIGRATIONS.get(name)
+        same_layout = (info.type == new_type and info.type not in libbpf.PERCPU_MAP_TYPES
+                       and info.type != libbpf.BPF_MAP_TYPE_RINGBUF
+                       and (name, info.key_size, info.value_size) == (name, *self._layout(name)))
+        if migration is None and same_layout:
+            migration = (info.key_size, info.value_size, lambda k, v: (k, v))
         if migration is None or (info.key_size, info.value_size) != migration[:2]:
             return None
         key_t = ctypes.c_uint8 * info.key_size
@@ -320,6 +326,13 @@ class Datapath:
             return [migration[2](bytes(k), bytes(v)) for k, v in old.items()]
         finally:
             old.close()
+
+    def _layout(self, name: str) -> tuple[int, int]:
+        """(key size, value size) this build gives map `name` (0, 0 when unknown here)."""
+        types = MAPS.get(name)
+        if types is None or types[1] is None:
+            return 0, 0
+        return ctypes.sizeof(types[0]), ctypes.sizeof(types[1])
 
     def _restore_migrated(self) -> None:
         """Write the converted entries into the maps that the last load created (before any
