@@ -90,11 +90,16 @@ class Informer:
                     with self._lock:
                         for ev in events:
                             key = _key(ev.object)
+                            old = self._objects.get(key)
                             if ev.type == DELETED:
                                 self._objects.pop(key, None)
                             else:
                                 self._objects[key] = ev.object
-                            changed.add(key[0])
+                            # The status of these kinds is written by us, for users: a change
+                            # there must not wake the reconcilers that wrote it.
+                            if not (key[0] in STATUS_ONLY_FOR_USERS and old is not None
+                                    and ev.type != DELETED and _same_but_status(old, ev.object)):
+                                changed.add(key[0])
                             self.revision = ev.revision
                     self._notify(changed)
             except Compacted:
@@ -102,6 +107,16 @@ class Informer:
             except Exception:
                 log.exception("store watch failed; retrying")
                 time.sleep(0.5)
+
+
+STATUS_ONLY_FOR_USERS = frozenset({"HTTPRoute", "GRPCRoute", "Node", "Deployment", "Identity"})
+
+
+def _same_but_status(a: dict, b: dict) -> bool:
+    strip = lambda o: {k: (v if k != "metadata" else  # noqa: E731
+                           {mk: mv for mk, mv in v.items() if mk != "resourceVersion"})
+                       for k, v in o.items() if k != "status"}
+    return strip(a) == strip(b)
 
 
 def _key(obj: dict) -> Key:
