@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from nodemesh.agent.informer import SyncedRevision
 from nodemesh.cluster.config import NODE_DNS_IP, POD_GATEWAY, ClusterConfig
 from nodemesh.cluster.controllers import is_deleting, pod_ready
 from nodemesh.cluster.sandbox import Sandbox
@@ -54,7 +55,6 @@ class LocalEndpoint:
 @dataclass
 class SyncStats:
     runs: int = 0
-    revision: int = 0  # the store revision the last sync reflects
     last_seconds: float = 0.0
     errors: dict[str, str] = field(default_factory=dict)  # "ns/pod" -> policy compile error
 
@@ -141,7 +141,7 @@ class DatapathSync:
         self._stop = threading.Event()
         self._lowered: dict[int, LoweredPolicy] = {}  # ifindex -> last good policy
         self._cookie_ips: dict[int, str] = {}
-        self._syncing = False
+        self.synced = SyncedRevision()
         self.identity_workloads: dict[int, tuple[str, str]] = {}  # for per-workload metrics
         self.pod_identities: dict[tuple[str, str], int] = {}  # (namespace, name) -> identity
         self.policy_input: PolicyInput | None = None  # the last compiler input (the proxy uses it)
@@ -180,11 +180,11 @@ class DatapathSync:
 
     def _on_store_change(self, kinds: set[str]) -> None:
         if kinds & WATCHED:
+            self.synced.changed()
             self._dirty.set()
-        elif not self._dirty.is_set() and not self._syncing:
-            # Nothing the datapath depends on changed (a node heartbeat, a route's status):
-            # the maps already reflect this revision.
-            self.stats.revision = max(self.stats.revision, self.informer.revision)
+        else:
+            # Nothing the datapath depends on changed (a node heartbeat, a route's status).
+            self.synced.unrelated(self.informer.revision)
 
     def _sync_loop(self) -> None:
         while not self._stop.is_set():
@@ -228,15 +228,11 @@ class DatapathSync:
     # ---- the sync ---------------------------------------------------------------------------
     def sync(self) -> None:
         with self._lock:
-            self._syncing = True
-            try:
-                if self.timer is not None:
-                    with self.timer("datapath"):
-                        self._sync_locked()
-                else:
+            if self.timer is not None:
+                with self.timer("datapath"):
                     self._sync_locked()
-            finally:
-                self._syncing = False
+            else:
+                self._sync_locked()
 
     def set_proxy(self, proxy_ip: str, proxy_cgroup: str) -> None:
         """The node Envoy is up at proxy_ip: its replies must come back to it (the return path
@@ -286,6 +282,16 @@ class DatapathSync:
         return ident
 
     def _sync_locked(self, extra_pods: Mapping[str, tuple[dict, str]] | None = None) -> None:
+        self.synced.begin()
+        try:
+            revision = self._program(extra_pods)
+        except BaseException:
+            self.synced.failed()
+            raise
+        self.synced.done(revision)
+
+    def _program(self, extra_pods: Mapping[str, tuple[dict, str]] | None) -> int:
+        """Write the maps from the store as the informer has it; returns that revision."""
         t0 = time.monotonic()
         revision = self.informer.revision
         k = self.informer.kinds(("Pod", "Service", "Namespace", "NetworkPolicy",
@@ -416,9 +422,9 @@ class DatapathSync:
 
         self._update_context(pods, identity_of, ident_labels, svc_names, policy_names)
         self.stats.runs += 1
-        self.stats.revision = revision
         self.stats.errors = errors
         self.stats.last_seconds = time.monotonic() - t0
+        return revision
 
     def _adopt_local_endpoints(self) -> None:
         """After an agent restart: pods that run here but that this agent did not create."""
@@ -536,7 +542,7 @@ class DatapathSync:
     def status(self) -> dict:
         return {"endpoints": len(self.endpoints),
                 "programmed": sum(1 for e in self.endpoints.values() if e.programmed),
-                "syncs": self.stats.runs, "syncedRevision": self.stats.revision,
+                "syncs": self.stats.runs, "syncedRevision": self.synced.value,
                 "lastSyncSeconds": round(self.stats.last_seconds, 4),
                 "policyErrors": self.stats.errors,
                 "services": len(self.lb_state.rev_nat) if self.lb_state else 0}

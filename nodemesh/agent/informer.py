@@ -109,6 +109,52 @@ class Informer:
                 time.sleep(0.5)
 
 
+class SyncedRevision:
+    """The store revision a reconciler's output reflects, for ``syncedRevision`` in status.
+
+    A sync reflects the revision it read when it began. Changes the reconciler does not depend
+    on (a heartbeat, a status it wrote itself) move the mark forward without a sync, but only
+    once no sync is running and no change it depends on is waiting; otherwise they are kept and
+    applied when such a sync ends.
+    """
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+        self._busy = False
+        self._pending = False  # a change the reconciler depends on, not yet taken by a sync
+        self._quiet = 0  # the latest unrelated revision seen while busy or pending
+
+    def changed(self) -> None:
+        with self._lock:
+            self._pending = True
+
+    def unrelated(self, revision: int) -> None:
+        with self._lock:
+            if self._busy or self._pending:
+                self._quiet = max(self._quiet, revision)
+            else:
+                self.value = max(self.value, revision)
+
+    def begin(self) -> None:
+        with self._lock:
+            self._busy = True
+            self._pending = False
+
+    def done(self, revision: int) -> None:
+        """The sync that began earlier reflects ``revision``."""
+        with self._lock:
+            self._busy = False
+            self.value = max(self.value, revision)
+            if not self._pending:
+                self.value = max(self.value, self._quiet)
+
+    def failed(self) -> None:
+        with self._lock:
+            self._busy = False
+            self._pending = True
+
+
 STATUS_ONLY_FOR_USERS = frozenset({"HTTPRoute", "GRPCRoute", "Node", "Deployment", "Identity"})
 
 

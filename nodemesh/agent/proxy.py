@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from nodemesh.agent.informer import SyncedRevision
 from nodemesh.cluster import netns
 from nodemesh.cluster.config import ClusterConfig, read_json, write_json_atomic
 from nodemesh.observe.flow import flow_from_access_log
@@ -78,7 +79,7 @@ class ProxyManager:
         self.statuses: dict[RouteKey, dict] = {}
         self.error: str | None = None
         self.syncs = 0
-        self.revision = 0
+        self.synced = SyncedRevision()
         self._dirty = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
@@ -109,10 +110,12 @@ class ProxyManager:
         self._dirty.set()
 
     def _on_store_change(self, kinds: set[str]) -> None:
-        if kinds & WATCHED and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._dirty.set)
-        elif not self._dirty.is_set():
-            self.revision = max(self.revision, self.informer.revision)
+        if kinds & WATCHED:
+            self.synced.changed()
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._dirty.set)
+        else:
+            self.synced.unrelated(self.informer.revision)
 
     def _ensure_envoy(self) -> None:
         pidfile = os.path.join(self.envoy_dir, "envoy.json")
@@ -190,6 +193,16 @@ class ProxyManager:
         return translate(inp, self.ports), k
 
     async def sync(self) -> None:
+        self.synced.begin()
+        try:
+            revision = await self._push()
+        except BaseException:
+            self.synced.failed()
+            raise
+        self.synced.done(revision)
+
+    async def _push(self) -> int:
+        """Translate the store as the informer has it and bring Envoy to it; returns that revision."""
         t0 = time.monotonic()
         revision = self.informer.revision
         result, k = await asyncio.to_thread(self._translate)
@@ -234,9 +247,9 @@ class ProxyManager:
         self.listener_targets = {port: key for key, port in result.ports.items()}
         self.error = None
         self.syncs += 1
-        self.revision = revision
         if self.timer is not None:
             self.timer.observe(time.monotonic() - t0)
+        return revision
 
     def _nacked(self, type_url: str, version: str) -> bool:
         nack = (self.xds.status(self.node).get(type_url) or {}).get("nack")
@@ -340,7 +353,7 @@ class ProxyManager:
                                                      "sent": v.get("sent_version")}
                               for t, v in st.items()}},
             "nack": self.nack, "redirects": len(self.redirects), "syncs": self.syncs,
-            "syncedRevision": self.revision, "error": self.error,
+            "syncedRevision": self.synced.value, "error": self.error,
             "accessLogs": self.als.stats() if hasattr(self.als, "stats") else {},
         }
 
