@@ -14,7 +14,11 @@
  * reply from a local backend to the node Envoy's transparent upstream socket is marked for
  * local delivery (lib/proxy.h). When the proxy's upstream goes to the client pod itself
  * (hairpin), to_container rewrites its source (the pod's own address) to nm_config.proxy_ip and
- * from_container rewrites the pod's replies back (lib/proxy.h, CT_F_HAIRPIN). */
+ * from_container rewrites the pod's replies back (lib/proxy.h, CT_F_HAIRPIN).
+ *
+ * Same-node fast path: from_container also runs the ingress side of a local destination pod
+ * and redirects the packet into that pod's namespace (bpf_redirect_peer), bypassing the node's
+ * IP stack and to_container (docs/datapath.md, "Same-node fast path"). */
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/drop_reasons.h"
@@ -36,14 +40,19 @@ static __always_inline int drop_packet(const struct nm_pkt *p, __u8 reason, __u8
 	return TC_ACT_SHOT;
 }
 
-static __always_inline int handle_packet(struct __sk_buff *skb, const __u8 direction)
+/* One pod's side of a packet: the pod on veth `ifindex` sends it (DIR_EGRESS) or receives it
+ * (DIR_INGRESS). from_pod: the packet is still on the sending pod's veth (the same-node fast
+ * path), so skb->sk is that pod's socket, not one of the node's. *plain says the packet may skip
+ * the node's stack: a forward without a mark or a rewrite for the proxy. */
+static __always_inline int handle_packet(struct __sk_buff *skb, struct nm_pkt *pp, int parsed,
+					 const __u8 direction, __u32 ifindex, const int from_pod,
+					 int *plain)
 {
-	__u32 ifindex = skb->ifindex;
-	struct nm_pkt p = {};
-	int parsed = parse_packet(skb, &p);
+	struct nm_pkt p = *pp;
 	struct endpoint_info *ep = bpf_map_lookup_elem(&nm_endpoints, &ifindex);
 	struct node_config *cfg = node_config();
 
+	*plain = 0;
 	/* Fail-closed: the agent writes the endpoint only once the pod's policy is in place. */
 	if (!ep)
 		return drop_packet(&p, DROP_UNKNOWN_ENDPOINT, direction, ifindex, 0, 0, 0);
@@ -96,6 +105,7 @@ static __always_inline int handle_packet(struct __sk_buff *skb, const __u8 direc
 			flowcnt_add(entry->src_identity, entry->dst_identity, key.dport,
 				    p.protocol, VERDICT_FORWARDED, direction, p.len);
 		metrics_add(0, direction, VERDICT_FORWARDED, p.len);
+		*plain = !hairpin;
 		return TC_ACT_OK;
 	case CT_REPLY:
 		/* counted under the connection's original orientation and port */
@@ -118,10 +128,13 @@ static __always_inline int handle_packet(struct __sk_buff *skb, const __u8 direc
 			} else if (proxy_return_enabled(cfg, p.protocol)) {
 				proxy_return_mark(skb, p.saddr, p.daddr, p.sport, p.dport);
 			}
+			return TC_ACT_OK;
 		}
+		*plain = !hairpin;
 		return TC_ACT_OK;
 	case CT_RELATED:
 		metrics_add(0, direction, VERDICT_FORWARDED, p.len);
+		*plain = !hairpin;
 		return TC_ACT_OK;
 	default:
 		break;
@@ -176,8 +189,9 @@ static __always_inline int handle_packet(struct __sk_buff *skb, const __u8 direc
 	}
 
 	/* Entering the pod with a socket attached: opened in the node namespace (the node
-	 * Envoy's upstream, a probe), not forwarded from another pod or node. */
-	__u8 ct_flags = direction == DIR_INGRESS && skb->sk ? CT_F_NODE_SOCKET : 0;
+	 * Envoy's upstream, a probe), not forwarded from another pod or node (the node's IP stack
+	 * orphans what it forwards; the fast path keeps the sender's socket, hence from_pod). */
+	__u8 ct_flags = direction == DIR_INGRESS && !from_pod && skb->sk ? CT_F_NODE_SOCKET : 0;
 
 	if (hairpin)
 		ct_flags = CT_F_NODE_SOCKET | CT_F_HAIRPIN;
@@ -191,19 +205,47 @@ static __always_inline int handle_packet(struct __sk_buff *skb, const __u8 direc
 	flowcnt_add(src_identity, dst_identity, key.dport, p.protocol, verdict, direction, p.len);
 	emit_packet_event(&p, EV_TRACE, verdict, 0, direction, ifindex, src_identity,
 			  dst_identity, d.policy_id);
+	*plain = !hairpin && !ct_flags;
 	return TC_ACT_OK;
 }
 
 SEC("tc")
 int from_container(struct __sk_buff *skb)
 {
-	return handle_packet(skb, DIR_EGRESS);
+	struct nm_pkt p = {};
+	int parsed = parse_packet(skb, &p);
+	int plain;
+	int ret = handle_packet(skb, &p, parsed, DIR_EGRESS, skb->ifindex, 0, &plain);
+
+	if (ret != TC_ACT_OK || !plain || parsed != PARSE_OK || p.daddr == p.saddr)
+		return ret;
+
+	/* Same-node fast path (as Cilium's host routing): a packet for another pod on this node
+	 * gets that pod's ingress side here (conntrack, policy, counters, events: exactly what
+	 * to_container would do on its veth) and goes straight into its namespace, without the
+	 * node's IP stack. Whatever needs the node's stack (the proxy, a hairpin, marked replies)
+	 * is not plain and takes the normal way. */
+	struct lxc_info *dst = bpf_map_lookup_elem(&nm_lxc, &p.daddr);
+
+	if (!dst)
+		return ret;
+
+	__u32 dst_ifindex = dst->ifindex;
+
+	ret = handle_packet(skb, &p, parsed, DIR_INGRESS, dst_ifindex, 1, &plain);
+	if (ret != TC_ACT_OK)
+		return ret;
+	return bpf_redirect_peer(dst_ifindex, 0);
 }
 
 SEC("tc")
 int to_container(struct __sk_buff *skb)
 {
-	return handle_packet(skb, DIR_INGRESS);
+	struct nm_pkt p = {};
+	int parsed = parse_packet(skb, &p);
+	int plain;
+
+	return handle_packet(skb, &p, parsed, DIR_INGRESS, skb->ifindex, 0, &plain);
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -17,6 +17,7 @@ from nodemesh.datapath.layout import (
     Proto,
     Verdict,
     ip4,
+    lxc_key,
     policy_cidr_entry,
     policy_cidr_key,
     policy_key,
@@ -289,3 +290,43 @@ def test_dns_and_node_are_always_allowed(topo: Topology, dp: Datapath) -> None:
         print(json.dumps(s.recv(100).decode()))
     """)
     assert from_node == "pod1:8080 probe"
+
+
+def _tx_packets(topo: Topology, ifname: str) -> int:
+    import json
+
+    link = json.loads(run(["ip", "-n", topo.node_ns, "-s", "-j", "link", "show", "dev", ifname]).stdout)
+    return int(link[0]["stats64"]["tx"]["packets"])
+
+
+def test_same_node_fast_path_skips_the_node_stack_and_keeps_policy(topo: Topology,
+                                                                   dp: Datapath) -> None:
+    """A pod's packet for another pod of the node goes straight into that pod's namespace
+    (bpf_redirect_peer): the destination veth's host side transmits nothing. Without the
+    destination's nm_lxc entry the same packets take the node's stack and are counted there."""
+    p1, p2, p3 = topo.pods[:3]
+    p2.server("tcp", 8080)
+    events = Events(dp)
+
+    def exchanges(client: Pod, n: int = 5) -> int:
+        before = _tx_packets(topo, p2.lxc)
+        for _ in range(n):
+            res = connect(client, p2.ip)
+            assert res["ok"] and res["reply"], res
+        return _tx_packets(topo, p2.lxc) - before
+
+    exchanges(p1, 1)  # neighbour resolution (the node answers ARP on the veth) out of the way
+    assert exchanges(p1) == 0
+    # the destination's ingress side still ran on the way: its policy, conntrack and events
+    assert events.where(type=EventType.TRACE, direction=INGRESS, ifindex=p2.ifindex,
+                        saddr=ip4(p1.ip), dport=8080), events.dump()
+    isolate(dp, p2, EndpointFlags.INGRESS_ENFORCED)
+    rule(dp, p2, INGRESS, p1.identity, PolicyVerdict.ALLOW, 7)
+    assert exchanges(p1) == 0
+    denied = connect(p3, p2.ip)
+    assert not denied["ok"], denied
+    assert events.wait_for(type=EventType.DROP, direction=INGRESS, ifindex=p2.ifindex,
+                           saddr=ip4(p3.ip), reason=DropReason.POLICY_DENIED), events.dump()
+    # the control: without the fast path's lookup the node's stack forwards (and counts)
+    dp.lxc.delete(lxc_key(p2.ip))
+    assert exchanges(p1) >= 5 * 3
