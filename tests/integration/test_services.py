@@ -169,7 +169,7 @@ def test_scale_3_1_3_backends_follow_within_a_second(svc: Cluster) -> None:
             pods = [p for p in svc.pods(selector="app=web,!flavour")
                     if not p["metadata"].get("deletionTimestamp")]
             ready = [p for p in pods if any(c["type"] == "Ready" and c["status"] == "True"
-                                            for c in p["status"].get("conditions", []))]
+                                            for c in (p.get("status") or {}).get("conditions", []))]
             if len(pods) == len(ready) == n and len(svc.pods(selector="app=web,!flavour")) == n:
                 break
             assert time.monotonic() < deadline
