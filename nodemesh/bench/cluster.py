@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from nodemesh.cluster import inventory
+
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -215,28 +217,7 @@ class BenchCluster:
 
     def leftovers(self) -> list[str]:
         """Everything of this cluster still on the machine (empty after a clean `down`)."""
-        found = []
-        with contextlib.suppress(FileNotFoundError):
-            found += [f"netns {n}" for n in os.listdir("/run/netns") if n.startswith(self.name + "-")]
-        for root in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
-            if os.path.isdir(os.path.join(root, self.name)):
-                found.append(f"cgroup {root}/{self.name}")
-        with open("/proc/self/mountinfo") as f:
-            found += [f"mount {line.split()[4]}" for line in f
-                      if line.split()[4].startswith(self.state_dir)]
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if self.state_dir in cmd or f"/{self.name}/" in cmd:
-                found.append(f"process {pid}: {cmd[:100]}")
-        if os.path.exists(self.state_dir):
-            found.append(f"state dir {self.state_dir}")
-        return found
+        return inventory.leftovers(self.name, self.state_dir)
 
     # ---- processes ------------------------------------------------------------------------
     def node_dir(self, node: str = "node1") -> str:

@@ -140,16 +140,20 @@ def cpu_busy_seconds() -> dict[str, float]:
 
 
 class CpuWindow:
+    """CPU time of the mesh processes (in total and per process) and of each CPU over a phase."""
+
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
         self.t0 = time.monotonic()
-        self.mesh0 = proc_cpu_seconds(pids)
+        self.per0 = {p: proc_cpu_seconds([p]) for p in pids}
         self.cpu0 = cpu_busy_seconds()
 
     def result(self) -> dict[str, Any]:
-        mesh = proc_cpu_seconds(self.pids) - self.mesh0
+        per = {p: proc_cpu_seconds([p]) - self.per0[p] for p in self.pids}
         cpus = cpu_busy_seconds()
-        return {"wall_s": round(time.monotonic() - self.t0, 4), "mesh_cpu_s": round(mesh, 3),
+        return {"wall_s": round(time.monotonic() - self.t0, 4),
+                "mesh_cpu_s": round(sum(per.values()), 3),
+                "mesh_cpu_by_pid": {str(p): round(v, 3) for p, v in per.items()},
                 "cpu_busy_s": {k: round(cpus[k] - self.cpu0.get(k, 0.0), 3) for k in cpus}}
 
 

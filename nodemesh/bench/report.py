@@ -33,7 +33,10 @@ def summarize_traffic(cells: list[dict[str, Any]]) -> dict[str, Any]:
     """{workload: {phase: {mode: summary}}} with medians over runs and pooled percentiles."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for c in cells:
+        roles = c.get("cpu_roles") or {}
         for ph in c.get("phases") or []:
+            if roles and "mesh_cpu_by_pid" in ph:
+                ph = {**ph, "mesh_cpu_by_role": _by_role(ph["mesh_cpu_by_pid"], roles)}
             groups[(c["workload"], _phase_key(ph), c["mode"])].append(ph)
     out: dict[str, Any] = defaultdict(lambda: defaultdict(dict))
     for (wl, key, mode), phs in groups.items():
@@ -44,6 +47,10 @@ def summarize_traffic(cells: list[dict[str, Any]]) -> dict[str, Any]:
         cpu_per_k = [1000 * p["mesh_cpu_s"] / t for p, t in zip(ok, total_req, strict=True) if t]
         cpu0_per_k = [1000 * p["cpu_busy_s"].get("cpu0", 0) / t
                       for p, t in zip(ok, total_req, strict=True) if t]
+        role_names = sorted({r for p in ok for r in p.get("mesh_cpu_by_role") or {}})
+        by_role = {r: spread(1000 * (p.get("mesh_cpu_by_role") or {}).get(r, 0.0) / t
+                             for p, t in zip(ok, total_req, strict=True) if t)
+                   for r in role_names}
         s: dict[str, Any] = {
             "runs": len(phs), "failed_runs": len(phs) - len(ok),
             "requests": sum(requests), "errors": sum(errors),
@@ -52,6 +59,7 @@ def summarize_traffic(cells: list[dict[str, Any]]) -> dict[str, Any]:
             "rps": spread(p.get("achieved_rps") for p in ok),
             "latency_us": {k: spread((p.get("latency_us") or {}).get(k) for p in ok) for k in PCTS},
             "mesh_cpu_s_per_1000": spread(cpu_per_k),
+            "mesh_cpu_s_per_1000_by_role": by_role,
             "cpu0_s_per_1000": spread(cpu0_per_k),
             "send_lag_p99_us": median((p.get("send_lag_us") or {}).get("p99") for p in ok),
         }
@@ -60,6 +68,14 @@ def summarize_traffic(cells: list[dict[str, Any]]) -> dict[str, Any]:
                                                                     for p in ok))
         out[wl][key][mode] = s
     return {k: dict(v) for k, v in out.items()}
+
+
+def _by_role(by_pid: dict[str, float], roles: dict[str, str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for pid, cpu in by_pid.items():
+        role = roles.get(pid, "other")
+        out[role] = out.get(role, 0.0) + cpu
+    return out
 
 
 def _lat(t: dict[str, Any], wl: str, key: str, mode: str, pct: str) -> float | None:
@@ -386,9 +402,11 @@ def _traffic_tables(res: dict[str, Any], s: dict[str, Any]) -> list[str]:
              "`CPU 0` is everything on the servers' CPU (servers, proxies, agents, softirqs, "
              "and anything else that ran there), for comparison.\n")
     hdr_rates = (res.get("plan") or {}).get("rates", [])
+    top = f"open@{max(hdr_rates)}" if hdr_rates else "wrk"
     L.append("| workload | mode | " + " | ".join(f"mesh @{r}/s" for r in hdr_rates)
-             + " | mesh @max | " + " | ".join(f"CPU 0 @{r}/s" for r in hdr_rates) + " |")
-    L.append("|---|---|" + "---|" * (2 * len(hdr_rates) + 1))
+             + " | mesh @max | " + " | ".join(f"CPU 0 @{r}/s" for r in hdr_rates)
+             + f" | split @{max(hdr_rates) if hdr_rates else 'max'}/s |")
+    L.append("|---|---|" + "---|" * (2 * len(hdr_rates) + 2))
     for wl in t:
         for m in modes:
             row = []
@@ -398,6 +416,10 @@ def _traffic_tables(res: dict[str, Any], s: dict[str, Any]) -> list[str]:
             for key in [f"open@{r}" for r in hdr_rates]:
                 x = t[wl].get(key, {}).get(m)
                 row.append(fmt(x["cpu0_s_per_1000"]["median"], 4) if x else "-")
+            x = t[wl].get(top, {}).get(m) or {}
+            split = (x.get("mesh_cpu_s_per_1000_by_role") or {})
+            row.append(", ".join(f"{r} {fmt(v['median'], 4)}" for r, v in sorted(split.items()))
+                       or "-")
             L.append(f"| {wl} | {MODE_TITLES[m]} | " + " | ".join(row) + " |")
     L.append("")
     lags = [x["send_lag_p99_us"] for wl in t.values() for ph in wl.values() for x in ph.values()

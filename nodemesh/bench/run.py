@@ -429,6 +429,13 @@ print(json.dumps(out))
             return self.plain.sidecar_envoy_pids()
         return self.mesh.mesh_pids()
 
+    def cpu_roles(self, mode: str, pids: list[int]) -> dict[str, str]:
+        """What each measured process is: the agent, the node Envoy or a sidecar Envoy."""
+        if mode == "sidecar":
+            return {str(p): "sidecar Envoy" for p in pids}
+        agent = self.mesh.agent_pid()
+        return {str(p): "agent" if p == agent else "node Envoy" for p in pids}
+
     def traffic_cell(self, mode: str, w: Workload, run: int) -> dict[str, Any]:
         p = self.plan
         cluster, pod, container = self.mode_client(mode)
@@ -446,6 +453,7 @@ print(json.dumps(out))
                            "rate": rate, "seconds": p.open_seconds, "warmup": p.warmup,
                            "close": close, "pool": p.pool, **self.wait_mode})
         pids = self.mode_cpu_pids(mode)
+        roles = self.cpu_roles(mode, pids)
         spec = {"cpu_pids": pids, "phases": phases}
         before = self.node_envoy_requests() if mode == "l7" else None
         t0 = time.monotonic()
@@ -456,7 +464,8 @@ print(json.dumps(out))
                          + len(p.rates) * (p.open_seconds + 5), check=False)
         cell: dict[str, Any] = {"mode": mode, "workload": w.name, "run": run, "gate": gate,
                                 **self.meter.stop(),
-                                "cpu_pids": len(pids), "seconds": round(time.monotonic() - t0, 2)}
+                                "cpu_pids": len(pids), "cpu_roles": roles,
+                                "seconds": round(time.monotonic() - t0, 2)}
         try:
             cell["phases"] = json.loads(r.out.strip().splitlines()[-1])["phases"]
         except (ValueError, IndexError):
