@@ -23,10 +23,12 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from envoy.data.accesslog.v3 import accesslog_pb2
+
 from nodemesh.agent.informer import SyncedRevision
+from nodemesh.agent.l7flows import AccessLogFlow
 from nodemesh.cluster import netns
 from nodemesh.cluster.config import ClusterConfig, read_json, write_json_atomic
-from nodemesh.observe.flow import flow_from_access_log
 from nodemesh.observe.ring import FlowRing
 from nodemesh.proxy.als import AccessLogReceiver
 from nodemesh.proxy.envoy import EnvoyProcess, bootstrap
@@ -69,7 +71,7 @@ class ProxyManager:
         self.envoy_dir = os.path.join(node_dir, "envoy")
         self.ports_file = os.path.join(node_dir, "proxy-ports.json")
         self.xds = XdsServer(on_nack=self._on_nack)
-        self.als = AccessLogReceiver(self._on_access_log)
+        self.als = AccessLogReceiver(lambda _: None, raw_callback=self._on_access_log)
         self.envoy: EnvoyProcess | None = None
         self.ports: dict[RedirectKey, int] = self._load_ports()
         self.redirects: dict[RedirectKey, int] = {}
@@ -305,42 +307,13 @@ class ProxyManager:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._dirty.set)
 
-    def _on_access_log(self, entry: dict) -> None:
-        if entry.get("kind") != "http":
-            return
-        tags = entry.get("custom_tags") or {}
-        local = entry.get("downstream_local_address") or ""
-        port = int(local.rpartition(":")[2] or 0) if ":" in local else 0
-        target = self.listener_targets.get(port)
-        if target is not None:
-            entry = {**entry, "original_destination": f"{target.ip}:{target.port}"}
-        denied = entry.get("response_code") == 403 and "rbac" in str(
-            entry.get("response_code_details") or "")
-        backend = None
-        if tags.get("nodemesh.backend") and "/" in tags["nodemesh.backend"]:
-            ns, _, name = tags["nodemesh.backend"].partition("/")
-            backend = (ns, name.split(":")[0])
+    def _on_access_log(self, node: str, _log_name: str,
+                       entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
         ctx = self.datapath.context if self.datapath is not None else None
         if ctx is None:
             return
-        flow = flow_from_access_log(entry, ctx, denied_by_policy=denied, backend_service=backend)
-        if tags.get("nodemesh.route"):
-            flow.setdefault("l7", {})["route"] = tags["nodemesh.route"]
-        if tags.get("nodemesh.pod"):
-            flow["l7"]["backend_pod"] = tags["nodemesh.pod"]
-        if denied:
-            ip, port = flow["IP"]["destination"], flow["l4"]["TCP"]["destination_port"]
-            by = []
-            for name in self.l7_policy_names.get((ip, port), []):
-                kind, _, ref = name.partition(" ")
-                ns, _, n = ref.rpartition("/")
-                by.append({"kind": kind, "namespace": ns, "name": n})
-            if by:
-                flow["ingress_denied_by"] = by
-            flow["drop_reason_desc"] = "POLICY_DENIED"
-            flow["Summary"] += " (no L7 rule allows it: " + ", ".join(
-                f"{b['kind']} {b['namespace']}/{b['name']}" for b in by) + ")" if by else ""
-        self.flows.add(flow)
+        self.flows.add(AccessLogFlow(entry.SerializeToString(), node, ctx, self.listener_targets,
+                                     self.l7_policy_names))
 
     def status(self) -> dict:
         st = self.xds.status(self.node)

@@ -76,12 +76,26 @@ class AgentMetrics:
         self.flow_ring = Gauge("nodemesh_flow_ring_flows", "Flows held in the ring.", registry=r)
 
     def observe(self, entry: Any) -> None:
-        """A new entry of the flow ring: a flow (dict, e.g. from an access log) or a raw
+        """A new entry of the flow ring: a flow (dict), an access-log entry kept raw or a raw
         datapath event (`RawEvent`)."""
         if isinstance(entry, dict):
             self.observe_flow(entry)
+        elif hasattr(entry, "metric_labels"):
+            self.observe_access_log(entry)
         else:
             self.observe_event(entry)
+
+    def observe_access_log(self, entry: Any) -> None:
+        """An L7 flow kept raw (`nodemesh.agent.l7flows.AccessLogFlow`): counted exactly as
+        `observe_flow` counts the flow it would build."""
+        src, dst, svc, method, code, seconds, denied = entry.metric_labels()
+        self.flow_counts[("DROPPED" if denied else "FORWARDED", "L7", "http",
+                          "POLICY_DENIED" if denied else "")] += 1
+        sns, sw = workload_of(src)
+        dns, dw = workload_of(dst)
+        svc_name = f"{svc[0]}/{svc[1]}" if svc else ""
+        self.http_requests.labels(sns, sw, dns, dw, svc_name, method, str(code)).inc()
+        self.http_duration.labels(sns, sw, dns, dw, svc_name).observe(seconds)
 
     def observe_event(self, ev: Any) -> None:
         verdict = VERDICT_NAMES.get(ev.verdict, "VERDICT_UNKNOWN")

@@ -9,7 +9,8 @@ The receiving side never waits for the consumer: entries go into a bounded queue
 full they are dropped and counted (Envoy buffers and flushes on its own timer; a slow agent must
 cost log entries, not proxy latency or Envoy memory). A consumer task turns each entry into a
 dict (`entry_to_dict`) and hands it to the callback, which may be a plain function or a
-coroutine function.
+coroutine function. A raw callback instead takes each HTTP entry undecoded as it arrives (the
+agent keeps it that way until a flow is read: `nodemesh.agent.l7flows`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from google.protobuf import any_pb2, duration_pb2, json_format, symbol_database
 log = logging.getLogger("nodemesh.proxy.als")
 
 AccessLogCallback = Callable[[dict[str, Any]], object]
+RawAccessLogCallback = Callable[[str, str, accesslog_pb2.HTTPAccessLogEntry], None]
 
 # ResponseFlags field → the short code Envoy prints for %RESPONSE_FLAGS%.
 RESPONSE_FLAG_CODES: dict[str, str] = {
@@ -240,8 +242,12 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
     received, delivered, dropped (queue full), callback_errors, streams.
     """
 
-    def __init__(self, callback: AccessLogCallback, *, max_queue: int = 10000) -> None:
+    def __init__(self, callback: AccessLogCallback, *, max_queue: int = 10000,
+                 raw_callback: RawAccessLogCallback | None = None) -> None:
         self.callback = callback
+        # Given, it takes every HTTP entry as it arrives, undecoded: (node, log_name, entry
+        # protobuf), on the stream's own task; it must be quick. The queue is then not used.
+        self.raw_callback = raw_callback
         self.queue: asyncio.Queue[tuple[str, str, Any]] = asyncio.Queue(max_queue)
         self.received = 0
         self.delivered = 0
@@ -297,6 +303,9 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
                     log_name = msg.identifier.log_name
                 # Conversion happens in the consumer: this loop only queues, so Envoy's stream is
                 # drained as fast as it arrives.
+                if self.raw_callback is not None:
+                    self._hand_over(node, log_name, msg.http_logs.log_entry)
+                    continue
                 for e in msg.http_logs.log_entry:
                     self._offer(node, log_name, e)
                 for e in msg.tcp_logs.log_entry:
@@ -304,6 +313,17 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
         finally:
             self.streams -= 1
         return als_pb2.StreamAccessLogsResponse()
+
+    def _hand_over(self, node: str, log_name: str, entries: Any) -> None:
+        assert self.raw_callback is not None
+        for e in entries:
+            self.received += 1
+            try:
+                self.raw_callback(node, log_name, e)
+                self.delivered += 1
+            except Exception:
+                self.callback_errors += 1
+                log.exception("als: access-log callback failed")
 
     async def _consume(self) -> None:
         while True:
