@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from nodemesh.agent.informer import SyncedRevision
+from nodemesh.agent.informer import RESYNC_SECONDS, SyncedRevision
 from nodemesh.cluster.config import NODE_DNS_IP, POD_GATEWAY, ClusterConfig
 from nodemesh.cluster.controllers import is_deleting, pod_ready
 from nodemesh.cluster.sandbox import Sandbox
@@ -145,6 +145,7 @@ class DatapathSync:
         self.identity_workloads: dict[int, tuple[str, str]] = {}  # for per-workload metrics
         self.pod_identities: dict[tuple[str, str], int] = {}  # (namespace, name) -> identity
         self.policy_input: PolicyInput | None = None  # the last compiler input (the proxy uses it)
+        self.on_policy_input: list = []  # called after a sync that changed policy_input or identities
         # Destinations the node Envoy takes over (set by the proxy manager): services with routes
         # and pod ports with L7 policy, (ip, port, protocol) -> listener port.
         self.service_redirects: dict = {}
@@ -188,13 +189,14 @@ class DatapathSync:
 
     def _sync_loop(self) -> None:
         while not self._stop.is_set():
-            self._dirty.wait(2.0)
+            self._dirty.wait(RESYNC_SECONDS)
             self._dirty.clear()
             try:
                 self.sync()
             except Exception:
                 log.exception("datapath sync failed; retrying")
                 time.sleep(0.5)
+                self._dirty.set()
 
     def _event_loop(self) -> None:
         while not self._stop.is_set():
@@ -354,9 +356,15 @@ class DatapathSync:
             namespaces={n: dict(o["metadata"].get("labels") or {}) for n, o in namespaces.items()},
             identities=ident_labels,
             network_policies=k["NetworkPolicy"], cilium_policies=k["CiliumNetworkPolicy"])
+        identities = {(p["metadata"]["namespace"], p["metadata"]["name"]): identity_of[uid]
+                      for uid, (p, _) in pods.items()}
+        changed = inp != self.policy_input or identities != self.pod_identities
         self.policy_input = inp
-        self.pod_identities = {(p["metadata"]["namespace"], p["metadata"]["name"]): identity_of[uid]
-                               for uid, (p, _) in pods.items()}
+        self.pod_identities = identities
+        if changed:
+            # The proxy compiles L7 rules from these: it must not stay on the previous ones.
+            for fn in self.on_policy_input:
+                fn()
         compiler = Compiler(inp)
         by_ref = {e.ref: e for e in inp.endpoints}
         policy_names: dict[int, str] = {}

@@ -109,6 +109,11 @@ class Informer:
                 time.sleep(0.5)
 
 
+# Reconcilers act on the changes the informer reports; without one they still run a full sync
+# this often, a safety net that costs an idle agent little.
+RESYNC_SECONDS = 10.0
+
+
 class SyncedRevision:
     """The store revision a reconciler's output reflects, for ``syncedRevision`` in status.
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from envoy.data.accesslog.v3 import accesslog_pb2
 
-from nodemesh.agent.informer import SyncedRevision
+from nodemesh.agent.informer import RESYNC_SECONDS, SyncedRevision
 from nodemesh.agent.l7flows import AccessLogFlow
 from nodemesh.cluster import netns
 from nodemesh.cluster.config import ClusterConfig, read_json, write_json_atomic
@@ -109,6 +109,8 @@ class ProxyManager:
         await self.xds.start(self.socket, als=self.als)
         await asyncio.to_thread(self._ensure_envoy)
         self.informer.add_listener(self._on_store_change)
+        if self.datapath is not None:
+            self.datapath.on_policy_input.append(self._on_policy_input)
         self._dirty.set()
 
     def _on_store_change(self, kinds: set[str]) -> None:
@@ -118,6 +120,12 @@ class ProxyManager:
                 self._loop.call_soon_threadsafe(self._dirty.set)
         else:
             self.synced.unrelated(self.informer.revision)
+
+    def _on_policy_input(self) -> None:
+        """The datapath compiled new policy input or identities (its sync thread)."""
+        self.synced.changed()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._dirty.set)
 
     def _ensure_envoy(self) -> None:
         pidfile = os.path.join(self.envoy_dir, "envoy.json")
@@ -137,27 +145,35 @@ class ProxyManager:
         log.info("started the node's Envoy (pid %d)", self.envoy.pid)
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Sync on changes (and every few seconds); restart Envoy if it died."""
-        last_check = 0.0
+        """Sync on changes (and every RESYNC_SECONDS); check Envoy every 2 s, restart it if it
+        died."""
+        last_check = last_sync = 0.0
         while not stopping.is_set():
+            woke = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._dirty.wait(), 2.0)
+                woke = True
             self._dirty.clear()
             if time.monotonic() - last_check > 1.0:
                 last_check = time.monotonic()
                 if self.envoy is None or not self.envoy.alive():
                     log.warning("the node's Envoy is not running; starting it")
+                    woke = True
                     try:
                         await asyncio.to_thread(self._ensure_envoy)
                     except Exception as e:
                         self.error = f"cannot start Envoy: {e}"
                         log.error("%s", self.error)
+            if not woke and time.monotonic() - last_sync < RESYNC_SECONDS:
+                continue
             try:
                 await self.sync()
+                last_sync = time.monotonic()
             except Exception as e:
                 self.error = f"{type(e).__name__}: {e}"
                 log.exception("proxy sync failed")
                 await asyncio.sleep(0.5)
+                self._dirty.set()
 
     async def stop(self) -> None:
         await self.xds.stop()
