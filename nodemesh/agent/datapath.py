@@ -12,7 +12,9 @@ before its policy entries.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import socket
 import threading
 import time
@@ -37,6 +39,7 @@ from nodemesh.route.inputs import PROXY_IP
 from nodemesh.store import Store
 
 log = logging.getLogger("nodemesh.datapath")
+EVENTS_NICE = 10  # the flow-event reader's nice, relative to the agent's
 WATCHED = {"Pod", "Service", "Namespace", "NetworkPolicy", "CiliumNetworkPolicy", "Identity", "*"}
 
 
@@ -199,6 +202,12 @@ class DatapathSync:
                 self._dirty.set()
 
     def _event_loop(self) -> None:
+        # Flow events are best effort: their reader yields the CPU to the node's workloads
+        # (a full ring loses events, counted in nm_lost; it never slows a packet).
+        with contextlib.suppress(OSError):
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid,
+                           min(19, os.getpriority(os.PRIO_PROCESS, tid) + EVENTS_NICE))
         while not self._stop.is_set():
             try:
                 self.reader.drain()

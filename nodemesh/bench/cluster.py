@@ -265,14 +265,21 @@ class BenchCluster:
 
     def pin(self, cpus: set[int], nice: int | None = None) -> int:
         """Pin every thread of every process of the cluster to `cpus` (and give it the `nice`
-        value); returns the number of threads."""
+        value, plus whatever the process gave the thread over its main thread); returns the
+        number of threads."""
         n = 0
         for pid in self.all_pids():
+            base = 0
+            with contextlib.suppress(OSError):
+                base = os.getpriority(os.PRIO_PROCESS, pid)
             for t in tasks(pid):
                 with contextlib.suppress(OSError):
                     os.sched_setaffinity(t, cpus)
                     if nice is not None:
-                        os.setpriority(os.PRIO_PROCESS, t, nice)
+                        # A thread the process itself lowered (the agent's flow-event reader)
+                        # keeps its distance from the process's other threads.
+                        own = os.getpriority(os.PRIO_PROCESS, t) - base
+                        os.setpriority(os.PRIO_PROCESS, t, max(-20, min(19, nice + own)))
                     n += 1
         return n
 
