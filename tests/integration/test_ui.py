@@ -3,8 +3,8 @@
 
 The page must show the demo workloads, draw the denied intruder → backend edge red (class
 `drop`), update without a reload, and list a workload's recent flows on a click. With
-NODEMESH_UPDATE_DOCS=1 the test also saves its screenshot as docs/service-map.png. A few pure checks of the graph's numbers come first
-(no cluster needed).
+NODEMESH_UPDATE_DOCS=1 the test also saves its screenshot as docs/service-map.png. A few pure
+checks of the graph's numbers come first (no cluster needed).
 """
 
 from __future__ import annotations
