@@ -43,6 +43,7 @@ build/bpf/%.bpf.o: bpf/%.bpf.c $(BPF_HEADERS)
 	clang $(BPF_CFLAGS) -c $< -o $@
 
 test: setup
+	$(VENV)/bin/ruff check nodemesh tests
 	$(PY) -m pytest tests
 
 test-unit: setup
@@ -55,7 +56,7 @@ demo: setup
 	$(VENV)/bin/nodemesh demo
 
 lint: setup
-	$(VENV)/bin/ruff check nodemesh tests bench
+	$(VENV)/bin/ruff check nodemesh tests
 
 bench: setup
 	$(VENV)/bin/nodemesh bench
