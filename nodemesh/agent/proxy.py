@@ -249,8 +249,10 @@ class ProxyManager:
         if listeners_ok or not result.snapshot.listeners:
             await asyncio.to_thread(self._set_redirects, new, result)
         else:
-            # Retried on the next round (at most every 2 s, or at the next change).
+            # Retried in a second (or at the next change).
             log.warning("Envoy has not accepted the listeners (%s); redirects wait", state)
+            if self._loop is not None:
+                self._loop.call_later(1.0, self._dirty.set)
         # A rejection stands while the version Envoy rejected is the one we still serve.
         self.nack = None
         for type_url, st in self.xds.status(self.node).items():
