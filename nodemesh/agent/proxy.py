@@ -71,7 +71,7 @@ class ProxyManager:
         self.envoy_dir = os.path.join(node_dir, "envoy")
         self.ports_file = os.path.join(node_dir, "proxy-ports.json")
         self.xds = XdsServer(on_nack=self._on_nack)
-        self.als = AccessLogReceiver(lambda _: None, raw_callback=self._on_access_log)
+        self.als = AccessLogReceiver(raw_callback=self._on_access_log)
         self.envoy: EnvoyProcess | None = None
         self.ports: dict[RedirectKey, int] = self._load_ports()
         self.redirects: dict[RedirectKey, int] = {}
@@ -299,22 +299,29 @@ class ProxyManager:
         culprits = {key for key in nacked if key in current and _bad_regexes(current[key])}
         if culprits:
             nacked = culprits
+        wanted = {}
         for key, status in statuses.items():
             obj = current.get(key)
             if obj is None:
                 continue
             if key in nacked and self.nack is not None:
                 status = with_nack(status, self.nack["message"])
-            status = stamp_transition_times(status, obj.get("status"), now)
             for p in status.get("parents") or []:
                 for c in p.get("conditions") or []:
                     c["observedGeneration"] = obj["metadata"].get("generation", 1)
-            if status == obj.get("status"):
-                continue
-            with self.store.transaction() as t:
+            wanted[key] = (obj["metadata"]["uid"], status)
+        if not wanted:
+            return
+        # Every node's agent writes these statuses: compare with the store as it is now, not
+        # with the informer's copy, or another agent's write that our informer has not seen
+        # yet could stand (our own status writes do not wake us).
+        with self.store.transaction() as t:
+            for key, (uid, status) in wanted.items():
                 cur = t.get(key.kind, key.namespace, key.name)
-                if cur is not None and cur["metadata"]["uid"] == obj["metadata"]["uid"]:
-                    t.put_status(key.kind, key.namespace, key.name, status)
+                if cur is None or cur["metadata"]["uid"] != uid:
+                    continue
+                t.put_status(key.kind, key.namespace, key.name,  # a no-op when equal
+                             stamp_transition_times(status, cur.get("status"), now))
 
     # ---- Envoy's answers -------------------------------------------------------------------------
     def _on_nack(self, node_id: str, type_url: str, version: str, message: str,

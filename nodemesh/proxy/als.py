@@ -242,8 +242,10 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
     received, delivered, dropped (queue full), callback_errors, streams.
     """
 
-    def __init__(self, callback: AccessLogCallback, *, max_queue: int = 10000,
+    def __init__(self, callback: AccessLogCallback | None = None, *, max_queue: int = 10000,
                  raw_callback: RawAccessLogCallback | None = None) -> None:
+        if callback is None and raw_callback is None:
+            raise ValueError("AccessLogReceiver needs a callback or a raw_callback")
         self.callback = callback
         # Given, it takes every HTTP entry as it arrives, undecoded: (node, log_name, entry
         # protobuf), on the stream's own task; it must be quick. The queue is then not used.
@@ -335,6 +337,7 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
                     d = tcp_entry_to_dict(entry)
                 d["node"] = node
                 d["log_name"] = log_name
+                assert self.callback is not None  # entries are queued only without raw_callback
                 r = self.callback(d)
                 if inspect.isawaitable(r):
                     await r
