@@ -18,7 +18,7 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 
-from nodemesh.observe.flow import FlowContext, flow_from_access_log
+from nodemesh.observe.flow import FlowContext, flow_from_access_log, stable_uuid
 from nodemesh.proxy.als import entry_to_dict
 
 HTTP_METHODS = {v.number: v.name if v.number else ""
@@ -63,6 +63,8 @@ class AccessLogFlow:
                 self._denied(code, e.response.response_code_details))
 
     def _original_destination(self, c: accesslog_pb2.AccessLogCommon) -> tuple[str, int]:
+        """Where the client connected: the redirected service or pod port behind the listener
+        it reached, else the listener's own address."""
         local = c.downstream_local_address.socket_address
         target = self.targets.get(local.port_value)
         if target is not None:
@@ -71,11 +73,7 @@ class AccessLogFlow:
 
     def _service(self, c: accesslog_pb2.AccessLogCommon, orig_ip: str,
                  orig_port: int) -> tuple[str, str] | None:
-        tag = c.custom_tags.get("nodemesh.backend", "")
-        if "/" in tag:
-            ns, _, name = tag.partition("/")
-            return ns, name.split(":")[0]
-        return self.ctx.service_by_address(orig_ip, orig_port)
+        return _backend(c) or self.ctx.service_by_address(orig_ip, orig_port)
 
     @staticmethod
     def _denied(code: int, details: str) -> bool:
@@ -83,22 +81,18 @@ class AccessLogFlow:
 
     # ---- the flow -----------------------------------------------------------------------------
     def to_flow(self) -> dict:
-        entry = entry_to_dict(self.entry())
+        e = self.entry()
+        c = e.common_properties
+        entry = entry_to_dict(e)
         entry["node"] = self.node
-        tags = entry.get("custom_tags") or {}
-        local = entry.get("downstream_local_address") or ""
-        port = int(local.rpartition(":")[2] or 0) if ":" in local else 0
-        target = self.targets.get(port)
-        if target is not None:
-            entry["original_destination"] = f"{target.ip}:{target.port}"
+        orig_ip, orig_port = self._original_destination(c)
+        entry["original_destination"] = f"{orig_ip}:{orig_port}"
         denied = self._denied(int(entry.get("response_code") or 0),
                               str(entry.get("response_code_details") or ""))
-        backend = None
-        if tags.get("nodemesh.backend") and "/" in tags["nodemesh.backend"]:
-            ns, _, name = tags["nodemesh.backend"].partition("/")
-            backend = (ns, name.split(":")[0])
         flow = flow_from_access_log(entry, self.ctx, denied_by_policy=denied,
-                                    backend_service=backend)
+                                    backend_service=_backend(c),
+                                    flow_id=stable_uuid(self.node.encode(), self.raw))
+        tags = c.custom_tags
         if tags.get("nodemesh.route"):
             flow.setdefault("l7", {})["route"] = tags["nodemesh.route"]
         if tags.get("nodemesh.pod"):
@@ -116,3 +110,12 @@ class AccessLogFlow:
             flow["Summary"] += " (no L7 rule allows it: " + ", ".join(
                 f"{b['kind']} {b['namespace']}/{b['name']}" for b in by) + ")" if by else ""
         return flow
+
+
+def _backend(c: accesslog_pb2.AccessLogCommon) -> tuple[str, str] | None:
+    """The service the route sent the request to (the `nodemesh.backend` tag: ns/name:port)."""
+    tag = c.custom_tags.get("nodemesh.backend", "")
+    if "/" not in tag:
+        return None
+    ns, _, name = tag.partition("/")
+    return ns, name.split(":")[0]

@@ -9,8 +9,7 @@ translation went to, the node's name.
 
 from __future__ import annotations
 
-import itertools
-import socket
+import hashlib
 import struct
 import uuid
 from collections.abc import Mapping, Sequence
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
-from nodemesh.datapath.layout import DropReason
+from nodemesh.datapath.layout import DropReason, FlowEvent, ip4_str
 
 # Datapath enumerations (their C twins are in bpf/lib; values and names are Hubble's).
 EV_TRACE, EV_DROP, EV_SOCK = 1, 2, 3
@@ -112,11 +111,15 @@ def rfc3339(t: datetime) -> str:
     return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f") + "000Z"
 
 
-_seq = itertools.count()
-
-
 def _uuid() -> str:
     return str(uuid.uuid4())
+
+
+def stable_uuid(*parts: bytes) -> str:
+    """A flow id derived from what the flow is built from: the same record read twice (a
+    `--last` snapshot, then a follower) is the same flow to whoever deduplicates by uuid."""
+    return str(uuid.UUID(bytes=hashlib.blake2b(b"\0".join(parts), digest_size=16).digest(),
+                         version=4))
 
 
 def tcp_flags(bits: int) -> dict[str, bool]:
@@ -210,7 +213,8 @@ def _policies(ctx: FlowContext, ev: Mapping) -> list[dict]:
 
 
 def flow_from_access_log(entry: Mapping, ctx: FlowContext, *, denied_by_policy: bool = False,
-                         backend_service: tuple[str, str] | None = None) -> dict:
+                         backend_service: tuple[str, str] | None = None,
+                         flow_id: str | None = None) -> dict:
     """An Envoy HTTP access-log entry (as the ALS receiver decodes it) → one L7 flow."""
     src_ip, src_port = _split_addr(entry.get("downstream_remote_address", ""))
     orig_ip, orig_port = _split_addr(entry.get("original_destination", "")
@@ -234,7 +238,7 @@ def flow_from_access_log(entry: Mapping, ctx: FlowContext, *, denied_by_policy: 
     t = entry.get("time")
     flow: dict = {
         "time": t if isinstance(t, str) else rfc3339(t or datetime.now(UTC)),
-        "uuid": _uuid(),
+        "uuid": flow_id or _uuid(),
         "verdict": verdict,
         "IP": {"source": src_ip, "destination": dst_ip, "ipVersion": "IPv4"},
         "l4": {"TCP": {"source_port": src_port, "destination_port": dst_port}},
@@ -299,28 +303,17 @@ def workloads_of(owner_refs: Sequence[Mapping]) -> tuple[tuple[str, str], ...]:
 # A new connection costs the agent a few microseconds this way (one bytes copy, a few counters),
 # instead of the tens of microseconds that building a Hubble flow takes; flows are built when
 # `nodemesh observe`, the UI or a follower asks for them.
-_EV_HEAD = struct.Struct("<BBBBI")  # at 8: type, verdict, reason, direction, ifindex
-_EV_PORTS = struct.Struct(">HH")  # at 24: sport, dport (network order)
-_EV_IDS = struct.Struct("<IIII")  # at 32: src identity, dst identity, policy id, len
-_EV_COOKIE = struct.Struct("<Q")  # at 48
-_EV_ORIG_PORT = struct.Struct(">H")  # at 60
+_EV = FlowEvent  # the one definition of `struct flow_event` (checked against the objects' BTF)
+_EV_IDS = struct.Struct("<II")  # src_identity, dst_identity (adjacent u32s)
 
 
 def decode_event(raw: bytes) -> dict:
-    """A `struct flow_event` (its 64 bytes) → plain fields, as `flow_from_event` takes them."""
-    typ, verdict, reason, direction, ifindex = _EV_HEAD.unpack_from(raw, 8)
-    sport, dport = _EV_PORTS.unpack_from(raw, 24)
-    src_id, dst_id, policy_id, length = _EV_IDS.unpack_from(raw, 32)
-    return {
-        "ts_ns": int.from_bytes(raw[0:8], "little"), "type": typ, "verdict": verdict,
-        "reason": reason, "direction": direction, "ifindex": ifindex,
-        "saddr": socket.inet_ntoa(raw[16:20]), "daddr": socket.inet_ntoa(raw[20:24]),
-        "sport": sport, "dport": dport, "protocol": raw[28], "tcp_flags": raw[29],
-        "rev_nat_index": int.from_bytes(raw[30:32], "little"), "src_identity": src_id,
-        "dst_identity": dst_id, "policy_id": policy_id, "len": length,
-        "netns_cookie": _EV_COOKIE.unpack_from(raw, 48)[0],
-        "orig_daddr": socket.inet_ntoa(raw[56:60]), "orig_dport": _EV_ORIG_PORT.unpack_from(raw, 60)[0],
-    }
+    """A `struct flow_event` (its bytes) → plain fields, as `flow_from_event` takes them."""
+    ev = _EV.from_buffer_copy(raw)
+    fields = {name: getattr(ev, name) for name, _ in _EV._fields_ if name != "pad"}
+    for addr in ("saddr", "daddr", "orig_daddr"):
+        fields[addr] = ip4_str(fields[addr])
+    return fields
 
 
 class RawEvent:
@@ -337,32 +330,31 @@ class RawEvent:
     # The few fields the metrics need, without decoding everything.
     @property
     def type(self) -> int:
-        return self.raw[8]
+        return self.raw[_EV.type.offset]
 
     @property
     def verdict(self) -> int:
-        return self.raw[9]
+        return self.raw[_EV.verdict.offset]
 
     @property
     def reason(self) -> int:
-        return self.raw[10]
+        return self.raw[_EV.reason.offset]
 
     @property
     def direction(self) -> int:
-        return self.raw[11]
+        return self.raw[_EV.direction.offset]
 
     @property
     def protocol(self) -> int:
-        return self.raw[28]
+        return self.raw[_EV.protocol.offset]
 
     @property
     def identities(self) -> tuple[int, int]:
-        src, dst, _, _ = _EV_IDS.unpack_from(self.raw, 32)
-        return src, dst
+        return _EV_IDS.unpack_from(self.raw, _EV.src_identity.offset)
 
     @property
     def saddr_bytes(self) -> bytes:
-        return self.raw[16:20]
+        return self.raw[_EV.saddr.offset:_EV.saddr.offset + 4]
 
     def to_flow(self) -> dict:
         if self._flow is None:

@@ -98,3 +98,10 @@ def test_metrics_count_the_raw_entry_as_its_flow() -> None:
     assert by_raw.flow_counts == by_flow.flow_counts
     assert by_raw.expose() == by_flow.expose()
     assert b'code="403"' in by_raw.expose()
+
+
+def test_the_same_entry_is_the_same_flow_on_every_read() -> None:
+    e = entry()
+    first, again = raw(e).to_flow(), raw(e).to_flow()
+    assert first["uuid"] == again["uuid"]  # a reader that deduplicates by uuid sees it once
+    assert raw(entry(404)).to_flow()["uuid"] != first["uuid"]
