@@ -30,8 +30,14 @@ from nodemesh.datapath import libbpf
 from nodemesh.datapath.lb import LbService, LbState, compile_lb
 from nodemesh.datapath.loader import Datapath, mount_bpffs
 from nodemesh.identity import allocate_identity, security_labels
+from nodemesh.observe.flow import (
+    RESERVED_IDENTITIES,
+    RawEvent,
+    StaticContext,
+    labels_of,
+    workloads_of,
+)
 from nodemesh.observe.flow import Endpoint as FlowEndpoint
-from nodemesh.observe.flow import RawEvent, StaticContext, labels_of, workloads_of
 from nodemesh.observe.ring import FlowRing
 from nodemesh.policy import Compiler, Endpoint, PolicyCompileError, PolicyInput
 from nodemesh.policy.lower import LoweredPolicy, lower_policy
@@ -155,7 +161,6 @@ class DatapathSync:
         self.pod_redirects: dict = {}
         self.pod_redirect_identities: dict = {}  # RedirectKey -> client identities (0 = any)
         self.proxy_ip = "0.0.0.0"
-        self.lost_events = 0
         self.timer = None  # set by the agent: a context manager factory for reconcile timing
         self.local_ips: frozenset[bytes] = frozenset()
         self.on_local_ips = None  # called with local_ips after each sync (the agent's metrics)
@@ -271,7 +276,7 @@ class DatapathSync:
         the pod ports with L7 policy must stay behind the proxy."""
         from nodemesh.route.inputs import RedirectKey
 
-        protos = {6: "TCP", 17: "UDP"}
+        protos = {int(L.Proto.TCP): "TCP", int(L.Proto.UDP): "UDP"}
         for k, v in self.dp.services.items():
             if k.backend_slot == 0 and v.flags & L.ServiceFlags.L7 and v.l7_proxy_port:
                 key = RedirectKey(L.ip4_str(k.address), k.dport, protos.get(k.protocol, "TCP"))
@@ -506,8 +511,8 @@ class DatapathSync:
         found = self.identity_workloads.get(identity)
         if found is not None:
             return found
-        return "", {1: "host", 2: "world", 6: "remote-node", 5: "init"}.get(
-            identity, f"identity-{identity}")
+        reserved = RESERVED_IDENTITIES.get(identity)
+        return "", reserved.split(":", 1)[1] if reserved else f"identity-{identity}"
 
     def ring_lost(self) -> int:
         """Events the kernel could not put in the ring buffer (nm_lost, summed over CPUs)."""

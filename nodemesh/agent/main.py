@@ -138,7 +138,6 @@ class Agent:
         def lost() -> dict[str, int]:
             out = {"flow_followers": self.flows.lost_followers}
             if dp is not None:
-                out["datapath_events"] = dp.lost_events
                 out["ringbuf_full"] = dp.ring_lost()
             if proxy is not None:
                 out["access_logs"] = int(proxy.als.dropped)
@@ -246,10 +245,8 @@ class Agent:
             "proxy": self.proxy.status() if self.proxy else None,
             "flows": {"ring": len(self.flows), "capacity": self.flows.capacity,
                       "total": self.flows.total,
-                      "lostEvents": (self.datapath.lost_events + self.datapath.ring_lost()
-                                     if self.datapath else 0)},
+                      "lostEvents": self.datapath.ring_lost() if self.datapath else 0},
         }
-
 
     def _proxy_admin(self, what: str):
         """The node Envoy's admin API, through the agent (Envoy's admin is local to the node)."""

@@ -314,7 +314,7 @@ class Datapath:
         migration = MIGRATIONS.get(name)
         same_layout = (info.type == new_type and info.type not in libbpf.PERCPU_MAP_TYPES
                        and info.type != libbpf.BPF_MAP_TYPE_RINGBUF
-                       and (name, info.key_size, info.value_size) == (name, *self._layout(name)))
+                       and (info.key_size, info.value_size) == self._layout(name))
         if migration is None and same_layout:
             migration = (info.key_size, info.value_size, lambda k, v: (k, v))
         if migration is None or (info.key_size, info.value_size) != migration[:2]:

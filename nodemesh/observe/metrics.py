@@ -27,10 +27,10 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from nodemesh.observe.flow import DROP_REASONS, EV_SOCK, VERDICTS
+from nodemesh.observe.flow import DROP_REASONS, EV_SOCK, PROTOCOLS, VERDICTS
 
-VERDICT_NAMES = VERDICTS
-PROTOCOL_NAMES = {6: "tcp", 17: "udp", 1: "icmpv4"}
+# The `protocol` label, as `observe_flow` derives it from a flow's l4 key.
+PROTOCOL_LABELS = {number: name.lower() for number, name in PROTOCOLS.items()}
 
 disable_created_metrics()  # `_created` series double the output and nobody here reads them
 
@@ -98,8 +98,8 @@ class AgentMetrics:
         self.http_duration.labels(sns, sw, dns, dw, svc_name).observe(seconds)
 
     def observe_event(self, ev: Any) -> None:
-        verdict = VERDICT_NAMES.get(ev.verdict, "VERDICT_UNKNOWN")
-        proto = PROTOCOL_NAMES.get(ev.protocol, "other")
+        verdict = VERDICTS.get(ev.verdict, "VERDICT_UNKNOWN")
+        proto = PROTOCOL_LABELS.get(ev.protocol, "other")
         reason = DROP_REASONS.get(ev.reason, "") if ev.verdict == 2 else ""
         self.flow_counts[(verdict, "L3_L4", proto, reason)] += 1
         if ev.type == EV_SOCK or proto not in ("tcp", "udp"):

@@ -129,8 +129,9 @@ except OSError as e:
 
 # A pod's bulk server on argv[1]: per round, reads a 4-byte length N and N bytes (N = 0: done),
 # answers sha256(data), the peer's address (4 bytes) and 2N bytes of a known pattern.
-BULK_SERVER = """
-import hashlib, socket, struct, sys, threading
+# Shared by both ends: the reply's known pattern, and reading exactly n bytes (no braces: the
+# upstream's text is a format string).
+BULK_HELPERS = """
 def pattern(n):
     return (bytes(range(256)) * (n // 256 + 1))[:n]
 def exact(c, n):
@@ -141,6 +142,11 @@ def exact(c, n):
             raise EOFError
         b += d
     return bytes(b)
+"""
+
+BULK_SERVER = """
+import hashlib, socket, struct, sys, threading
+""" + BULK_HELPERS + """
 def serve(c, peer):
     with c:
         while True:
@@ -163,16 +169,7 @@ while True:
 # the pod's address) to that same pod's BULK_SERVER; several rounds on one connection.
 BULK_UPSTREAM = """
 import hashlib, json, os, socket, struct
-def pattern(n):
-    return (bytes(range(256)) * (n // 256 + 1))[:n]
-def exact(s, n):
-    b = bytearray()
-    while len(b) < n:
-        d = s.recv(min(65536, n - len(b)))
-        if not d:
-            raise EOFError
-        b += d
-    return bytes(b)
+""" + BULK_HELPERS + """
 s = socket.socket()
 s.settimeout(5)
 s.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
