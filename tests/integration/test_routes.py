@@ -179,3 +179,18 @@ def _is_envoy_of(pid: str, state_dir: str) -> bool:
     except OSError:
         return False
     return bool(cmd) and cmd[0].endswith(b"/envoy") and any(state_dir.encode() in a for a in cmd)
+
+
+def test_proxy_admin_data_through_the_agent(routed: Cluster) -> None:
+    """`nodemesh proxy stats|clusters|config`: the node Envoy's admin API read through the agent
+    (Envoy's admin socket stays inside the node)."""
+    stats = routed.run("proxy", "stats", "--node", "node1", "--filter", r"^server\.live$").out
+    assert stats.strip() == "node1  server.live: 1", stats
+    clusters = json.loads(routed.run("proxy", "clusters", "--node", "node1").out)
+    names = [c["name"] for c in clusters["clusters"]["cluster_statuses"]]
+    assert clusters["node"] == "node1" and any("alpha" in n for n in names), names
+    config = json.loads(routed.run("proxy", "config", "--node", "node1").out)
+    kinds = {c["@type"].rsplit(".", 1)[-1] for c in config["config"]["configs"]}
+    assert {"ListenersConfigDump", "RoutesConfigDump"} <= kinds, kinds
+    bad = routed.run("proxy", "stats", "--node", "node9", check=False)
+    assert bad.code == 2 and "no node named 'node9'" in bad.err, bad
