@@ -9,7 +9,6 @@ measures the apply and not the interpreter's start-up.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import json
 import os
@@ -23,53 +22,16 @@ from typing import Any
 
 import yaml
 
-from nodemesh.cluster import inventory
-
-PR_SET_CHILD_SUBREAPER = 36
-
-
-def become_subreaper() -> None:
-    """Orphans of the clusters we start (their daemons) are reparented to us, so we can reap
-    them: PID 1 on this machine does not reap."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-
-def reap_children() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
-def read_json(path: str) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            rest = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if rest[0] == "Z" else int(rest[19])
+from nodemesh.cluster import inventory, procs
+from nodemesh.cluster.config import read_json
+from nodemesh.cluster.controllers import pod_ready
+from nodemesh.cluster.procs import ProcRef
 
 
 def pid_from_ref(path: str) -> int | None:
     """The PID in a `{"pid", "start"}` file if that very process still runs."""
-    d = read_json(path)
-    if not isinstance(d, dict) or "pid" not in d:
-        return None
-    pid = int(d["pid"])
-    if "start" in d and start_time(pid) != int(d["start"]):
-        return None
-    return pid if start_time(pid) is not None else None
+    ref = ProcRef.from_json(read_json(path))
+    return ref.pid if ref is not None and ref.alive() else None
 
 
 def tasks(pid: int) -> list[int]:
@@ -172,11 +134,11 @@ class BenchCluster:
         deadline = time.monotonic() + timeout
         while True:
             pods = [p for p in self.pods() if not p["metadata"].get("deletionTimestamp")]
-            ready = [p for p in pods if _pod_ready(p)]
+            ready = [p for p in pods if pod_ready(p)]
             if len(ready) == len(pods) and (expected is None or len(pods) == expected):
                 return pods
             if time.monotonic() > deadline:
-                bad = [p["metadata"]["name"] for p in pods if not _pod_ready(p)]
+                bad = [p["metadata"]["name"] for p in pods if not pod_ready(p)]
                 raise RuntimeError(f"cluster {self.name}: pods not ready after {timeout:.0f}s "
                                    f"({len(ready)}/{len(pods)}, expected {expected}): {bad[:5]}")
             time.sleep(0.3)
@@ -210,10 +172,10 @@ class BenchCluster:
         daemon = pid_from_ref(os.path.join(self.state_dir, "daemon.json"))
         self.cli("down", timeout=300, check=False)
         deadline = time.monotonic() + 10
-        while daemon and start_time(daemon) is not None and time.monotonic() < deadline:
-            reap_children()
+        while daemon and procs.start_time(daemon) is not None and time.monotonic() < deadline:
+            procs.reap_children()
             time.sleep(0.05)
-        reap_children()
+        procs.reap_children()
 
     def leftovers(self) -> list[str]:
         """Everything of this cluster still on the machine (empty after a clean `down`)."""
@@ -282,8 +244,3 @@ class BenchCluster:
                         os.setpriority(os.PRIO_PROCESS, t, max(-20, min(19, nice + own)))
                     n += 1
         return n
-
-
-def _pod_ready(p: dict[str, Any]) -> bool:
-    return any(c.get("type") == "Ready" and c.get("status") == "True"
-               for c in (p.get("status") or {}).get("conditions") or [])

@@ -36,10 +36,11 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from nodemesh.bench import memory, workload
-from nodemesh.bench.cluster import BenchCluster, become_subreaper, reap_children
+from nodemesh.bench.cluster import BenchCluster
 from nodemesh.bench.loadgen import WRK_LUA, cpu_busy_seconds, proc_cpu_seconds
 from nodemesh.bench.stats import median, percentile
 from nodemesh.bench.workload import MODES, Workload
+from nodemesh.cluster.procs import reap_children, set_child_subreaper
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOADGEN_CPU = 1
@@ -849,7 +850,7 @@ def main(argv: list[str]) -> int:
 
     from nodemesh.bench import report
 
-    become_subreaper()
+    set_child_subreaper()
     os.sched_setaffinity(0, {LOADGEN_CPU})
     os.setpriority(os.PRIO_PROCESS, 0, BENCH_NICE)  # inherited by everything started from here
     signal.signal(signal.SIGTERM, _terminate)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import datetime
 import json
 import os
@@ -41,6 +40,7 @@ import yaml
 
 from nodemesh import __version__
 from nodemesh.cluster.inventory import leftovers as inventory_leftovers
+from nodemesh.cluster.procs import set_child_subreaper
 from nodemesh.conformance import DATA_COMMIT, MANIFESTS, TESTS_DIR
 from nodemesh.conformance.cases import CLIENTS, TESTS, ConformanceTest, TimeoutConfig
 from nodemesh.conformance.report import Outcome, build_report, profiles_of
@@ -54,7 +54,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 DEFAULT_REPORT = os.path.join(REPO, "docs", "conformance", "report.yaml")
 DEFAULT_URL = "https://nodemesh.io"
 DEFAULT_CONTACT = ("nodemesh maintainers",)
-PR_SET_CHILD_SUBREAPER = 36
 
 
 class SetupError(Exception):
@@ -413,13 +412,6 @@ class Runner:
 # ---- process hygiene ------------------------------------------------------------------------------
 
 
-def become_subreaper() -> None:
-    """Orphans of the cluster (its daemon is double-forked) become our children, so that we, not
-    a PID 1 that may not reap, collect them after ``down``."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-
 def reap_children(timeout: float = 5.0) -> None:
     """Collect every exited child (only call when no subprocess of ours is running)."""
     deadline = time.monotonic() + timeout
@@ -488,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         print("python -m nodemesh.conformance: --outside-clients is a diagnostic run; give "
               "--report elsewhere (it must not replace the conformance report)", file=sys.stderr)
         return 2
-    become_subreaper()
+    set_child_subreaper()
     name = args.name or "nmc" + uuid.uuid4().hex[:6]
     state_dir = args.state_dir or tempfile.mkdtemp(prefix=f"nodemesh-{name}-")
     if args.state_dir is None:

@@ -7,7 +7,6 @@ Tests drive the real CLI (`python -m nodemesh ...`) as a user would, and look at
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import subprocess
@@ -19,17 +18,12 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from nodemesh.cluster.procs import set_child_subreaper
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_subreaper_set = False
-
-
-def become_subreaper() -> None:
-    """Orphans of the clusters we start (their daemons) are reparented to the test process, so
-    we can reap them: PID 1 on this machine does not reap."""
-    global _subreaper_set
-    if not _subreaper_set:
-        ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-        _subreaper_set = True
+# Orphans of the clusters we start (their daemons) are reparented to the test process, so we
+# can reap them: PID 1 on this machine does not reap.
+become_subreaper = set_child_subreaper
 
 
 @dataclass
