@@ -10,7 +10,8 @@ anything it does not understand with a message that names the resource and the f
 - ``admission``: checks against the stored objects, ClusterIP allocation (``admit``).
 - ``labels``: label syntax and selector matching.
 - ``schema``: the small schema language the per-kind modules are written in
-  (``workloads``, ``service``, ``netpol``, ``cnp``, ``routes``, ``common``, ``names``).
+  (``workloads``, ``service``, ``netpol``, ``cnp``, ``security``, ``routes``, ``common``,
+  ``names``).
 
 docs/resources.md lists, per kind and field, what is accepted, accepted with no effect, or refused.
 """

@@ -1,9 +1,11 @@
 """Schema of CiliumNetworkPolicy (cilium.io/v2): L3/L4 rules, HTTP rules, deny rules.
 
 nodemesh enforces the parts of Cilium's policy language that make sense in a cluster of pods:
-endpoint selectors, entities, CIDRs, ports and HTTP rules. Peers that need Cilium's DNS proxy,
-cloud integrations, node identities or Kubernetes services as policy peers (toFQDNs, toGroups,
-toNodes, toServices) are refused, as are non-HTTP L7 parsers and TLS interception.
+endpoint selectors, entities, CIDRs, ports, HTTP rules, and mutual authentication
+(``authentication.mode: required``: peers whose workload identity was proven). Peers that need
+Cilium's DNS proxy, cloud integrations, node identities or Kubernetes services as policy peers
+(toFQDNs, toGroups, toNodes, toServices) are refused, as are non-HTTP L7 parsers and TLS
+interception.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from nodemesh.model.schema import (
     Str,
     Unsupported,
     opt,
+    quote,
     req,
 )
 
@@ -88,11 +91,28 @@ def check_cilium_header(value: str) -> str | None:
     return f'header "{value}": name {problem}' if problem else None
 
 
+def check_http_regex(value: str) -> str | None:
+    """``method``, ``path`` and ``host`` of an HTTP rule: a regular expression Envoy's RE2 takes.
+
+    route/rbac.py hands them to Envoy as they are (a ``safe_regex``, which is a full match, so
+    no anchors are added): one that RE2 refuses gets the node's whole listener NACKed, so it is
+    refused here, checked exactly as Envoy compiles it.
+    """
+    if not value:
+        return None  # empty matches everything: rbac.py sends no regex for it
+    # Imported here: nodemesh.route imports the model (route.actions → model.routes), and
+    # validating a manifest need not load Envoy's protobufs.
+    from nodemesh.route.validate import check_regex
+
+    why = check_regex(value)
+    return f"{quote(value)} is not a regular expression Envoy's RE2 accepts: {why}" if why else None
+
+
 HTTP_RULE = Obj({
-    # Regular expressions (Cilium: extended POSIX); not checked here, as the API does not.
-    "method": Str(),
-    "path": Str(),
-    "host": Str(),
+    # Cilium documents these as extended POSIX regexes; Envoy, which enforces them, runs RE2.
+    "method": Str(validator=check_http_regex),
+    "path": Str(validator=check_http_regex),
+    "host": Str(validator=check_http_regex),
     "headers": ListOf(Str(validator=check_cilium_header)),
     "headerMatches": ListOf(Obj({
         "name": req(Str(validator=check_http_header_name)),
@@ -164,7 +184,13 @@ CIDR_RULE = Obj(
 )
 
 NO_ICMP = "ICMP rules: nodemesh policy covers TCP and UDP"
-NO_AUTH = "mutual authentication is not implemented"
+# Cilium's `authentication` of an ingress or egress rule; Cilium requires its mode. Cilium's
+# third mode, "test-always-fail", exists only to test Cilium's own authentication datapath.
+AUTHENTICATION_MODES = ("disabled", "required")
+NO_TEST_AUTH = 'a Cilium test mode that nodemesh does not implement: use "required" or "disabled"'
+AUTHENTICATION = Obj({
+    "mode": req(Str(enum=AUTHENTICATION_MODES, unsupported={"test-always-fail": NO_TEST_AUTH})),
+})
 NO_NODES = "nodes have no identities of their own in nodemesh; use the host entity"
 
 
@@ -188,10 +214,10 @@ def _peers(direction: str) -> dict:
 
 
 INGRESS_RULE = Obj({**_peers("from"), "toPorts": ListOf(PORT_RULE),
-                    "authentication": Unsupported(NO_AUTH)})
+                    "authentication": AUTHENTICATION})
 INGRESS_DENY_RULE = Obj({**_peers("from"), "toPorts": ListOf(PORT_DENY_RULE)})
 EGRESS_RULE = Obj({**_peers("to"), "toPorts": ListOf(PORT_RULE),
-                   "authentication": Unsupported(NO_AUTH)})
+                   "authentication": AUTHENTICATION})
 EGRESS_DENY_RULE = Obj({**_peers("to"), "toPorts": ListOf(PORT_DENY_RULE)})
 
 SECTIONS = ("ingress", "ingressDeny", "egress", "egressDeny")

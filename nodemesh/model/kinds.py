@@ -1,7 +1,8 @@
 """The registry of kinds: API version, scope, CLI names.
 
 One table, read by validation (which apiVersion a kind must carry), the store (scope), and the
-CLI (``get svc``, ``get netpol`` ...).
+CLI (``get svc``, ``get netpol`` ...). Kinds that only nodemesh writes (Node, Identity,
+TrustBundle) are registered too, so that the CLI can show them, but `apply` refuses them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ class KindInfo:
     namespaced: bool
     plural: str
     short_names: tuple[str, ...] = field(default=())
-    user_writable: bool = True  # False for kinds only nodemesh itself writes (Node, Identity)
+    user_writable: bool = True  # False for kinds only nodemesh itself writes (Node, Identity ...)
+    # Older apiVersions accepted with the same schema; objects are stored with `api_version`,
+    # as the API server serves an object at its preferred version whatever version wrote it.
+    older_api_versions: tuple[str, ...] = field(default=())
+
+    @property
+    def api_versions(self) -> tuple[str, ...]:
+        """Every apiVersion an applied object of this kind may carry, the preferred one first."""
+        return (self.api_version, *self.older_api_versions)
 
 
 KINDS: dict[str, KindInfo] = {
@@ -26,14 +35,19 @@ KINDS: dict[str, KindInfo] = {
         KindInfo("Pod", "v1", True, "pods", ("po",)),
         KindInfo("Service", "v1", True, "services", ("svc",)),
         KindInfo("Deployment", "apps/v1", True, "deployments", ("deploy",)),
+        KindInfo("ServiceAccount", "v1", True, "serviceaccounts", ("sa",)),
         KindInfo("NetworkPolicy", "networking.k8s.io/v1", True, "networkpolicies", ("netpol",)),
         KindInfo(
             "CiliumNetworkPolicy", "cilium.io/v2", True, "ciliumnetworkpolicies", ("cnp",)
         ),
+        KindInfo("PeerAuthentication", "security.istio.io/v1", True, "peerauthentications", ("pa",),
+                 older_api_versions=("security.istio.io/v1beta1",)),
         KindInfo("HTTPRoute", "gateway.networking.k8s.io/v1", True, "httproutes", ()),
         KindInfo("GRPCRoute", "gateway.networking.k8s.io/v1", True, "grpcroutes", ()),
         KindInfo("Node", "v1", False, "nodes", ("no",), user_writable=False),
         KindInfo("Identity", "nodemesh.io/v1", False, "identities", ("id",), user_writable=False),
+        # The roots of trust of the cluster's CA (workload certificates chain up to them).
+        KindInfo("TrustBundle", "nodemesh.io/v1", False, "trustbundles", (), user_writable=False),
     )
 }
 

@@ -3,7 +3,8 @@
 `validate_objects` is what ``nodemesh apply`` calls on parsed manifests. It checks every object
 against its kind's schema (schema.py and the per-kind modules), fills in the defaults Kubernetes
 would fill, sets ``metadata.namespace`` on namespaced objects, drops what the store owns
-(status, uid, resourceVersion ...), and refuses duplicates within one call. Every problem in
+(status, uid, resourceVersion ...), writes the kind's preferred apiVersion on objects written
+with an older one (PeerAuthentication v1beta1), and refuses duplicates within one call. Every problem in
 every object is reported at once in one `InvalidManifest`; nothing is returned half-checked.
 """
 
@@ -32,11 +33,13 @@ from nodemesh.model.schema import (
     Obj,
     Schema,
     Str,
+    one_of,
     opt,
     quote,
     req,
     type_name,
 )
+from nodemesh.model.security import PEER_AUTHENTICATION_SPEC, SERVICE_ACCOUNT_FIELDS
 from nodemesh.model.service import SERVICE_SPEC, check_service_annotations
 from nodemesh.model.workloads import DEPLOYMENT_SPEC, POD_SPEC
 
@@ -45,18 +48,19 @@ DEFAULT_NAMESPACE = "default"
 
 def _kind_schema(
     name_check: Callable[[str], str | None],
-    spec: Field | Schema,
+    spec: Field | Schema | None,
     hooks: Sequence[Hook] = (),
     **extra: Field | Schema,
 ) -> Obj:
-    """The schema of a whole object: its metadata's name rule, its spec, and object hooks."""
+    """The schema of a whole object: its metadata's name rule, its spec (None for a kind that
+    has none, such as ServiceAccount), other top-level fields, and object hooks."""
     return Obj(
         {
             # Checked before the schema runs, with messages that say what is expected.
             "apiVersion": AnyValue(),
             "kind": AnyValue(),
             "metadata": req(metadata(name_check)),
-            "spec": spec,
+            **({"spec": spec} if spec is not None else {}),
             "status": Drop(),
             **extra,
         },
@@ -71,11 +75,14 @@ SCHEMAS: dict[str, Obj] = {
     "Service": _kind_schema(check_dns1035_label, req(SERVICE_SPEC),
                             hooks=(Hook(check_service_annotations, needs=("metadata",)),)),
     "Deployment": _kind_schema(check_dns1123_subdomain, req(DEPLOYMENT_SPEC)),
+    "ServiceAccount": _kind_schema(check_dns1123_subdomain, None, **SERVICE_ACCOUNT_FIELDS),
     # The API's NetworkPolicy spec is a plain struct: an absent spec is an empty one.
     "NetworkPolicy": _kind_schema(check_dns1123_subdomain, opt(NP_SPEC, {})),
     "CiliumNetworkPolicy": _kind_schema(check_dns1123_subdomain, RULE,
                                         hooks=(Hook(check_cnp_specs, needs=()),),
                                         specs=ListOf(RULE)),
+    # Istio's spec is optional: without one, a namespace-wide policy whose mode is UNSET.
+    "PeerAuthentication": _kind_schema(check_dns1123_subdomain, opt(PEER_AUTHENTICATION_SPEC, {})),
     "HTTPRoute": _kind_schema(check_dns1123_subdomain, req(HTTPROUTE_SPEC)),
     "GRPCRoute": _kind_schema(check_dns1123_subdomain, req(GRPCROUTE_SPEC)),
 }
@@ -193,10 +200,11 @@ def _validate_one(
 
     ctx = Ctx(kind=info.kind, namespace=namespace)
     api_version = doc.get("apiVersion")
+    expected = one_of(info.api_versions)
     if api_version is None:
-        ctx.error(("apiVersion",), f'required (must be "{info.api_version}" for kind {info.kind})')
-    elif api_version != info.api_version:
-        ctx.error(("apiVersion",), f'must be "{info.api_version}" for kind {info.kind} '
+        ctx.error(("apiVersion",), f"required (must be {expected} for kind {info.kind})")
+    elif api_version not in info.api_versions:
+        ctx.error(("apiVersion",), f"must be {expected} for kind {info.kind} "
                   f"(got {quote(api_version)})")
     schema: Schema = SCHEMAS[info.kind]
     obj = schema.check(doc, (), ctx)
@@ -206,6 +214,9 @@ def _validate_one(
     errors = [f"{label}: {line}" for line in ctx.lines()]
     if errors:
         return None, errors
+    # The same schema under every accepted apiVersion: store the preferred one, so that
+    # consumers read one version (the API server, too, serves objects at its preferred version).
+    obj["apiVersion"] = info.api_version
     if info.namespaced:
         obj["metadata"]["namespace"] = namespace
     else:

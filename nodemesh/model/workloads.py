@@ -282,6 +282,13 @@ def _unique_port_names(spec: dict, path: Path, ctx: Ctx) -> None:
                 seen[name] = here
 
 
+def check_service_account_name(value: str) -> str | None:
+    """A ServiceAccount name, as Kubernetes validates it: a DNS-1123 subdomain. It becomes a path
+    segment of the pod's SPIFFE ID, so anything else would make an ID no peer could match.
+    Empty means "default", as in Kubernetes."""
+    return check_dns1123_subdomain(value) if value else None
+
+
 POD_SPEC = Obj(
     {
         "containers": req(ListOf(CONTAINER, min_items=1, unique=lambda c: c.get("name"),
@@ -289,9 +296,11 @@ POD_SPEC = Obj(
         "restartPolicy": opt(Str(enum=("Always", "OnFailure", "Never")), "Always"),
         "terminationGracePeriodSeconds": opt(Int(0), 30),
         "nodeName": Str(validator=check_dns1123_subdomain),
+        # The pod's workload identity (spiffe://<td>/ns/<ns>/sa/<name>); the deprecated
+        # serviceAccount is used when serviceAccountName is not set, as in Kubernetes.
+        "serviceAccountName": Str(validator=check_service_account_name),
+        "serviceAccount": Str(validator=check_service_account_name),
         # Accepted, no effect.
-        "serviceAccountName": Str(),
-        "serviceAccount": Str(),
         "automountServiceAccountToken": Bool(),
         "securityContext": POD_SECURITY_CONTEXT,
         "imagePullSecrets": ListOf(Obj({"name": Str()})),

@@ -380,3 +380,213 @@ def test_parent_refs_to_one_service_with_distinct_ports() -> None:
           - {group: "", kind: Service, name: echo, port: 8080}
         """)
     assert len(route["spec"]["parentRefs"]) == 2
+
+
+# -- mutual TLS: ServiceAccount, PeerAuthentication, CiliumNetworkPolicy authentication ------
+
+
+def test_mutual_tls_fixture() -> None:
+    objs = {(o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]): o
+            for o in load(os.path.join(FIXTURES, "mutual-tls.yaml"))}
+    sa = objs["ServiceAccount", "foo", "finance"]
+    assert sa["automountServiceAccountToken"] is False
+    assert sa["imagePullSecrets"] == [{"name": "registry"}]
+    assert sa["secrets"] == [{"name": "finance-token-x2v6c"}]
+    # An unquoted port key (a YAML number) is stored as a string, as JSON and Kubernetes have it.
+    finance = objs["PeerAuthentication", "foo", "finance"]
+    assert finance["spec"]["portLevelMtls"] == {"8080": {"mode": "DISABLE"}}
+    # v1beta1 has v1's schema and is stored as v1.
+    ledger = objs["PeerAuthentication", "foo", "ledger"]
+    assert ledger["apiVersion"] == "security.istio.io/v1"
+    assert ledger["spec"]["mtls"] == {"mode": "UNSET"}
+    rule = objs["CiliumNetworkPolicy", "default", "mutual-auth-echo"]["spec"]
+    assert rule["ingress"][0]["authentication"] == {"mode": "required"}
+    assert rule["egress"][0]["authentication"] == {"mode": "disabled"}
+
+
+def test_service_account_as_kubectl_writes_it() -> None:
+    # `kubectl create serviceaccount robot --dry-run=client -o yaml`, and an older cluster's
+    # `get -o yaml` with a token Secret as a full ObjectReference.
+    sa = one("""\
+        apiVersion: v1
+        kind: ServiceAccount
+        metadata:
+          creationTimestamp: null
+          name: robot
+        """)
+    assert sa == {"apiVersion": "v1", "kind": "ServiceAccount",
+                  "metadata": {"name": "robot", "namespace": "default"}}
+    sa = one("""\
+        apiVersion: v1
+        kind: ServiceAccount
+        metadata:
+          name: robot
+          namespace: prod
+          uid: 0b5f6a4e-8d7c-4d59-9f3e-2f1e8c1d2a3b
+          resourceVersion: "812"
+        automountServiceAccountToken: true
+        secrets:
+        - apiVersion: v1
+          kind: Secret
+          name: robot-token-abcde
+          namespace: prod
+        """)
+    assert sa["metadata"] == {"name": "robot", "namespace": "prod"}
+    assert sa["secrets"] == [{"apiVersion": "v1", "kind": "Secret", "name": "robot-token-abcde",
+                              "namespace": "prod"}]
+
+
+def test_pod_service_account_need_not_exist() -> None:
+    # No existence check (there is no token to mount); the name is kept as written.
+    pod = one("""\
+        apiVersion: v1
+        kind: Pod
+        metadata: {name: p}
+        spec:
+          serviceAccountName: no-such-account
+          containers: [{name: c, image: busybox}]
+        """)
+    assert admit([pod], lambda kind, ns: [])[0]["spec"]["serviceAccountName"] == "no-such-account"
+    # Unset stays unset in the stored Pod (the workload identity then uses "default").
+    bare = one("""\
+        apiVersion: v1
+        kind: Pod
+        metadata: {name: p}
+        spec:
+          containers: [{name: c, image: busybox}]
+        """)
+    assert "serviceAccountName" not in bare["spec"]
+
+
+@pytest.mark.parametrize("name", ["default", "robot", "robot-v2", "api.prod", "0", "a" * 253,
+                                  "a" * 63 + "." + "b" * 63])
+@pytest.mark.parametrize("field", ["serviceAccountName", "serviceAccount"])
+def test_service_account_names_kubernetes_accepts(field: str, name: str) -> None:
+    # Any DNS-1123 subdomain, as Kubernetes validates it; kept as written.
+    pod = one(f"""\
+        apiVersion: v1
+        kind: Pod
+        metadata: {{name: p}}
+        spec:
+          {field}: "{name}"
+          containers: [{{name: c, image: busybox}}]
+        """)
+    assert pod["spec"][field] == name
+    dep = one(f"""\
+        apiVersion: apps/v1
+        kind: Deployment
+        metadata: {{name: web}}
+        spec:
+          selector: {{matchLabels: {{app: web}}}}
+          template:
+            metadata: {{labels: {{app: web}}}}
+            spec:
+              {field}: "{name}"
+              containers: [{{name: c, image: busybox}}]
+        """)
+    assert dep["spec"]["template"]["spec"][field] == name
+
+
+def test_empty_service_account_name_means_default() -> None:
+    # Kubernetes accepts "" (then fills in "default"); so does nodemesh (certs/authorize.py).
+    pod = one("""\
+        apiVersion: v1
+        kind: Pod
+        metadata: {name: p}
+        spec:
+          serviceAccountName: ""
+          serviceAccount: ""
+          containers: [{name: c, image: busybox}]
+        """)
+    assert pod["spec"]["serviceAccountName"] == ""
+
+
+def test_peer_authentication_defaults() -> None:
+    # Without spec: a namespace-wide policy whose mode is UNSET (it changes nothing).
+    pa = one("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: a}\n")
+    assert pa["spec"] == {"mtls": {"mode": "UNSET"}}
+    pa = one("""\
+        apiVersion: security.istio.io/v1beta1
+        kind: PeerAuthentication
+        metadata: {name: a, namespace: foo}
+        spec:
+          selector: {matchLabels: {app: web}}
+          mtls: {}
+          portLevelMtls:
+            8080: {}
+            "9090": {mode: PERMISSIVE}
+            65535: {mode: STRICT}
+            1: {mode: DISABLE}
+        """)
+    assert pa["apiVersion"] == "security.istio.io/v1"
+    assert pa["spec"] == {
+        "selector": {"matchLabels": {"app": "web"}},
+        "mtls": {"mode": "UNSET"},
+        "portLevelMtls": {"8080": {"mode": "UNSET"}, "9090": {"mode": "PERMISSIVE"},
+                          "65535": {"mode": "STRICT"}, "1": {"mode": "DISABLE"}},
+    }
+
+
+@pytest.mark.parametrize("mode", ["UNSET", "DISABLE", "PERMISSIVE", "STRICT"])
+def test_peer_authentication_modes(mode: str) -> None:
+    pa = one(f"""\
+        apiVersion: security.istio.io/v1
+        kind: PeerAuthentication
+        metadata: {{name: a, namespace: nodemesh-system}}
+        spec:
+          mtls: {{mode: {mode}}}
+        """)
+    assert pa["spec"]["mtls"]["mode"] == mode
+
+
+def test_peer_authentication_selectors_without_labels_are_namespace_wide() -> None:
+    # Istio treats them as no selector: allowed anywhere, also in the root namespace, and empty
+    # portLevelMtls (as generated manifests carry) is harmless.
+    for selector in ("{}", "{matchLabels: {}}"):
+        pa = one(f"""\
+            apiVersion: security.istio.io/v1
+            kind: PeerAuthentication
+            metadata: {{name: a, namespace: nodemesh-system}}
+            spec:
+              selector: {selector}
+              portLevelMtls: {{}}
+            """)
+        assert pa["spec"]["portLevelMtls"] == {}
+
+
+def test_peer_authentication_apply_needs_its_namespace() -> None:
+    pa = """\
+        apiVersion: security.istio.io/v1
+        kind: PeerAuthentication
+        metadata: {name: default, namespace: nodemesh-system}
+        spec: {mtls: {mode: PERMISSIVE}}
+        """
+    with pytest.raises(InvalidManifest) as e:
+        admit([one(pa)], lambda kind, ns: [])
+    assert e.value.errors == [
+        'PeerAuthentication nodemesh-system/default: metadata.namespace: namespace '
+        '"nodemesh-system" does not exist (create it first, or apply a Namespace nodemesh-system '
+        "in the same apply)"]
+    ns = one("apiVersion: v1\nkind: Namespace\nmetadata: {name: nodemesh-system}\n")
+    assert len(admit([ns, one(pa)], lambda kind, ns: [])) == 2
+
+
+def test_cilium_authentication_modes() -> None:
+    cnp = one("""\
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: c}
+        specs:
+        - endpointSelector: {}
+          ingress:
+          - authentication: {mode: required}
+          - fromEndpoints: [{}]
+            authentication: {mode: disabled}
+        - endpointSelector: {}
+          egress:
+          - toEndpoints: [{}]
+            authentication: {mode: required}
+        """)
+    first, second = cnp["specs"]
+    assert [r["authentication"]["mode"] for r in first["ingress"]] == ["required", "disabled"]
+    assert second["egress"][0]["authentication"] == {"mode": "required"}

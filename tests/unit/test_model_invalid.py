@@ -66,6 +66,45 @@ spec:
 """
 
 
+SERVICE_ACCOUNT = """\
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: robot
+"""
+
+PEER_AUTH = """\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: finance
+  namespace: foo
+spec:
+  selector:
+    matchLabels:
+      app: finance
+  mtls:
+    mode: STRICT
+  portLevelMtls:
+    8080:
+      mode: DISABLE
+"""
+
+CNP_AUTH = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: c
+spec:
+  endpointSelector: {}
+  ingress:
+  - fromEndpoints:
+    - {}
+    authentication:
+      mode: required
+"""
+
+
 def errors(text: str, source: str = "web.yaml", namespace: str = "default") -> list[str]:
     with pytest.raises(InvalidManifest) as e:
         validate_objects(load_manifests(textwrap.dedent(text), source), source, namespace)
@@ -98,7 +137,8 @@ CASES: list[tuple[str, str, list[str]]] = [
         "unknown kind",
         "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata:\n  name: web\n",
         ['web.yaml: document 1: kind: unknown kind "Ingress" (nodemesh accepts Namespace, Pod, '
-         "Service, Deployment, NetworkPolicy, CiliumNetworkPolicy, HTTPRoute, GRPCRoute)"],
+         "Service, Deployment, ServiceAccount, NetworkPolicy, CiliumNetworkPolicy, "
+         "PeerAuthentication, HTTPRoute, GRPCRoute)"],
     ),
     (
         "kind only nodemesh writes",
@@ -585,6 +625,181 @@ CASES: list[tuple[str, str, list[str]]] = [
         ["Service default/web: metadata.generateName: not supported by nodemesh (apply needs a "
          "fixed name: set metadata.name)"],
     ),
+    # -- mutual TLS ----------------------------------------------------------------------
+    (
+        "ServiceAccount with a spec, a bad field type and a misspelt field",
+        SERVICE_ACCOUNT + "spec: {}\nautomountServiceAccountToken: \"no\"\nsecrets:\n- nme: t\n",
+        ["ServiceAccount default/robot: spec: unknown field",
+         "ServiceAccount default/robot: automountServiceAccountToken: must be true or false (got a "
+         "string)",
+         'ServiceAccount default/robot: secrets[0].nme: unknown field (did you mean "name"?)'],
+    ),
+    (
+        "ServiceAccount with a bad name and imagePullSecrets that are not a list",
+        SERVICE_ACCOUNT.replace("name: robot", "name: Robot") + "imagePullSecrets: {name: reg}\n",
+        ["ServiceAccount default/Robot: metadata.name: must be a DNS-1123 subdomain: at most 253 "
+         "characters of lowercase letters, digits, '-' and '.', each dot-separated part starting "
+         "and ending with a letter or digit",
+         "ServiceAccount default/Robot: imagePullSecrets: must be a list (got an object)"],
+    ),
+    (
+        "PeerAuthentication portLevelMtls without a selector",
+        PEER_AUTH.replace("  selector:\n    matchLabels:\n      app: finance\n", ""),
+        ["PeerAuthentication foo/finance: spec.portLevelMtls: requires a selector with matchLabels: "
+         "port-level modes apply only to the pods that a workload-specific policy selects"],
+    ),
+    (
+        "PeerAuthentication portLevelMtls with a selector without labels",
+        PEER_AUTH.replace("    matchLabels:\n      app: finance\n", "    matchLabels: {}\n"),
+        ["PeerAuthentication foo/finance: spec.portLevelMtls: requires a selector with matchLabels: "
+         "port-level modes apply only to the pods that a workload-specific policy selects"],
+    ),
+    (
+        "PeerAuthentication port keys that are not port numbers",
+        PEER_AUTH.replace("    8080:\n      mode: DISABLE\n",
+                          "    http:\n      mode: DISABLE\n    0: {}\n    65536: {}\n"
+                          "    \"-1\": {}\n    80.5: {}\n"),
+        ['PeerAuthentication foo/finance: spec.portLevelMtls[http]: invalid port: must be a port '
+         'number 1-65535 (got "http")',
+         "PeerAuthentication foo/finance: spec.portLevelMtls[0]: invalid port: must be a port "
+         "number 1-65535 (got 0)",
+         "PeerAuthentication foo/finance: spec.portLevelMtls[65536]: invalid port: must be a port "
+         "number 1-65535 (got 65536)",
+         'PeerAuthentication foo/finance: spec.portLevelMtls[-1]: invalid port: must be a port '
+         'number 1-65535 (got "-1")',
+         "PeerAuthentication foo/finance: spec.portLevelMtls[\"80.5\"]: invalid port: must be a port "
+         "number 1-65535 (got 80.5)"],
+    ),
+    (
+        "PeerAuthentication port given twice",
+        PEER_AUTH.replace("    8080:\n      mode: DISABLE\n",
+                          "    8080:\n      mode: DISABLE\n    \"8080\":\n      mode: STRICT\n"),
+        ["PeerAuthentication foo/finance: spec.portLevelMtls[8080]: port 8080 is given twice"],
+    ),
+    (
+        "PeerAuthentication unknown modes",
+        PEER_AUTH.replace("mode: STRICT", "mode: Strict").replace("mode: DISABLE", "mode: disable"),
+        ['PeerAuthentication foo/finance: spec.mtls.mode: must be one of "UNSET", "DISABLE", '
+         '"PERMISSIVE", "STRICT" (got "Strict")',
+         'PeerAuthentication foo/finance: spec.portLevelMtls[8080].mode: must be one of "UNSET", '
+         '"DISABLE", "PERMISSIVE", "STRICT" (got "disable")'],
+    ),
+    (
+        "PeerAuthentication unknown fields",
+        PEER_AUTH.replace("    mode: STRICT", "    mode: STRICT\n    modes: STRICT")
+        + "  action: ALLOW\n",
+        ['PeerAuthentication foo/finance: spec.mtls.modes: unknown field (did you mean "mode"?)',
+         "PeerAuthentication foo/finance: spec.action: unknown field"],
+    ),
+    (
+        "PeerAuthentication selector with matchExpressions and a bad label",
+        PEER_AUTH.replace("      app: finance\n", "      app: -finance\n"
+                          "    matchExpressions:\n    - {key: app, operator: Exists}\n"),
+        ["PeerAuthentication foo/finance: spec.selector.matchLabels[app]: must be empty or a name "
+         "of at most 63 characters of letters, digits, '-', '_' and '.', starting and ending with "
+         "a letter or digit",
+         "PeerAuthentication foo/finance: spec.selector.matchExpressions: unknown field"],
+    ),
+    (
+        "PeerAuthentication selector in the root namespace",
+        PEER_AUTH.replace("namespace: foo", "namespace: nodemesh-system"),
+        ['PeerAuthentication nodemesh-system/finance: spec.selector: not supported in the root '
+         'namespace "nodemesh-system" (Istio ignores a selector there): put a workload-specific '
+         "policy in the namespace of its pods, or remove the selector for a mesh-wide policy"],
+    ),
+    (
+        "PeerAuthentication selector in the root namespace, and a bad port",
+        PEER_AUTH.replace("namespace: foo", "namespace: nodemesh-system").replace("8080:", "0:"),
+        ["PeerAuthentication nodemesh-system/finance: spec.portLevelMtls[0]: invalid port: must be "
+         "a port number 1-65535 (got 0)",
+         'PeerAuthentication nodemesh-system/finance: spec.selector: not supported in the root '
+         'namespace "nodemesh-system" (Istio ignores a selector there): put a workload-specific '
+         "policy in the namespace of its pods, or remove the selector for a mesh-wide policy"],
+    ),
+    (
+        "PeerAuthentication apiVersion",
+        PEER_AUTH.replace("security.istio.io/v1", "security.istio.io/v1alpha1"),
+        ['PeerAuthentication foo/finance: apiVersion: must be "security.istio.io/v1" or '
+         '"security.istio.io/v1beta1" for kind PeerAuthentication (got '
+         '"security.istio.io/v1alpha1")'],
+    ),
+    (
+        "PeerAuthentication mtls that is not an object",
+        PEER_AUTH.replace("  mtls:\n    mode: STRICT\n", "  mtls: STRICT\n"),
+        ["PeerAuthentication foo/finance: spec.mtls: must be an object (got a string)"],
+    ),
+    (
+        "cilium authentication test-always-fail, unknown and missing modes",
+        CNP_AUTH.replace("mode: required", "mode: test-always-fail")
+        + "  egress:\n  - authentication:\n      mode: Required\n"
+          "  - authentication: {}\n",
+        ["CiliumNetworkPolicy default/c: spec.ingress[0].authentication.mode: test-always-fail is not "
+         'supported (a Cilium test mode that nodemesh does not implement: use "required" or '
+         '"disabled")',
+         'CiliumNetworkPolicy default/c: spec.egress[0].authentication.mode: must be "disabled" or '
+         '"required" (got "Required")',
+         "CiliumNetworkPolicy default/c: spec.egress[1].authentication.mode: required"],
+    ),
+    (
+        "cilium authentication in a deny rule, and an unknown field in it",
+        CNP_AUTH.replace("mode: required", "mode: required\n      type: spire")
+        + "  ingressDeny:\n  - authentication:\n      mode: required\n",
+        ["CiliumNetworkPolicy default/c: spec.ingress[0].authentication.type: unknown field",
+         "CiliumNetworkPolicy default/c: spec.ingressDeny[0].authentication: unknown field"],
+    ),
+    # A ServiceAccount name becomes a segment of the pod's SPIFFE ID: a DNS-1123 subdomain.
+    (
+        "deployment template serviceAccountName that is not a DNS-1123 subdomain",
+        DEPLOYMENT.replace("    spec:\n      containers:",
+                           "    spec:\n      serviceAccountName: Robot\n      containers:"),
+        ["Deployment default/web: spec.template.spec.serviceAccountName: must be a DNS-1123 "
+         "subdomain: at most 253 characters of lowercase letters, digits, '-' and '.', each "
+         "dot-separated part starting and ending with a letter or digit"],
+    ),
+    (
+        "pod serviceAccountName with a '/' and a deprecated serviceAccount starting with '-'",
+        """\
+        apiVersion: v1
+        kind: Pod
+        metadata:
+          name: p
+        spec:
+          serviceAccountName: robot/../admin
+          serviceAccount: -robot
+          containers:
+          - name: c
+            image: busybox
+        """,
+        ["Pod default/p: spec.serviceAccountName: must be a DNS-1123 subdomain: at most 253 "
+         "characters of lowercase letters, digits, '-' and '.', each dot-separated part starting "
+         "and ending with a letter or digit",
+         "Pod default/p: spec.serviceAccount: must be a DNS-1123 subdomain: at most 253 "
+         "characters of lowercase letters, digits, '-' and '.', each dot-separated part starting "
+         "and ending with a letter or digit"],
+    ),
+    (
+        "pod serviceAccountName of 254 characters, one ending with '.', one with '_'",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\nspec:\n"
+        f"  serviceAccountName: {'a' * 254}\n  containers: [{{name: c, image: busybox}}]\n"
+        "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: q\nspec:\n"
+        "  serviceAccountName: robot.\n  containers: [{name: c, image: busybox}]\n"
+        "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: r\nspec:\n"
+        "  serviceAccount: my_robot\n  containers: [{name: c, image: busybox}]\n",
+        [f"Pod default/{name}: spec.{field}: must be a DNS-1123 subdomain: at most 253 characters "
+         "of lowercase letters, digits, '-' and '.', each dot-separated part starting and ending "
+         "with a letter or digit"
+         for name, field in (("p", "serviceAccountName"), ("q", "serviceAccountName"),
+                             ("r", "serviceAccount"))],
+    ),
+    (
+        "kinds only nodemesh writes: Identity and TrustBundle",
+        "apiVersion: nodemesh.io/v1\nkind: Identity\nmetadata:\n  name: \"256\"\n---\n"
+        "apiVersion: nodemesh.io/v1\nkind: TrustBundle\nmetadata:\n  name: roots\n",
+        ["web.yaml: document 1: kind: Identity objects are written by nodemesh itself and cannot "
+         "be applied",
+         "web.yaml: document 2: kind: TrustBundle objects are written by nodemesh itself and cannot "
+         "be applied"],
+    ),
 ]
 
 
@@ -616,7 +831,8 @@ def test_all_problems_of_all_documents_are_reported_together() -> None:
         "Deployment default/web: spec.template.spec.containers[0].ports[0].containerPort: must be "
         "1-65535",
         'web.yaml: document 3: kind: unknown kind "Secret" (nodemesh accepts Namespace, Pod, '
-        "Service, Deployment, NetworkPolicy, CiliumNetworkPolicy, HTTPRoute, GRPCRoute)",
+        "Service, Deployment, ServiceAccount, NetworkPolicy, CiliumNetworkPolicy, "
+        "PeerAuthentication, HTTPRoute, GRPCRoute)",
     ]
 
 
