@@ -808,7 +808,9 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's options: `nodemesh bench ...` and `python -m nodemesh.bench ...` both
+    hand their arguments here unchanged."""
     ap = argparse.ArgumentParser(
         prog="nodemesh bench",
         description="Benchmark no mesh / sidecar model / nodemesh L4 / nodemesh L7 side by side "
@@ -827,7 +829,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ap.add_argument("--render", metavar="RESULTS_JSON",
                     help="do not measure: write the summary and plots of an earlier run again")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     if args.render:
         return render(args.render, args.out, not args.no_plots)
     if os.geteuid() != 0:

@@ -525,13 +525,17 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """Hand every word after `bench` to the benchmark's own parser (it answers --help, refuses
+    unknown options with exit code 2 and checks for root itself, after --render)."""
     from nodemesh.bench import main as bench_main
 
-    _require_root("nodemesh bench")
-    extra = [a for a in args.bench_args if a != "--"]
     if getattr(args, "state_dir", None):
-        extra = ["--state-dir", args.state_dir, *extra]
-    return bench_main(extra)
+        raise NodemeshError("nodemesh bench brings up clusters of its own, each in a private "
+                            "state directory: --state-dir does not apply to it", 2)
+    bench_args = list(args.bench_args)
+    if bench_args[:1] == ["--"]:  # `nodemesh bench -- --quick`
+        bench_args = bench_args[1:]
+    return bench_main(bench_args)
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:

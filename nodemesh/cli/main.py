@@ -136,9 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--port", type=int, default=9970)
     sp.add_argument("--window", type=int, default=60, help="seconds of flows shown (default 60)")
 
-    sp = cmd("bench", c.cmd_bench, "run the side-by-side benchmark (no mesh, sidecars, nodemesh "
-             "L4 and L7); results in docs/benchmarks.md",
-             prefix_chars="-")
+    # Everything after `bench` belongs to the benchmark's own parser (nodemesh.bench.run), which
+    # also answers --help. argparse.REMAINDER cannot start with an option (`bench --quick` would
+    # land in the unrecognized arguments), so this subparser has no options at all and a prefix
+    # character no argument uses: every word, dashes or not, is a positional of bench_args.
+    bench_help = ("run the side-by-side benchmark (no mesh, sidecars, nodemesh L4 and L7); "
+                  "results in docs/benchmarks.md")
+    sp = sub.add_parser("bench", help=bench_help, description=bench_help, add_help=False,
+                        prefix_chars="\0", usage="nodemesh bench [--quick] [--out DIR] [OPTION...] "
+                        "(nodemesh bench --help lists them)")
+    sp.set_defaults(func=c.cmd_bench)
     sp.add_argument("bench_args", nargs=argparse.REMAINDER,
                     help="options of the benchmark (--quick, --out DIR; see --help there)")
 

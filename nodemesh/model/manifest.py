@@ -5,6 +5,11 @@ timestamps stay strings (an annotation ``date: 2024-01-01`` is the string "2024-
 key given twice in one mapping is an error instead of silently keeping the last value.
 Syntax errors name the file and line; documents that are not objects name the file and the
 document's number.
+
+Hostile input is refused while it is read, before anything walks it: a document nested more than
+`MAX_DEPTH` levels deep (counting what aliases bring in), an alias inside the node it names (a
+structure that contains itself), and aliases that expand a document past `MAX_ALIAS_NODES` nodes
+("billion laughs"). Python's own recursion limit is never the guard.
 """
 
 from __future__ import annotations
@@ -24,13 +29,83 @@ STDIN = "-"
 # The pure-Python loader: its messages are the clearer ones ("... not allowed here").
 _BaseLoader: type = yaml.SafeLoader
 
+# Levels of nesting a document may have (a mapping or sequence inside another is one level more).
+# Every kind nodemesh accepts is under 20 levels deep; 100 leaves room and stays far below what
+# Python's recursion limit (1000 frames) allows the loader and the validators.
+MAX_DEPTH = 100
+# Nodes that aliases may add to one document when expanded (each alias counts the whole subtree
+# it names). Plain YAML without aliases is bounded by its size instead.
+MAX_ALIAS_NODES = 100_000
+
 
 class _DuplicateKey(yaml.MarkedYAMLError):
     pass
 
 
+class _Hostile(yaml.MarkedYAMLError):
+    """Input refused before it is built: too deep, self-containing, or alias-expanded too far."""
+
+
 class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
-    """A safe loader without timestamps and without duplicate keys."""
+    """A safe loader without timestamps, without duplicate keys, and with the limits above
+    checked while composing (PyYAML's composer recurses once per level of nesting)."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._reset_limits()
+
+    def _reset_limits(self) -> None:
+        self._depth = 0  # levels open right now
+        self._deepest = 0  # the deepest level reached inside the node being composed
+        self._expanded = 0  # nodes so far in this document, aliases expanded
+        self._alias_nodes = 0  # of which aliases brought in
+        self._open: set[str] = set()  # anchors whose node is being composed
+        self._anchored: dict[str, tuple[int, int]] = {}  # anchor -> (height, expanded nodes)
+
+    def _reach(self, depth: int, mark: Any) -> None:
+        if depth > MAX_DEPTH:
+            raise _Hostile(None, None, f"nested more than {MAX_DEPTH} levels deep", mark)
+        self._deepest = max(self._deepest, depth)
+
+    def compose_document(self) -> Any:
+        self._reset_limits()
+        try:
+            return super().compose_document()
+        finally:
+            self._reset_limits()
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open:
+                raise _Hostile(None, None, f"alias *{event.anchor} is inside the node it refers "
+                               "to (a structure that contains itself)", event.start_mark)
+            height, nodes = self._anchored.get(event.anchor, (1, 1))  # unknown: PyYAML reports it
+            self._reach(self._depth + height, event.start_mark)
+            self._expanded += nodes
+            self._alias_nodes += nodes
+            if self._alias_nodes > MAX_ALIAS_NODES:
+                raise _Hostile(None, None, f"aliases expand this document past {MAX_ALIAS_NODES} "
+                               "nodes", event.start_mark)
+            return super().compose_node(parent, index)
+        self._reach(self._depth + 1, event.start_mark)
+        anchor = event.anchor
+        outer_deepest, self._deepest = self._deepest, self._depth + 1
+        expanded_before = self._expanded
+        self._expanded += 1
+        self._depth += 1
+        if anchor is not None:
+            self._open.add(anchor)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+            if anchor is not None:
+                self._open.discard(anchor)
+        if anchor is not None:
+            self._anchored[anchor] = (self._deepest - self._depth, self._expanded - expanded_before)
+        self._deepest = max(outer_deepest, self._deepest)
+        return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -70,6 +145,8 @@ def load_manifests(text: str, source: str) -> list[dict]:
         raw = list(yaml.load_all(text, Loader=_Loader))  # _Loader derives from a safe loader
     except yaml.YAMLError as e:
         raise InvalidManifest([_yaml_error(source, e)]) from None
+    except RecursionError:  # a backstop: the limits above stop nesting long before this
+        raise InvalidManifest([f"{source}: nested too deeply"]) from None
     docs: list[Any] = []
     where: list[str] = []
     for i, doc in enumerate(raw):

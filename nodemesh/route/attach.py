@@ -33,6 +33,8 @@ from typing import Any
 from nodemesh.route import status as st
 from nodemesh.route.actions import UnsupportedFilter, header_ops
 from nodemesh.route.inputs import L7Input, RouteKey, Service, ServicePort
+from nodemesh.route.matching import grpc_path_match
+from nodemesh.route.validate import check_regex
 
 ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
 HTTP_APP_PROTOCOLS = {"http", "http2", "h2c", "grpc", "grpc-web", "kubernetes.io/h2c",
@@ -246,6 +248,49 @@ def _check_filters(info: RouteInfo) -> None:
                         "on the rule")
 
 
+def _regex_problem(where: str, value: str) -> str | None:
+    why = check_regex(value)
+    if why is None:
+        return None
+    return f"{where}: '{value}' is not a regular expression Envoy's RE2 accepts: {why}"
+
+
+def _check_regexes(info: RouteInfo) -> None:
+    """Regular expressions Envoy's RE2 refuses make the route unsupported.
+
+    Sent to Envoy, one bad regex gets the whole route configuration NACKed, so the node keeps its
+    last accepted configuration for every route on it. The model does not check them (the
+    Gateway API leaves the dialect to the implementation); here they are checked as Envoy will
+    compile them, with the same words as its NACK.
+    """
+    for i, rule in enumerate(info.rules):
+        for j, m in enumerate(rule.get("matches") or []):
+            at = f"rules[{i}].matches[{j}]"
+            problems: list[str | None] = []
+            if not info.is_grpc:
+                path = m.get("path") or {}
+                if path.get("type") == "RegularExpression":
+                    problems.append(_regex_problem(f"{at}.path.value", path.get("value", "/")))
+                for k, q in enumerate(m.get("queryParams") or []):
+                    if q.get("type", "Exact") == "RegularExpression":
+                        problems.append(_regex_problem(f"{at}.queryParams[{k}].value", q["value"]))
+            else:
+                # Service and method are joined into one regex on :path: check what Envoy gets,
+                # since two parts that are each fine may not be together (program size), and a
+                # method without a service becomes a regex even when its type is Exact.
+                method = m.get("method")
+                rx = grpc_path_match(method).get("safe_regex", {}).get("regex")
+                if rx is not None and (why := check_regex(rx)):
+                    made = ("service and method make" if (method or {}).get("type") == "RegularExpression"
+                            else "a method without a service makes")
+                    problems.append(f"{at}.method: {made} the regular expression '{rx}', which "
+                                    f"Envoy's RE2 does not accept: {why}")
+            for k, h in enumerate(m.get("headers") or []):
+                if h.get("type", "Exact") == "RegularExpression":
+                    problems.append(_regex_problem(f"{at}.headers[{k}].value", h["value"]))
+            info.unsupported.extend(p for p in problems if p)
+
+
 def resolve(inp: L7Input) -> Attachments:
     """Attach every route and compute every route's status (node-independent)."""
     r = _Resolver(inp)
@@ -282,6 +327,7 @@ def resolve(inp: L7Input) -> Attachments:
                 if b.problem:
                     info.ref_problems.append(b.problem)
         _check_filters(info)
+        _check_regexes(info)
         for pi, ref in enumerate(refs):
             fronts, why = r.parent(ref, key.namespace)
             info.parents.append((fronts, why or None))
