@@ -27,6 +27,7 @@
 #include "lib/conntrack.h"
 #include "lib/policy.h"
 #include "lib/proxy.h"
+#include "lib/tunnel.h"
 
 static __always_inline int drop_packet(const struct nm_pkt *p, __u8 reason, __u8 direction,
 				       __u32 ifindex, __u32 src_identity, __u32 dst_identity,
@@ -105,6 +106,11 @@ static __always_inline int handle_packet(struct __sk_buff *skb, struct nm_pkt *p
 			flowcnt_add(entry->src_identity, entry->dst_identity, key.dport,
 				    p.protocol, VERDICT_FORWARDED, direction, p.len);
 		metrics_add(0, direction, VERDICT_FORWARDED, p.len);
+		/* The pod's side of a tunnelled connection: to the outbound listener's socket. */
+		if (entry && (entry->flags & CT_F_TUNNEL)) {
+			tunnel_mark(skb);
+			return TC_ACT_OK;
+		}
 		*plain = !hairpin;
 		return TC_ACT_OK;
 	case CT_REPLY:
@@ -142,10 +148,40 @@ static __always_inline int handle_packet(struct __sk_buff *skb, struct nm_pkt *p
 
 	/* A new connection: only now is the remote identity needed (the established path takes
 	 * it from the conntrack entry and skips the ipcache). */
-	__u32 remote_identity = identity_of(remote, cfg);
+	struct ipcache_entry *remote_entry = ipcache_of(remote);
+	__u32 remote_identity = identity_from(remote, remote_entry, cfg);
 	__u32 src_identity = direction == DIR_EGRESS ? local_identity : remote_identity;
 	__u32 dst_identity = direction == DIR_EGRESS ? remote_identity : local_identity;
 	struct policy_decision d = { .verdict = POLICY_ALLOW };
+	/* The mutual-TLS tunnel (lib/tunnel.h): does this connection go into it (egress), and is
+	 * the peer's identity proven (docs/security.md)? */
+	int tunnel = 0;
+	int authenticated;
+	__u8 ev_flags = 0;
+
+	if (direction == DIR_EGRESS) {
+		tunnel = p.protocol == IPPROTO_TCP && tunnel_enabled(cfg) &&
+			 tunnel_wanted(remote_entry, p.daddr, p.dport);
+		/* The client node's Envoy checks the destination's certificate; a pod of this node
+		 * is vouched for by the node itself. */
+		authenticated = tunnel || (cfg && remote_entry && remote_entry->node_ip == cfg->node_ip &&
+					   remote_identity >= FIRST_POD_IDENTITY);
+	} else {
+		int proxied = !from_pod && skb->sk != 0;
+
+		authenticated = from_pod || (proxied && (skb->mark & NM_MARK_AUTH));
+		if (proxied && (skb->mark & NM_MARK_AUTH))
+			ev_flags |= FLOW_F_AUTH;
+		/* TCP from another node into a pod the tunnel covers always comes from the inbound
+		 * listener's socket (from_netdev hands every SYN to it): a connection without a socket
+		 * went around it. */
+		if (!from_pod && !skb->sk && p.protocol == IPPROTO_TCP &&
+		    (ep->flags & EP_F_TUNNEL_IN) && tunnel_enabled(cfg) &&
+		    remote_identity != IDENTITY_HOST &&
+		    !(remote_entry && remote_entry->node_ip == cfg->node_ip))
+			return drop_packet(&p, DROP_UNENCRYPTED_TRAFFIC, direction, ifindex,
+					   src_identity, dst_identity, 0);
+	}
 
 	if (direction == DIR_EGRESS && cfg && cfg->proxy_ip) {
 		/* connect4 sends this pod's TCP connections to a pod port that an L7 rule covers for
@@ -167,7 +203,8 @@ static __always_inline int handle_packet(struct __sk_buff *skb, struct nm_pkt *p
 		__u32 enforced = ep->flags & (direction == DIR_EGRESS ? EP_F_EGRESS_ENFORCED :
 									EP_F_INGRESS_ENFORCED);
 
-		policy_decide(&d, ifindex, direction, enforced != 0, remote_identity, remote, &p);
+		policy_decide(&d, ifindex, direction, enforced != 0, remote_identity, remote, &p,
+			      authenticated);
 	}
 	if (d.verdict == POLICY_DENY)
 		return drop_packet(&p, d.reason, direction, ifindex, src_identity, dst_identity,
@@ -195,6 +232,25 @@ static __always_inline int handle_packet(struct __sk_buff *skb, struct nm_pkt *p
 
 	if (hairpin)
 		ct_flags = CT_F_NODE_SOCKET | CT_F_HAIRPIN;
+	if (ev_flags & FLOW_F_AUTH)
+		ct_flags |= CT_F_AUTH;
+
+	if (tunnel) {
+		/* The SYN goes to the outbound listener; anything else opening a connection here
+		 * (its entry was evicted mid-connection) is marked for the listener's socket too: if
+		 * that is gone the node answers with a reset, and nothing leaves in clear. */
+		if ((p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
+			int r = tunnel_assign(skb, p.saddr, p.sport, cfg, TUNNEL_OUT_PORT);
+
+			if (r)
+				return drop_packet(&p, r, direction, ifindex, src_identity,
+						   dst_identity, d.policy_id);
+		} else {
+			tunnel_mark(skb);
+		}
+		ct_flags |= CT_F_TUNNEL;
+		ev_flags |= FLOW_F_TUNNEL;
+	}
 
 	if (ct_create(&key, &p, now, src_identity, dst_identity, d.verdict, d.policy_id,
 		      ct_flags))
@@ -203,9 +259,9 @@ static __always_inline int handle_packet(struct __sk_buff *skb, struct nm_pkt *p
 
 	metrics_add(0, direction, verdict, p.len);
 	flowcnt_add(src_identity, dst_identity, key.dport, p.protocol, verdict, direction, p.len);
-	emit_packet_event(&p, EV_TRACE, verdict, 0, direction, ifindex, src_identity,
-			  dst_identity, d.policy_id);
-	*plain = !hairpin && !ct_flags;
+	emit_flagged_event(&p, EV_TRACE, verdict, 0, direction, ifindex, src_identity,
+			   dst_identity, d.policy_id, ev_flags);
+	*plain = !hairpin && !(ct_flags & ~CT_F_AUTH);
 	return TC_ACT_OK;
 }
 

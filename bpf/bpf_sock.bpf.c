@@ -21,6 +21,7 @@
 #include "lib/lb.h"
 #include "lib/policy.h"
 #include "lib/proxy.h"
+#include "lib/tunnel.h"
 
 #define SYS_REJECT  0
 #define SYS_PROCEED 1
@@ -66,6 +67,7 @@ static __always_inline void emit_sock_event(struct bpf_sock_addr *ctx, __u8 type
 	e->netns_cookie = netns_cookie;
 	e->orig_daddr = vip;
 	e->orig_dport = vport;
+	e->flags = 0;
 	e->pad = 0;
 	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
@@ -280,6 +282,7 @@ static __always_inline void emit_proxy_event(struct bpf_sock_addr *ctx, __u8 typ
 	e->netns_cookie = bpf_get_netns_cookie(ctx);
 	e->orig_daddr = 0;
 	e->orig_dport = 0;
+	e->flags = 0;
 	e->pad = 0;
 	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
@@ -314,7 +317,7 @@ static __always_inline int sock4_proxy_egress(struct bpf_sock_addr *ctx)
 
 	__be32 src = sk->src_ip4;
 
-	if (!src)
+	if (!src || (sk->mark & NM_MARK_TUNNEL))
 		return SYS_PROCEED;
 
 	struct lxc_info *lxc = bpf_map_lookup_elem(&nm_lxc, &src);
@@ -332,8 +335,15 @@ static __always_inline int sock4_proxy_egress(struct bpf_sock_addr *ctx)
 		.dport = (__be16)ctx->user_port,
 		.protocol = protocol,
 	};
-	__u32 remote_identity = identity_of(p.daddr, cfg);
+	struct ipcache_entry *remote_entry = ipcache_of(p.daddr);
+	__u32 remote_identity = identity_from(p.daddr, remote_entry, cfg);
 	struct endpoint_info *ep = bpf_map_lookup_elem(&nm_endpoints, &ifindex);
+	/* Authenticated destination (policy.h): Envoy carries the connection in the tunnel and
+	 * checks the destination's certificate, or the destination is a pod of this node. */
+	int authenticated = (protocol == IPPROTO_TCP && tunnel_enabled(cfg) &&
+			     tunnel_wanted(remote_entry, p.daddr, p.dport)) ||
+			    (cfg && remote_entry && remote_entry->node_ip == cfg->node_ip &&
+			     remote_identity >= FIRST_POD_IDENTITY);
 
 	/* Fail-closed as at the veth: an endpoint whose policy is not in place yet. */
 	if (!ep)
@@ -344,7 +354,7 @@ static __always_inline int sock4_proxy_egress(struct bpf_sock_addr *ctx)
 
 	if (!always_allowed(&p, DIR_EGRESS, remote_identity, cfg))
 		policy_decide(&d, ifindex, DIR_EGRESS, (ep->flags & EP_F_EGRESS_ENFORCED) != 0,
-			      remote_identity, p.daddr, &p);
+			      remote_identity, p.daddr, &p, authenticated);
 	/* REDIRECT (an egress L7 rule) is allowed: this is the proxy that enforces it. */
 	if (d.verdict == POLICY_DENY)
 		return proxy_deny(ctx, d.reason, ifindex, &p, local_identity, remote_identity,

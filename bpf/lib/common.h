@@ -62,6 +62,9 @@ struct icmphdr {
 /* The agent installed the proxy return route (fwmark PROXY_MARK -> table PROXY_ROUTE_TABLE:
  * local 0/0 dev lo): replies to the node Envoy's transparent upstream sockets may be marked. */
 #define CFG_F_PROXY_RETURN 1
+/* The node Envoy's mutual-TLS tunnel listeners are up on proxy_ip (TUNNEL_OUT_PORT,
+ * TUNNEL_IN_PORT): TCP between pods of different nodes goes through them (lib/tunnel.h). */
+#define CFG_F_TUNNEL 2
 struct node_config {
 	__be32 node_ip;  /* this node's underlay address (identity "host") */
 	__be32 dns_ip;   /* node-local DNS (always reachable on UDP/TCP 53) */
@@ -78,9 +81,28 @@ struct node_config {
 #define PROXY_ROUTE_TABLE  2004
 #define PROXY_RULE_PREF    9
 
+/* The tunnel (docs/security.md). A pod's new TCP connection to a pod of another node is handed
+ * (bpf_sk_assign) to the node Envoy's outbound listener, which carries it in mutual TLS with the
+ * client workload's certificate to the destination's node; there the connection's SYN is handed
+ * to the inbound listener, which checks the client's certificate and connects to the pod with
+ * the client's own address. */
+#define TUNNEL_OUT_PORT 15006
+#define TUNNEL_IN_PORT  15008
+/* On the node Envoy's upstream sockets whose client it has authenticated (the inbound side of the
+ * tunnel, after mutual TLS; the L7 proxy, whose clients are this node's own pods): to_container
+ * sees it on the packets of such a connection (skb->mark of a local socket) and records the
+ * connection as authenticated. Outside PROXY_MARK_MASK, so the proxy routing rule ignores it. */
+#define NM_MARK_AUTH    0x1000
+/* On the outbound tunnel's upstream sockets: the client pod's egress policy was decided at its
+ * veth when the connection entered the tunnel, so connect4_proxy does not decide it again. */
+#define NM_MARK_TUNNEL  0x2000
+
 /* nm_endpoints[ifindex of the host-side veth] */
 #define EP_F_INGRESS_ENFORCED 1
 #define EP_F_EGRESS_ENFORCED  2
+/* TCP from other nodes into this pod enters through the node Envoy's inbound tunnel listener
+ * (its mutual-TLS mode is not DISABLE on every port). */
+#define EP_F_TUNNEL_IN        4
 struct endpoint_info {
 	__be32 ipv4;     /* the pod's IP: packets from the pod must carry it */
 	__u32 identity;  /* the pod's security identity */
@@ -96,17 +118,35 @@ struct endpoint_info {
 #define IDENTITY_HEALTH      4
 #define IDENTITY_INIT        5
 #define IDENTITY_REMOTE_NODE 6
+#define FIRST_POD_IDENTITY   256 /* pod identities are allocated from here up */
 
 /* nm_ipcache: LPM over the IPv4 address. */
 struct ipcache_key {
 	__u32 prefixlen; /* 0..32 */
 	__be32 addr;
 };
+/* ipcache_entry.flags: TCP from a local pod to this address goes through the outbound tunnel
+ * (a pod of another node whose mutual-TLS mode is not DISABLE) ... */
+#define IPC_F_TUNNEL       1
+/* ... except on the ports nm_tunnel_port names, or only on them (a port-level mode). */
+#define IPC_F_TUNNEL_PORTS 2
 struct ipcache_entry {
 	__u32 identity;
 	__be32 node_ip;
-	__u32 flags;
+	__u32 flags;     /* IPC_F_* */
 	__u32 pad;
+};
+
+/* nm_tunnel_port: (pod IP, port) -> whether TCP to it goes through the tunnel, where a port's
+ * mutual-TLS mode differs from its pod's (PeerAuthentication portLevelMtls). */
+struct tunnel_port_key {
+	__be32 addr;
+	__be16 port;
+	__u16 pad;
+};
+struct tunnel_port_val {
+	__u8 tunnel;     /* 1: through the tunnel, 0: plain */
+	__u8 pad[3];
 };
 
 /* Policy verdicts (nm_policy, nm_policy_cidr, ct_entry.verdict). */
@@ -127,9 +167,12 @@ struct policy_key {
 	__u8 protocol;
 	__be16 dport;    /* ICMP: the type */
 };
+/* policy_entry.flags: the rule matches only a peer whose identity was authenticated
+ * (CiliumNetworkPolicy authentication.mode: required). */
+#define POLICY_F_AUTH 1
 struct policy_entry {
 	__u8 verdict;     /* POLICY_ALLOW / POLICY_DENY / POLICY_REDIRECT */
-	__u8 pad;
+	__u8 flags;       /* POLICY_F_* */
 	__u16 proxy_port; /* host order, POLICY_REDIRECT only */
 	__u32 policy_id;  /* which rule decided: user space maps it to a name */
 };
@@ -183,6 +226,14 @@ struct ct_key {
  * replies their destination back (the pod's own address) before the return path. Always set
  * together with CT_F_NODE_SOCKET. */
 #define CT_F_HAIRPIN 4
+/* The pod's connection to a pod of another node went into the node Envoy's outbound tunnel
+ * listener (bpf_sk_assign on its SYN): every later packet the pod sends on it is marked
+ * PROXY_MARK for local delivery to the listener's accepted socket, never routed out in clear. */
+#define CT_F_TUNNEL 8
+/* The peer's identity was authenticated: the connection entered the pod from a socket of the
+ * node that carries NM_MARK_AUTH (the inbound tunnel after mutual TLS, the L7 proxy for a local
+ * client), or straight from a pod of this node (the same-node fast path). */
+#define CT_F_AUTH 16
 struct ct_entry {
 	__u64 expires_ns; /* bpf_ktime_get_ns() deadline */
 	__u64 packets;
@@ -287,6 +338,10 @@ struct lxc_info {
 #define EV_DROP  2
 #define EV_SOCK  3 /* a socket-LB translation */
 
+/* flow_event.flags */
+#define FLOW_F_TUNNEL 1 /* the connection went into the node Envoy's mutual-TLS tunnel (source side) */
+#define FLOW_F_AUTH   2 /* the peer's identity was authenticated (destination side: CT_F_AUTH) */
+
 /* Hubble's Verdict numbering would be 1, 2, 5, 7; the event keeps the compact values and
  * user space maps them (layout.Verdict). */
 #define VERDICT_FORWARDED  1
@@ -315,7 +370,8 @@ struct flow_event {
 	__u64 netns_cookie;
 	__be32 orig_daddr;
 	__be16 orig_dport;
-	__u16 pad;
+	__u8 flags;        /* EV_F_* */
+	__u8 pad;
 };
 
 struct metrics_key {

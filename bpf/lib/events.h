@@ -63,10 +63,10 @@ static __always_inline void count_lost_event(void)
 }
 
 /* A packet event (EV_TRACE for a new connection, EV_DROP for a drop) from a tc hook. */
-static __always_inline void emit_packet_event(const struct nm_pkt *p, __u8 type, __u8 verdict,
-					      __u8 reason, __u8 direction, __u32 ifindex,
-					      __u32 src_identity, __u32 dst_identity,
-					      __u32 policy_id)
+static __always_inline void emit_flagged_event(const struct nm_pkt *p, __u8 type, __u8 verdict,
+					       __u8 reason, __u8 direction, __u32 ifindex,
+					       __u32 src_identity, __u32 dst_identity,
+					       __u32 policy_id, __u8 flags)
 {
 	struct flow_event *e = bpf_ringbuf_reserve(&nm_events, sizeof(*e), 0);
 
@@ -94,8 +94,18 @@ static __always_inline void emit_packet_event(const struct nm_pkt *p, __u8 type,
 	e->netns_cookie = 0;
 	e->orig_daddr = 0;
 	e->orig_dport = 0;
+	e->flags = flags;
 	e->pad = 0;
 	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+}
+
+static __always_inline void emit_packet_event(const struct nm_pkt *p, __u8 type, __u8 verdict,
+					      __u8 reason, __u8 direction, __u32 ifindex,
+					      __u32 src_identity, __u32 dst_identity,
+					      __u32 policy_id)
+{
+	emit_flagged_event(p, type, verdict, reason, direction, ifindex, src_identity,
+			   dst_identity, policy_id, 0);
 }
 
 /* The ring buffer has no value type, and clang only emits BTF for types that a map, a global or

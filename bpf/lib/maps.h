@@ -24,6 +24,7 @@
 #define NM_L7_REDIR_MAX    16384
 #define NM_LXC_MAX         NM_ENDPOINTS_MAX
 #define NM_NETNS_MAX       NM_ENDPOINTS_MAX
+#define NM_TUNNEL_PORT_MAX 4096
 
 /* Default Maglev table size; the loader sets the real one (a prime) as the map's value size and
  * as the .rodata constant nm_maglev_m before load. */
@@ -193,6 +194,16 @@ struct {
 	__type(value, struct netns_info);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } nm_netns SEC(".maps");
+
+/* (pod IP, port) whose mutual-TLS mode differs from its pod's (lib/tunnel.h; the agent). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NM_TUNNEL_PORT_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct tunnel_port_key);
+	__type(value, struct tunnel_port_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_tunnel_port SEC(".maps");
 
 static __always_inline struct node_config *node_config(void)
 {

@@ -16,6 +16,7 @@ struct policy_decision {
 	__u8 reason;      /* drop reason when not allowed */
 	__u16 proxy_port; /* POLICY_REDIRECT */
 	__u32 policy_id;
+	__u32 auth_policy_id; /* a rule that would have matched an authenticated peer */
 };
 
 /* Fold one match into the running decision: deny > redirect > allow; the first match of a
@@ -71,9 +72,29 @@ static __always_inline void policy_lookup_cidr(struct policy_decision *d, __u32 
 	}
 }
 
+/* An entry that requires an authenticated peer (POLICY_F_AUTH) counts only when the peer is
+ * authenticated; otherwise it is remembered, so that a connection nothing else allows is dropped
+ * as AUTH_REQUIRED (it would have been allowed with a proven identity) rather than as
+ * POLICY_DENIED. */
+static __always_inline void policy_fold_entry(struct policy_decision *d,
+					      const struct policy_entry *e, int authenticated)
+{
+	if ((e->flags & POLICY_F_AUTH) && !authenticated) {
+		if (!d->auth_policy_id)
+			d->auth_policy_id = e->policy_id;
+		return;
+	}
+	policy_fold(d, e->verdict, e->proxy_port, e->policy_id);
+}
+
+/* `authenticated`: the peer's identity is proven (docs/security.md): for ingress, the connection
+ * came through the inbound tunnel after mutual TLS, from the L7 proxy for a local client, or from
+ * a pod of this node; for egress, it goes into the tunnel (the client node's Envoy verifies the
+ * destination's certificate) or to a pod of this node. */
 static __always_inline void policy_decide(struct policy_decision *d, __u32 endpoint,
 					  __u8 direction, __u8 enforced, __u32 remote_identity,
-					  __be32 remote_addr, const struct nm_pkt *p)
+					  __be32 remote_addr, const struct nm_pkt *p,
+					  int authenticated)
 {
 	__be16 port = policy_port(p);
 	struct policy_key key = {
@@ -91,14 +112,16 @@ static __always_inline void policy_decide(struct policy_decision *d, __u32 endpo
 	d->proxy_port = 0;
 	d->policy_id = 0;
 
+	d->auth_policy_id = 0;
+
 	e = bpf_map_lookup_elem(&nm_policy, &key);
 	if (e)
-		policy_fold(d, e->verdict, e->proxy_port, e->policy_id);
+		policy_fold_entry(d, e, authenticated);
 	if (remote_identity != IDENTITY_ANY) {
 		key.identity = IDENTITY_ANY;
 		e = bpf_map_lookup_elem(&nm_policy, &key);
 		if (e)
-			policy_fold(d, e->verdict, e->proxy_port, e->policy_id);
+			policy_fold_entry(d, e, authenticated);
 	}
 	policy_lookup_cidr(d, endpoint, direction, remote_addr, p->protocol, bpf_ntohs(port));
 
@@ -112,7 +135,8 @@ static __always_inline void policy_decide(struct policy_decision *d, __u32 endpo
 	default:
 		if (enforced) {
 			d->verdict = POLICY_DENY;
-			d->reason = DROP_POLICY_DENIED;
+			d->reason = d->auth_policy_id ? DROP_AUTH_REQUIRED : DROP_POLICY_DENIED;
+			d->policy_id = d->auth_policy_id;
 		} else {
 			d->verdict = POLICY_ALLOW;
 		}

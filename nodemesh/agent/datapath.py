@@ -30,6 +30,7 @@ from nodemesh.datapath import libbpf
 from nodemesh.datapath.lb import LbService, LbState, compile_lb
 from nodemesh.datapath.loader import Datapath, mount_bpffs
 from nodemesh.identity import allocate_identity, security_labels
+from nodemesh.mtls.tunnel import DatapathTunnel, datapath_tunnel, mesh_pods
 from nodemesh.observe.flow import (
     RESERVED_IDENTITIES,
     RawEvent,
@@ -46,7 +47,8 @@ from nodemesh.store import Store
 
 log = logging.getLogger("nodemesh.datapath")
 EVENTS_NICE = 10  # the flow-event reader's nice, relative to the agent's
-WATCHED = {"Pod", "Service", "Namespace", "NetworkPolicy", "CiliumNetworkPolicy", "Identity", "*"}
+WATCHED = {"Pod", "Service", "Namespace", "NetworkPolicy", "CiliumNetworkPolicy", "Identity",
+           "PeerAuthentication", "*"}
 
 
 @dataclass
@@ -259,7 +261,11 @@ class DatapathSync:
             self.dp.attach_proxy_cgroup(proxy_cgroup)
             self.dp.install_proxy_routing()
             self.proxy_ip = proxy_ip
-            self.dp.set_config(self.node.ip, NODE_DNS_IP, proxy_ip, L.ConfigFlags.PROXY_RETURN)
+            current = self.dp.config.get(L.u32(0))
+            keep = (L.ConfigFlags(current.flags) & L.ConfigFlags.TUNNEL if current is not None
+                    else L.ConfigFlags.NONE)
+            self.dp.set_config(self.node.ip, NODE_DNS_IP, proxy_ip,
+                               L.ConfigFlags.PROXY_RETURN | keep)
 
     def set_proxy_redirects(self, service: Mapping, pod: Mapping,
                             pod_identities: Mapping | None = None) -> None:
@@ -311,7 +317,7 @@ class DatapathSync:
         t0 = time.monotonic()
         revision = self.informer.revision
         k = self.informer.kinds(("Pod", "Service", "Namespace", "NetworkPolicy",
-                                 "CiliumNetworkPolicy", "Identity"))
+                                 "CiliumNetworkPolicy", "Identity", "PeerAuthentication"))
         namespaces = {n["metadata"]["name"]: n for n in k["Namespace"]}
         known = {tuple(sorted((o.get("spec") or {}).get("labels", {}).items())): int(o["metadata"]["name"])
                  for o in k["Identity"]}
@@ -339,6 +345,10 @@ class DatapathSync:
         for key, ident in known.items():
             ident_labels.setdefault(ident, dict(key))
 
+        # The mutual-TLS tunnel: which pods of other nodes this node's pods reach through it
+        # (ipcache flags), and which local pods receive through it (their endpoint flag).
+        tunnel = self._tunnel_flags(pods, k["PeerAuthentication"])
+
         # ipcache: every pod, every node, the world
         node_ips = {n.name: n.ip for n in self.cfg.nodes}
         ipcache: list[tuple[L.IpcacheKey, L.IpcacheEntry]] = [
@@ -352,7 +362,11 @@ class DatapathSync:
         for uid, (p, ip) in pods.items():
             host = node_ips.get(p["spec"].get("nodeName") or "", self.node.ip)
             ipcache.append((L.IpcacheKey.of(f"{ip}/32"),
-                            L.IpcacheEntry(identity_of[uid], L.ip4(host), 0, 0)))
+                            L.IpcacheEntry(identity_of[uid], L.ip4(host),
+                                           tunnel.ipcache_flags.get(ip, 0), 0)))
+        # Port-level modes first: a flag that says "look at the ports" must find them there.
+        self.dp.sync_map("nm_tunnel_port", [L.tunnel_port_entry(ip, port, t)
+                                            for ip, port, t in tunnel.port_overrides])
         self.dp.sync_map("nm_ipcache", ipcache)
 
         # services
@@ -430,8 +444,11 @@ class DatapathSync:
             lowered = self._lowered.get(ep.ifindex)
             if lowered is None or not ep.identity:
                 continue
+            flags = lowered.flags
+            if ep.sandbox.ip in tunnel.inbound_pods:
+                flags |= L.EndpointFlags.TUNNEL_IN
             endpoint_pairs.append((L.u32(ep.ifindex), L.EndpointInfo(
-                L.ip4(ep.sandbox.ip), ep.identity, lowered.flags, 0)))
+                L.ip4(ep.sandbox.ip), ep.identity, flags, 0)))
             lxc_pairs.append(L.lxc_entry(ep.sandbox.ip, ep.ifindex, ep.identity))
             ep.programmed = True
         # The network namespace of each pod says who a connect() comes from (its socket has no
@@ -447,6 +464,30 @@ class DatapathSync:
         self.stats.errors = errors
         self.stats.last_seconds = time.monotonic() - t0
         return revision
+
+    def _tunnel_flags(self, with_ips: Mapping[str, tuple[dict, str]],
+                      peer_auths: list[dict]) -> DatapathTunnel:
+        if not self.cfg.mtls:
+            return DatapathTunnel()
+        # Local pods not reported yet carry their address only in `with_ips`.
+        objs = []
+        for p, ip in with_ips.values():
+            if (p.get("status") or {}).get("podIP") != ip:
+                p = {**p, "status": {**(p.get("status") or {}), "podIP": ip}}
+            objs.append(p)
+        return datapath_tunnel(mesh_pods(objs, peer_auths), self.node.name)
+
+    def set_tunnel_up(self) -> None:
+        """The node Envoy has the tunnel's listeners: from now on the datapath hands the pods'
+        connections to other nodes to them (and the SYNs from other nodes)."""
+        with self._lock:
+            current = self.dp.config.get(L.u32(0))
+            flags = L.ConfigFlags(current.flags) if current is not None else L.ConfigFlags.NONE
+            if flags & L.ConfigFlags.TUNNEL:
+                return
+            self.dp.set_config(self.node.ip, NODE_DNS_IP, self.proxy_ip,
+                               flags | L.ConfigFlags.PROXY_RETURN | L.ConfigFlags.TUNNEL)
+            log.info("mutual-TLS tunnel enabled in the datapath")
 
     def _adopt_local_endpoints(self) -> None:
         """After an agent restart: pods that run here but that this agent did not create."""

@@ -67,6 +67,10 @@ class Agent:
             self.proxy = ProxyManager(cfg, node, self.store, self.informer, self.flows,
                                       self.datapath)
             self.proxy.timer = self.metrics.reconcile.labels("proxy")
+            # Before the datapath lets a new pod's veth pass traffic (and its containers start):
+            # its certificate and its place in the node Envoy's tunnel listeners.
+            proxy = self.proxy
+            hooks.sandbox_ready.insert(0, lambda pod, sb: proxy.cover_pod(pod, sb.ip))
         self.dns = DnsServer(NODE_DNS_IP)
         self.api = ApiServer(cfg.agent_socket(node))
         self.started = time.time()
@@ -229,6 +233,14 @@ class Agent:
         self.api.route("GET", "/proxy/stats", self._proxy_admin("stats"))
         self.api.route("GET", "/proxy/clusters", self._proxy_admin("clusters"))
         self.api.route("GET", "/proxy/config", self._proxy_admin("config"))
+        self.api.route("GET", "/certificates", self._certificates)
+
+    async def _certificates(self, q: dict, body: bytes) -> Any:
+        """The workload certificates this node holds (no keys)."""
+        st = self.proxy.mtls_status() if self.proxy else None
+        if st is None:
+            return {"node": self.node.name, "mtls": False, "certificates": []}
+        return {"node": self.node.name, "mtls": True, **st}
 
     async def _healthz(self, q: dict, body: bytes) -> Any:
         return {"ok": True}

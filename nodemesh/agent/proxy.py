@@ -24,15 +24,24 @@ from collections.abc import Mapping
 from typing import Any
 
 from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
+from nodemesh.agent.certs import CertManager
+from nodemesh.agent.certs import state_file as certs_state_file
 from nodemesh.agent.informer import RESYNC_SECONDS, SyncedRevision
 from nodemesh.agent.l7flows import AccessLogFlow
+from nodemesh.certs.spiffe import spiffe_id
 from nodemesh.cluster import netns
 from nodemesh.cluster.config import ClusterConfig, read_json, write_json_atomic
+from nodemesh.cluster.trust import fingerprint_of
+from nodemesh.datapath.layout import IpcacheFlags
+from nodemesh.errors import NodemeshError
+from nodemesh.mtls.tls import ROOTS_SECRET
+from nodemesh.mtls.tunnel import TunnelInput, TunnelPlan, mesh_pods, plan_tunnel
 from nodemesh.observe.ring import FlowRing
 from nodemesh.proxy.als import AccessLogReceiver
 from nodemesh.proxy.envoy import EnvoyProcess, bootstrap
-from nodemesh.proxy.snapshot import Snapshot
+from nodemesh.proxy.snapshot import CLUSTER, LISTENER, SECRET, Snapshot
 from nodemesh.proxy.xds import XdsServer
 from nodemesh.route import (
     PROXY_IP,
@@ -46,6 +55,7 @@ from nodemesh.route import (
     translate,
     with_nack,
 )
+from nodemesh.route.inputs import MtlsView
 from nodemesh.route.protos import LISTENER_TYPE
 from nodemesh.route.visibility import visibility_routes
 from nodemesh.store import Store
@@ -53,7 +63,7 @@ from nodemesh.store.base import now_rfc3339
 
 log = logging.getLogger("nodemesh.proxy")
 WATCHED = {"Pod", "Service", "Namespace", "HTTPRoute", "GRPCRoute", "CiliumNetworkPolicy",
-           "Identity", "*"}
+           "Identity", "PeerAuthentication", "TrustBundle", "*"}
 ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
 
 
@@ -89,6 +99,20 @@ class ProxyManager:
         self.timer = None  # a histogram child (the agent's reconcile latency for "proxy")
         self.l7_policy_names: dict[tuple[str, int], list[str]] = {}
         self.l7_identities: dict[RedirectKey, set[int]] = {}
+        # The mutual-TLS tunnel (docs/security.md): the node's workload certificates, the plan
+        # last pushed, the plan whose listeners and secrets Envoy accepted, and pods that are
+        # being created (in the store, perhaps not yet in the informer).
+        self.certs: CertManager | None = None
+        if cfg.mtls:
+            self.certs = CertManager(node, cfg.ca_socket, certs_state_file(node_dir),
+                                     cfg.cert_ttl_seconds)
+            self.certs.on_change.append(self._kick)
+        self.tunnel: TunnelPlan | None = None
+        self.tunnel_acked: TunnelPlan | None = None
+        self.bundle_fingerprints: list[str] = []
+        self._pending_local: dict[str, tuple[dict, str]] = {}
+        self._mesh_reported: dict | None = None
+        self._push_lock: asyncio.Lock | None = None
 
     # ---- persistence of listener ports (a restarted agent keeps Envoy's listeners as they are) --
     def _load_ports(self) -> dict[RedirectKey, int]:
@@ -106,6 +130,7 @@ class ProxyManager:
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._push_lock = asyncio.Lock()
         netns.ip_batch([f"addr replace {PROXY_IP}/32 dev lo"])
         await self.xds.start(self.socket, als=self.als)
         await asyncio.to_thread(self._ensure_envoy)
@@ -121,6 +146,12 @@ class ProxyManager:
                 self._loop.call_soon_threadsafe(self._dirty.set)
         else:
             self.synced.unrelated(self.informer.revision)
+
+    def _kick(self) -> None:
+        """Something the snapshot depends on changed outside the store (a certificate)."""
+        self.synced.changed()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._dirty.set)
 
     def _on_policy_input(self) -> None:
         """The datapath compiled new policy input or identities (its sync thread)."""
@@ -151,10 +182,13 @@ class ProxyManager:
         last_check = last_sync = 0.0
         while not stopping.is_set():
             woke = False
+            wait = 2.0 if self.certs is None else min(2.0, self.certs.next_due())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), 2.0)
+                await asyncio.wait_for(self._dirty.wait(), wait)
                 woke = True
             self._dirty.clear()
+            if self.certs is not None and self.certs.next_due() <= 0.05:
+                woke = True  # a certificate to renew
             if time.monotonic() - last_check > 1.0:
                 last_check = time.monotonic()
                 if self.envoy is None or not self.envoy.alive():
@@ -184,7 +218,7 @@ class ProxyManager:
         from nodemesh.policy import Compiler
 
         k = self.informer.kinds(("Service", "Pod", "HTTPRoute", "GRPCRoute", "CiliumNetworkPolicy",
-                                 "Namespace"))
+                                 "Namespace", "PeerAuthentication", "TrustBundle"))
         identities = self.datapath.pod_identities if self.datapath else {}
         pods = []
         for p in k["Pod"]:
@@ -208,23 +242,91 @@ class ProxyManager:
         self.l7_identities = {p.key: {i for r in p.rules for i in r.identities} for p in l7}
         routes = list(k["HTTPRoute"]) + list(k["GRPCRoute"])
         routes += visibility_routes(k["Service"], k["Namespace"], routes)
-        inp = L7Input.build(self.node, services, pods, routes, l7)
-        return translate(inp, self.ports), k
+        tunnel, secrets, view = self._tunnel(k)
+        inp = L7Input.build(self.node, services, pods, routes, l7, mtls=view)
+        return translate(inp, self.ports), k, tunnel, secrets
+
+    def _tunnel(self, k: Mapping[str, list]) -> tuple[TunnelPlan | None, list, MtlsView | None]:
+        """The tunnel's listeners, clusters and secrets (its certificates renewed or fetched
+        as needed) and what the L7 translation needs of it; (None, [], None) without mTLS."""
+        if self.certs is None:
+            return None, [], None
+        bundle = next((b for b in k["TrustBundle"] if b["metadata"]["name"] == "default"), None)
+        spec = (bundle or {}).get("spec") or {}
+        roots = [r.encode() for r in spec.get("roots") or []]
+        self.certs.set_bundle(roots, str(spec.get("signing") or ""))
+        pods = list(k["Pod"])
+        known = {(p["metadata"].get("uid"), (p.get("status") or {}).get("podIP")) for p in pods}
+        for uid, (pod, ip) in list(self._pending_local.items()):
+            if (uid, ip) in known:
+                self._pending_local.pop(uid, None)
+            else:
+                pods = [p for p in pods if p["metadata"].get("uid") != uid]
+                pods.append({**pod, "status": {**(pod.get("status") or {}), "podIP": ip}})
+        mesh = mesh_pods(pods, k["PeerAuthentication"])
+        td = self.cfg.trust_domain
+        wanted = {p.workload.spiffe(td) for p in mesh if p.node == self.node}
+        self.certs.sync(wanted)
+        ready = self.certs.ready() if roots else frozenset()
+        plan = plan_tunnel(TunnelInput(self.node, td, tuple(mesh), ready,
+                                       tuple(n.ip for n in self.cfg.nodes)))
+        leaves = self.certs.snapshot()
+        secrets = [workload_secret(i, leaves[i]) for i in sorted(plan.secrets)]
+        if roots:
+            secrets.append(roots_secret(roots))
+        self.bundle_fingerprints = [fingerprint_of(r) for r in roots]
+        view = MtlsView(
+            trust_domain=td,
+            clients={p.ip: p.workload.spiffe(td) for p in mesh
+                     if p.node == self.node and p.workload.spiffe(td) in plan.secrets},
+            servers={p.ip: p.workload.spiffe(td) for p in mesh if p.node != self.node},
+            tunnelled=frozenset(ip for ip, f in plan.ipcache_flags.items()
+                                if f & IpcacheFlags.TUNNEL),
+            ports={(ip, port): t for ip, port, t in plan.port_overrides})
+        return plan, secrets, view
+
+    def cover_pod(self, pod: dict, ip: str, timeout: float = 15.0) -> None:
+        """Block until the node's Envoy can carry a new local pod's connections through the
+        tunnel (its identity's certificate, and its address in the tunnel listeners): its
+        containers may start only then, so its first connection is tunnelled at once."""
+        if self.certs is None or self._loop is None:
+            return
+        meta, spec = pod["metadata"], pod.get("spec") or {}
+        sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+        self.certs.ensure(spiffe_id(self.cfg.trust_domain, meta["namespace"], sa), timeout)
+        fut = asyncio.run_coroutine_threadsafe(self._cover(meta["uid"], pod, ip, timeout),
+                                               self._loop)
+        fut.result(timeout + 5)
+
+    async def _cover(self, uid: str, pod: dict, ip: str, timeout: float) -> None:
+        self._pending_local[uid] = (pod, ip)
+        deadline = time.monotonic() + timeout
+        while True:
+            await self.sync()
+            acked = self.tunnel_acked
+            if acked is not None and ip in acked.sources:
+                return
+            if time.monotonic() > deadline:
+                raise NodemeshError(f"pod {meta_ref(pod)}: the node's Envoy did not take its "
+                                    f"mutual-TLS configuration within {timeout:g} s")
+            await asyncio.sleep(0.05)
 
     async def sync(self) -> None:
-        self.synced.begin()
-        try:
-            revision = await self._push()
-        except BaseException:
-            self.synced.failed()
-            raise
-        self.synced.done(revision)
+        assert self._push_lock is not None
+        async with self._push_lock:
+            self.synced.begin()
+            try:
+                revision = await self._push()
+            except BaseException:
+                self.synced.failed()
+                raise
+            self.synced.done(revision)
 
     async def _push(self) -> int:
         """Translate the store as the informer has it and bring Envoy to it; returns that revision."""
         t0 = time.monotonic()
         revision = self.informer.revision
-        result, k = await asyncio.to_thread(self._translate)
+        result, k, tunnel, secrets = await asyncio.to_thread(self._translate)
         self.ports = dict(result.ports)
         await asyncio.to_thread(self._save_ports)
         new = {**result.service_redirects, **result.pod_redirects}
@@ -234,20 +336,40 @@ class ProxyManager:
             await asyncio.to_thread(self._set_redirects, interim, result)
         # 2. The snapshot, and Envoy's answer.
         snap = result.snapshot
-        xsnap = Snapshot(snap.by_type(), version=snap.version)
+        by_type = {t: list(msgs) for t, msgs in snap.by_type().items()}
+        if tunnel is not None:
+            by_type[LISTENER] += tunnel.listeners
+            by_type[CLUSTER] += tunnel.clusters
+            if secrets:
+                by_type[SECRET] = secrets
+        xsnap = Snapshot(by_type)
         self.xds.set_snapshot(self.node, xsnap)
-        # Redirects need Envoy's listeners, and nothing else: wait for the listeners' answer
-        # only (an Envoy with no clusters never answers for endpoints, for instance).
+        self.tunnel = tunnel
+        # Redirects need Envoy's listeners (and the tunnel's, the secrets they present): wait
+        # for those answers only (an Envoy with no clusters never answers for endpoints).
         lds_version = xsnap.type_version(LISTENER_TYPE)
-        if result.snapshot.listeners:
+        sds_version = xsnap.type_version(SECRET)
+        has_listeners = bool(xsnap.names(LISTENER_TYPE))
+
+        def answered() -> bool:
+            lds = self._acked(LISTENER_TYPE, lds_version) or self._nacked(LISTENER_TYPE,
+                                                                         lds_version)
+            return lds and (not secrets or self._acked(SECRET, sds_version)
+                            or self._nacked(SECRET, sds_version))
+
+        if has_listeners:
             with contextlib.suppress(TimeoutError):
-                await self.xds.wait_for(
-                    lambda: self._acked(LISTENER_TYPE, lds_version)
-                    or self._nacked(LISTENER_TYPE, lds_version), timeout=2.0)
-        listeners_ok = self._acked(LISTENER_TYPE, lds_version)
+                await self.xds.wait_for(answered, timeout=2.0)
+        listeners_ok = self._acked(LISTENER_TYPE, lds_version) and (
+            not secrets or self._acked(SECRET, sds_version))
+        if tunnel is not None and listeners_ok:
+            self.tunnel_acked = tunnel
+            if tunnel.listeners and self.datapath is not None:
+                await asyncio.to_thread(self.datapath.set_tunnel_up)
+            await asyncio.to_thread(self._report_mesh, secrets)
         state = self.xds.sync_state(self.node)
         # 3. New redirects, once Envoy has the listeners.
-        if listeners_ok or not result.snapshot.listeners:
+        if listeners_ok or not has_listeners:
             await asyncio.to_thread(self._set_redirects, new, result)
         else:
             # Retried in a second (or at the next change).
@@ -271,6 +393,27 @@ class ProxyManager:
         if self.timer is not None:
             self.timer.observe(time.monotonic() - t0)
         return revision
+
+    def _report_mesh(self, secrets: list) -> None:
+        """Tell the control plane (the Node's status) which roots this node's Envoy trusts and
+        which roots issued the leaves it presents: a CA rotation advances on these."""
+        assert self.certs is not None
+        leaves = self.certs.snapshot()
+        plan = self.tunnel_acked
+        mesh = {"trustedRoots": sorted(self.bundle_fingerprints),
+                "leafIssuers": sorted({leaves[i].issuer_fingerprint
+                                       for i in (plan.secrets if plan else ()) if i in leaves}),
+                "certificates": len(plan.secrets) if plan else 0}
+        if mesh == self._mesh_reported:
+            return
+        with self.store.transaction() as t:
+            node = t.get("Node", "", self.node)
+            if node is None:
+                return
+            status = dict(node.get("status") or {})
+            status["mesh"] = mesh
+            t.put_status("Node", "", self.node, status)
+        self._mesh_reported = mesh
 
     def _nacked(self, type_url: str, version: str) -> bool:
         nack = (self.xds.status(self.node).get(type_url) or {}).get("nack")
@@ -352,9 +495,45 @@ class ProxyManager:
                                                      "sent": v.get("sent_version")}
                               for t, v in st.items()}},
             "nack": self.nack, "redirects": len(self.redirects), "syncs": self.syncs,
+            "mtls": self.mtls_status(),
             "syncedRevision": self.synced.value, "error": self.error,
             "accessLogs": self.als.stats() if hasattr(self.als, "stats") else {},
         }
+
+
+    def mtls_status(self) -> dict | None:
+        if self.certs is None:
+            return None
+        acked = self.tunnel_acked
+        return {"trustDomain": self.cfg.trust_domain,
+                "certificates": self.certs.status(),
+                "renewals": self.certs.renewals,
+                "error": self.certs.last_error,
+                "tunnel": {"acked": acked is not None,
+                           "sources": len(acked.sources) if acked else 0,
+                           "inbound": len(acked.inbound_pods) if acked else 0},
+                "trustedRoots": list(self.bundle_fingerprints)}
+
+
+def meta_ref(pod: Mapping[str, Any]) -> str:
+    meta = pod["metadata"]
+    return f"{meta.get('namespace') or 'default'}/{meta['name']}"
+
+
+def workload_secret(identity: str, leaf: Any) -> secret_pb2.Secret:
+    """An SDS secret with a workload identity's certificate chain and key (named by its
+    SPIFFE ID)."""
+    s = secret_pb2.Secret(name=identity)
+    s.tls_certificate.certificate_chain.inline_bytes = leaf.chain_pem
+    s.tls_certificate.private_key.inline_bytes = leaf.key_pem
+    return s
+
+
+def roots_secret(roots: list[bytes]) -> secret_pb2.Secret:
+    """The trust bundle as an SDS validation context."""
+    s = secret_pb2.Secret(name=ROOTS_SECRET)
+    s.validation_context.trusted_ca.inline_bytes = b"".join(roots)
+    return s
 
 
 def _bad_regexes(route: Mapping[str, Any]) -> list[str]:

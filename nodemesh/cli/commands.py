@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,10 +63,24 @@ def _namespace(args: argparse.Namespace) -> str:
 def cmd_up(args: argparse.Namespace) -> int:
     _require_root("nodemesh up")
     t0 = time.monotonic()
-    cfg = lifecycle.up(_state_dir(args), args.nodes, args.name, datapath=args.datapath)
+    cfg = lifecycle.up(_state_dir(args), args.nodes, args.name, datapath=args.datapath,
+                       mtls=args.mtls, trust_domain=args.trust_domain,
+                       cert_ttl_seconds=parse_ttl(args.cert_ttl, "--cert-ttl"))
     print(f"cluster {cfg.name} is up in {time.monotonic() - t0:.1f}s; "
           f"try `nodemesh get nodes` and `nodemesh apply -f app.yaml`")
     return 0
+
+
+_TTL_PART = re.compile(r"(\d+(?:\.\d+)?)(d|h|m|s)")
+
+
+def parse_ttl(text: str, flag: str) -> float:
+    """A duration such as 24h, 90m, 1h30m, 10s or 2d, in seconds."""
+    parts = _TTL_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise NodemeshError(f"{flag} {text!r}: must be a duration such as 24h, 90m or 10s", 2)
+    unit = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    return sum(float(n) * unit[u] for n, u in parts)
 
 
 def cmd_down(args: argparse.Namespace) -> int:

@@ -44,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--datapath", choices=["bpf", "none"], default="bpf",
                     help="bpf: the mesh (default); none: plain routing without BPF programs "
                          "(a baseline for benchmarks: no services, no policy)")
+    sp.add_argument("--mtls", choices=["on", "off"], default="on",
+                    help="mutual TLS between nodes with SPIFFE workload certificates (default "
+                         "on; off: pod traffic crosses the underlay in clear)")
+    sp.add_argument("--trust-domain", default="cluster.local",
+                    help="SPIFFE trust domain of workload identities (default cluster.local)")
+    sp.add_argument("--cert-ttl", default="24h",
+                    help="lifetime of workload certificates, renewed at half of it: 24h "
+                         "(default), 90m, 10s ...")
 
     sp = cmd("down", c.cmd_down, "remove the local cluster and everything it created")
     sp.add_argument("--keep-state", action="store_true",

@@ -26,7 +26,10 @@ POD_GATEWAY = "169.254.1.1"
 # Node-local DNS, as NodeLocal DNSCache does it: the same address on every node.
 NODE_DNS_IP = "169.254.20.10"
 CLUSTER_DOMAIN = "cluster.local"
-METRICS_BASE_PORT = 9962  # node i serves metrics on 127.0.0.1:(9962 + i - 1) of the host
+METRICS_BASE_PORT = 9962
+DEFAULT_TRUST_DOMAIN = "cluster.local"
+DEFAULT_CERT_TTL_SECONDS = 24 * 3600.0
+MIN_CERT_TTL_SECONDS = 2.0  # node i serves metrics on 127.0.0.1:(9962 + i - 1) of the host
 
 
 def state_dir_from(arg: str | None = None) -> str:
@@ -99,6 +102,32 @@ class ClusterConfig:
         return str(self.extra.get("datapath", "bpf"))
 
     @property
+    def mtls(self) -> bool:
+        """Mutual TLS between nodes (docs/security.md): on unless `up --mtls off`; only with
+        the bpf datapath and the node Envoy."""
+        return (self.datapath == "bpf" and bool(self.extra.get("proxy", True))
+                and self.extra.get("mtls", "on") != "off")
+
+    @property
+    def trust_domain(self) -> str:
+        return str(self.extra.get("trust_domain", DEFAULT_TRUST_DOMAIN))
+
+    @property
+    def cert_ttl_seconds(self) -> float:
+        """The lifetime of workload certificates (renewed at half of it)."""
+        return float(self.extra.get("cert_ttl_seconds", DEFAULT_CERT_TTL_SECONDS))
+
+    @property
+    def ca_dir(self) -> str:
+        """The built-in certificate authority (its key readable by root only)."""
+        return os.path.join(self.state_dir, "ca")
+
+    @property
+    def ca_socket(self) -> str:
+        """Where node agents ask the cluster's CA for certificates (the daemon serves it)."""
+        return os.path.join(self.state_dir, "ca.sock")
+
+    @property
     def bpffs(self) -> str:
         return os.path.join(self.state_dir, "bpf")
 
@@ -138,7 +167,9 @@ DATAPATHS = ("bpf", "none")
 
 
 def plan_cluster(name: str, state_dir: str, node_count: int, cgroup_root: str,
-                 datapath: str = "bpf") -> ClusterConfig:
+                 datapath: str = "bpf", mtls: str = "on",
+                 trust_domain: str = DEFAULT_TRUST_DOMAIN,
+                 cert_ttl_seconds: float = DEFAULT_CERT_TTL_SECONDS) -> ClusterConfig:
     """The addresses and names of a new cluster of `node_count` nodes (pure)."""
     if not 1 <= node_count <= 16:
         raise NodemeshError(f"--nodes must be 1-16, not {node_count}", 2)
@@ -152,8 +183,20 @@ def plan_cluster(name: str, state_dir: str, node_count: int, cgroup_root: str,
     )
     if datapath not in DATAPATHS:
         raise NodemeshError(f"--datapath {datapath!r}: must be one of {', '.join(DATAPATHS)}", 2)
+    if mtls not in ("on", "off"):
+        raise NodemeshError(f"--mtls {mtls!r}: must be on or off", 2)
+    from nodemesh.certs.spiffe import check_trust_domain
+
+    why = check_trust_domain(trust_domain)
+    if why:
+        raise NodemeshError(f"--trust-domain {trust_domain!r}: {why}", 2)
+    if not MIN_CERT_TTL_SECONDS <= cert_ttl_seconds <= 366 * 24 * 3600:
+        raise NodemeshError(f"--cert-ttl {cert_ttl_seconds:g}s: must be between "
+                            f"{MIN_CERT_TTL_SECONDS:g}s and 366 days", 2)
+    extra: dict = {"datapath": datapath, "mtls": mtls if datapath == "bpf" else "off",
+                   "trust_domain": trust_domain, "cert_ttl_seconds": cert_ttl_seconds}
     return ClusterConfig(name=name, state_dir=state_dir, nodes=nodes, cgroup_root=cgroup_root,
-                         extra={"datapath": datapath})
+                         extra=extra)
 
 
 

@@ -135,6 +135,14 @@ def run_daemon(cfg: ClusterConfig) -> int:
         lambda kinds: changed.set() if kinds & {"Deployment", "Pod", "Namespace", "*"} else None)
     informer.start()
     controllers = Controllers(store, [n.name for n in cfg.nodes])
+    trust = None
+    if cfg.mtls:
+        from nodemesh.cluster.trust import Trust
+
+        trust = Trust(cfg, store)
+        trust.start()
+        informer.add_listener(
+            lambda kinds: changed.set() if kinds & {"TrustBundle", "Node"} else None)
     agents = [AgentSupervisor(cfg, n.name) for n in cfg.nodes]
     log.info("daemon of cluster %s up (pid %d)", cfg.name, os.getpid())
     last_sync = 0.0
@@ -150,7 +158,14 @@ def run_daemon(cfg: ClusterConfig) -> int:
                 controllers.sync()
             except Exception:
                 log.exception("controllers failed; retrying")
+            if trust is not None:
+                try:
+                    trust.step()
+                except Exception:
+                    log.exception("CA rotation step failed; retrying")
         changed.wait(0.05)
+    if trust is not None:
+        trust.stop()
     log.info("stopping agents")
     for a in agents:
         if a.ref is not None:

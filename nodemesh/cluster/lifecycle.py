@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 from nodemesh.cluster import cgroup, netns, procs, topology
 from nodemesh.cluster.config import (
+    DEFAULT_CERT_TTL_SECONDS,
+    DEFAULT_TRUST_DOMAIN,
     ClusterConfig,
     load_cluster,
     plan_cluster,
@@ -42,7 +44,9 @@ def _nodemesh_argv(state_dir: str, *args: str) -> list[str]:
 
 
 def up(state_dir: str, nodes: int, name: str, progress: Progress = print,
-       wait: float = 60.0, datapath: str = "bpf") -> ClusterConfig:
+       wait: float = 60.0, datapath: str = "bpf", mtls: str = "on",
+       trust_domain: str = DEFAULT_TRUST_DOMAIN,
+       cert_ttl_seconds: float = DEFAULT_CERT_TTL_SECONDS) -> ClusterConfig:
     if not NAME_RE.match(name):
         raise NodemeshError(f"--name {name!r}: must be 1-12 lowercase letters and digits, "
                             "starting with a letter", 2)
@@ -62,10 +66,14 @@ def up(state_dir: str, nodes: int, name: str, progress: Progress = print,
                 f"a cluster named {name!r} already exists on this machine (network namespaces "
                 f"{', '.join(taken[:3])}...) with its state elsewhere; pick another --name, or "
                 f"remove it with `nodemesh down --state-dir <its state dir>`", 1)
-        cfg = plan_cluster(name, state_dir, nodes, cgroup.find_cgroup2_root(), datapath)
+        cfg = plan_cluster(name, state_dir, nodes, cgroup.find_cgroup2_root(), datapath,
+                           mtls=mtls, trust_domain=trust_domain,
+                           cert_ttl_seconds=cert_ttl_seconds)
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         cfg.save()
         progress(f"creating cluster {name} with {nodes} node(s) in {state_dir}")
+    if cfg.mtls:
+        _ensure_ca(cfg, progress)
     _seed_store(cfg)
     topology.create_cluster_network(cfg)
     progress("nodes: " + ", ".join(f"{n.name} ({n.ip}, pods {n.pod_cidr})" for n in cfg.nodes))
@@ -73,6 +81,18 @@ def up(state_dir: str, nodes: int, name: str, progress: Progress = print,
     _wait_agents(cfg, wait)
     progress("agents ready")
     return cfg
+
+
+def _ensure_ca(cfg: ClusterConfig, progress: Progress) -> None:
+    """The cluster's certificate authority (created once; its key readable by root only)."""
+    from nodemesh.certs.authority import BuiltinCA
+
+    if os.path.exists(os.path.join(cfg.ca_dir, "ca.json")):
+        return
+    ca = BuiltinCA.create(cfg.ca_dir, cfg.trust_domain)
+    st = ca.status()
+    progress(f"certificate authority for spiffe://{cfg.trust_domain} created "
+             f"(root valid until {st.get('active', {}).get('notAfter', '?')})")
 
 
 def _seed_store(cfg: ClusterConfig) -> None:

@@ -72,8 +72,12 @@ class DropReason(enum.IntEnum):
     CT_MAP_INSERTION_FAILED = 155
     FRAG_NOT_SUPPORTED = 157
     NO_SERVICE = 158
+    SOCKET_LOOKUP_FAILED = 178
+    SOCKET_ASSIGN_FAILED = 179
     PROXY_UNSUPPORTED = 180
     POLICY_DENY = 181
+    AUTH_REQUIRED = 189
+    UNENCRYPTED_TRAFFIC = 195
     UNKNOWN_ENDPOINT = 203
 
     @property
@@ -90,8 +94,12 @@ _HUBBLE_DROP_NAMES = {
     DropReason.CT_MAP_INSERTION_FAILED: "CT_MAP_INSERTION_FAILED",
     DropReason.FRAG_NOT_SUPPORTED: "IP_FRAGMENTATION_NOT_SUPPORTED",
     DropReason.NO_SERVICE: "SERVICE_BACKEND_NOT_FOUND",
+    DropReason.SOCKET_LOOKUP_FAILED: "SOCKET_LOOKUP_FAILED",
+    DropReason.SOCKET_ASSIGN_FAILED: "SOCKET_ASSIGN_FAILED",
     DropReason.PROXY_UNSUPPORTED: "PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL",
     DropReason.POLICY_DENY: "POLICY_DENY",
+    DropReason.AUTH_REQUIRED: "AUTH_REQUIRED",
+    DropReason.UNENCRYPTED_TRAFFIC: "UNENCRYPTED_TRAFFIC",
     DropReason.UNKNOWN_ENDPOINT: "DROP_EP_NOT_READY",
 }
 
@@ -117,12 +125,40 @@ class ConfigFlags(enum.IntFlag):
     # the proxy return route is installed (routing.install_proxy_routing): replies to the node
     # Envoy's transparent upstream sockets are marked PROXY_MARK for local delivery
     PROXY_RETURN = 1
+    # the node Envoy's mutual-TLS tunnel listeners are up (TUNNEL_OUT_PORT, TUNNEL_IN_PORT on
+    # proxy_ip): TCP between pods of different nodes goes through them (docs/security.md)
+    TUNNEL = 2
 
 
 class EndpointFlags(enum.IntFlag):
     NONE = 0
     INGRESS_ENFORCED = 1
     EGRESS_ENFORCED = 2
+    # TCP from other nodes into the pod enters through the node Envoy's inbound tunnel listener
+    TUNNEL_IN = 4
+
+
+class IpcacheFlags(enum.IntFlag):
+    """ipcache_entry.flags: how TCP from a local pod reaches the address."""
+
+    NONE = 0
+    TUNNEL = 1  # through the node Envoy's mutual-TLS tunnel
+    TUNNEL_PORTS = 2  # nm_tunnel_port says so for some ports (a port-level mode)
+
+
+class EventFlags(enum.IntFlag):
+    """flow_event.flags."""
+
+    NONE = 0
+    TUNNEL = 1  # the connection went into the mutual-TLS tunnel (source side)
+    AUTH = 2  # the peer's identity was authenticated (destination side)
+
+
+class PolicyFlags(enum.IntFlag):
+    """policy_entry.flags."""
+
+    NONE = 0
+    AUTH = 1  # the rule matches only an authenticated peer (authentication.mode: required)
 
 
 class Identity(enum.IntEnum):
@@ -164,6 +200,14 @@ CT_F_NODE_SOCKET = 2  # opened by a socket of the node namespace (to_container s
 # hairpin: the node Envoy's upstream to the client pod itself; its source (the pod's own address)
 # was rewritten to proxy_ip at to_container, the pod's replies are rewritten back (with NODE_SOCKET)
 CT_F_HAIRPIN = 4
+CT_F_TUNNEL = 8  # went into the node Envoy's outbound tunnel listener; later packets are marked
+CT_F_AUTH = 16  # the peer's identity was authenticated (the NM_MARK_AUTH socket mark)
+
+# The mutual-TLS tunnel's listeners on proxy_ip and the socket marks of its upstreams.
+TUNNEL_OUT_PORT = 15006
+TUNNEL_IN_PORT = 15008
+NM_MARK_AUTH = 0x1000  # the node Envoy authenticated the client of this upstream
+NM_MARK_TUNNEL = 0x2000  # the outbound tunnel's upstream: the client's egress was decided already
 
 # The proxy return path (bpf/lib/common.h): the mark (within the mask) the datapath sets on a
 # reply that belongs to a transparent socket of the node, and the rule/table that deliver it.
@@ -201,6 +245,14 @@ class IpcacheEntry(ctypes.Structure):
     _fields_ = [("identity", u32), ("node_ip", be32), ("flags", u32), ("pad", u32)]
 
 
+class TunnelPortKey(ctypes.Structure):
+    _fields_ = [("addr", be32), ("port", be16), ("pad", u16)]
+
+
+class TunnelPortVal(ctypes.Structure):
+    _fields_ = [("tunnel", u8), ("pad", u8 * 3)]
+
+
 class PolicyKey(ctypes.Structure):
     _fields_ = [
         ("prefixlen", u32),
@@ -213,7 +265,7 @@ class PolicyKey(ctypes.Structure):
 
 
 class PolicyEntry(ctypes.Structure):
-    _fields_ = [("verdict", u8), ("pad", u8), ("proxy_port", u16), ("policy_id", u32)]
+    _fields_ = [("verdict", u8), ("flags", u8), ("proxy_port", u16), ("policy_id", u32)]
 
 
 class PolicyCidrKey(ctypes.Structure):
@@ -353,7 +405,8 @@ class FlowEvent(ctypes.Structure):
         ("netns_cookie", u64),
         ("orig_daddr", be32),
         ("orig_dport", be16),
-        ("pad", u16),
+        ("flags", u8),
+        ("pad", u8),
     ]
 
     def describe(self) -> str:
@@ -400,6 +453,8 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "endpoint_info": EndpointInfo,
     "ipcache_key": IpcacheKey,
     "ipcache_entry": IpcacheEntry,
+    "tunnel_port_key": TunnelPortKey,
+    "tunnel_port_val": TunnelPortVal,
     "policy_key": PolicyKey,
     "policy_entry": PolicyEntry,
     "policy_cidr_key": PolicyCidrKey,
@@ -445,6 +500,7 @@ MAPS: dict[str, tuple[type, type | None]] = {
     "nm_l7_redir": (L7RedirKey, L7RedirVal),
     "nm_lxc": (be32, LxcInfo),
     "nm_netns": (u64, NetnsInfo),
+    "nm_tunnel_port": (TunnelPortKey, TunnelPortVal),
     "nm_lost": (u32, u64),
 }
 RINGBUF_MAPS = ("nm_events",)
@@ -532,6 +588,12 @@ def l7_redirect(addr: str | int, port: int, proxy_port: int, policy_id: int = 0,
         raise ValueError(f"bad identity {identity}")
     return (L7RedirKey(ip4(addr), port, protocol, 0, identity),
             L7RedirVal(proxy_port, 0, policy_id))
+
+
+def tunnel_port_entry(addr: str | int, port: int, tunnel: bool) -> tuple[TunnelPortKey, TunnelPortVal]:
+    """An nm_tunnel_port entry: TCP to addr:port goes through the tunnel or not, whatever its
+    pod's ipcache flags say (a pair for sync_map)."""
+    return TunnelPortKey(ip4(addr), port, 0), TunnelPortVal(1 if tunnel else 0)
 
 
 def lxc_key(addr: str | int) -> Any:

@@ -177,6 +177,31 @@ class L7Policy:
 
 
 @dataclass(frozen=True)
+class MtlsView:
+    """What the L7 translation needs of the mutual-TLS tunnel (docs/security.md): an upstream
+    connection to a pod of another node is made in mutual TLS, with the certificate of the
+    client pod's workload identity, and must meet the server pod's.
+
+    - `clients`: local pod IP → its workload identity (SPIFFE ID), for the identities whose
+      certificates this node's Envoy holds;
+    - `servers`: pod IP of another node → its workload identity;
+    - `tunnelled`: the pods of other nodes reached through the tunnel (mode not DISABLE) ...
+    - `ports`: ... except where a port's mode differs from its pod's: (IP, port) → tunnelled.
+    """
+
+    trust_domain: str
+    clients: Mapping[str, str] = field(default_factory=dict)
+    servers: Mapping[str, str] = field(default_factory=dict)
+    tunnelled: frozenset[str] = frozenset()
+    ports: Mapping[tuple[str, int], bool] = field(default_factory=dict)
+
+    def server_identity(self, ip: str, port: int) -> str | None:
+        """The identity an upstream connection to ip:port must meet, or None: plaintext."""
+        through = self.ports.get((ip, port), ip in self.tunnelled)
+        return self.servers.get(ip) if through else None
+
+
+@dataclass(frozen=True)
 class L7Input:
     """Everything one node's translation looks at.
 
@@ -194,6 +219,7 @@ class L7Input:
     l7_policies: tuple[L7Policy, ...] = ()
     reference_grants: tuple[Mapping[str, Any], ...] = ()
     require_reference_grants: bool = False
+    mtls: MtlsView | None = None  # None: upstreams to other nodes go in clear
 
     @classmethod
     def build(cls, node: str, services: Iterable[Service] = (), pods: Iterable[Pod] = (),

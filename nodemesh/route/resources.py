@@ -27,6 +27,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from nodemesh.datapath.layout import NM_MARK_AUTH
+from nodemesh.mtls.tls import mark_option, upstream_tls
 from nodemesh.route.inputs import PROXY_IP, RedirectKey
 from nodemesh.route.names import stat_prefix
 from nodemesh.route.protos import (
@@ -102,16 +104,36 @@ def access_log(listener: str) -> dict[str, Any]:
     }}
 
 
-def http_connection_manager(listener: str, route_config: str) -> dict[str, Any]:
+# The client pod's address, for the upstream transport socket matcher: a connection to a pod of
+# another node presents the certificate of the client's workload identity (`cluster`).
+CLIENT_STATE = "nodemesh.client"
+SET_FILTER_STATE_FILTER = "envoy.filters.http.set_filter_state"
+SET_FILTER_STATE_TYPE = ("type.googleapis.com/envoy.extensions.filters.http.set_filter_state.v3."
+                         "Config")
+_TS_INPUTS = "type.googleapis.com/envoy.extensions.matching.common_inputs.transport_socket.v3."
+
+
+def client_state_filter() -> dict[str, Any]:
+    return {"name": SET_FILTER_STATE_FILTER, "typed_config": {
+        "@type": SET_FILTER_STATE_TYPE,
+        "on_request_headers": [{
+            "object_key": CLIENT_STATE, "factory_key": "envoy.string",
+            "format_string": {"text_format_source": {
+                "inline_string": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"}},
+            # Part of the upstream connection's identity: pools are never shared across clients.
+            "shared_with_upstream": "ONCE"}]}}
+
+
+def http_connection_manager(listener: str, route_config: str,
+                            mtls: bool = False) -> dict[str, Any]:
+    router = {"name": ROUTER_FILTER, "typed_config": {"@type": ROUTER_TYPE,
+                                                      "suppress_envoy_headers": True}}
     return {
         "@type": HCM_TYPE,
         "stat_prefix": stat_prefix(listener),
         "codec_type": "AUTO",
         "rds": {"route_config_name": route_config, "config_source": ads()},
-        "http_filters": [
-            {"name": ROUTER_FILTER, "typed_config": {"@type": ROUTER_TYPE,
-                                                     "suppress_envoy_headers": True}},
-        ],
+        "http_filters": [client_state_filter(), router] if mtls else [router],
         "use_remote_address": False,
         "skip_xff_append": True,
         "preserve_external_request_id": True,
@@ -133,11 +155,11 @@ def http_connection_manager(listener: str, route_config: str) -> dict[str, Any]:
 
 
 def filter_chain(name: str, listener: str, route_config: str,
-                 source_ips: Sequence[str] | None = None) -> dict[str, Any]:
+                 source_ips: Sequence[str] | None = None, mtls: bool = False) -> dict[str, Any]:
     chain: dict[str, Any] = {
         "name": name,
         "filters": [{"name": HCM_FILTER,
-                     "typed_config": http_connection_manager(listener, route_config)}],
+                     "typed_config": http_connection_manager(listener, route_config, mtls)}],
     }
     if source_ips is not None:
         chain["filter_chain_match"] = {"source_prefix_ranges": [
@@ -159,9 +181,17 @@ def listener(name: str, port: int, destination: RedirectKey, chains: list[dict[s
 
 
 def cluster(name: str, h2: bool, meta: Mapping[str, Any],
-            rbac: Mapping[str, Any] | None = None) -> dict[str, Any]:
+            rbac: Mapping[str, Any] | None = None,
+            mtls: tuple[Mapping[str, str], Sequence[str]] | None = None) -> dict[str, Any]:
     """An EDS cluster; with `rbac` (RBAC ``rules``), an upstream RBAC filter enforces them on
-    every request sent to it — after routing and rewrites, as the pod will see the request."""
+    every request sent to it — after routing and rewrites, as the pod will see the request.
+
+    With `mtls` (the clients: local pod IP → workload identity; the identities of the cluster's
+    endpoints on other nodes), a connection to an endpoint whose metadata names an identity
+    (`load_assignment`) is made in mutual TLS: the client pod's certificate (by the
+    ``nodemesh.client`` filter state the listener sets), the endpoint's identity checked. Every
+    upstream socket carries NM_MARK_AUTH: the client is a pod of this node, whose identity the
+    node vouches for (docs/security.md)."""
     if h2:
         proto: dict[str, Any] = {"explicit_http_config": {"http2_protocol_options": {}}}
     else:
@@ -172,7 +202,7 @@ def cluster(name: str, h2: bool, meta: Mapping[str, Any],
             {"name": RBAC_FILTER, "typed_config": {"@type": RBAC_TYPE, "rules": rbac}},
             {"name": UPSTREAM_CODEC_FILTER, "typed_config": {"@type": UPSTREAM_CODEC_TYPE}},
         ]
-    return {
+    out: dict[str, Any] = {
         "name": name,
         "alt_stat_name": stat_prefix(name),
         "type": "EDS",
@@ -184,11 +214,65 @@ def cluster(name: str, h2: bool, meta: Mapping[str, Any],
             HTTP_PROTOCOL_OPTIONS: {"@type": HTTP_PROTOCOL_OPTIONS_TYPE, **proto}},
         "metadata": metadata(**meta),
     }
+    if mtls is not None:
+        out.update(_mtls_sockets(*mtls))
+    return out
 
 
-def load_assignment(name: str, endpoints: Sequence[tuple[str, int, str]]) -> dict[str, Any]:
-    """`endpoints`: (ip, port, pod "namespace/name")."""
+def _ts_action(name: str) -> dict[str, Any]:
+    return {"action": {"name": name, "typed_config": {
+        "@type": _TS_INPUTS + "TransportSocketNameAction", "name": name}}}
+
+
+def _mtls_sockets(clients: Mapping[str, str], servers: Sequence[str]) -> dict[str, Any]:
+    """transport_socket_matches and the matcher that picks one per connection: by the
+    endpoint's identity (metadata), then by the client pod's address (filter state)."""
+    sockets = [{"name": "plain", "transport_socket": {
+        "name": "envoy.transport_sockets.raw_buffer", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3."
+                     "RawBuffer"}}}]
+    by_server: dict[str, Any] = {}
+    identities = sorted(set(clients.values()))
+    for server in sorted(set(servers)):
+        per_client = {}
+        for ident in identities:
+            sname = f"mtls/{identities.index(ident)}/{len(sockets)}"
+            sockets.append({"name": sname,
+                            "transport_socket": upstream_tls(ident, {"exact": server})})
+            for ip in sorted(i for i, c in clients.items() if c == ident):
+                per_client[ip] = _ts_action(sname)
+        by_server[server] = {"matcher": {
+            "matcher_tree": {
+                "input": {"name": "client", "typed_config": {
+                    "@type": _TS_INPUTS + "FilterStateInput", "key": CLIENT_STATE}},
+                "exact_match_map": {"map": per_client or {"-": _ts_action("plain")}}},
+            # A client this Envoy has no certificate for: in clear, which the server's node
+            # refuses (it accepts only the tunnel from pods of the mesh).
+            "on_no_match": _ts_action("plain")}}
+    return {
+        "transport_socket_matches": sockets,
+        "transport_socket_matcher": {
+            "matcher_tree": {
+                "input": {"name": "server", "typed_config": {
+                    "@type": _TS_INPUTS + "EndpointMetadataInput", "filter": METADATA_NS,
+                    "path": [{"key": "tunnel"}]}},
+                "exact_match_map": {"map": by_server or {"-": _ts_action("plain")}}},
+            "on_no_match": _ts_action("plain")},
+        "upstream_bind_config": {"socket_options": [mark_option(NM_MARK_AUTH)]},
+    }
+
+
+def load_assignment(name: str, endpoints: Sequence[tuple[str, int, str]],
+                    tunnel: Mapping[tuple[str, int], str] | None = None) -> dict[str, Any]:
+    """`endpoints`: (ip, port, pod "namespace/name"); `tunnel`: (ip, port) → the workload
+    identity an endpoint reached through the mutual-TLS tunnel must present."""
+    tunnel = tunnel or {}
+
+    def meta(ip: str, port: int, pod: str) -> dict[str, Any]:
+        ident = tunnel.get((ip, port))
+        return metadata(pod=pod, tunnel=ident) if ident else metadata(pod=pod)
+
     eps = [{"endpoint": {"address": {"socket_address": {"address": ip, "port_value": port}}},
-            "metadata": metadata(pod=pod)}
+            "metadata": meta(ip, port, pod)}
            for ip, port, pod in sorted(set(endpoints))]
     return {"cluster_name": name, "endpoints": [{"lb_endpoints": eps}] if eps else []}

@@ -379,8 +379,9 @@ def translate(inp: L7Input,
 
     listeners: list[Listener] = []
     routes: list[RouteConfiguration] = []
+    mtls = inp.mtls
     for plan in plans:
-        chains = [filter_chain(c.name, plan.name, c.route_config, c.source_ips)
+        chains = [filter_chain(c.name, plan.name, c.route_config, c.source_ips, mtls is not None)
                   for c in plan.chains]
         listeners.append(parse(listener(plan.name, ports[plan.key], plan.key, chains,
                                         plan.meta), Listener))
@@ -395,10 +396,17 @@ def translate(inp: L7Input,
             for k in c.owners:
                 b._own(c.route_config, k)
                 b._own(plan.name, k)
-    clusters = [parse(cluster(c.name, c.h2, c.meta, c.rbac), Cluster)
-                for c in (b.clusters[n] for n in sorted(b.clusters))]
-    endpoints = [parse(load_assignment(c.name, c.endpoints), ClusterLoadAssignment)
-                 for c in (b.clusters[n] for n in sorted(b.clusters))]
+    clusters, endpoints = [], []
+    for c in (b.clusters[n] for n in sorted(b.clusters)):
+        tunnel: dict[tuple[str, int], str] = {}
+        if mtls is not None:
+            for ip, port, _ in c.endpoints:
+                ident = mtls.server_identity(ip, port)
+                if ident:
+                    tunnel[(ip, port)] = ident
+        sockets = (mtls.clients, sorted(set(tunnel.values()))) if mtls is not None else None
+        clusters.append(parse(cluster(c.name, c.h2, c.meta, c.rbac, sockets), Cluster))
+        endpoints.append(parse(load_assignment(c.name, c.endpoints, tunnel), ClusterLoadAssignment))
     snapshot = ProxySnapshot(
         listeners=tuple(sorted(listeners, key=lambda m: m.name)),
         routes=tuple(sorted(routes, key=lambda m: m.name)),

@@ -64,8 +64,12 @@ HUBBLE_DROP_REASONS = {
     155: "CT_MAP_INSERTION_FAILED",
     157: "IP_FRAGMENTATION_NOT_SUPPORTED",
     158: "SERVICE_BACKEND_NOT_FOUND",
+    178: "SOCKET_LOOKUP_FAILED",
+    179: "SOCKET_ASSIGN_FAILED",
     180: "PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL",
     181: "POLICY_DENY",
+    189: "AUTH_REQUIRED",
+    195: "UNENCRYPTED_TRAFFIC",
     203: "DROP_EP_NOT_READY",
 }
 
@@ -159,6 +163,9 @@ def test_enums_match_the_headers() -> None:
         ("IDENTITY_", Identity),
         ("DIR_", Direction),
         ("CFG_F_", ConfigFlags),
+        ("IPC_F_", layout.IpcacheFlags),
+        ("FLOW_F_", layout.EventFlags),
+        ("POLICY_F_", layout.PolicyFlags),
     ]
     for prefix, enum_cls in checks:
         c = {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
@@ -170,6 +177,12 @@ def test_enums_match_the_headers() -> None:
     assert d["CT_F_REPLY_SEEN"] == layout.CT_F_REPLY_SEEN
     assert d["CT_F_NODE_SOCKET"] == layout.CT_F_NODE_SOCKET
     assert d["CT_F_HAIRPIN"] == layout.CT_F_HAIRPIN
+    assert d["FIRST_POD_IDENTITY"] == layout.FIRST_POD_IDENTITY
+    assert d["CT_F_TUNNEL"] == layout.CT_F_TUNNEL
+    assert d["CT_F_AUTH"] == layout.CT_F_AUTH
+    for name in ("TUNNEL_OUT_PORT", "TUNNEL_IN_PORT", "NM_MARK_AUTH", "NM_MARK_TUNNEL"):
+        assert d[name] == getattr(layout, name), name
+    assert (layout.NM_MARK_AUTH | layout.NM_MARK_TUNNEL) & layout.PROXY_MARK_MASK == 0
     assert d["POLICY_CIDR_MAX_RULES"] == layout.POLICY_CIDR_MAX_RULES
     assert d["POLICY_KEY_BITS"] == layout.POLICY_KEY_BITS
     assert d["NM_MAGLEV_M_DEFAULT"] == layout.MAGLEV_DEFAULT_M
