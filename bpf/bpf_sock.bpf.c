@@ -252,9 +252,9 @@ static __always_inline int sock4_xlate_rev(struct bpf_sock_addr *ctx)
 
 /* An event of connect4_proxy, told as the client pod's: its veth, its identity, egress. */
 static __always_inline void emit_proxy_event(struct bpf_sock_addr *ctx, __u8 type, __u8 verdict,
-					     __u8 reason, __u32 ifindex, const struct nm_pkt *p,
-					     __u32 src_identity, __u32 dst_identity,
-					     __u32 policy_id)
+					     __u8 reason, __u8 direction, __u32 ifindex,
+					     const struct nm_pkt *p, __u32 src_identity,
+					     __u32 dst_identity, __u32 policy_id)
 {
 	struct flow_event *e = bpf_ringbuf_reserve(&nm_events, sizeof(*e), 0);
 
@@ -266,7 +266,7 @@ static __always_inline void emit_proxy_event(struct bpf_sock_addr *ctx, __u8 typ
 	e->type = type;
 	e->verdict = verdict;
 	e->reason = reason;
-	e->direction = DIR_EGRESS;
+	e->direction = direction;
 	e->ifindex = ifindex;
 	e->saddr = p->saddr;
 	e->daddr = p->daddr;
@@ -287,26 +287,69 @@ static __always_inline void emit_proxy_event(struct bpf_sock_addr *ctx, __u8 typ
 	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
-static __always_inline int proxy_deny(struct bpf_sock_addr *ctx, __u8 reason, __u32 ifindex,
-				      const struct nm_pkt *p, __u32 src_identity,
-				      __u32 dst_identity, __u32 policy_id)
+static __always_inline int proxy_refuse(struct bpf_sock_addr *ctx, __u8 reason, __u8 direction,
+					__u32 ifindex, const struct nm_pkt *p,
+					__u32 src_identity, __u32 dst_identity, __u32 policy_id)
 {
-	metrics_add(reason, DIR_EGRESS, VERDICT_DROPPED, 0);
+	metrics_add(reason, direction, VERDICT_DROPPED, 0);
 	flowcnt_add(src_identity, dst_identity, p->dport, p->protocol, VERDICT_DROPPED,
-		    DIR_EGRESS, 0);
-	emit_proxy_event(ctx, EV_DROP, VERDICT_DROPPED, reason, ifindex, p, src_identity,
-			 dst_identity, policy_id);
+		    direction, 0);
+	emit_proxy_event(ctx, EV_DROP, VERDICT_DROPPED, reason, direction, ifindex, p,
+			 src_identity, dst_identity, policy_id);
 	/* The default for a rejecting connect4 program, made explicit: Envoy reports the
 	 * upstream as a connect failure (503). */
 	bpf_set_retval(-EPERM);
 	return SYS_REJECT;
 }
 
+/* The node Envoy's upstream connect() on behalf of a client that is not a pod of this node: the
+ * inbound tunnel (after mutual TLS, NM_MARK_AUTH on the socket) or a plaintext connection it
+ * passes through (PERMISSIVE). To a local pod, that pod's *ingress* policy decides now, for the
+ * client's identity: a denied connection fails at once (the tunnel is closed, the client's own
+ * connection with it) instead of waiting out a connect timeout on a SYN its veth drops.
+ * to_container still decides the same on the packet. */
+static __always_inline int sock4_proxy_ingress(struct bpf_sock_addr *ctx, struct bpf_sock *sk,
+					       __be32 src, __u8 protocol)
+{
+	__be32 dst = ctx->user_ip4;
+	struct lxc_info *lxc = bpf_map_lookup_elem(&nm_lxc, &dst);
+
+	if (!lxc || protocol != IPPROTO_TCP)
+		return SYS_PROCEED;
+
+	__u32 ifindex = lxc->ifindex;
+	__u32 local_identity = lxc->identity;
+	struct node_config *cfg = node_config();
+	struct nm_pkt p = {
+		.saddr = src,
+		.daddr = dst,
+		.sport = bpf_htons((__u16)sk->src_port),
+		.dport = (__be16)ctx->user_port,
+		.protocol = protocol,
+	};
+	__u32 remote_identity = identity_of(src, cfg);
+	struct endpoint_info *ep = bpf_map_lookup_elem(&nm_endpoints, &ifindex);
+
+	if (!ep)
+		return proxy_refuse(ctx, DROP_UNKNOWN_ENDPOINT, DIR_INGRESS, ifindex, &p,
+				    remote_identity, local_identity, 0);
+
+	struct policy_decision d = { .verdict = POLICY_ALLOW };
+
+	if (!always_allowed(&p, DIR_INGRESS, remote_identity, cfg))
+		policy_decide(&d, ifindex, DIR_INGRESS, (ep->flags & EP_F_INGRESS_ENFORCED) != 0,
+			      remote_identity, src, &p, (sk->mark & NM_MARK_AUTH) != 0);
+	if (d.verdict == POLICY_DENY)
+		return proxy_refuse(ctx, d.reason, DIR_INGRESS, ifindex, &p, remote_identity,
+				    local_identity, d.policy_id);
+	return SYS_PROCEED;
+}
+
 /* The node Envoy's upstream connect(). Envoy's original_src binds the socket to the client
  * pod's IP before connecting, so the bound address says on whose behalf it connects: that
  * pod's egress policy decides, exactly as from_container decides a new connection of the pod
  * (which never sees this one: it leaves from the node namespace). Sockets not bound to a
- * local pod's address are the proxy's own business. */
+ * local pod's address are the tunnel's: see sock4_proxy_ingress. */
 static __always_inline int sock4_proxy_egress(struct bpf_sock_addr *ctx)
 {
 	struct bpf_sock *sk = ctx->sk;
@@ -323,7 +366,7 @@ static __always_inline int sock4_proxy_egress(struct bpf_sock_addr *ctx)
 	struct lxc_info *lxc = bpf_map_lookup_elem(&nm_lxc, &src);
 
 	if (!lxc)
-		return SYS_PROCEED;
+		return sock4_proxy_ingress(ctx, sk, src, protocol);
 
 	__u32 ifindex = lxc->ifindex;
 	__u32 local_identity = lxc->identity;
@@ -347,8 +390,8 @@ static __always_inline int sock4_proxy_egress(struct bpf_sock_addr *ctx)
 
 	/* Fail-closed as at the veth: an endpoint whose policy is not in place yet. */
 	if (!ep)
-		return proxy_deny(ctx, DROP_UNKNOWN_ENDPOINT, ifindex, &p, local_identity,
-				  remote_identity, 0);
+		return proxy_refuse(ctx, DROP_UNKNOWN_ENDPOINT, DIR_EGRESS, ifindex, &p,
+				    local_identity, remote_identity, 0);
 
 	struct policy_decision d = { .verdict = POLICY_ALLOW };
 
@@ -357,14 +400,14 @@ static __always_inline int sock4_proxy_egress(struct bpf_sock_addr *ctx)
 			      remote_identity, p.daddr, &p, authenticated);
 	/* REDIRECT (an egress L7 rule) is allowed: this is the proxy that enforces it. */
 	if (d.verdict == POLICY_DENY)
-		return proxy_deny(ctx, d.reason, ifindex, &p, local_identity, remote_identity,
-				  d.policy_id);
+		return proxy_refuse(ctx, d.reason, DIR_EGRESS, ifindex, &p, local_identity,
+				    remote_identity, d.policy_id);
 
 	metrics_add(0, DIR_EGRESS, VERDICT_FORWARDED, 0);
 	flowcnt_add(local_identity, remote_identity, p.dport, protocol, VERDICT_FORWARDED,
 		    DIR_EGRESS, 0);
-	emit_proxy_event(ctx, EV_TRACE, VERDICT_FORWARDED, 0, ifindex, &p, local_identity,
-			 remote_identity, d.policy_id);
+	emit_proxy_event(ctx, EV_TRACE, VERDICT_FORWARDED, 0, DIR_EGRESS, ifindex, &p,
+			 local_identity, remote_identity, d.policy_id);
 	return SYS_PROCEED;
 }
 

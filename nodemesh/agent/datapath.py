@@ -418,7 +418,7 @@ class DatapathSync:
             for key, val in lowered.policy.items():
                 policy_pairs.append((L.PolicyKey(key.prefixlen, key.endpoint, key.identity,
                                                  key.direction, key.protocol, key.dport),
-                                     L.PolicyEntry(val.verdict, 0, val.proxy_port, val.policy_id)))
+                                     L.PolicyEntry(val.verdict, val.flags, val.proxy_port, val.policy_id)))
             for ckey, cval in lowered.cidr.items():
                 cidr = f"{ckey.addr}/{ckey.prefixlen - 64}"
                 cidr_pairs.append((L.policy_cidr_key(ckey.endpoint, ckey.direction, cidr),
@@ -536,11 +536,20 @@ class DatapathSync:
                                    for ep in self.endpoints.values())
         if self.on_local_ips is not None:
             self.on_local_ips(self.local_ips)
+        spiffe_ids = {}
+        if self.cfg.mtls:
+            from nodemesh.certs.spiffe import spiffe_id
+
+            td = self.cfg.trust_domain
+            for p, ip in pods.values():
+                spec = p.get("spec") or {}
+                sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+                spiffe_ids[ip] = spiffe_id(td, p["metadata"]["namespace"], sa)
         self.context = StaticContext(
             node_name=self.node.name, by_ip=by_ip, by_identity=by_identity,
             services_by_revnat=revnat, services_by_address=dict(svc_names),
             policies=dict(policy_names),
-            boot_offset_ns=time.time_ns() - time.monotonic_ns())
+            boot_offset_ns=time.time_ns() - time.monotonic_ns(), spiffe_ids=spiffe_ids)
 
     # ---- events ----------------------------------------------------------------------------
     def _on_event(self, raw: bytes) -> None:

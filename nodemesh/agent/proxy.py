@@ -30,6 +30,7 @@ from nodemesh.agent.certs import CertManager
 from nodemesh.agent.certs import state_file as certs_state_file
 from nodemesh.agent.informer import RESYNC_SECONDS, SyncedRevision
 from nodemesh.agent.l7flows import AccessLogFlow
+from nodemesh.agent.tunnelflows import tunnel_failure
 from nodemesh.certs.spiffe import spiffe_id
 from nodemesh.cluster import netns
 from nodemesh.cluster.config import ClusterConfig, read_json, write_json_atomic
@@ -39,7 +40,7 @@ from nodemesh.errors import NodemeshError
 from nodemesh.mtls.tls import ROOTS_SECRET
 from nodemesh.mtls.tunnel import TunnelInput, TunnelPlan, mesh_pods, plan_tunnel
 from nodemesh.observe.ring import FlowRing
-from nodemesh.proxy.als import AccessLogReceiver
+from nodemesh.proxy.als import AccessLogReceiver, tcp_entry_to_dict
 from nodemesh.proxy.envoy import EnvoyProcess, bootstrap
 from nodemesh.proxy.snapshot import CLUSTER, LISTENER, SECRET, Snapshot
 from nodemesh.proxy.xds import XdsServer
@@ -113,6 +114,8 @@ class ProxyManager:
         self._pending_local: dict[str, tuple[dict, str]] = {}
         self._mesh_reported: dict | None = None
         self._push_lock: asyncio.Lock | None = None
+        self._acked_changed: asyncio.Condition | None = None  # tunnel_acked was replaced
+        self.tunnel_failures = 0  # failed tunnel connections Envoy logged
 
     # ---- persistence of listener ports (a restarted agent keeps Envoy's listeners as they are) --
     def _load_ports(self) -> dict[RedirectKey, int]:
@@ -131,6 +134,7 @@ class ProxyManager:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._push_lock = asyncio.Lock()
+        self._acked_changed = asyncio.Condition()
         netns.ip_batch([f"addr replace {PROXY_IP}/32 dev lo"])
         await self.xds.start(self.socket, als=self.als)
         await asyncio.to_thread(self._ensure_envoy)
@@ -299,17 +303,22 @@ class ProxyManager:
         fut.result(timeout + 5)
 
     async def _cover(self, uid: str, pod: dict, ip: str, timeout: float) -> None:
+        # The proxy's loop syncs (pods created together share one push); this waits for it.
         self._pending_local[uid] = (pod, ip)
+        self._kick()
         deadline = time.monotonic() + timeout
-        while True:
-            await self.sync()
-            acked = self.tunnel_acked
-            if acked is not None and ip in acked.sources:
-                return
-            if time.monotonic() > deadline:
-                raise NodemeshError(f"pod {meta_ref(pod)}: the node's Envoy did not take its "
-                                    f"mutual-TLS configuration within {timeout:g} s")
-            await asyncio.sleep(0.05)
+        assert self._acked_changed is not None
+        async with self._acked_changed:
+            while True:
+                acked = self.tunnel_acked
+                if acked is not None and ip in acked.sources:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise NodemeshError(f"pod {meta_ref(pod)}: the node's Envoy did not take "
+                                        f"its mutual-TLS configuration within {timeout:g} s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._acked_changed.wait(), min(left, 1.0))
 
     async def sync(self) -> None:
         assert self._push_lock is not None
@@ -364,6 +373,9 @@ class ProxyManager:
             not secrets or self._acked(SECRET, sds_version))
         if tunnel is not None and listeners_ok:
             self.tunnel_acked = tunnel
+            assert self._acked_changed is not None
+            async with self._acked_changed:
+                self._acked_changed.notify_all()
             if tunnel.listeners and self.datapath is not None:
                 await asyncio.to_thread(self.datapath.set_tunnel_up)
             await asyncio.to_thread(self._report_mesh, secrets)
@@ -477,9 +489,18 @@ class ProxyManager:
             self._loop.call_soon_threadsafe(self._dirty.set)
 
     def _on_access_log(self, node: str, _log_name: str,
-                       entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
+                       entry: accesslog_pb2.HTTPAccessLogEntry | accesslog_pb2.TCPAccessLogEntry
+                       ) -> None:
         ctx = self.datapath.context if self.datapath is not None else None
         if ctx is None:
+            return
+        if isinstance(entry, accesslog_pb2.TCPAccessLogEntry):
+            # The tunnel's failures only (they are rare: build the flow now).
+            self.tunnel_failures += 1
+            raw = entry.SerializeToString()
+            flow = tunnel_failure(tcp_entry_to_dict(entry), ctx, raw)
+            if flow is not None:
+                self.flows.add(flow)
             return
         self.flows.add(AccessLogFlow(entry.SerializeToString(), node, ctx, self.listener_targets,
                                      self.l7_policy_names))
@@ -511,7 +532,8 @@ class ProxyManager:
                 "error": self.certs.last_error,
                 "tunnel": {"acked": acked is not None,
                            "sources": len(acked.sources) if acked else 0,
-                           "inbound": len(acked.inbound_pods) if acked else 0},
+                           "inbound": len(acked.inbound_pods) if acked else 0,
+                           "failures": self.tunnel_failures},
                 "trustedRoots": list(self.bundle_fingerprints)}
 
 

@@ -25,6 +25,7 @@ from nodemesh.cluster.procs import ProcRef
 from nodemesh.errors import InvalidManifest, NodemeshError, NotFound
 from nodemesh.model.kinds import KINDS, KindInfo, obj_ref, ref, resolve_kind
 from nodemesh.store import Store, open_store
+from nodemesh.store.base import now_rfc3339
 
 
 # ---- helpers -----------------------------------------------------------------------------
@@ -129,6 +130,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     routes = store.list("HTTPRoute") + store.list("GRPCRoute")
     print(f"routes:     {len(store.list('HTTPRoute'))} HTTPRoute, "
           f"{len(store.list('GRPCRoute'))} GRPCRoute")
+    print(f"mtls:       {_mtls_status_line(cfg, store)}")
     # Problems a user must see: routes not accepted (with Envoy's word on a rejection).
     for r in routes:
         for p in (r.get("status") or {}).get("parents") or []:
@@ -294,7 +296,54 @@ def _fetch(store: Store, info: KindInfo, args: argparse.Namespace) -> list[dict]
     return objs
 
 
+CERT_KINDS = ("certificates", "certificate", "certs", "cert")
+
+
+def _node_certificates(cfg: ClusterConfig) -> list[dict]:
+    """What every node's agent holds: {node, mtls, certificates: [...]} (down agents: error)."""
+    from nodemesh.agent.api import AgentClient
+
+    out = []
+    for n in cfg.nodes:
+        try:
+            out.append(AgentClient(cfg.agent_socket(n.name), n.name, timeout=3)
+                       .get("/certificates"))
+        except NodemeshError as e:
+            out.append({"node": n.name, "error": e.message, "certificates": []})
+    return out
+
+
+def cmd_get_certificates(args: argparse.Namespace) -> int:
+    """`get certificates`: the workload certificates each node holds (no keys)."""
+    import json
+
+    cfg, _ = _store(args)
+    nodes = _node_certificates(cfg)
+    if args.output == "json":
+        print(json.dumps({"items": nodes}, indent=2))
+        return 0
+    if not cfg.mtls:
+        print("mutual TLS is off in this cluster (nodemesh up --mtls off)", file=sys.stderr)
+        return 0
+    rows = []
+    for n in nodes:
+        if n.get("error"):
+            rows.append([n["node"], "<agent unavailable>", "", "", "", n["error"]])
+        for c in n.get("certificates") or []:
+            left = float(c.get("expiresInSeconds", 0))
+            rows.append([n["node"], c["spiffeId"], c["serial"][:16], c["notAfter"],
+                         output.duration_text(left) if left > 0 else "EXPIRED",
+                         c.get("issuer", "")[:16]])
+    if not rows:
+        print("No certificates (no pods yet).", file=sys.stderr)
+        return 0
+    print(output.table(["NODE", "IDENTITY", "SERIAL", "EXPIRES", "IN", "ISSUER"], rows))
+    return 0
+
+
 def cmd_get(args: argparse.Namespace) -> int:
+    if args.kind.lower() in CERT_KINDS:
+        return cmd_get_certificates(args)
     _, store = _store(args)
     kinds = ([KINDS["Pod"], KINDS["Service"], KINDS["Deployment"]] if args.kind == "all"
              else [_kind(args.kind)])
@@ -327,14 +376,37 @@ def cmd_get(args: argparse.Namespace) -> int:
 def cmd_describe(args: argparse.Namespace) -> int:
     from nodemesh.cli.describe import describe
 
-    _, store = _store(args)
+    cfg, store = _store(args)
     info = _kind(args.kind)
     ns = _namespace(args) if info.namespaced else ""
     obj = store.get(info.kind, ns, args.name)
     if obj is None:
         raise NotFound(f"{ref(info.kind, ns or None, args.name)} not found")
-    print(describe(obj, store))
+    mesh = _pod_mesh(cfg, obj) if info.kind == "Pod" else None
+    print(describe(obj, store, mesh))
     return 0
+
+
+def _pod_mesh(cfg: ClusterConfig, pod: dict) -> dict | None:
+    """A pod's workload identity and the certificate its node holds for it."""
+    from nodemesh.agent.api import AgentClient
+    from nodemesh.certs.spiffe import spiffe_id
+
+    if not cfg.mtls:
+        return {"mtls": False}
+    spec = pod.get("spec") or {}
+    sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+    ident = spiffe_id(cfg.trust_domain, pod["metadata"]["namespace"], sa)
+    out: dict = {"mtls": True, "serviceAccount": sa, "spiffeId": ident}
+    node = spec.get("nodeName")
+    if node:
+        try:
+            st = AgentClient(cfg.agent_socket(node), node, timeout=3).get("/certificates")
+            out["certificate"] = next((c for c in st.get("certificates") or []
+                                       if c["spiffeId"] == ident), None)
+        except NodemeshError as e:
+            out["error"] = e.message
+    return out
 
 
 # ---- exec / logs ---------------------------------------------------------------------------
@@ -537,6 +609,101 @@ def cmd_ui(args: argparse.Namespace) -> int:
     _cluster(args)  # a clear error when there is no cluster
     return ui_main(["--state-dir", _state_dir(args), "--address", args.address,
                     "--port", str(args.port), "--window", str(args.window)])
+
+
+def _mtls_status_line(cfg: ClusterConfig, store: Store) -> str:
+    """mTLS on or off; the CA's root and its expiry; how many certificates each node holds."""
+    from nodemesh.certs.client import CaClient
+
+    if not cfg.mtls:
+        return "off (pod traffic crosses the underlay in clear)"
+    try:
+        root = CaClient(cfg.ca_socket, timeout=2).status()["activeRoot"]
+        ca = f"CA root {root['fingerprint'][:12]} until {root['notAfter']}"
+    except NodemeshError as e:
+        ca = f"CA unavailable ({e.message})"
+    counts = []
+    for n in cfg.nodes:
+        node = store.get("Node", "", n.name) or {}
+        mesh = (node.get("status") or {}).get("mesh") or {}
+        counts.append(f"{n.name} {mesh.get('certificates', 0)}")
+    return (f"on, trust domain {cfg.trust_domain}, {ca}; certificates: " + ", ".join(counts))
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    """`ca status`: the cluster CA and what each node holds; `ca rotate`: a new root, with no
+    failed connection (docs/security.md, "Rotation")."""
+    import json
+
+    from nodemesh.certs.client import CaClient
+    from nodemesh.cluster.trust import BUNDLE_NAME
+
+    cfg, store = _store(args)
+    if not cfg.mtls:
+        raise NodemeshError("mutual TLS is off in this cluster (nodemesh up --mtls off): "
+                            "it has no certificate authority", 1)
+    if args.what == "status":
+        st = CaClient(cfg.ca_socket).status()
+        bundle = store.get("TrustBundle", "", BUNDLE_NAME) or {}
+        st["bundle"] = {"roots": len((bundle.get("spec") or {}).get("roots") or []),
+                        "phase": ((bundle.get("spec") or {}).get("rotation") or {}).get("phase"),
+                        "lastRotation": (bundle.get("status") or {}).get("lastRotation")}
+        st["nodes"] = {n["node"]: len(n.get("certificates") or [])
+                       for n in _node_certificates(cfg)}
+        print(json.dumps(st, indent=2) if args.output == "json" else _ca_text(st))
+        return 0
+    _require_root("nodemesh ca rotate")
+    if lifecycle.daemon_ref(cfg) is None:
+        raise NodemeshError("the cluster daemon is not running (it carries out rotations): "
+                            "run `nodemesh up`", 1)
+    before = CaClient(cfg.ca_socket).status()["activeRoot"]["fingerprint"]
+    requested = now_rfc3339()
+    with store.transaction() as t:
+        cur = t.get("TrustBundle", "", BUNDLE_NAME)
+        if cur is None:
+            raise NodemeshError("no trust bundle in the store yet (is the daemon starting?)", 1)
+        phase = ((cur.get("spec") or {}).get("rotation") or {}).get("phase", "idle")
+        if phase != "idle":
+            raise NodemeshError(f"a rotation is under way already (phase {phase})", 1)
+        obj = {k: v for k, v in cur.items() if k != "status"}
+        obj["spec"] = {**cur["spec"], "rotate": requested}
+        t.put(obj)
+    print(f"rotation requested; old root {before[:16]}")
+    if not args.wait:
+        return 0
+    deadline = time.monotonic() + args.timeout
+    seen = ""
+    while time.monotonic() < deadline:
+        cur = store.get("TrustBundle", "", BUNDLE_NAME) or {}
+        spec = cur.get("spec") or {}
+        phase = (spec.get("rotation") or {}).get("phase", "")
+        if phase != seen:
+            seen = phase
+            text = {"prepared": "new root prepared: nodes are taking it into their trust bundle",
+                    "rotating": "every node trusts the new root: it signs now; nodes renew",
+                    "idle": "every node renewed: the old root is retired"}.get(phase, phase)
+            if phase != "idle" or spec.get("signing") != before:
+                print(f"  {text}")
+        if phase == "idle" and spec.get("signing") != before and not spec.get("rotate"):
+            print(f"rotated: new root {spec['signing'][:16]}")
+            return 0
+        time.sleep(0.2)
+    raise NodemeshError(f"the rotation did not finish within {args.timeout:g}s (phase {seen}); "
+                        f"see {os.path.join(cfg.state_dir, 'daemon.log')}", 1)
+
+
+def _ca_text(st: dict) -> str:
+    root = st.get("activeRoot") or {}
+    lines = [f"trust domain: {st.get('trustDomain')}",
+             f"CA:           {st.get('kind')} ({st.get('directory')})",
+             f"active root:  {root.get('subject')}, {root.get('fingerprint', '')[:16]}",
+             f"              valid {root.get('notBefore')} .. {root.get('notAfter')}",
+             f"bundle:       {st['bundle']['roots']} root(s), rotation "
+             f"{st['bundle']['phase'] or 'idle'}"
+             + (f", last rotation {st['bundle']['lastRotation']}"
+                if st["bundle"].get("lastRotation") else ""),
+             "certificates: " + ", ".join(f"{n} {c}" for n, c in sorted(st["nodes"].items()))]
+    return "\n".join(lines)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -27,7 +27,25 @@ def _conditions(conds: list[dict] | None, indent: int = 2) -> list[str]:
             output.table(["TYPE", "STATUS", "REASON", "MESSAGE"], rows).splitlines()]
 
 
-def describe(obj: dict, store: Store) -> str:
+def _mesh_rows(spec: dict, mesh: dict) -> list[tuple[str, object]]:
+    """The pod's workload identity and its certificate (mutual TLS)."""
+    sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+    if not mesh.get("mtls"):
+        return [("Service Account", sa), ("Mutual TLS", "off (nodemesh up --mtls off)")]
+    cert = mesh.get("certificate")
+    if cert:
+        left = float(cert.get("expiresInSeconds", 0))
+        when = f"in {output.duration_text(left)}" if left > 0 else "EXPIRED"
+        cert_text = f"serial {cert['serial'][:16]}, expires {cert['notAfter']} ({when})"
+    elif mesh.get("error"):
+        cert_text = f"<unknown: {mesh['error']}>"
+    else:
+        cert_text = "<none on its node yet>"
+    return [("Service Account", sa), ("Workload ID", mesh.get("spiffeId")),
+            ("Certificate", cert_text)]
+
+
+def describe(obj: dict, store: Store, mesh: dict | None = None) -> str:
     meta = obj["metadata"]
     kind = obj["kind"]
     lines = _kv([("Name", meta["name"])] +
@@ -50,6 +68,8 @@ def describe(obj: dict, store: Store) -> str:
                       ("Shim PID", sb.get("shimPID") or "<none>")])
         if status.get("message"):
             lines += _kv([("Reason", status.get("reason")), ("Message", status.get("message"))])
+        if mesh is not None:
+            lines += _kv(_mesh_rows(spec, mesh))
         lines.append("Containers:")
         st_by_name = {c["name"]: c for c in status.get("containerStatuses") or []}
         for c in spec.get("containers") or []:

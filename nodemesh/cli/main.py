@@ -129,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-n", "--namespace", dest="flow_namespace", action="append", default=[],
                     help="namespace, either side")
 
+    sp = cmd("ca", c.cmd_ca, "the cluster's certificate authority: status, rotate")
+    sp.add_argument("what", choices=["status", "rotate"])
+    sp.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    sp.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
+                    help="rotate: wait until every node renewed and the old root is retired")
+    sp.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
+
     sp = cmd("proxy", c.cmd_proxy, "the node Envoy's admin data, through its agent")
     sp.add_argument("what", choices=["stats", "clusters", "config"])
     sp.add_argument("--node", default=None, help="which node (default: every node)")

@@ -17,9 +17,12 @@ def age(ts: str | None, now: datetime | None = None) -> str:
         t = datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     except ValueError:
         return "<unknown>"
-    s = int(((now or datetime.now(UTC)) - t).total_seconds())
-    if s < 0:
-        s = 0
+    return duration_text(((now or datetime.now(UTC)) - t).total_seconds())
+
+
+def duration_text(seconds: float) -> str:
+    """A span as kubectl prints ages: 45s, 3m20s, 5h12m, 12d."""
+    s = max(0, int(seconds))
     if s < 120:
         return f"{s}s"
     if s < 3600:

@@ -27,7 +27,14 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from nodemesh.observe.flow import DROP_REASONS, EV_SOCK, PROTOCOLS, VERDICTS
+from nodemesh.observe.flow import (
+    DROP_REASONS,
+    EV_SOCK,
+    FLOW_F_AUTH,
+    FLOW_F_TUNNEL,
+    PROTOCOLS,
+    VERDICTS,
+)
 
 # The `protocol` label, as `observe_flow` derives it from a flow's l4 key.
 PROTOCOL_LABELS = {number: name.lower() for number, name in PROTOCOLS.items()}
@@ -61,7 +68,8 @@ class AgentMetrics:
         # Counted by plain tuples as flows arrive (cheap: the datapath's events are not even
         # decoded), turned into labelled series when Prometheus scrapes (`AgentCollector`).
         self.flow_counts: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
-        self.conn_counts: collections.Counter[tuple[str, int, int, str]] = collections.Counter()
+        self.conn_counts: collections.Counter[tuple[str, int, int, str, str]] = \
+            collections.Counter()
         self.local_ips: frozenset[bytes] = frozenset()  # this node's pod IPs (4 raw bytes each)
         self.http_requests = Counter(
             "nodemesh_http_requests", "HTTP requests through this node's proxy.",
@@ -109,7 +117,10 @@ class AgentMetrics:
         if ev.direction == 0 and ev.saddr_bytes in self.local_ips and verdict != "DROPPED":
             return
         src, dst = ev.identities
-        self.conn_counts[(proto, src, dst, verdict)] += 1
+        # Istio's label: "mutual_tls" for a connection carried in the tunnel (seen going in at
+        # the source, or coming out authenticated at the destination), "none" otherwise.
+        secure = "mutual_tls" if ev.flags & (FLOW_F_TUNNEL | FLOW_F_AUTH) else "none"
+        self.conn_counts[(proto, src, dst, verdict, secure)] += 1
 
     def observe_flow(self, flow: Mapping[str, Any]) -> None:
         l4 = flow.get("l4") or {}
@@ -174,14 +185,14 @@ class AgentCollector(Collector):
                 "tcp": CounterMetricFamily(
                     "nodemesh_tcp_connections",
                     "New TCP connections (one per connection, cluster-wide).",
-                    labels=[*PAIR, "verdict"]),
+                    labels=[*PAIR, "verdict", "connection_security_policy"]),
                 "udp": CounterMetricFamily(
                     "nodemesh_udp_flows", "New UDP flows (one per flow, cluster-wide).",
-                    labels=[*PAIR, "verdict"]),
+                    labels=[*PAIR, "verdict", "connection_security_policy"]),
             }
             totals: collections.Counter[tuple] = collections.Counter()
-            for (proto, src, dst, verdict), n in self.metrics.conn_counts.items():
-                totals[(proto, *name(src), *name(dst), verdict)] += n
+            for (proto, src, dst, verdict, secure), n in self.metrics.conn_counts.items():
+                totals[(proto, *name(src), *name(dst), verdict, secure)] += n
             for (proto, *labels), n in sorted(totals.items()):
                 fams[proto].add_metric(labels, n)
             yield from fams.values()

@@ -126,9 +126,8 @@ class _Rule:
         for key in unsupported:
             if r.get(pre + key) is not None:
                 raise self.fail(f"{where}.{pre}{key}", "not supported by nodemesh")
-        for key in ("icmps", "authentication"):
-            if r.get(key) is not None:
-                raise self.fail(f"{where}.{key}", "not supported by nodemesh")
+        if r.get("icmps") is not None:
+            raise self.fail(f"{where}.icmps", "not supported by nodemesh")
         fields = {k: r.get(pre + k) for k in ("Endpoints", "Entities", "CIDR", "CIDRSet")}
         given = {k: v for k, v in fields.items() if v is not None}
         if not given:
@@ -217,6 +216,7 @@ class _Rule:
         for i, r in enumerate(rule.get(name) or []):
             where = f"{path}.{name}[{i}]"
             peers = self.peers(r, direction, where)
+            auth = self.authentication(r, where)
             to_ports = r.get("toPorts")
             if peers is None:
                 if not to_ports:
@@ -224,11 +224,24 @@ class _Rule:
                 peers = ANY_PEER  # ports only: from any peer
             if peers.empty:
                 continue
+            if auth and peers.cidrs:
+                raise self.fail(f"{where}.authentication", "applies to endpoint and entity "
+                                "peers, whose identity can be proven; not to CIDR peers")
             if not to_ports:
-                self.b.emit(direction, peers, [ALL_PORTS], verdict, self.pid)
+                self.b.emit(direction, peers, [ALL_PORTS], verdict, self.pid, auth=auth)
                 continue
             for specs, http in self.port_rules(to_ports, where, deny):
-                self.b.emit(direction, peers, specs, verdict, self.pid, http)
+                self.b.emit(direction, peers, specs, verdict, self.pid, http, auth=auth)
+
+    def authentication(self, r: Mapping[str, Any], where: str) -> bool:
+        """authentication.mode: required → only authenticated peers match the rule."""
+        mode = (r.get("authentication") or {}).get("mode")
+        if mode in (None, "disabled"):
+            return False
+        if mode == "required":
+            return True
+        raise self.fail(f"{where}.authentication.mode", f"{mode!r} is not supported by nodemesh "
+                        "(required or disabled)")
 
 
 def compile_cilium_policy(ctx: Context, policy: Mapping[str, Any], b: Builder) -> None:

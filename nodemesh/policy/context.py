@@ -183,13 +183,14 @@ class Builder:
         verdict: Verdict,
         policy_id: int,
         http: Sequence[Mapping[str, Any]] | None = None,
+        auth: bool = False,
     ) -> None:
         """Add the rules for peers x ports; with `http`, the verdict is REDIRECT and the HTTP rules
-        are recorded for the proxy."""
+        are recorded for the proxy; with `auth`, only authenticated peers match."""
         if http is not None:
             verdict = Verdict.REDIRECT
         for spec in ports:
-            self._emit_identities(direction, peers, spec, verdict, policy_id, http)
+            self._emit_identities(direction, peers, spec, verdict, policy_id, http, auth)
             self._emit_cidrs(direction, peers, spec, verdict, policy_id, http)
 
     def _emit_identities(
@@ -200,6 +201,7 @@ class Builder:
         verdict: Verdict,
         policy_id: int,
         http: Sequence[Mapping[str, Any]] | None,
+        auth: bool = False,
     ) -> None:
         if not peers.identities:
             return
@@ -221,7 +223,8 @@ class Builder:
         for num, ports in per_identity.items():
             for pr in ports:
                 self.identity_rules.add(
-                    IdentityRule(direction, num, pr.protocol, pr.lo, pr.hi, verdict, policy_id)
+                    IdentityRule(direction, num, pr.protocol, pr.lo, pr.hi, verdict, policy_id,
+                                 auth=auth)
                 )
                 if http is not None:
                     self._l7(direction, pr, (num,), (), http, policy_id)

@@ -64,6 +64,9 @@ class PolicyKey:
     dport: int  # port number; masked to the prefix
 
 
+POLICY_F_AUTH = 1  # policy_entry.flags: only an authenticated peer matches
+
+
 @dataclass(frozen=True)
 class PolicyValue:
     """``struct policy_entry``."""
@@ -71,6 +74,7 @@ class PolicyValue:
     verdict: int
     proxy_port: int
     policy_id: int
+    flags: int = 0  # POLICY_F_AUTH
 
 
 @dataclass(frozen=True, order=True)
@@ -166,14 +170,19 @@ class _Cand:
     bits: int
     policy_id: int
     proxy_port: int
+    auth: bool = False
 
-    def rank(self) -> tuple[int, int, int, int]:
-        # the winner sorts first: highest precedence, most specific, lowest policy id
-        return (-PRECEDENCE[self.verdict], -self.bits, self.policy_id, self.proxy_port)
+    def rank(self) -> tuple[int, bool, int, int, int]:
+        # the winner sorts first: highest precedence; a rule that asks no proof of identity
+        # before one that does (the kernel looks up one prefix per space, and rules are ORed: a
+        # peer any of them allows is allowed); most specific; lowest policy id
+        return (-PRECEDENCE[self.verdict], self.auth, -self.bits, self.policy_id,
+                self.proxy_port)
 
 
 def _value(c: _Cand) -> PolicyValue:
-    return PolicyValue(int(c.verdict), c.proxy_port, c.policy_id)
+    return PolicyValue(int(c.verdict), c.proxy_port, c.policy_id,
+                       POLICY_F_AUTH if c.auth else 0)
 
 
 def _lower_space(rules: list[IdentityRule], proxy_port: int) -> dict[tuple[int, int], PolicyValue]:
@@ -182,7 +191,7 @@ def _lower_space(rules: list[IdentityRule], proxy_port: int) -> dict[tuple[int, 
     for r in rules:
         proxy = (r.proxy_port or proxy_port) if r.verdict == Verdict.REDIRECT else 0
         for bits, value in _prefixes(r):
-            cands[(bits, value)].append(_Cand(r.verdict, bits, r.policy_id, proxy))
+            cands[(bits, value)].append(_Cand(r.verdict, bits, r.policy_id, proxy, r.auth))
     winner: dict[tuple[int, int], _Cand] = {}
     for p in sorted(cands):  # shorter first: ancestors are decided before their children
         pool = list(cands[p])

@@ -93,6 +93,9 @@ class IdentityRule:
     verdict: Verdict
     policy_id: int
     proxy_port: int = 0  # REDIRECT only; 0 = the placeholder `lower` fills in
+    # CiliumNetworkPolicy authentication.mode: required: only a peer whose identity was proven
+    # (docs/security.md) matches this rule.
+    auth: bool = False
 
 
 @dataclass(frozen=True, order=True)

@@ -34,7 +34,8 @@ from google.protobuf import any_pb2, duration_pb2, json_format, symbol_database
 log = logging.getLogger("nodemesh.proxy.als")
 
 AccessLogCallback = Callable[[dict[str, Any]], object]
-RawAccessLogCallback = Callable[[str, str, accesslog_pb2.HTTPAccessLogEntry], None]
+RawAccessLogCallback = Callable[
+    [str, str, accesslog_pb2.HTTPAccessLogEntry | accesslog_pb2.TCPAccessLogEntry], None]
 
 # ResponseFlags field → the short code Envoy prints for %RESPONSE_FLAGS%.
 RESPONSE_FLAG_CODES: dict[str, str] = {
@@ -142,6 +143,7 @@ def _common(c: accesslog_pb2.AccessLogCommon) -> dict[str, Any]:
         "response_flags": response_flags(c.response_flags),
         "upstream_transport_failure_reason": c.upstream_transport_failure_reason or None,
         "connection_termination_details": c.connection_termination_details or None,
+        "downstream_transport_failure_reason": c.downstream_transport_failure_reason or None,
         "access_log_type": accesslog_pb2.AccessLogType.Name(c.access_log_type),
     }
     if c.HasField("time_to_first_upstream_rx_byte"):
@@ -247,8 +249,8 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
         if callback is None and raw_callback is None:
             raise ValueError("AccessLogReceiver needs a callback or a raw_callback")
         self.callback = callback
-        # Given, it takes every HTTP entry as it arrives, undecoded: (node, log_name, entry
-        # protobuf), on the stream's own task; it must be quick. The queue is then not used.
+        # Given, it takes every entry (HTTP or TCP) as it arrives, undecoded: (node, log_name,
+        # entry protobuf), on the stream's own task; it must be quick. The queue is then not used.
         self.raw_callback = raw_callback
         self.queue: asyncio.Queue[tuple[str, str, Any]] = asyncio.Queue(max_queue)
         self.received = 0
@@ -307,6 +309,7 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
                 # drained as fast as it arrives.
                 if self.raw_callback is not None:
                     self._hand_over(node, log_name, msg.http_logs.log_entry)
+                    self._hand_over(node, log_name, msg.tcp_logs.log_entry)
                     continue
                 for e in msg.http_logs.log_entry:
                     self._offer(node, log_name, e)

@@ -30,7 +30,9 @@ POLICY = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
                                 "ports": [{"port": 9090}]}]}}
 
 # In a pod: for `seconds`, either keep one connection busy (mode "long": a ping every 20 ms,
-# any error or wrong echo counts) or open new connections back to back (mode "new").
+# any error or wrong echo counts) or open new connections back to back (mode "new"), each of
+# which counts only when it echoes: with mutual TLS between nodes a client's connection is
+# accepted by its node's Envoy at once, and one the destination refuses is closed right after.
 LOAD = r"""
 import json, socket, sys, time
 ip, mode, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
@@ -50,9 +52,12 @@ else:
         try:
             # 1.5 s: a SYN the busy server's backlog dropped is retried after 1 s (that is TCP,
             # not the datapath); a denied connection never completes.
-            c = socket.create_connection((ip, 9090), timeout=1.5); c.close(); ok += 1
+            c = socket.create_connection((ip, 9090), timeout=1.5)
+            c.sendall(b"ping"); got = c.recv(16); c.close()
+            if got == b"ping": ok += 1
+            else: bad += 1; errors.append(repr(got)); time.sleep(0.05)
         except OSError as e:
-            bad += 1; errors.append(str(e))
+            bad += 1; errors.append(str(e)); time.sleep(0.05)
 print(json.dumps({"ok": ok, "bad": bad, "errors": errors[:5]}))
 """
 
@@ -87,7 +92,8 @@ def test_agent_sigkill_keeps_connections_and_verdicts(cluster: Cluster) -> None:
     assert results["stranger-new"]["ok"] == 0 and results["stranger-new"]["bad"] >= 3, results
     # And after the restart the verdicts are still the same.
     cluster.wait_synced()
-    probe = ("import socket,sys\ntry:\n socket.create_connection((sys.argv[1],9090),timeout=1);"
-             "print('open')\nexcept OSError:\n print('closed')")
+    probe = ("import socket,sys\ntry:\n c=socket.create_connection((sys.argv[1],9090),timeout=1)\n"
+             " c.sendall(b'ping')\n print('open' if c.recv(16)==b'ping' else 'closed')\n"
+             "except OSError:\n print('closed')")
     assert cluster.exec("friend", sys.executable, "-c", probe, ip).out.strip() == "open"
     assert cluster.exec("stranger", sys.executable, "-c", probe, ip).out.strip() == "closed"

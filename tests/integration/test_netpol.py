@@ -29,8 +29,10 @@ targets = json.loads(sys.argv[1]); timeout = float(sys.argv[2]); out = {}
 def probe(key, ip, proto, port):
     try:
         if proto == "TCP":
-            socket.create_connection((ip, port), timeout=timeout).close()
-            out[key] = True
+            # Reachable means answered: with mutual TLS between nodes, a connection is accepted
+            # by the client's node Envoy at once, and closed if the destination refuses it.
+            c = socket.create_connection((ip, port), timeout=timeout); c.settimeout(timeout)
+            c.sendall(b"hostname"); out[key] = bool(c.recv(256)); c.close()
         else:
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(timeout)
             s.sendto(b"hostname", (ip, port)); s.recvfrom(256); s.close()
