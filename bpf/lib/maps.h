@@ -25,6 +25,8 @@
 #define NM_LXC_MAX         NM_ENDPOINTS_MAX
 #define NM_NETNS_MAX       NM_ENDPOINTS_MAX
 #define NM_TUNNEL_PORT_MAX 4096
+#define NM_TUNNEL_SOCK_OUT 0 /* nm_tunnel_socks slots: the node Envoy's tunnel listeners */
+#define NM_TUNNEL_SOCK_IN  1
 
 /* Default Maglev table size; the loader sets the real one (a prime) as the map's value size and
  * as the .rodata constant nm_maglev_m before load. */
@@ -204,6 +206,17 @@ struct {
 	__type(value, struct tunnel_port_val);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } nm_tunnel_port SEC(".maps");
+
+/* The node Envoy's tunnel listeners (NM_TUNNEL_SOCK_*), put here by the agent: the netns
+ * socket-lookup program (bpf_netns.bpf.c) hands the tunnel's connections to them. A socket
+ * leaves the map by itself when Envoy closes it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKMAP);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_tunnel_socks SEC(".maps");
 
 static __always_inline struct node_config *node_config(void)
 {

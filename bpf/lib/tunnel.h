@@ -44,14 +44,18 @@ static __always_inline int tunnel_wanted(const struct ipcache_entry *e, __be32 d
 	return (e->flags & IPC_F_TUNNEL) != 0;
 }
 
-/* Hand the packet (a SYN) to the node Envoy's listener on proxy_ip:port and mark it for local
- * delivery. 0 on success, else the drop reason. */
+/* A SYN for the tunnel: mark it for local delivery, where the node's socket lookup finds the
+ * connection's own socket (a TIME-WAIT of an earlier connection on the same tuple, which then
+ * makes room for it) or, for a new one, the netns socket-lookup program (bpf_netns.bpf.c) hands
+ * it to Envoy's listener on proxy_ip:port. Handing the SYN to the listener here with
+ * bpf_sk_assign would skip that first step: the kernel then drops a SYN whose tuple a TIME-WAIT
+ * socket still holds. 0, or the drop reason when the listener is not there. */
 static __always_inline int tunnel_assign(struct __sk_buff *skb, __be32 saddr, __be16 sport,
 					 const struct node_config *cfg, __u16 port)
 {
 	struct bpf_sock_tuple tuple = {};
 	struct bpf_sock *sk;
-	long err;
+	int listening;
 
 	tuple.ipv4.saddr = saddr;
 	tuple.ipv4.sport = sport;
@@ -60,14 +64,10 @@ static __always_inline int tunnel_assign(struct __sk_buff *skb, __be32 saddr, __
 	sk = bpf_sk_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
 	if (!sk)
 		return DROP_SOCKET_LOOKUP_FAILED;
-	if (sk->state != BPF_TCP_LISTEN) {
-		bpf_sk_release(sk);
-		return DROP_SOCKET_LOOKUP_FAILED;
-	}
-	err = bpf_sk_assign(skb, sk, 0);
+	listening = sk->state == BPF_TCP_LISTEN;
 	bpf_sk_release(sk);
-	if (err)
-		return DROP_SOCKET_ASSIGN_FAILED;
+	if (!listening)
+		return DROP_SOCKET_LOOKUP_FAILED;
 	skb->mark = (skb->mark & ~PROXY_MARK_MASK) | PROXY_MARK;
 	return 0;
 }

@@ -166,6 +166,7 @@ class DatapathSync:
         self.timer = None  # set by the agent: a context manager factory for reconcile timing
         self.local_ips: frozenset[bytes] = frozenset()
         self.on_local_ips = None  # called with local_ips after each sync (the agent's metrics)
+        self._tunnel_socks: dict[int, int] = {}  # nm_tunnel_socks as last written (cookies)
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -477,10 +478,21 @@ class DatapathSync:
             objs.append(p)
         return datapath_tunnel(mesh_pods(objs, peer_auths), self.node.name)
 
-    def set_tunnel_up(self) -> None:
-        """The node Envoy has the tunnel's listeners: from now on the datapath hands the pods'
-        connections to other nodes to them (and the SYNs from other nodes)."""
+    def set_tunnel_up(self, envoy_pid: int) -> None:
+        """The node Envoy has the tunnel's listeners: put them where the node's socket lookup
+        finds them (nm_tunnel_socks), then let the datapath hand the pods' connections to other
+        nodes to them (and the SYNs from other nodes). Idempotent: it refills the listeners
+        after an Envoy restart."""
+        from nodemesh.datapath.layout import TUNNEL_IN_PORT, TUNNEL_OUT_PORT
+
         with self._lock:
+            have = self.dp.tunnel_listener_cookies()
+            if len(have) < 2 or have != self._tunnel_socks:
+                got = self.dp.set_tunnel_listeners(envoy_pid, {0: TUNNEL_OUT_PORT,
+                                                               1: TUNNEL_IN_PORT})
+                self._tunnel_socks = self.dp.tunnel_listener_cookies()
+                log.info("tunnel listeners of Envoy pid %d in the socket lookup: %s",
+                         envoy_pid, sorted(got))
             current = self.dp.config.get(L.u32(0))
             flags = L.ConfigFlags(current.flags) if current is not None else L.ConfigFlags.NONE
             if flags & L.ConfigFlags.TUNNEL:

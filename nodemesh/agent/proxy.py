@@ -376,8 +376,8 @@ class ProxyManager:
             assert self._acked_changed is not None
             async with self._acked_changed:
                 self._acked_changed.notify_all()
-            if tunnel.listeners and self.datapath is not None:
-                await asyncio.to_thread(self.datapath.set_tunnel_up)
+            if tunnel.listeners and self.datapath is not None and self.envoy is not None:
+                await asyncio.to_thread(self.datapath.set_tunnel_up, self.envoy.pid)
             await asyncio.to_thread(self._report_mesh, secrets)
         state = self.xds.sync_state(self.node)
         # 3. New redirects, once Envoy has the listeners.

@@ -501,6 +501,7 @@ MAPS: dict[str, tuple[type, type | None]] = {
     "nm_lxc": (be32, LxcInfo),
     "nm_netns": (u64, NetnsInfo),
     "nm_tunnel_port": (TunnelPortKey, TunnelPortVal),
+    "nm_tunnel_socks": (u32, u64),  # a SOCKMAP: written with fds, read back as socket cookies
     "nm_lost": (u32, u64),
 }
 RINGBUF_MAPS = ("nm_events",)

@@ -60,7 +60,9 @@ BPF_CGROUP_INET4_GETPEERNAME = 29
 BPF_TCX_INGRESS = 46  # kernel >= 6.6; unknown to libbpf 1.1, passed through by bpf_link_create
 BPF_TCX_EGRESS = 47
 
+BPF_SK_LOOKUP = 36  # a network namespace's socket lookup (kernel >= 5.9)
 BPF_LINK_TYPE_CGROUP = 3
+BPF_LINK_TYPE_NETNS = 5
 BPF_LINK_TYPE_TCX = 11
 
 CLONE_NEWNET = 0x40000000
@@ -337,6 +339,31 @@ class LinkInfo(ctypes.Structure):
     def tcx_attach_type(self) -> int:
         return int(self.u0) >> 32
 
+    @property
+    def netns_ino(self) -> int:
+        return int(self.u0) & 0xFFFFFFFF
+
+
+_SYS_PIDFD_OPEN, _SYS_PIDFD_GETFD = 434, 438
+
+
+def pidfd_getfd(pid: int, target_fd: int) -> int:
+    """A duplicate, in this process, of file descriptor `target_fd` of process `pid`
+    (pidfd_getfd(2): root, kernel >= 5.6). The caller closes it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = libc.syscall(_SYS_PIDFD_OPEN, pid, 0)
+    if pidfd < 0:
+        err = ctypes.get_errno()
+        raise BpfError(err, f"pidfd_open({pid}): {os.strerror(err)}")
+    try:
+        fd = libc.syscall(_SYS_PIDFD_GETFD, pidfd, target_fd, 0)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise BpfError(err, f"pidfd_getfd({pid}, {target_fd}): {os.strerror(err)}")
+        return fd
+    finally:
+        os.close(pidfd)
+
 
 def _info(fd: int, info: ctypes.Structure, what: str) -> None:
     n = _u32(ctypes.sizeof(info))
@@ -391,6 +418,13 @@ def map_lookup_raw(fd: int, key: bytes, value_size: int) -> bytes | None:
         return None
     _check(ret, "lookup")
     return vbuf.raw
+
+
+def map_update_raw(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+    """Write one value given as bytes (a sockmap takes the socket's fd as its value)."""
+    kbuf = ctypes.create_string_buffer(key, len(key))
+    vbuf = ctypes.create_string_buffer(value, len(value))
+    _check(_map_update(fd, kbuf, vbuf, flags), "update")
 
 
 def obj_get(path: str | Path) -> int:
@@ -589,6 +623,16 @@ class Program:
         _link_disconnect(ptr)
         _link_destroy(ptr)
         return Link(fd, f"{self.name}@{cgroup_path}")
+
+    def attach_netns(self, attach_type: int = BPF_SK_LOOKUP) -> Link:
+        """A netns link (sk_lookup) on the calling thread's network namespace."""
+        ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            fd = _check(_link_create(self.fd, ns, attach_type, None),
+                        f"netns attach {self.name}")
+        finally:
+            os.close(ns)
+        return Link(fd, f"{self.name}@netns")
 
     def attach_tcx(self, ifindex: int, ingress: bool) -> Link:
         """A tcx link on ifindex of the calling thread's network namespace."""

@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # load order: bpf_lxc creates the pins, the others reuse them
-OBJECTS = ("bpf_lxc", "bpf_sock", "bpf_host")
+OBJECTS = ("bpf_lxc", "bpf_sock", "bpf_host", "bpf_netns")
 SOCK_PROGRAMS = {
     "connect4": libbpf.BPF_CGROUP_INET4_CONNECT,
     "sendmsg4": libbpf.BPF_CGROUP_UDP4_SENDMSG,
@@ -83,6 +83,10 @@ PROXY_PIN = f"proxy-{PROXY_PROGRAM}"
 # the node's underlay device: the proxy return path for backends on other nodes
 NETDEV_PROGRAM = "from_netdev"
 NETDEV_PIN_PREFIX = "netdev-"
+# the node namespace's socket lookup: the tunnel's listeners (lib/tunnel.h)
+NETNS_PROGRAM = "tunnel_lookup"
+NETNS_PIN = f"netns-{NETNS_PROGRAM}"
+TUNNEL_SOCKS_MAP = "nm_tunnel_socks"
 CLANG_FLAGS = ["-O2", "-g", "-target", "bpf", "-mcpu=v3", "-Wall", "-Werror",
                "-I/usr/include/x86_64-linux-gnu"]
 MAGLEV_MAP = "nm_lb4_maglev"
@@ -147,6 +151,22 @@ def _enum(cls: Any, value: int) -> Any:
 
 
 # --- host plumbing the agent and the tests share ----------------------------------------------
+def _listening_inodes(pid: int, ports: set[int]) -> dict[int, int]:
+    """socket inode -> port, for the TCP listening sockets of `pid`'s network namespace on
+    those ports (IPv4)."""
+    out = {}
+    with open(f"/proc/{pid}/net/tcp") as f:
+        next(f, None)
+        for line in f:
+            parts = line.split()
+            if len(parts) < 10 or parts[3] != "0A":  # TCP_LISTEN
+                continue
+            port = int(parts[1].rsplit(":", 1)[1], 16)
+            if port in ports:
+                out[int(parts[9])] = port
+    return out
+
+
 def cgroup2_root() -> Path:
     """Where the cgroup v2 hierarchy is mounted: /sys/fs/cgroup/unified on hybrid hosts,
     /sys/fs/cgroup on unified ones."""
@@ -382,6 +402,7 @@ class Datapath:
                 obj.load()
                 self._restore_migrated()
             self._attach_sock_programs()
+            self._in_netns(self._attach_netns_program)
             self._adopt_tcx_links()
             self._adopt_host_links()
         except BaseException:
@@ -402,6 +423,58 @@ class Datapath:
             what = self._adopt_link(f"cgroup-{prog_name}", prog, ok,
                                     lambda p=prog: p.attach_cgroup(self.cgroup_path))
             log.info("%s: cgroup %s link %s", self.node, prog_name, what)
+
+    def _attach_netns_program(self) -> None:
+        """tunnel_lookup on the node's network namespace (it passes every lookup until the
+        tunnel is up)."""
+        prog = self._objects["bpf_netns"].program(NETNS_PROGRAM)
+        ino = os.stat("/proc/thread-self/ns/net").st_ino
+
+        def ok(info: libbpf.LinkInfo) -> bool:
+            return info.type == libbpf.BPF_LINK_TYPE_NETNS and info.netns_ino == ino
+
+        what = self._adopt_link(NETNS_PIN, prog, ok, prog.attach_netns)
+        log.info("%s: netns %s link %s", self.node, NETNS_PROGRAM, what)
+
+    def set_tunnel_listeners(self, pid: int, ports: Mapping[int, int]) -> dict[int, int]:
+        """Put the node Envoy's listening sockets (process `pid`, in this node's namespace) on
+        `ports` into nm_tunnel_socks: slot -> port. Returns slot -> the socket's cookie for the
+        slots it filled; a port with no listener leaves its slot as it is."""
+        self._require_loaded()
+        inodes = _listening_inodes(pid, set(ports.values()))
+        out: dict[int, int] = {}
+        m = self.map(TUNNEL_SOCKS_MAP)
+        fds_dir = f"/proc/{pid}/fd"
+        wanted = {port: slot for slot, port in ports.items()}
+        for name in os.listdir(fds_dir):
+            try:
+                link = os.readlink(os.path.join(fds_dir, name))
+            except OSError:
+                continue
+            if not link.startswith("socket:["):
+                continue
+            port = inodes.get(int(link[8:-1]))
+            if port is None or port not in wanted or wanted[port] in out:
+                continue
+            fd = libbpf.pidfd_getfd(pid, int(name))
+            try:
+                libbpf.map_update_raw(m.fd, wanted[port].to_bytes(4, "little"),
+                                      fd.to_bytes(8, "little"))
+            finally:
+                os.close(fd)
+            cookie = libbpf.map_lookup_raw(m.fd, wanted[port].to_bytes(4, "little"), 8)
+            out[wanted[port]] = int.from_bytes(cookie or bytes(8), "little")
+        return out
+
+    def tunnel_listener_cookies(self) -> dict[int, int]:
+        """slot -> socket cookie of what nm_tunnel_socks holds now (a closed socket leaves)."""
+        m = self.map(TUNNEL_SOCKS_MAP)
+        out = {}
+        for slot in (0, 1):
+            raw = libbpf.map_lookup_raw(m.fd, slot.to_bytes(4, "little"), 8)
+            if raw:
+                out[slot] = int.from_bytes(raw, "little")
+        return out
 
     def _adopt_tcx_links(self) -> None:
         """Switch the tcx links of earlier agents to this build (their devices are checked

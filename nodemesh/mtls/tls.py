@@ -11,6 +11,7 @@ from typing import Any
 ALPN = "nodemesh-tunnel"
 ROOTS_SECRET = "nodemesh/trust-bundle"  # the SDS secret with the trust bundle (validation context)
 SOL_SOCKET, SO_MARK = 1, 36
+SOL_IP, IP_BIND_ADDRESS_NO_PORT = 0, 24
 _TYPE = "type.googleapis.com/"
 _TLS = "envoy.transport_sockets.tls"
 
@@ -59,3 +60,16 @@ def downstream_tls(identity: str, peer_san: dict[str, Any]) -> dict[str, Any]:
 def mark_option(mark: int) -> dict[str, Any]:
     """SO_MARK on an upstream socket, before it binds."""
     return {"level": SOL_SOCKET, "name": SO_MARK, "int_value": mark, "state": "STATE_PREBIND"}
+
+
+def late_port_option() -> dict[str, Any]:
+    """IP_BIND_ADDRESS_NO_PORT on an upstream socket bound to the client's address
+    (original_src): the kernel then picks the source port at connect(), for that destination,
+    as the client's own kernel would; bound first with port 0 it picks one blind to the
+    destination, which can meet a TIME-WAIT of an earlier connection to the same pod port."""
+    return {"level": SOL_IP, "name": IP_BIND_ADDRESS_NO_PORT, "int_value": 1,
+            "state": "STATE_PREBIND"}
+
+
+def upstream_socket_options(mark: int = 0) -> list[dict[str, Any]]:
+    return ([mark_option(mark)] if mark else []) + [late_port_option()]

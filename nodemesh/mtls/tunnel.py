@@ -67,7 +67,7 @@ from nodemesh.mtls.tls import (
     ALPN,
     any_workload,
     downstream_tls,
-    mark_option,
+    upstream_socket_options,
     upstream_tls,
 )
 from nodemesh.route.protos import Cluster, Listener, parse
@@ -327,13 +327,16 @@ def plan_tunnel(inp: TunnelInput) -> TunnelPlan:
     if ready:
         listeners.append(_outbound_listener(td, ready, local, remote))
         clusters += [_original_dst(outbound_cluster_name(w),
-                                   transport_socket=upstream_tls(w.spiffe(td), any_workload(td)))
+                                   transport_socket=upstream_tls(w.spiffe(td), any_workload(td)),
+                                   upstream_bind_config={
+                                       "socket_options": upstream_socket_options()})
                      for w in ready]
     if local:
         listeners.append(_inbound_listener(td, ready, local, inp.pods))
         clusters.append(_original_dst(INBOUND_CLUSTER, upstream_bind_config={
-            "socket_options": [mark_option(NM_MARK_AUTH)]}))
-        clusters.append(_original_dst(PLAIN_CLUSTER))
+            "socket_options": upstream_socket_options(NM_MARK_AUTH)}))
+        clusters.append(_original_dst(PLAIN_CLUSTER, upstream_bind_config={
+            "socket_options": upstream_socket_options()}))
     return TunnelPlan(
         listeners=tuple(parse(lst, Listener) for lst in listeners),
         clusters=tuple(parse(c, Cluster) for c in clusters),

@@ -9,7 +9,9 @@ DNS, host → pod) and before conntrack takes over:
 3. look up ``nm_policy_cidr`` with the remote address and scan that entry's port rules;
 4. any DENY among the hits → dropped (``POLICY_DENY``); else any REDIRECT → to the proxy; else any
    ALLOW → forwarded; else dropped (``POLICY_DENIED``) when the pod is isolated in that direction,
-   forwarded when it is not.
+   forwarded when it is not. A hit that requires an authenticated peer (POLICY_F_AUTH) counts only
+   for an authenticated one; a connection only such a hit would have allowed is dropped as
+   ``AUTH_REQUIRED``.
 
 Used by the unit tests (the pure twin of the kernel test) and by ``nodemesh policy explain``.
 """
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 from nodemesh.policy.lower import (
     CIDR_FIXED_BITS,
+    POLICY_F_AUTH,
     POLICY_FIXED_BITS,
     CidrKey,
     LoweredPolicy,
@@ -36,6 +39,7 @@ DROPPED = "DROPPED"
 REDIRECTED = "REDIRECTED"
 DROP_POLICY_DENIED = 133  # no rule allows it and the pod is isolated
 DROP_POLICY_DENY = 181  # an explicit deny rule matched
+DROP_AUTH_REQUIRED = 189  # only a rule that requires an authenticated peer would allow it
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,8 @@ class Decision:
 
 
 def _lookup_policy(
-    lp: LoweredPolicy, identity: int, direction: int, protocol: int, port: int
+    lp: LoweredPolicy, identity: int, direction: int, protocol: int, port: int,
+    authenticated: bool = True, needs_auth: list[int] | None = None,
 ) -> tuple[int, int, int] | None:
     for bits in range(24, -1, -1):
         if 0 < bits < 8:
@@ -71,6 +76,10 @@ def _lookup_policy(
         )
         hit = lp.policy.get(key)
         if hit is not None:
+            if hit.flags & POLICY_F_AUTH and not authenticated:
+                if needs_auth is not None:
+                    needs_auth.append(hit.policy_id)
+                return None  # the kernel takes the longest prefix only: no fallback
             return hit.verdict, hit.policy_id, hit.proxy_port
     return None
 
@@ -98,6 +107,7 @@ def evaluate(
     remote_ip: str,
     protocol: int | str,
     port: int,
+    authenticated: bool = True,
 ) -> Decision:
     """The datapath's verdict for a new connection of this endpoint (see the module docstring).
 
@@ -109,11 +119,12 @@ def evaluate(
     proto = protocol if isinstance(protocol, int) else protocol_number(protocol)
     d = int(direction)
     hits: list[tuple[int, int, int]] = []
+    needs_auth: list[int] = []
     if remote_identity != 0:
-        exact = _lookup_policy(lp, remote_identity, d, proto, port)
+        exact = _lookup_policy(lp, remote_identity, d, proto, port, authenticated, needs_auth)
         if exact is not None:
             hits.append(exact)
-    wildcard = _lookup_policy(lp, 0, d, proto, port)
+    wildcard = _lookup_policy(lp, 0, d, proto, port, authenticated, needs_auth)
     if wildcard is not None:
         hits.append(wildcard)
     hits.extend(_lookup_cidr(lp, d, remote_ip, proto, port))
@@ -126,5 +137,7 @@ def evaluate(
                     return Decision(DROPPED, pid, DROP_POLICY_DENY)
                 return Decision(outcome, pid, 0, proxy if outcome == REDIRECTED else 0)
     if lp.enforced(Direction(d)):
+        if needs_auth:
+            return Decision(DROPPED, needs_auth[0], DROP_AUTH_REQUIRED)
         return Decision(DROPPED, 0, DROP_POLICY_DENIED)
     return Decision(FORWARDED)

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nodemesh.datapath.layout import NM_MARK_AUTH
-from nodemesh.mtls.tls import mark_option, upstream_tls
+from nodemesh.mtls.tls import upstream_socket_options, upstream_tls
 from nodemesh.route.inputs import PROXY_IP, RedirectKey
 from nodemesh.route.names import stat_prefix
 from nodemesh.route.protos import (
@@ -258,7 +258,7 @@ def _mtls_sockets(clients: Mapping[str, str], servers: Sequence[str]) -> dict[st
                     "path": [{"key": "tunnel"}]}},
                 "exact_match_map": {"map": by_server or {"-": _ts_action("plain")}}},
             "on_no_match": _ts_action("plain")},
-        "upstream_bind_config": {"socket_options": [mark_option(NM_MARK_AUTH)]},
+        "upstream_bind_config": {"socket_options": upstream_socket_options(NM_MARK_AUTH)},
     }
 
 

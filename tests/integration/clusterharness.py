@@ -42,6 +42,7 @@ class Cluster:
     state_dir: str
     nodes: int
     env: dict = field(default_factory=dict)
+    up_args: tuple[str, ...] = ()  # more `nodemesh up` flags (--mtls off, --cert-ttl 10s ...)
 
     # ---- CLI -------------------------------------------------------------------------------
     def run(self, *args: str, input: str | None = None, timeout: float = 120,
@@ -113,7 +114,8 @@ class Cluster:
 
     # ---- lifecycle -------------------------------------------------------------------------
     def up(self) -> None:
-        self.run("up", "--nodes", str(self.nodes), "--name", self.name, timeout=180)
+        self.run("up", "--nodes", str(self.nodes), "--name", self.name, *self.up_args,
+                 timeout=180)
 
     def daemon_pid(self) -> int | None:
         try:
@@ -152,10 +154,10 @@ def pod_ready(pod: dict) -> bool:
                for c in (pod.get("status") or {}).get("conditions") or [])
 
 
-def new_cluster(nodes: int = 2) -> Cluster:
+def new_cluster(nodes: int = 2, *up_args: str) -> Cluster:
     become_subreaper()
     name = "nmt" + uuid.uuid4().hex[:6]
     state = tempfile.mkdtemp(prefix=f"nodemesh-{name}-")
-    c = Cluster(name=name, state_dir=state, nodes=nodes)
+    c = Cluster(name=name, state_dir=state, nodes=nodes, up_args=up_args)
     c.up()
     return c

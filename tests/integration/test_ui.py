@@ -223,7 +223,10 @@ def demo(cluster: Cluster) -> Cluster:
     cluster.exec(frontend, *_curl_loop("http://backend/api", 6))
     for _ in range(3):
         r = cluster.exec("intruder", "curl", "-s", "-m", "1", "http://backend/", check=False)
-        assert r.code == 28, f"the intruder got through (curl exit {r.code}): {r.out} {r.err}"
+        # 28: timed out (the SYN was dropped); 52/56: the intruder's node Envoy took the
+        # connection into the mutual-TLS tunnel and closed it when the backend's node refused it
+        assert r.code in (28, 52, 56), \
+            f"the intruder got through (curl exit {r.code}): {r.out} {r.err}"
     return cluster
 
 

@@ -107,7 +107,7 @@ def test_struct_matches_btf(objects: dict[str, BpfElf], c_name: str) -> None:
 
 
 def test_every_c_struct_has_a_twin(objects: dict[str, BpfElf]) -> None:
-    kernel_ctx = {"__sk_buff", "bpf_sock_addr", "bpf_sock"}
+    kernel_ctx = {"__sk_buff", "bpf_sock_addr", "bpf_sock", "bpf_sk_lookup"}
     for elf in objects.values():
         extra = set(elf.btf_structs()) - set(STRUCTS) - kernel_ctx
         # nm_pkt/policy_decision are program-internal and never leave the kernel
@@ -138,7 +138,7 @@ def test_map_declarations(objects: dict[str, BpfElf], map_name: str) -> None:
 
 def test_every_object_declares_the_same_maps(objects: dict[str, BpfElf]) -> None:
     first, *others = (objects[n].btf_map_defs() for n in OBJECTS)
-    assert set(OBJECTS) == {"bpf_lxc", "bpf_sock", "bpf_host"}
+    assert set(OBJECTS) == {"bpf_lxc", "bpf_sock", "bpf_host", "bpf_netns"}
     for defs in others:
         assert defs == first  # one declaration (maps.h), shared through the pins
 

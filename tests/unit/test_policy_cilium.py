@@ -326,3 +326,45 @@ def test_unsupported_fields_are_refused_by_name(section: str, rule: dict, field:
     with pytest.raises(PolicyCompileError) as err:
         compile_xa({"endpointSelector": POD_A, section: [rule]})
     assert f"CiliumNetworkPolicy x/p: spec.{field}" in str(err.value)
+
+
+# --- authentication.mode: required ---------------------------------------------------------------
+
+
+def test_authentication_required_matches_only_authenticated_peers() -> None:
+    spec = {"endpointSelector": POD_A,
+            "ingress": [{"fromEndpoints": [sel(pod="b")], "authentication": {"mode": "required"},
+                         "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]}]}
+    p, eps = compile_xa(spec)
+    b = eps["x/b"].identity
+    assert all(r.auth for r in p.identity_rules)
+    assert evaluate(p, IN, b, eps["x/b"].ip, "TCP", 80, authenticated=True).allowed
+    denied = evaluate(p, IN, b, eps["x/b"].ip, "TCP", 80, authenticated=False)
+    assert not denied.allowed and denied.drop_reason == 189  # AUTH_REQUIRED, naming the policy
+    assert denied.policy_id != 0
+
+
+def test_a_rule_without_authentication_still_lets_the_peer_in() -> None:
+    # Rules are ORed: the one that asks no proof wins for the same peer, whatever the prefix.
+    spec = {"endpointSelector": POD_A,
+            "ingress": [{"fromEndpoints": [sel(pod="b")], "authentication": {"mode": "required"},
+                         "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]},
+                        {"fromEndpoints": [sel(pod="b")]}]}
+    p, eps = compile_xa(spec)
+    b = eps["x/b"].identity
+    assert evaluate(p, IN, b, eps["x/b"].ip, "TCP", 80, authenticated=False).allowed
+    assert evaluate(p, IN, b, eps["x/b"].ip, "TCP", 81, authenticated=False).allowed
+
+
+def test_authentication_disabled_is_no_requirement() -> None:
+    spec = {"endpointSelector": POD_A,
+            "ingress": [{"fromEndpoints": [sel(pod="b")], "authentication": {"mode": "disabled"}}]}
+    p, _ = compile_xa(spec)
+    assert not any(r.auth for r in p.identity_rules)
+
+
+def test_authentication_on_cidr_peers_is_refused() -> None:
+    spec = {"endpointSelector": POD_A,
+            "ingress": [{"fromCIDR": ["10.0.0.0/8"], "authentication": {"mode": "required"}}]}
+    with pytest.raises(PolicyCompileError, match=r"ingress\[0\]\.authentication"):
+        compile_xa(spec)
