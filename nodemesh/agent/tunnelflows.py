@@ -7,7 +7,9 @@ why and names the peer:
 
 - ``AUTH_REQUIRED`` (189): a handshake failed: the server's certificate was not the identity
   the destination must prove (source node), or the client's was not the one its address belongs
-  to, or it had none (destination node); or the client pod has no certificate yet;
+  to, or it had none (destination node); or the client pod has no certificate yet; or
+  plaintext that claims a mesh pod's address (whatever the mode: a pod's own traffic comes in
+  the tunnel);
 - ``UNENCRYPTED_TRAFFIC`` (195): plaintext from outside the mesh to a pod (or port) whose
   PeerAuthentication mode is STRICT, refused by the destination node.
 
@@ -29,6 +31,8 @@ AUTH_REQUIRED = 189
 UNENCRYPTED_TRAFFIC = 195
 _SANS = re.compile(r"_certificate_SANs:_\[([^\]]*)\]")
 _EXPECTED = re.compile(r"_expected_SANs:_\[([^\]]*)\]")
+# BoringSSL's names for a first record that is not TLS at all: plaintext, not a bad handshake.
+_NOT_TLS = ("HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "WRONG_VERSION_NUMBER")
 
 
 def _split(addr: str | None) -> tuple[str, int]:
@@ -68,16 +72,20 @@ def tunnel_failure(entry: Mapping[str, Any], ctx: FlowContext, raw: bytes) -> di
     elif outbound and "NR" in flags:
         why = f"{src_ip} has no workload certificate on this node yet: not sent"
         reason = AUTH_REQUIRED
+    elif not outbound and _plaintext(down_reason, flags) and src_id:
+        why = (f"plaintext from {src_ip}, the address of {src_id}, refused: a mesh pod's "
+               "connections from another node come only in mutual TLS")
+        reason = AUTH_REQUIRED
+    elif not outbound and _plaintext(down_reason, flags):
+        why = (f"plaintext from {src_ip} to {dst_ip}:{dst_port} refused: the destination "
+               "accepts only mutual TLS (PeerAuthentication STRICT)")
+        reason = UNENCRYPTED_TRAFFIC
     elif not outbound and down_reason:
         peer = ", ".join(_peer_sans(entry)) or "no certificate"
         expected = src_id or "a workload of the trust domain"
         why = (f"mutual TLS from {src_ip} refused: it must prove {expected}, "
                f"it presented {peer} ({_short(down_reason)})")
         reason = AUTH_REQUIRED
-    elif not outbound and "NR" in flags:
-        why = (f"plaintext from {src_ip} to {dst_ip}:{dst_port} refused: the destination "
-               "accepts only mutual TLS (PeerAuthentication STRICT)")
-        reason = UNENCRYPTED_TRAFFIC
     else:
         return None
     src = ctx.endpoint_by_ip(src_ip) or ctx.endpoint_by_identity(2)
@@ -107,6 +115,13 @@ def tunnel_failure(entry: Mapping[str, Any], ctx: FlowContext, raw: bytes) -> di
     if reason == AUTH_REQUIRED:
         flow["auth_type"] = "MUTUAL_TLS"
     return flow
+
+
+def _plaintext(down_reason: str, flags: set[str]) -> bool:
+    """Whether the inbound failure is plaintext refused (no chain for it, or not TLS at all)."""
+    if down_reason:
+        return any(name in down_reason for name in _NOT_TLS)
+    return "NR" in flags
 
 
 def _short(reason: str) -> str:

@@ -90,9 +90,9 @@ def _ensure_ca(cfg: ClusterConfig, progress: Progress) -> None:
     if os.path.exists(os.path.join(cfg.ca_dir, "ca.json")):
         return
     ca = BuiltinCA.create(cfg.ca_dir, cfg.trust_domain)
-    st = ca.status()
+    root = ca.status()["activeRoot"]
     progress(f"certificate authority for spiffe://{cfg.trust_domain} created "
-             f"(root valid until {st.get('active', {}).get('notAfter', '?')})")
+             f"(root {root['fingerprint'][:16]}, valid until {root['notAfter']})")
 
 
 def _seed_store(cfg: ClusterConfig) -> None:

@@ -255,12 +255,17 @@ def _ip_tree(input_type: str, groups: Iterable[tuple[Iterable[str], dict[str, An
     return tree
 
 
-def tcp_access_log(listener: str) -> dict[str, Any]:
+def tcp_access_log(listener: str, *, no_chain_only: bool = False) -> dict[str, Any]:
     """Failures only (a connection that ends with a response flag, or whose TLS failed): a
-    working tunnel costs the agent nothing; the kernel's flow events already show it."""
-    return {
-        "name": "envoy.access_loggers.tcp_grpc",
-        "filter": {"or_filter": {"filters": [
+    working tunnel costs the agent nothing; the kernel's flow events already show it.
+
+    The listener's own log (`no_chain_only`) says only that no chain took the connection (NR):
+    Envoy logs a connection a chain took both there and in the chain's proxy, which would make
+    each failure two flows."""
+    if no_chain_only:
+        failures: dict[str, Any] = {"response_flag_filter": {"flags": ["NR"]}}
+    else:
+        failures = {"or_filter": {"filters": [
             {"response_flag_filter": {}},
             {"extension_filter": {
                 "name": "envoy.access_loggers.extension_filters.cel",
@@ -268,7 +273,10 @@ def tcp_access_log(listener: str) -> dict[str, Any]:
                     "@type": _TYPE + "envoy.extensions.access_loggers.filters.cel.v3."
                              "ExpressionFilter",
                     "expression": "connection.transport_failure_reason != ''"}}},
-        ]}},
+        ]}}
+    return {
+        "name": "envoy.access_loggers.tcp_grpc",
+        "filter": failures,
         "typed_config": {
             "@type": _TYPE + "envoy.extensions.access_loggers.grpc.v3.TcpGrpcAccessLogConfig",
             "common_config": {
@@ -394,7 +402,7 @@ def _outbound_listener(td: str, ready: list[WorkloadId], local: list[MeshPod],
         # A source the matcher does not know (a pod whose certificate is not in yet) gets no
         # chain: the connection is closed, and the listener's access log says so.
         "filter_chain_matcher": _ip_tree("SourceIPInput", sources),
-        "access_log": [tcp_access_log(OUTBOUND_LISTENER)],
+        "access_log": [tcp_access_log(OUTBOUND_LISTENER, no_chain_only=True)],
         "traffic_direction": "OUTBOUND",
     }
 
@@ -453,7 +461,7 @@ def _inbound_listener(td: str, ready: list[WorkloadId], local: list[MeshPod],
                                  "OriginalSrc"}}],
         "filter_chains": chains,
         "filter_chain_matcher": matcher,
-        "access_log": [tcp_access_log(INBOUND_LISTENER)],
+        "access_log": [tcp_access_log(INBOUND_LISTENER, no_chain_only=True)],
         "traffic_direction": "INBOUND",
     }
 

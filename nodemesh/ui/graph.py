@@ -184,6 +184,7 @@ class FlowRecord:
     latency_ms: float | None = None
     reason: str | None = None
     orig: str | None = None  # socket LB: the address the application connected to
+    tunnel: str | None = None  # "entry"/"exit": a leg of a connection through the mTLS tunnel
     flow: dict | None = None
 
     @classmethod
@@ -222,7 +223,24 @@ class FlowRecord:
         else:
             rec.conn = (sip, sport, dip, dport, proto)
             rec.dst_key = (dip, dport, proto)
+            rec.tunnel = _tunnel_leg(flow, rec, sport)
         return rec
+
+
+def _tunnel_leg(flow: Mapping, rec: FlowRecord, sport: int) -> str | None:
+    """Which leg of a tunnelled connection a packet event is: "entry" where it left the source
+    pod into the node's mTLS tunnel, "exit" where the destination node's Envoy opened it to the
+    pod (its own source port, or none: refused at connect), else None."""
+    if not rec.proto.startswith("TCP/"):
+        return None
+    mtls = flow.get("auth_type") == "MUTUAL_TLS"
+    if rec.egress:
+        return "entry" if mtls and rec.verdict == "FORWARDED" else None
+    if flow.get("trace_observation_point") != "TO_ENDPOINT":
+        return None
+    if (mtls and rec.verdict == "FORWARDED") or (rec.verdict == "DROPPED" and sport == 0):
+        return "exit"
+    return None
 
 
 class SockCorrelator:
@@ -274,6 +292,7 @@ class _Conn:
     drop_flows: int = 0
     reasons: Counter = field(default_factory=Counter)
     proxied: bool = False
+    first: float = math.inf
     last: float = 0.0
 
 
@@ -314,25 +333,65 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _add(c: _Conn, r: FlowRecord) -> None:
+    if c.src == UNKNOWN:
+        c.src = r.src
+    if c.dst == UNKNOWN:
+        c.dst = r.dst
+    c.first = min(c.first, r.t)
+    c.last = max(c.last, r.t)
+    if r.verdict == "DROPPED":
+        c.dropped = True
+        c.drop_flows += 1
+        c.reasons[r.reason or "DROPPED"] += 1
+
+
+def _pair_tunnel_exits(conns: dict[tuple, _Conn], exits: list[FlowRecord],
+                       recs: list[FlowRecord]) -> None:
+    """Fold each tunnel exit leg into the entry leg it continues: the same source and
+    destination address and port, entered at most CORRELATE_S before (the tunnel changes the
+    source port, so the 5-tuples differ). An exit with no entry in the window counts alone."""
+    entries: dict[tuple, list[tuple]] = {}
+    for r in sorted(recs, key=lambda r: r.t):
+        if r.tunnel == "entry" and r.conn is not None:
+            key = (r.conn[0], r.conn[2], r.conn[3], r.conn[4])
+            queue = entries.setdefault(key, [])
+            if r.conn not in queue:
+                queue.append(r.conn)
+    folded: dict[tuple, tuple] = {}  # an exit's own 5-tuple → the connection it joined
+    for r in sorted(exits, key=lambda r: r.t):
+        if r.conn is None:
+            continue
+        target = folded.get(r.conn) if r.conn[1] else None
+        if target is None:
+            queue = entries.get((r.conn[0], r.conn[2], r.conn[3], r.conn[4])) or []
+            while queue and r.t - conns[queue[0]].first > CORRELATE_S:
+                queue.pop(0)  # too old to be this one's entry
+            if queue and conns[queue[0]].first <= r.t + 0.5:
+                target = queue.pop(0)
+            else:
+                target = r.conn if r.conn[1] else ("exit", r.uuid)
+                conns.setdefault(target, _Conn(proto=r.proto, first=r.t))
+            if r.conn[1]:
+                folded[r.conn] = target
+        _add(conns[target], r)
+
+
 def build_graph(records: Iterable[FlowRecord], inv: Inventory, window: float, now: float) -> dict:
     """Aggregate the records of the last `window` seconds (docs/ui.md: "How the numbers are
     computed")."""
     since = now - window
     recs = [r for r in records if r.t >= since]
     conns: dict[tuple, _Conn] = {}
+    exits: list[FlowRecord] = []
     for r in recs:
         if r.kind != "l4" or r.conn is None:
             continue
-        c = conns.setdefault(r.conn, _Conn(proto=r.proto))
-        if c.src == UNKNOWN:
-            c.src = r.src
-        if c.dst == UNKNOWN:
-            c.dst = r.dst
-        c.last = max(c.last, r.t)
-        if r.verdict == "DROPPED":
-            c.dropped = True
-            c.drop_flows += 1
-            c.reasons[r.reason or "DROPPED"] += 1
+        if r.tunnel == "exit":
+            exits.append(r)
+            continue
+        _add(conns.setdefault(r.conn, _Conn(proto=r.proto, first=r.t)), r)
+    _pair_tunnel_exits(conns, exits, recs)
     for r in recs:  # a connection the socket LB sent to the node's proxy: its L7 flows tell
         if r.kind == "sock" and r.verdict == "REDIRECTED" and r.conn in conns:
             conns[r.conn].proxied = True
@@ -380,7 +439,7 @@ def build_graph(records: Iterable[FlowRecord], inv: Inventory, window: float, no
             # a packet addressed to a service (it went around the socket LB)
             e = edge(r.src, r.svc)
             e.attempts.add(r.conn)
-            if conns[r.conn].dropped:
+            if r.conn in conns and conns[r.conn].dropped:
                 e.dropped.add(r.conn)
             e.protocols.add(r.proto)
             e.last = max(e.last, r.t)

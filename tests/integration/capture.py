@@ -66,8 +66,8 @@ def capture(netns: str, interface: str = "br0") -> Iterator[list[Packet]]:
     packets: list[Packet] = []
     fd, path = tempfile.mkstemp(suffix=".pcap", prefix="nm-capture-")
     os.close(fd)
-    p = subprocess.Popen(["ip", "netns", "exec", netns, "tcpdump", "-i", interface, "-U", "-s0",
-                          "-n", "-w", path, "tcp"], stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(["ip", "netns", "exec", netns, "tcpdump", "-i", interface, "-U",
+                          "--immediate-mode", "-s0", "-n", "-w", path, "tcp"], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
     try:
         # tcpdump says "listening on ..." once it captures.
@@ -80,7 +80,7 @@ def capture(netns: str, interface: str = "br0") -> Iterator[list[Packet]]:
                 raise AssertionError(f"tcpdump exited {p.returncode}")
         time.sleep(0.5)  # it says "listening" a moment before packets reach it
         yield packets
-        time.sleep(0.3)  # the last packets reach the file
+        time.sleep(1.0)  # the last packets reach the file
     finally:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)

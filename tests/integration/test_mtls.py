@@ -316,14 +316,17 @@ def test_a_spoofed_pod_address_is_refused_in_strict_and_required_auth(mesh: Clus
         mesh.wait_synced()
         time.sleep(0.5)
         assert from_underlay(mesh, f"http://{web}:8080/spoof", client_ip) == "000"
-        r = mesh.exec("client", "curl", "-s", "-m", "5", "-o", "/dev/null", "-w",
-                      "%{http_code}", f"http://{web}:8080/real")
-        assert r.out == "200"
         time.sleep(1.5)
         drops = [json.loads(line)["flow"] for line in mesh.run(
             "observe", "-o", "json", "--last", "30", "--node", "node2", "--verdict", "DROPPED"
         ).out.splitlines()]
-        assert any(f.get("drop_reason_desc") == "AUTH_REQUIRED" for f in drops), drops
+        assert any(f.get("drop_reason_desc") == "AUTH_REQUIRED"
+                   and f["IP"]["source"] == client_ip for f in drops), drops
+        # The real client, once node2's route to it is its own again, gets in.
+        attacker_done(mesh, spoof=client_ip)
+        r = mesh.exec("client", "curl", "-s", "-m", "5", "-o", "/dev/null", "-w",
+                      "%{http_code}", f"http://{web}:8080/real")
+        assert r.out == "200"
     finally:
         attacker_done(mesh, spoof=client_ip)
         mesh.run("delete", "cnp", "web-authenticated", "--ignore-not-found")

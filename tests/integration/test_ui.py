@@ -108,6 +108,37 @@ def test_graph_numbers_l3_l4() -> None:
                                               "service:default/backend"}
 
 
+def test_graph_numbers_through_the_mtls_tunnel() -> None:
+    """A tunnelled connection is seen where it enters the tunnel (the pod's port) and where the
+    destination's Envoy opens it to the pod (another port, or none when refused at connect):
+    one connection, dropped when its exit was."""
+    now = time.time()
+    inv = Inventory()
+    client, backend = _ep("client", identity=256), _ep("backend-abc-x", "backend", 257)
+    intruder = _ep("intruder", identity=259)
+    mtls = {"auth_type": "MUTUAL_TLS"}
+    flows = []
+    for i in range(4):
+        t = now - 30 + i
+        flows.append(_flow(t, client, backend, sport=41000 + i,
+                           trace_observation_point="FROM_ENDPOINT", **mtls))
+        flows.append(_flow(t + 0.01, client, backend, sport=52000 + i, direction="INGRESS", node="node2",
+                           trace_observation_point="TO_ENDPOINT", **mtls))
+    for i in range(3):  # refused at the destination when its Envoy connects: no source port
+        t = now - 20 + i
+        flows.append(_flow(t, intruder, backend, sport=50000 + i, sip="10.244.1.9",
+                           trace_observation_point="FROM_ENDPOINT", **mtls))
+        flows.append(_flow(t + 0.01, intruder, backend, sport=0, sip="10.244.1.9", verdict="DROPPED",
+                           direction="INGRESS", node="node2", trace_observation_point="TO_ENDPOINT",
+                           drop_reason_desc="POLICY_DENIED"))
+    g = build_graph(_records(flows, inv, now), inv, 60.0, now)
+    edges = {(e["from"], e["to"]): e for e in g["edges"]}
+    ok = edges[("default/client", "default/backend")]
+    assert (ok["requests"], ok["errorRate"]) == (4, 0)
+    bad = edges[("default/intruder", "default/backend")]
+    assert (bad["requests"], bad["errors"], bad["drops"], bad["errorRate"]) == (3, 3, 3, 1.0)
+
+
 def test_graph_numbers_l7() -> None:
     now = time.time()
     inv = inventory_from([

@@ -70,6 +70,30 @@ def test_plaintext_to_strict_is_unencrypted_traffic() -> None:
     assert "172.30.0.250" in f["Summary"] and "STRICT" in f["Summary"]
 
 
+def test_plaintext_into_a_tls_chain_is_unencrypted_traffic() -> None:
+    """Plaintext that reached a chain expecting TLS: BoringSSL names the first bytes."""
+    for name in ("HTTP_REQUEST", "WRONG_VERSION_NUMBER"):
+        entry = {"custom_tags": {"nodemesh.listener": INBOUND_LISTENER},
+                 "downstream_transport_failure_reason":
+                     f"TLS_error:|268435612:SSL_routines:OPENSSL_internal:{name}:TLS_error_end",
+                 "downstream_remote_address": "172.30.0.250:5000",
+                 "downstream_local_address": "10.244.2.5:8080"}
+        f = tunnel_failure(entry, ctx("node2"), b"y")
+        assert f is not None and f["drop_reason_desc"] == "UNENCRYPTED_TRAFFIC", name
+        assert "auth_type" not in f
+
+
+def test_plaintext_claiming_a_mesh_address_is_auth_required() -> None:
+    entry = {"custom_tags": {"nodemesh.listener": INBOUND_LISTENER},
+             "downstream_transport_failure_reason":
+                 "TLS_error:|268435612:SSL_routines:OPENSSL_internal:HTTP_REQUEST:TLS_error_end",
+             "downstream_remote_address": "10.244.1.5:5000",
+             "downstream_local_address": "10.244.2.5:8080"}
+    f = tunnel_failure(entry, ctx("node2"), b"y")
+    assert f is not None and f["drop_reason_desc"] == "AUTH_REQUIRED"
+    assert CLIENT in f["Summary"] and "plaintext" in f["Summary"]
+
+
 def test_other_failures_are_not_flows() -> None:
     entry = {"custom_tags": {"nodemesh.listener": INBOUND_LISTENER}, "response_flags": ["UF"],
              "downstream_remote_address": "10.244.1.5:1", "downstream_local_address": "10.244.2.5:2"}
