@@ -50,6 +50,7 @@ class CertManager:
         self.last_error: str | None = None
         self.renewals = 0
         self._lock = threading.RLock()
+        self._issue_locks: dict[str, threading.Lock] = {}  # one CSR in flight per identity
         self._retry: dict[str, float] = {}
         self._load()
 
@@ -97,15 +98,22 @@ class CertManager:
         with self._lock:
             self.wanted.add(spiffe_id)
         while True:
-            leaf = self._valid(spiffe_id)
-            if leaf is not None:
-                return leaf
-            try:
-                return self._issue(spiffe_id)
-            except (CaError, CaUnavailable) as e:
-                if isinstance(e, CaError) or time.monotonic() > deadline:
-                    raise
+            # One request per identity at a time: pods of one ServiceAccount that start together
+            # wait for the first one's certificate instead of each asking for its own.
+            with self._issuing(spiffe_id):
+                leaf = self._valid(spiffe_id)
+                if leaf is not None:
+                    return leaf
+                try:
+                    return self._issue(spiffe_id)
+                except (CaError, CaUnavailable) as e:
+                    if isinstance(e, CaError) or time.monotonic() > deadline:
+                        raise
             time.sleep(0.2)
+
+    def _issuing(self, spiffe_id: str) -> threading.Lock:
+        with self._lock:
+            return self._issue_locks.setdefault(spiffe_id, threading.Lock())
 
     def _valid(self, spiffe_id: str) -> Leaf | None:
         with self._lock:
@@ -163,7 +171,8 @@ class CertManager:
                     todo.append(spiffe_id)
         for spiffe_id in todo:
             try:
-                self._issue(spiffe_id)
+                with self._issuing(spiffe_id):
+                    self._issue(spiffe_id)
             except (CaError, CaUnavailable) as e:
                 log.warning("certificate for %s: %s", spiffe_id, e.message)
         if changed:

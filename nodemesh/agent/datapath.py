@@ -148,6 +148,9 @@ class DatapathSync:
         self.stats = SyncStats()
         self.context = StaticContext(node_name=node)
         self._lock = threading.RLock()
+        self._ready_lock = threading.Lock()
+        self._ready: dict[str, tuple[dict, LocalEndpoint]] = {}  # new pods waiting for a sync
+        self._ready_errors: dict[str, Exception] = {}
         self._dirty = threading.Event()
         self._stop = threading.Event()
         self._lowered: dict[int, LoweredPolicy] = {}  # ifindex -> last good policy
@@ -167,6 +170,7 @@ class DatapathSync:
         self.local_ips: frozenset[bytes] = frozenset()
         self.on_local_ips = None  # called with local_ips after each sync (the agent's metrics)
         self._tunnel_socks: dict[int, int] = {}  # nm_tunnel_socks as last written (cookies)
+        self._tunnel_up = False  # set_tunnel_up has done its work for the listeners it saw
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -229,11 +233,28 @@ class DatapathSync:
         containers start only after this returns."""
         ifindex = self.dp.attach_endpoint(sb.host_ifname)
         meta = pod["metadata"]
+        uid = meta["uid"]
+        ep = LocalEndpoint(uid, meta["namespace"], meta["name"], sb, ifindex,
+                           netns_cookie=_cookie(sb))
+        # Pods created together share one sync: whichever thread gets the lock first programs
+        # every pod that is waiting (a sync per pod would queue them behind each other).
+        with self._ready_lock:
+            self._ready[uid] = (pod, ep)
         with self._lock:
-            self.endpoints[meta["uid"]] = LocalEndpoint(meta["uid"], meta["namespace"],
-                                                        meta["name"], sb, ifindex,
-                                                        netns_cookie=_cookie(sb))
-            self._sync_locked(extra_pods={meta["uid"]: (pod, sb.ip)})
+            with self._ready_lock:
+                if uid in self._ready_errors:
+                    raise self._ready_errors.pop(uid)
+                batch, self._ready = self._ready, {}
+            if not batch:
+                return  # another pod's sync programmed this one
+            for u, (_, e) in batch.items():
+                self.endpoints[u] = e
+            try:
+                self._sync_locked(extra_pods={u: (p, e.sandbox.ip) for u, (p, e) in batch.items()})
+            except Exception as err:
+                with self._ready_lock:
+                    self._ready_errors.update({u: err for u in batch if u != uid})
+                raise
 
     def sandbox_removed(self, sb: Sandbox) -> None:
         with self._lock:
@@ -485,6 +506,8 @@ class DatapathSync:
         after an Envoy restart."""
         from nodemesh.datapath.layout import TUNNEL_IN_PORT, TUNNEL_OUT_PORT
 
+        if self._tunnel_up and self.dp.tunnel_listener_cookies() == self._tunnel_socks:
+            return  # already so (each proxy push asks): no need to queue for the lock
         with self._lock:
             have = self.dp.tunnel_listener_cookies()
             if len(have) < 2 or have != self._tunnel_socks:
@@ -495,11 +518,11 @@ class DatapathSync:
                          envoy_pid, sorted(got))
             current = self.dp.config.get(L.u32(0))
             flags = L.ConfigFlags(current.flags) if current is not None else L.ConfigFlags.NONE
-            if flags & L.ConfigFlags.TUNNEL:
-                return
-            self.dp.set_config(self.node.ip, NODE_DNS_IP, self.proxy_ip,
-                               flags | L.ConfigFlags.PROXY_RETURN | L.ConfigFlags.TUNNEL)
-            log.info("mutual-TLS tunnel enabled in the datapath")
+            if not flags & L.ConfigFlags.TUNNEL:
+                self.dp.set_config(self.node.ip, NODE_DNS_IP, self.proxy_ip,
+                                   flags | L.ConfigFlags.PROXY_RETURN | L.ConfigFlags.TUNNEL)
+                log.info("mutual-TLS tunnel enabled in the datapath")
+            self._tunnel_up = len(self._tunnel_socks) == 2
 
     def _adopt_local_endpoints(self) -> None:
         """After an agent restart: pods that run here but that this agent did not create."""

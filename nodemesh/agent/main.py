@@ -52,7 +52,9 @@ class Agent:
         self.flows = FlowRing(int(cfg.extra.get("flow_ring_size", 16384)),
                               on_add=self.metrics.observe)
         hooks = PodHooks()
-        self.pods = PodManager(cfg, node, self.store, self.informer, hooks)
+        # Pods created together wait together (for the node Envoy's push and the datapath's
+        # sync, each shared by all the pods waiting): enough workers that a batch is large.
+        self.pods = PodManager(cfg, node, self.store, self.informer, hooks, workers=16)
         self.datapath: DatapathSync | None = None
         if cfg.datapath == "bpf":
             self.datapath = DatapathSync(cfg, node, self.store, self.informer, self.flows,

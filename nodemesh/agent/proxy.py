@@ -100,6 +100,7 @@ class ProxyManager:
         self.timer = None  # a histogram child (the agent's reconcile latency for "proxy")
         self.l7_policy_names: dict[tuple[str, int], list[str]] = {}
         self.l7_identities: dict[RedirectKey, set[int]] = {}
+        self._redirects_applied: tuple[dict, dict] | None = None  # the last set_proxy_redirects
         # The mutual-TLS tunnel (docs/security.md): the node's workload certificates, the plan
         # last pushed, the plan whose listeners and secrets Envoy accepted, and pods that are
         # being created (in the store, perhaps not yet in the informer).
@@ -436,12 +437,16 @@ class ProxyManager:
         return bool(version) and st.get("acked_version") == version
 
     def _set_redirects(self, redirects: Mapping[RedirectKey, int], result) -> None:
+        applied = (dict(redirects), {k: set(v) for k, v in self.l7_identities.items()})
+        if applied == self._redirects_applied:
+            return  # nothing new for the datapath (a resync of its maps would only wait)
         self.redirects = dict(redirects)
         if self.datapath is None:
             return
         service = {k: v for k, v in redirects.items() if k in result.service_redirects}
         pod = {k: v for k, v in redirects.items() if k in result.pod_redirects}
         self.datapath.set_proxy_redirects(service, pod, self.l7_identities)
+        self._redirects_applied = applied
 
     def _write_statuses(self, statuses: Mapping[RouteKey, dict], k: Mapping[str, list]) -> None:
         now = now_rfc3339()

@@ -95,6 +95,16 @@ class Cluster:
 
         return AgentClient(os.path.join(self.state_dir, "nodes", node, "agent.sock"), node).get(path)
 
+    def _synced_revision(self, node: str) -> int:
+        """The revision the node's datapath has programmed; -1 while its agent is not running
+        (the daemon restarts a killed agent: it has not synced anything yet)."""
+        from nodemesh.errors import NodemeshError
+
+        try:
+            return int(self.agent(node)["datapath"]["syncedRevision"])
+        except NodemeshError:
+            return -1
+
     def wait_synced(self, timeout: float = 10.0) -> float:
         """Wait until every agent's datapath reflects the store as it is now; returns seconds."""
         from nodemesh.store import open_store
@@ -103,8 +113,7 @@ class Cluster:
         t0 = time.monotonic()
         pending = [f"node{i}" for i in range(1, self.nodes + 1)]
         while pending:
-            pending = [n for n in pending
-                       if self.agent(n)["datapath"]["syncedRevision"] < target]
+            pending = [n for n in pending if self._synced_revision(n) < target]
             if not pending:
                 break
             if time.monotonic() - t0 > timeout:

@@ -96,3 +96,25 @@ def test_a_rotation_renews_at_once(tmp_path, ca) -> None:
     m.sync({CLIENT})
     after = m.snapshot()[CLIENT]
     assert after.serial != before.serial and after.issuer_fingerprint == active
+
+
+def test_pods_of_one_identity_starting_together_share_one_certificate(tmp_path, ca) -> None:
+    import threading
+
+    authority, sock, _ = ca
+    m = manager(tmp_path, sock)
+    m.set_bundle(authority.roots(), authority.status()["activeRoot"]["fingerprint"])
+    serials: list[str] = []
+    start = threading.Barrier(8)
+
+    def pod() -> None:
+        start.wait()
+        serials.append(m.ensure(CLIENT).serial)
+
+    threads = [threading.Thread(target=pod) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(serials) == 8 and len(set(serials)) == 1, serials
+    assert m.renewals == 0
