@@ -252,7 +252,8 @@ def test_metrics_count_raw_events_once_per_connection() -> None:
     names = {300: ("shop", "client"), 301: ("shop", "web")}
     m.registry.register(AgentCollector("node1", metrics=m, workloads=lambda i: names[i]))
     text = m.expose().decode()
-    assert ('nodemesh_tcp_connections_total{destination_namespace="shop",destination_workload="web",'
+    assert ('nodemesh_tcp_connections_total{connection_security_policy="none",'
+            'destination_namespace="shop",destination_workload="web",'
             'source_namespace="shop",source_workload="client",verdict="FORWARDED"} 2.0') in text
     assert 'verdict="DROPPED"} 1.0' in text
     assert ('nodemesh_flows_total{drop_reason="POLICY_DENIED",protocol="tcp",type="L3_L4",'
