@@ -3,7 +3,10 @@ processes of the mesh, CPU pinning, `down`, and a check that nothing of it is le
 
 Everything goes through the real CLI (`python -m nodemesh --state-dir DIR ...`) as a user would,
 except `apply_timed`, which runs the CLI's apply in this process so that the change-latency test
-measures the apply and not the interpreter's start-up.
+measures the apply and not the interpreter's start-up, and `get`, which reads what
+`nodemesh get KIND -o json` prints straight from the cluster's store (`nodemesh.store`): waiting
+for pods polls it several times a second, and an interpreter per poll would keep a good part of
+this 2-CPU machine busy while the pods start.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from nodemesh.cluster import inventory, procs
 from nodemesh.cluster.config import read_json
 from nodemesh.cluster.controllers import pod_ready
 from nodemesh.cluster.procs import ProcRef
+
+NAMESPACE = "default"  # where everything the benchmark applies lives (the CLI's default)
 
 
 def pid_from_ref(path: str) -> int | None:
@@ -114,8 +119,24 @@ class BenchCluster:
         return t0, t1
 
     def get(self, kind: str, name: str | None = None) -> Any:
-        args = ["get", kind] + ([name] if name else []) + ["-o", "json"]
-        return json.loads(self.cli(*args).out)
+        """What `nodemesh get KIND [NAME] -o json` prints (the store's objects), read here."""
+        from nodemesh.model.kinds import resolve_kind
+        from nodemesh.store import open_store
+
+        info = resolve_kind(kind)
+        if info is None:
+            raise RuntimeError(f"unknown resource type {kind!r}")
+        ns = NAMESPACE if info.namespaced else ""
+        store = open_store(self.state_dir)
+        try:
+            if name is None:
+                return {"apiVersion": "v1", "kind": "List", "items": store.list(info.kind, ns)}
+            obj = store.get(info.kind, ns, name)
+        finally:
+            store.close()
+        if obj is None:
+            raise RuntimeError(f"cluster {self.name}: {info.kind} {ns}/{name} not found")
+        return obj
 
     def pods(self) -> list[dict[str, Any]]:
         return self.get("pods")["items"]
@@ -168,6 +189,11 @@ class BenchCluster:
             self._cfg = load_cluster(self.state_dir)
         return self._cfg
 
+    @property
+    def is_up(self) -> bool:
+        """Brought up and not yet down (its state directory holds the cluster's config)."""
+        return os.path.exists(os.path.join(self.state_dir, "cluster.json"))
+
     def down(self) -> None:
         daemon = pid_from_ref(os.path.join(self.state_dir, "daemon.json"))
         self.cli("down", timeout=300, check=False)
@@ -182,6 +208,10 @@ class BenchCluster:
         return inventory.leftovers(self.name, self.state_dir)
 
     # ---- processes ------------------------------------------------------------------------
+    @property
+    def node_names(self) -> list[str]:
+        return [n.name for n in self.cfg.nodes]
+
     def node_dir(self, node: str = "node1") -> str:
         return os.path.join(self.state_dir, "nodes", node)
 
@@ -203,27 +233,78 @@ class BenchCluster:
     def pod_pids(self) -> list[int]:
         return cgroup_procs(self.cfg.cgroup_dir)
 
-    def sidecar_envoy_pids(self) -> list[int]:
-        """Envoys that run inside pods (the sidecar model)."""
+    def sidecar_envoy_pids(self, node: str | None = None) -> list[int]:
+        """Envoys that run inside pods (the sidecar model), on `node` or on every node."""
         from nodemesh.proxy.envoy import envoy_binary
 
         binary = os.path.realpath(envoy_binary())
-        node_cgroups = [self.cfg.node_cgroup(f"node{i}") for i in range(1, self.nodes + 1)]
+        node_cgroups = [self.cfg.node_cgroup(n) for n in ([node] if node else self.node_names)]
         return sorted(p for root in node_cgroups for p in cgroup_procs(root) if exe(p) == binary)
 
-    def mesh_pids(self) -> list[int]:
-        """nodemesh's own processes on the node: the agent and the node Envoy."""
+    def _role(self, node: str, what: str) -> str:
+        return f"{node} {what}" if len(self.node_names) > 1 else what
+
+    def mesh_roles(self) -> dict[int, str]:
+        """nodemesh's own processes on every node, the agents and the node Envoys, by what
+        they are ("agent", "node Envoy"; prefixed with the node when there are several)."""
         if self.datapath == "none":
-            return []
-        agent = self.agent_pid()
-        return sorted(({agent} if agent else set()) | set(self.node_envoy_pids()))
+            return {}
+        out: dict[int, str] = {}
+        for node in self.node_names:
+            out.update({p: self._role(node, "node Envoy") for p in self.node_envoy_pids(node)})
+            agent = self.agent_pid(node)
+            if agent:
+                out[agent] = self._role(node, "agent")
+        return out
+
+    def sidecar_roles(self) -> dict[int, str]:
+        """Every sidecar Envoy ("sidecar Envoy", prefixed with its node when there are several)."""
+        return {p: self._role(node, "sidecar Envoy") for node in self.node_names
+                for p in self.sidecar_envoy_pids(node)}
+
+    def mesh_pids(self) -> list[int]:
+        return sorted(self.mesh_roles())
 
     def all_pids(self) -> list[int]:
         pids = set(cgroup_procs(self.cfg.cgroup_dir))
-        for p in (self.daemon_pid(), self.agent_pid()):
-            if p:
-                pids.add(p)
-        return sorted(pids | set(self.node_envoy_pids()))
+        daemon = self.daemon_pid()
+        if daemon:
+            pids.add(daemon)
+        for node in self.node_names:
+            agent = self.agent_pid(node)
+            pids |= ({agent} if agent else set()) | set(self.node_envoy_pids(node))
+        return sorted(pids)
+
+    def envoy_stats(self, node: str, filter: str) -> dict[str, int | float] | None:
+        """Counters and gauges of the node's Envoy that match `filter` (None: no Envoy, no admin)."""
+        return self._envoy_admin(node, lambda a: a.stats(filter=filter))
+
+    def envoy_memory(self, node: str) -> dict[str, int] | None:
+        """The node Envoy's heap (its admin `/memory`: allocated, heap_size, pageheap_free, ...):
+        what it uses against what it holds, which PSS alone does not tell apart."""
+        return self._envoy_admin(node, lambda a: {k: int(v) for k, v in a.get_json("/memory").items()})
+
+    def _envoy_admin(self, node: str, ask: Callable[[Any], Any]) -> Any:
+        from nodemesh.proxy.envoy import AdminClient
+
+        try:
+            with open(os.path.join(self.node_dir(node), "envoy", "envoy.json")) as f:
+                admin = json.load(f).get("admin") or {}
+            return ask(AdminClient(socket_path=admin.get("socket_path"),
+                                   host=admin.get("host", "127.0.0.1"),
+                                   port=int(admin.get("port", 15000)), timeout=3))
+        except Exception:  # no Envoy, no admin: the caller reports "unknown"
+            return None
+
+    def certificates(self, node: str) -> int | None:
+        """How many workload certificates the node's agent holds (None: it did not say)."""
+        r = self.cli("get", "certificates", "-o", "json", check=False)  # the agents', not the store's
+        try:
+            items = json.loads(r.out)["items"]
+        except (ValueError, KeyError):
+            return None
+        return next((len(i.get("certificates") or []) for i in items
+                     if i.get("node") == node and not i.get("error")), None)
 
     def pin(self, cpus: set[int], nice: int | None = None) -> int:
         """Pin every thread of every process of the cluster to `cpus` (and give it the `nice`

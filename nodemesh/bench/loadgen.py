@@ -482,6 +482,31 @@ class OpenLoop:
         }
 
 
+def admin_counters(url: str) -> dict[str, int]:
+    """Integer stats from an Envoy admin `/stats` URL (text format: `name: value` lines)."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=3) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(": ")
+        if name and value.isdigit():
+            out[name] = int(value)
+    return out
+
+
+def stats_delta(url: str, before: dict[str, int] | str) -> dict[str, Any]:
+    """How the counters at `url` moved since `before` (or why they could not be read)."""
+    try:
+        after = admin_counters(url)
+    except OSError as e:
+        return {"error": f"{url}: {e}"}
+    if isinstance(before, str):
+        return {"error": before}
+    return {k: v - before.get(k, 0) for k, v in sorted(after.items())}
+
+
 def run_phases(spec: dict[str, Any]) -> list[dict[str, Any]]:
     pids = [int(p) for p in spec.get("cpu_pids", [])]
     out = []
@@ -507,7 +532,19 @@ def main(argv: list[str]) -> int:
         print("usage: python -m nodemesh.bench.loadgen SPEC_JSON", file=sys.stderr)
         return 2
     spec = json.loads(argv[0])
-    print(json.dumps({"phases": run_phases(spec)}))
+    # A sidecar's own counters (its admin port is on the pod's loopback, so only a process in
+    # the pod reaches it): read around the phases, they show what the proxy did for them.
+    url = spec.get("stats_url")
+    before: dict[str, int] | str = {}
+    if url:
+        try:
+            before = admin_counters(url)
+        except OSError as e:
+            before = f"{url}: {e}"
+    out: dict[str, Any] = {"phases": run_phases(spec)}
+    if url:
+        out["stats_delta"] = stats_delta(url, before)
+    print(json.dumps(out))
     return 0
 
 

@@ -16,11 +16,16 @@ from nodemesh.bench.stats import (
     ratio,
     spread,
 )
-from nodemesh.bench.workload import MODE_TITLES, MODES
+from nodemesh.bench.workload import MODE_TITLES, MODES, MTLS_MODES
 
 PCTS = ("p50", "p90", "p99", "p999")
 MIB = 2**20
 MAX_ERROR_FRACTION = 0.01
+SECTION_CELLS = ("traffic", "datapath", "mtls")  # the sections made of (repeatable) cells
+# The mTLS section's targets (ratios of the same run).
+MTLS_ADDED_P99_MAX = 0.5  # nodemesh's added p99 (vs no mesh) / the sidecar model's
+MTLS_RATE_MIN = 1.5  # nodemesh's max rate / the sidecar model's
+MEMORY_MAX = 1 / 30  # nodemesh's memory at 100 pods / the sidecars'
 
 
 def _phase_key(ph: dict[str, Any]) -> str:
@@ -57,7 +62,9 @@ def summarize_traffic(cells: list[dict[str, Any]]) -> dict[str, Any]:
             "error_fraction": (sum(errors) / (sum(errors) + sum(requests)))
             if sum(errors) + sum(requests) else None,
             "rps": spread(p.get("achieved_rps") for p in ok),
-            "latency_us": {k: spread((p.get("latency_us") or {}).get(k) for p in ok) for k in PCTS},
+            # A phase without a single response has no latency (its percentiles read 0).
+            "latency_us": {k: spread((p.get("latency_us") or {}).get(k) for p in ok
+                                     if p.get("requests")) for k in PCTS},
             "mesh_cpu_s_per_1000": spread(cpu_per_k),
             "mesh_cpu_s_per_1000_by_role": by_role,
             "cpu0_s_per_1000": spread(cpu0_per_k),
@@ -119,7 +126,9 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         s["datapath"] = summarize_datapath(res["datapath"]["cells"])
     if (res.get("calibration") or {}).get("cells"):
         s["calibration"] = summarize_traffic(res["calibration"]["cells"])
-    gates = [c["gate"] for sec in ("traffic", "datapath") for c in (res.get(sec) or {}).get("cells", [])
+    if (res.get("mtls") or {}).get("cells"):
+        s["mtls"] = summarize_traffic(res["mtls"]["cells"])
+    gates = [c["gate"] for sec in SECTION_CELLS for c in (res.get(sec) or {}).get("cells", [])
              if c.get("gate")]
     if gates:
         s["quiet_gate"] = {"cells": len(gates),
@@ -151,19 +160,7 @@ def targets(res: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
     out["l4_vs_nomesh"] = {"rows": rows, "met": all(x["met"] for x in rows) if rows else None,
                            "met_count": sum(x["met"] for x in rows), "count": len(rows)}
     # 2. L7 added p99 against the sidecar model's added p99.
-    rows = []
-    for wl in t:
-        for key in rates:
-            base = _lat(t, wl, key, "nomesh", "p99")
-            l7, sc = _lat(t, wl, key, "l7", "p99"), _lat(t, wl, key, "sidecar", "p99")
-            if None in (base, l7, sc):
-                continue
-            added_l7, added_sc = l7 - base, sc - base  # type: ignore[operator]
-            r = added_l7 / added_sc if added_sc > 0 else None
-            # With no added p99 for the sidecar model (noise), the ratio means nothing.
-            rows.append({"workload": wl, "phase": key, "added_l7_us": added_l7,
-                         "added_sidecar_us": added_sc, "ratio": r,
-                         "met": None if r is None else r <= 0.4})
+    rows = _added_p99_rows(t, rates, ["l7"], "sidecar", 0.4)
     l7_available = (res.get("l7") or {}).get("available", False)
     out["l7_vs_sidecar"] = {"rows": rows, "available": l7_available,
                             "reason": (res.get("l7") or {}).get("reason"),
@@ -172,17 +169,9 @@ def targets(res: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
                             "met_count": sum(1 for x in rows if x["met"]),
                             "count": sum(1 for x in rows if x["met"] is not None)}
     # 3. Memory at the largest pod count.
-    pts = (res.get("memory") or {}).get("points") or []
-    if pts:
-        p = max(pts, key=lambda x: x["pods"])
-        nm, sc = p["nodemesh"], p["sidecar"]
-        r_pss = ratio(nm["total_pss"], sc["pss"])
-        r_rss = ratio(nm["total_rss"], sc["rss"])
-        out["memory"] = {"pods": p["pods"], "nodemesh_pss_mib": nm["total_pss"] / MIB,
-                         "sidecar_pss_mib": sc["pss"] / MIB, "ratio_pss": r_pss,
-                         "nodemesh_rss_mib": nm["total_rss"] / MIB, "sidecar_rss_mib": sc["rss"] / MIB,
-                         "ratio_rss": r_rss, "node_envoy_running": nm["envoy"]["processes"] > 0,
-                         "met": r_pss is not None and r_pss <= 1 / 30}
+    mem = _memory_target((res.get("memory") or {}).get("points") or [])
+    if mem:
+        out["memory"] = mem
     # 4. Change latency.
     ch = res.get("change") or {}
     out["change"] = {k: {"p50_ms": ch[k].get("p50_ms"), "p99_ms": ch[k].get("p99_ms"),
@@ -212,7 +201,96 @@ def targets(res: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
                          "metric": "conn/s", "ratio": r, "met": r is not None and r >= 1 / 1.05})
     out["datapath"] = {"rows": rows, "met": all(x["met"] for x in rows) if rows else None,
                        "met_count": sum(x["met"] for x in rows), "count": len(rows)}
+    # 6. mTLS across nodes: nodemesh (L4 and L7) against the sidecar model with mTLS.
+    if "mtls" in res:
+        out["mtls"] = _mtls_targets(res, s.get("mtls") or {})
     return out
+
+
+def saturated(t: dict[str, Any], wl: str, key: str, mode: str) -> bool:
+    """Did `mode` fail to keep up with the open-loop rate `key` (more than 1 % of its requests
+    timed out or failed)? Its latency then says nothing: the queue grew through the phase."""
+    x = t.get(wl, {}).get(key, {}).get(mode) or {}
+    return (x.get("error_fraction") or 0) > MAX_ERROR_FRACTION
+
+
+def _added_p99_rows(t: dict[str, Any], rates: list[str], modes: list[str], sidecar: str,
+                    limit: float, base_mode: str = "nomesh",
+                    saturation: bool = False) -> list[dict[str, Any]]:
+    """Per workload, rate and mode: the p99 it adds to `base_mode`'s, as a fraction of what
+    `sidecar` adds (met when ≤ `limit`). With `saturation`, a mode that could not keep up with
+    the rate misses (the sidecar model still could) or meets it (the sidecar model could not)."""
+    rows = []
+    for wl in t:
+        for key in rates:
+            base, sc = _lat(t, wl, key, base_mode, "p99"), _lat(t, wl, key, sidecar, "p99")
+            sc_sat = saturation and saturated(t, wl, key, sidecar)
+            for mode in modes:
+                cur = _lat(t, wl, key, mode, "p99")
+                cur_sat = saturation and saturated(t, wl, key, mode)
+                if cur_sat or sc_sat:
+                    both = cur_sat and sc_sat
+                    rows.append({"workload": wl, "phase": key, "mode": mode,
+                                 "saturated": [m for m, x in ((mode, cur_sat), (sidecar, sc_sat))
+                                               if x],
+                                 "ratio": None, "met": None if both else sc_sat})
+                    continue
+                if None in (base, cur, sc):
+                    continue
+                added, added_sc = cur - base, sc - base  # type: ignore[operator]
+                r = added / added_sc if added_sc > 0 else None
+                # With no added p99 for the sidecar model (noise), the ratio means nothing.
+                row = {"workload": wl, "phase": key, "mode": mode, f"added_{mode}_us": added,
+                       "added_sidecar_us": added_sc, "ratio": r,
+                       "met": None if r is None else r <= limit}
+                rows.append(row)
+    return rows
+
+
+def _verdicts(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Met when every row that can be judged is met (rows with met None are noise or n/a)."""
+    judged = [x for x in rows if x["met"] is not None]
+    return {"rows": rows, "met": all(x["met"] for x in judged) if judged else None,
+            "met_count": sum(1 for x in judged if x["met"]), "count": len(judged)}
+
+
+def _memory_target(pts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """nodemesh's memory against the sidecars' at the largest pod count measured."""
+    if not pts:
+        return None
+    p = max(pts, key=lambda x: x["pods"])
+    nm, sc = p["nodemesh"], p["sidecar"]
+    r_pss = ratio(nm["total_pss"], sc["pss"])
+    r_rss = ratio(nm["total_rss"], sc["rss"])
+    return {"pods": p["pods"], "nodemesh_pss_mib": nm["total_pss"] / MIB,
+            "sidecar_pss_mib": sc["pss"] / MIB, "ratio_pss": r_pss,
+            "nodemesh_rss_mib": nm["total_rss"] / MIB, "sidecar_rss_mib": sc["rss"] / MIB,
+            "ratio_rss": r_rss, "node_envoy_running": nm["envoy"]["processes"] > 0,
+            "certificates": nm.get("certificates"),
+            "met": r_pss is not None and r_pss <= MEMORY_MAX}
+
+
+def mtls_rates(res: dict[str, Any]) -> list[str]:
+    plan = res.get("plan") or {}
+    return [f"open@{r}" for r in plan.get("mtls_rates") or plan.get("rates", [])]
+
+
+def _mtls_targets(res: dict[str, Any], m: dict[str, Any]) -> dict[str, Any]:
+    sec = res.get("mtls") or {}
+    l7 = sec.get("l7") or {}
+    modes = ["l4-mtls"] + (["l7-mtls"] if l7.get("available") else [])
+    rate_rows = []
+    for wl in m:
+        for mode in modes:
+            r = ratio(_rps(m, wl, mode), _rps(m, wl, "sidecar-mtls"))
+            if r is not None:
+                rate_rows.append({"workload": wl, "phase": "wrk", "mode": mode, "metric": "max rate",
+                                  "ratio": r, "met": r >= MTLS_RATE_MIN})
+    return {"added_p99": _verdicts(_added_p99_rows(m, mtls_rates(res), modes, "sidecar-mtls",
+                                                   MTLS_ADDED_P99_MAX, saturation=True)),
+            "max_rate": _verdicts(rate_rows),
+            "memory": _memory_target((sec.get("memory") or {}).get("points") or []),
+            "l7_available": l7.get("available", False), "l7_reason": l7.get("reason")}
 
 
 def problems(res: dict[str, Any]) -> list[str]:
@@ -223,7 +301,7 @@ def problems(res: dict[str, Any]) -> list[str]:
     if res.get("leftovers"):
         out.append(f"left behind: {res['leftovers']}")
     t = (res.get("summary") or {}).get("traffic") or {}
-    modes = set(res.get("modes") or MODES)
+    modes = set(res.get("modes") or MODES) & set(MODES)
     if not (res.get("l7") or {}).get("available"):
         modes.discard("l7")
     for wl, phases in t.items():
@@ -239,6 +317,57 @@ def problems(res: dict[str, Any]) -> list[str]:
     for c in (res.get("traffic") or {}).get("cells") or []:
         if c["mode"] == "l7" and c.get("node_envoy_requests") == 0:
             out.append(f"{c['workload']} l7 run {c['run']}: no request crossed the node Envoy")
+    if "mtls" in res:
+        out += _mtls_problems(res)
+    return out
+
+
+def _mtls_problems(res: dict[str, Any]) -> list[str]:
+    """The mTLS section's modes must carry traffic, and in mutual TLS: nodemesh's through the
+    server node's tunnel (bytes in, no plaintext), the sidecar model's on the client sidecar's
+    TLS clusters (requests, no TLS errors)."""
+    sec = res.get("mtls") or {}
+    modes = set(MTLS_MODES) & set(res.get("modes") or MTLS_MODES)
+    if not (sec.get("l7") or {}).get("available"):
+        modes.discard("l7-mtls")
+    out = []
+    m = (res.get("summary") or {}).get("mtls") or {}
+    if not m and modes:
+        out.append("mtls: no cell measured")
+    for wl, phases in m.items():
+        for key, by_mode in phases.items():
+            for mode in sorted(modes):
+                s = by_mode.get(mode)
+                if s is None:
+                    out.append(f"mtls {wl} {key} {mode}: no result")
+                elif s["failed_runs"]:
+                    out.append(f"mtls {wl} {key} {mode}: {s['failed_runs']} failed runs")
+                # An open-loop rate a mode cannot keep up with is a result (reported as
+                # saturated, a miss), as long as the same mode carries traffic at its own pace.
+                elif key == "wrk" and not s["requests"]:
+                    out.append(f"mtls {wl} {key} {mode}: no traffic")
+                elif key == "wrk" and (s["error_fraction"] or 0) > MAX_ERROR_FRACTION:
+                    out.append(f"mtls {wl} {key} {mode}: {s['error_fraction']:.1%} errors")
+    for c in sec.get("cells") or []:
+        where = f"mtls {c['workload']} {c['mode']} run {c['run']}"
+        if c["mode"] == "l7-mtls" and c.get("node_envoy_requests") == 0:
+            out.append(f"{where}: no request crossed the client node's Envoy")
+        if c["mode"] in ("l4-mtls", "l7-mtls"):
+            tun = c.get("tunnel")
+            if not tun or tun["bytes"] <= 0:
+                out.append(f"{where}: no byte came through the server node's tunnel ({tun})")
+            elif tun["plaintext_connections"]:
+                out.append(f"{where}: {tun['plaintext_connections']} plaintext connection(s) "
+                           "reached the server node")
+        if c["mode"] == "sidecar-mtls":
+            st = c.get("sidecar_stats") or {}
+            rq = sum(v for k, v in st.items() if k.endswith(".upstream_rq_total"))
+            errors = sum(v for k, v in st.items() if k.endswith(".ssl.connection_error"))
+            if st.get("error") or rq <= 0:
+                out.append(f"{where}: no request on the client sidecar's TLS clusters "
+                           f"({st.get('error') or st})")
+            elif errors:
+                out.append(f"{where}: {errors} TLS connection error(s) in the client sidecar")
     return out
 
 
@@ -275,10 +404,13 @@ def markdown(res: dict[str, Any]) -> str:
     L.append(f"Runs per cell: {plan.get('runs')}; wrk {plan.get('wrk_seconds')} s "
              f"(-c {plan.get('wrk_connections')}); open loop {plan.get('open_seconds')} s per rate "
              f"(+{plan.get('warmup')} s warm-up) at {', '.join(map(str, plan.get('rates', [])))} "
-             f"req/s. Total time {res.get('seconds')} s.")
-    l7 = res.get("l7") or {}
-    L.append(f"nodemesh L7: {'available' if l7.get('available') else 'UNAVAILABLE'} — "
-             f"{l7.get('reason')}.")
+             f"req/s" + (f" (mTLS section: {', '.join(k.removeprefix('open@') for k in mtls_rates(res))})"
+                         if "mtls" in res else "") + f". Total time {res.get('seconds')} s.")
+    for what, l7 in (("nodemesh L7", res.get("l7")),
+                     ("nodemesh L7 with mTLS", (res.get("mtls") or {}).get("l7"))):
+        if l7:
+            L.append(f"{what}: {'available' if l7.get('available') else 'UNAVAILABLE'} — "
+                     f"{l7.get('reason')}.")
     bg = res.get("background") or {}
     if bg:
         L.append(f"Other processes on the machine used {bg.get('other_processes_cpu_s')} CPU-s "
@@ -290,8 +422,8 @@ def markdown(res: dict[str, Any]) -> str:
                  f"{fmt(b['median'], 2)}, max {fmt(b['max'], 2)}; the harness waited "
                  f"{q['waited_s']} s in total for quiet, and {q['cells_started_busy']} of "
                  f"{q['cells']} cells started with the machine still busy.")
-    n_disc = sum(len((res.get(k) or {}).get("discarded") or []) for k in ("traffic", "datapath"))
-    left = sum(1 for k in ("traffic", "datapath") for c in (res.get(k) or {}).get("cells") or []
+    n_disc = sum(len((res.get(k) or {}).get("discarded") or []) for k in SECTION_CELLS)
+    left = sum(1 for k in SECTION_CELLS for c in (res.get(k) or {}).get("cells") or []
                if c.get("disturbed"))
     L.append(f"{n_disc} cell measurements were repeated because other work disturbed them "
              f"(other processes above {res.get('foreign_max_cpus', 0.25)} CPUs, or the generator "
@@ -304,10 +436,13 @@ def markdown(res: dict[str, Any]) -> str:
     L.append("|---|---|---|")
     x = tg.get("l4_vs_nomesh") or {}
     worst = _worst(x.get("rows") or [], "p")
-    L.append(f"| L4: p50, p99 ≤ 1.05 x no mesh; max rate ≥ 0.95 x | {_verdict(x.get('met'))} "
-             f"({x.get('met_count')}/{x.get('count')} cells) | {worst} |")
+    if x.get("rows"):
+        L.append(f"| L4: p50, p99 ≤ 1.05 x no mesh; max rate ≥ 0.95 x | {_verdict(x.get('met'))} "
+                 f"({x.get('met_count')}/{x.get('count')} cells) | {worst} |")
     x = tg.get("l7_vs_sidecar") or {}
-    if x.get("available") and x.get("rows"):
+    if "traffic" not in res:
+        pass
+    elif x.get("available") and x.get("rows"):
         rs = [r["ratio"] for r in x.get("rows") or [] if r["ratio"] is not None]
         L.append(f"| L7: added p99 ≤ 0.4 x sidecar's added p99 | {_verdict(x.get('met'))} "
                  f"({x.get('met_count')}/{x.get('count')}) | ratios {fmt(min(rs), 2) if rs else '-'}"
@@ -317,13 +452,8 @@ def markdown(res: dict[str, Any]) -> str:
     else:
         L.append(f"| L7: added p99 ≤ 0.4 x sidecar's added p99 | n/a: L7 unavailable | "
                  f"{x.get('reason')} |")
-    x = tg.get("memory") or {}
-    if x:
-        L.append(f"| memory at {x['pods']} pods ≤ 1/30 of sidecars | {_verdict(x.get('met'))} | "
-                 f"PSS {x['nodemesh_pss_mib']:.0f} vs {x['sidecar_pss_mib']:.0f} MiB = "
-                 f"{_fraction(x['ratio_pss'])}; RSS {x['nodemesh_rss_mib']:.0f} vs "
-                 f"{x['sidecar_rss_mib']:.0f} MiB = {_fraction(x['ratio_rss'])}"
-                 f"{'' if x.get('node_envoy_running') else ' (no node Envoy running)'} |")
+    if tg.get("memory"):
+        L.append(_memory_target_row(tg["memory"], ""))
     for k, v in (tg.get("change") or {}).items():
         if v.get("error"):
             L.append(f"| {k} change ≤ 100 ms p99 | n/a | {v['error']} |")
@@ -335,12 +465,67 @@ def markdown(res: dict[str, Any]) -> str:
     if x.get("rows"):
         L.append(f"| datapath ≤ 5 % added latency | {_verdict(x.get('met'))} "
                  f"({x.get('met_count')}/{x.get('count')}) | {_worst(x['rows'], 'dp')} |")
+    L += _mtls_target_rows(tg.get("mtls"))
     L.append("")
     L += _traffic_tables(res, s)
     L += _datapath_tables(s)
     L += _change_tables(res)
-    L += _memory_tables(res)
+    L += _memory_tables((res.get("memory") or {}).get("points") or [],
+                        "## Memory of the mesh's components (MiB)")
+    L += _mtls_tables(res, s)
     return "\n".join(L) + "\n"
+
+
+def _memory_target_row(x: dict[str, Any], what: str) -> str:
+    return (f"| {what}memory at {x['pods']} pods ≤ 1/30 of sidecars | {_verdict(x.get('met'))} | "
+            f"PSS {x['nodemesh_pss_mib']:.0f} vs {x['sidecar_pss_mib']:.0f} MiB = "
+            f"{_fraction(x['ratio_pss'])}; RSS {x['nodemesh_rss_mib']:.0f} vs "
+            f"{x['sidecar_rss_mib']:.0f} MiB = {_fraction(x['ratio_rss'])}"
+            f"{'' if x.get('node_envoy_running') else ' (no node Envoy running)'} |")
+
+
+def _ratios_by_mode(rows: list[dict[str, Any]]) -> str:
+    """"L4 0.10-0.30x, L7 0.45x; worst: <cell>" of target rows that carry a "mode"."""
+    parts = []
+    for mode in MTLS_MODES:
+        rs = [r["ratio"] for r in rows if r.get("mode") == mode and r["ratio"] is not None]
+        if rs:
+            span = fmt_ratio(rs[0]) if len(rs) == 1 else f"{min(rs):.2f} to {max(rs):.2f}x"
+            parts.append(f"{MODE_TITLES[mode].split(',')[0].removeprefix('nodemesh ')} {span}")
+    bad = [f"{r['workload']} {r['phase']} {r['mode']} "
+           + ("saturated" if r.get("saturated") else fmt_ratio(r["ratio"]))
+           for r in rows if r["met"] is False]
+    if bad:
+        parts.append("missed: " + ", ".join(bad))
+    sat = [f"{r['workload']} {r['phase']} {'+'.join(r['saturated'])}" for r in rows
+           if r.get("saturated") and r["met"] is not False]
+    if sat:
+        parts.append("saturated: " + ", ".join(sat))
+    return "; ".join(parts) or "-"
+
+
+def _mtls_target_rows(x: dict[str, Any] | None) -> list[str]:
+    """The mTLS section's targets, one row each (ratios of medians, same run)."""
+    if not x:
+        return []
+    L = []
+    for key, what in (("added_p99", f"mTLS: nodemesh's added p99 (vs no mesh) ≤ "
+                                     f"{MTLS_ADDED_P99_MAX} x the sidecar model's"),
+                      ("max_rate", f"mTLS: nodemesh's max rate ≥ {MTLS_RATE_MIN} x the sidecar "
+                                   "model's")):
+        v = x.get(key) or {}
+        if v.get("count"):
+            L.append(f"| {what} | {_verdict(v.get('met'))} ({v['met_count']}/{v['count']}) | "
+                     f"{_ratios_by_mode(v['rows'])} |")
+        else:  # the sidecar model added no p99 anywhere (noise), or nothing was measured
+            L.append(f"| {what} | n/a | no cell to judge |")
+    if not x.get("l7_available"):
+        L.append(f"| mTLS: nodemesh L7 | n/a: L7 unavailable | {x.get('l7_reason')} |")
+    if x.get("memory"):
+        mem = x["memory"]
+        L.append(_memory_target_row(mem, f"mTLS ({mem.get('certificates')} certificate(s) on "
+                                         "the node): "))
+    return L
 
 
 def _worst(rows: list[dict[str, Any]], kind: str) -> str:
@@ -356,9 +541,9 @@ def _worst(rows: list[dict[str, Any]], kind: str) -> str:
     return f"worst: {r['workload']} {r['phase']} {r['metric']} {fmt_ratio(r['ratio'])}"
 
 
-def _modes_in(t: dict[str, Any]) -> list[str]:
+def _modes_in(t: dict[str, Any], order: tuple[str, ...] = MODES) -> list[str]:
     seen = {m for wl in t.values() for ph in wl.values() for m in ph}
-    return [m for m in MODES if m in seen]
+    return [m for m in order if m in seen]
 
 
 def _traffic_tables(res: dict[str, Any], s: dict[str, Any]) -> list[str]:
@@ -491,15 +676,15 @@ def _change_tables(res: dict[str, Any]) -> list[str]:
     return L
 
 
-def _memory_tables(res: dict[str, Any]) -> list[str]:
-    pts = (res.get("memory") or {}).get("points") or []
+def _memory_tables(pts: list[dict[str, Any]], title: str) -> list[str]:
     if not pts:
         return []
-    L = ["## Memory of the mesh's components (MiB)\n",
+    L = [f"{title}\n",
          "| pods on the node | sidecars: Envoys | sidecars RSS | sidecars PSS | nodemesh agent "
          "RSS / PSS | node Envoy RSS / PSS | BPF maps (memlock) | nodemesh total PSS+maps | "
-         "ratio (PSS) | runtime-only agent PSS |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+         "ratio (PSS) | runtime-only agent PSS | nodemesh certificates | node Envoy heap "
+         "allocated / held |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in pts:
         nm, sc = p["nodemesh"], p["sidecar"]
         r = ratio(nm["total_pss"], sc["pss"])
@@ -508,13 +693,112 @@ def _memory_tables(res: dict[str, Any]) -> list[str]:
                  f"{nm['envoy']['rss'] / MIB:.0f} / {nm['envoy']['pss'] / MIB:.0f} | "
                  f"{nm['bpf_maps']['bytes'] / MIB:.1f} | {nm['total_pss'] / MIB:.0f} | "
                  f"{_fraction(r)} | "
-                 f"{p['runtime_only_agent']['pss'] / MIB:.0f} |")
+                 f"{p['runtime_only_agent']['pss'] / MIB:.0f} | "
+                 f"{fmt(nm.get('certificates'))} | {_heap(nm.get('envoy_heap'))} |")
+    L.append("")
+    return L
+
+
+def _heap(h: dict[str, int] | None) -> str:
+    if not h or "allocated" not in h or "heap_size" not in h:
+        return "-"
+    return f"{h['allocated'] / MIB:.0f} / {h['heap_size'] / MIB:.0f}"
+
+
+def _mtls_tables(res: dict[str, Any], s: dict[str, Any]) -> list[str]:
+    sec = res.get("mtls") or {}
+    m = s.get("mtls") or {}
+    if not sec:
+        return []
+    rates = mtls_rates(res)
+    modes = _modes_in(m, MTLS_MODES)
+    L = ["## mTLS across nodes\n",
+         "Two 2-node clusters: the clients on node1, the servers (3 pods each) on node2. No mesh "
+         "(plain routing, by pod IP), the sidecar model with Istio's mutual TLS between the "
+         "sidecars, nodemesh L4 (the kernel and the node Envoys' tunnel) and L7 (a route: the "
+         "client node's Envoy makes the upstream in mutual TLS). Medians over runs (min-max in "
+         "brackets); latency in µs from the scheduled send time; \"added\" is over no mesh's "
+         f"p99 of the same run. Setup {sec.get('setup_seconds')} s, section {sec.get('seconds')} s.\n",
+         "### Targets\n", "| target | result | measured |", "|---|---|---|",
+         *_mtls_target_rows((s.get("targets") or {}).get("mtls")), ""]
+    if m:
+        L.append("### Cells\n")
+        head = ["workload", "mode", "max rate"]
+        for key in rates:
+            head += [f"{key} p50", f"{key} p99", f"{key} added p99", f"{key} added p99 xsidecar"]
+        head += ["max rate xsidecar", "mesh CPU s/1000 req" + (f" @{rates[-1]}" if rates else ""),
+                 "split"]
+        L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for wl in m:
+            for mode in modes:
+                if mode not in m[wl].get("wrk", {}):
+                    continue
+                row = [wl, MODE_TITLES[mode], _range(m[wl]["wrk"][mode]["rps"])]
+                for key in rates:
+                    x = m[wl].get(key, {}).get(mode)
+                    base = _lat(m, wl, key, "nomesh", "p99")
+                    cur = _lat(m, wl, key, mode, "p99")
+                    sc = _lat(m, wl, key, "sidecar-mtls", "p99")
+                    added = cur - base if None not in (cur, base) else None  # type: ignore[operator]
+                    added_sc = sc - base if None not in (sc, base) else None  # type: ignore[operator]
+                    if x and saturated(m, wl, key, mode):
+                        row += [f"saturated ({x['error_fraction']:.0%} errors)", "-", "-", "-"]
+                        continue
+                    judged = mode != "nomesh" and added_sc and added_sc > 0
+                    row += [_range(x["latency_us"]["p50"]) if x else "-",
+                            _range(x["latency_us"]["p99"]) if x else "-", fmt(added),
+                            fmt_ratio(ratio(added, added_sc)) if judged else "-"]
+                row.append(fmt_ratio(ratio(_rps(m, wl, mode), _rps(m, wl, "sidecar-mtls"))))
+                top = m[wl].get(rates[-1], {}).get(mode) or {} if rates else {}
+                row.append(fmt((top.get("mesh_cpu_s_per_1000") or {}).get("median"), 4))
+                split = top.get("mesh_cpu_s_per_1000_by_role") or {}
+                row.append(", ".join(f"{r} {fmt(v['median'], 4)}" for r, v in sorted(split.items()))
+                           or "-")
+                L.append("| " + " | ".join(row) + " |")
+        L.append("")
+        L += _mtls_evidence(sec.get("cells") or [])
+    L += _memory_tables((sec.get("memory") or {}).get("points") or [],
+                        "### Memory on the server node, mTLS on (MiB)")
+    return L
+
+
+def _mtls_evidence(cells: list[dict[str, Any]]) -> list[str]:
+    """Sums over a mode's cells of what shows the traffic went in mutual TLS."""
+    L = ["### Evidence of mutual TLS (sums over the cells)\n",
+         "nodemesh: the server node Envoy's inbound tunnel (connections and bytes in mutual TLS, "
+         "TLS handshakes, plaintext connections); sidecar model: the client sidecar's outbound "
+         "clusters, whose only transport is TLS (requests, connections, handshakes, TLS "
+         "errors).\n",
+         "| mode | cells | connections | bytes / requests | TLS handshakes | plaintext / TLS errors |",
+         "|---|---|---|---|---|---|"]
+    for mode in MTLS_MODES[1:]:
+        cs = [c for c in cells if c["mode"] == mode]
+        if not cs:
+            continue
+        if mode == "sidecar-mtls":
+            st = [c.get("sidecar_stats") or {} for c in cs]
+
+            def total(suffix: str, st: list[dict[str, Any]] = st) -> int:
+                return sum(v for d in st for k, v in d.items()
+                           if k.endswith(suffix) and isinstance(v, int))
+
+            vals = [total(".upstream_cx_total"), f"{total('.upstream_rq_total'):,} requests",
+                    total(".ssl.handshake"), f"{total('.ssl.connection_error')} TLS errors"]
+        else:
+            tun = [c.get("tunnel") or {} for c in cs]
+            vals = [sum(t.get("connections", 0) for t in tun),
+                    f"{sum(t.get('bytes', 0) for t in tun):,} bytes",
+                    sum(t.get("handshakes", 0) for t in tun),
+                    f"{sum(t.get('plaintext_connections', 0) for t in tun)} plaintext"]
+        L.append(f"| {MODE_TITLES[mode]} | {len(cs)} | " + " | ".join(
+            f"{v:,}" if isinstance(v, int) else v for v in vals) + " |")
     L.append("")
     return L
 
 
 # ---- plots ------------------------------------------------------------------------------
-COLORS = {"nomesh": "#444444", "sidecar": "#d62728", "l4": "#1f77b4", "l7": "#2ca02c"}
+COLORS = {"nomesh": "#444444", "sidecar": "#d62728", "l4": "#1f77b4", "l7": "#2ca02c",
+          "sidecar-mtls": "#d62728", "l4-mtls": "#1f77b4", "l7-mtls": "#2ca02c"}
 
 
 def plots(res: dict[str, Any], out_dir: str) -> list[str]:
@@ -524,98 +808,124 @@ def plots(res: dict[str, Any], out_dir: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     os.makedirs(out_dir, exist_ok=True)
-    written = []
+    written: list[str] = []
     s = res.get("summary") or {}
-    t = s.get("traffic") or {}
-    modes = _modes_in(t) if t else []
-    labels = ["p50", "p90", "p99", "p99.9"]
-    for rate in (res.get("plan") or {}).get("rates", []):
-        key = f"open@{rate}"
-        wls = [wl for wl in t if key in t[wl]]
-        if not wls:
+    rates = [f"open@{r}" for r in (res.get("plan") or {}).get("rates", [])]
+    # Per section, one file per plot: the traffic section's names carry no prefix.
+    for prefix, t, order, keys, what in (
+            ("", s.get("traffic") or {}, MODES, rates, "{}"),
+            ("mtls-", s.get("mtls") or {}, MTLS_MODES, mtls_rates(res), "mTLS across nodes: {}")):
+        if not t:
             continue
-        cols = min(4, len(wls))
-        rows = (len(wls) + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
-        for ax, wl in zip(axes.flat, wls, strict=False):
-            for m in modes:
-                x = t[wl][key].get(m)
-                if not x:
-                    continue
-                ys = [x["latency_us"][p]["median"] for p in PCTS]
-                ax.plot(labels, ys, marker="o", color=COLORS[m], label=MODE_TITLES[m])
-            ax.set_yscale("log")
-            ax.set_title(wl, fontsize=9)
-            ax.set_ylabel("µs")
-            ax.grid(True, which="both", alpha=0.3)
-        for ax in list(axes.flat)[len(wls):]:
-            ax.axis("off")
-        axes.flat[0].legend(fontsize=8)
-        fig.suptitle(f"Latency percentiles at {rate} req/s (open loop; median of runs)")
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"latency-{rate}rps.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    if t:
-        wls = [wl for wl in t if "wrk" in t[wl]]
-        fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(wls)), 3.8))
-        width = 0.8 / max(1, len(modes))
-        for i, m in enumerate(modes):
-            ys = [(_rps(t, wl, m) or 0) / 1000 for wl in wls]
-            ax.bar([j + i * width for j in range(len(wls))], ys, width, color=COLORS[m],
-                   label=MODE_TITLES[m])
-        ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(wls))])
-        ax.set_xticklabels(wls, rotation=20, fontsize=8)
-        ax.set_ylabel("thousand req/s")
-        ax.set_title("Max rate (wrk, closed loop; median of runs)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(out_dir, "max-rate.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    pts = (res.get("memory") or {}).get("points") or []
-    if pts:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        xs = [p["pods"] for p in pts]
-        ax.plot(xs, [p["sidecar"]["pss"] / MIB for p in pts], "o-", color=COLORS["sidecar"],
-                label="sidecar model (PSS of all sidecars)")
-        ax.plot(xs, [p["sidecar"]["rss"] / MIB for p in pts], "o--", color=COLORS["sidecar"],
-                alpha=0.5, label="sidecar model (RSS)")
-        ax.plot(xs, [p["nodemesh"]["total_pss"] / MIB for p in pts], "o-", color=COLORS["l4"],
-                label="nodemesh (agent + node Envoy PSS + BPF maps)")
-        ax.plot(xs, [p["nodemesh"]["total_rss"] / MIB for p in pts], "o--", color=COLORS["l4"],
-                alpha=0.5, label="nodemesh (RSS + BPF maps)")
-        ax.set_yscale("log")
-        ax.set_xlabel("pods on the node")
-        ax.set_ylabel("MiB")
-        ax.set_title("Memory of the mesh's components")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(out_dir, "memory.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    d = s.get("datapath") or {}
-    if d:
-        keys = sorted(d)
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        for ax, m in zip(axes, ("rr", "crr"), strict=True):
-            p50 = [d[k][m]["p50_us"]["median"] or 0 for k in keys]
-            p99 = [d[k][m]["p99_us"]["median"] or 0 for k in keys]
-            idx = range(len(keys))
-            ax.bar([i - 0.2 for i in idx], p50, 0.4, label="p50", color="#1f77b4")
-            ax.bar([i + 0.2 for i in idx], p99, 0.4, label="p99", color="#ff7f0e")
-            ax.set_xticks(list(idx))
-            ax.set_xticklabels([k.replace("/", "\n") for k in keys], fontsize=7)
-            ax.set_ylabel("µs")
-            ax.set_title(f"TCP {m} (64 B)")
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(out_dir, "datapath.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        modes = _modes_in(t, order)
+        for key in keys:
+            rate = key.removeprefix("open@")
+            written += _latency_plot(plt, t, modes, key,
+                                     os.path.join(out_dir, f"{prefix}latency-{rate}rps.png"),
+                                     what.format(f"Latency percentiles at {rate} req/s (open loop; "
+                                                 "median of runs)"))
+        written += _rate_plot(plt, t, modes, os.path.join(out_dir, f"{prefix}max-rate.png"),
+                              what.format("Max rate (wrk, closed loop; median of runs)"))
+    for name, pts, what in (("memory.png", (res.get("memory") or {}).get("points") or [],
+                             "Memory of the mesh's components"),
+                            ("mtls-memory.png",
+                             ((res.get("mtls") or {}).get("memory") or {}).get("points") or [],
+                             "Memory on the server node, mTLS on")):
+        if pts:
+            written += _memory_plot(plt, pts, os.path.join(out_dir, name), what)
+    written += _datapath_plot(plt, s.get("datapath") or {}, os.path.join(out_dir, "datapath.png"))
     return written
+
+
+def _latency_plot(plt: Any, t: dict[str, Any], modes: list[str], key: str, path: str,
+                  title: str) -> list[str]:
+    labels = ["p50", "p90", "p99", "p99.9"]
+    wls = [wl for wl in t if key in t[wl]]
+    if not wls:
+        return []
+    cols = min(4, len(wls))
+    rows = (len(wls) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(max(4 * cols, 7), 3.4 * rows), squeeze=False)
+    for ax, wl in zip(axes.flat, wls, strict=False):
+        for m in modes:
+            x = t[wl][key].get(m)
+            if not x:
+                continue
+            ys = [x["latency_us"][p]["median"] for p in PCTS]
+            ax.plot(labels, ys, marker="o", color=COLORS[m], label=MODE_TITLES[m])
+        ax.set_yscale("log")
+        ax.set_title(wl, fontsize=9)
+        ax.set_ylabel("µs")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in list(axes.flat)[len(wls):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def _rate_plot(plt: Any, t: dict[str, Any], modes: list[str], path: str, title: str) -> list[str]:
+    wls = [wl for wl in t if "wrk" in t[wl]]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(wls)), 3.8))
+    width = 0.8 / max(1, len(modes))
+    for i, m in enumerate(modes):
+        ys = [(_rps(t, wl, m) or 0) / 1000 for wl in wls]
+        ax.bar([j + i * width for j in range(len(wls))], ys, width, color=COLORS[m],
+               label=MODE_TITLES[m])
+    ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(wls))])
+    ax.set_xticklabels(wls, rotation=20, fontsize=8)
+    ax.set_ylabel("thousand req/s")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def _memory_plot(plt: Any, pts: list[dict[str, Any]], path: str, title: str) -> list[str]:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [p["pods"] for p in pts]
+    ax.plot(xs, [p["sidecar"]["pss"] / MIB for p in pts], "o-", color=COLORS["sidecar"],
+            label="sidecar model (PSS of all sidecars)")
+    ax.plot(xs, [p["sidecar"]["rss"] / MIB for p in pts], "o--", color=COLORS["sidecar"],
+            alpha=0.5, label="sidecar model (RSS)")
+    ax.plot(xs, [p["nodemesh"]["total_pss"] / MIB for p in pts], "o-", color=COLORS["l4"],
+            label="nodemesh (agent + node Envoy PSS + BPF maps)")
+    ax.plot(xs, [p["nodemesh"]["total_rss"] / MIB for p in pts], "o--", color=COLORS["l4"],
+            alpha=0.5, label="nodemesh (RSS + BPF maps)")
+    ax.set_yscale("log")
+    ax.set_xlabel("pods on the node")
+    ax.set_ylabel("MiB")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def _datapath_plot(plt: Any, d: dict[str, Any], path: str) -> list[str]:
+    if not d:
+        return []
+    keys = sorted(d)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, m in zip(axes, ("rr", "crr"), strict=True):
+        p50 = [d[k][m]["p50_us"]["median"] or 0 for k in keys]
+        p99 = [d[k][m]["p99_us"]["median"] or 0 for k in keys]
+        idx = range(len(keys))
+        ax.bar([i - 0.2 for i in idx], p50, 0.4, label="p50", color="#1f77b4")
+        ax.bar([i + 0.2 for i in idx], p99, 0.4, label="p99", color="#ff7f0e")
+        ax.set_xticks(list(idx))
+        ax.set_xticklabels([k.replace("/", "\n") for k in keys], fontsize=7)
+        ax.set_ylabel("µs")
+        ax.set_title(f"TCP {m} (64 B)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

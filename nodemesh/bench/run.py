@@ -9,7 +9,11 @@ Sections, in this order (see docs/benchmarks.md for the method and what the numb
 2. datapath: TCP round trips (one connection; connect/request/close) and new connections per
    second, pod→pod and pod→service, ``--datapath bpf`` against ``--datapath none``;
 3. change: apply → first observed effect of a policy change and of a route change;
-4. memory: the mesh's processes (and BPF maps) at 10, 50 and 100 pods on the node.
+4. memory: the mesh's processes (and BPF maps) at 10, 50 and 100 pods on the node;
+5. mtls: mutual TLS across nodes, in two 2-node clusters of its own (clients on node1, servers
+   on node2; the single-node clusters are down by then): no mesh, the sidecar model with mTLS
+   between the sidecars, nodemesh L4 and L7 through its tunnel, measured as the traffic section
+   is; then the memory of the server node at 10 and 100 pods.
 
 CPUs: the load generators run on CPU 1; every process of the clusters (daemons, agents, node
 Envoys, shims, servers, sidecars) is pinned to CPU 0 before each cell. Before each cell the
@@ -32,14 +36,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from nodemesh.bench import memory, workload
 from nodemesh.bench.cluster import BenchCluster
 from nodemesh.bench.loadgen import WRK_LUA, cpu_busy_seconds, proc_cpu_seconds
 from nodemesh.bench.stats import median, percentile
-from nodemesh.bench.workload import MODES, Workload
+from nodemesh.bench.workload import MODES, MTLS_MODES, Workload
 from nodemesh.cluster.procs import reap_children, set_child_subreaper
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -49,6 +53,10 @@ BENCH_NICE = -10  # every process of the benchmark: other work on a shared VM di
 QUIET_BUSY_CPUS = 0.45  # busy CPUs (of 2) below which the machine counts as quiet
 FOREIGN_MAX_CPUS = 0.25  # other processes' CPU during a cell above which it is repeated
 LAG_MAX_US = 200.0  # generator send lag p99 above which the cell is repeated (it was stalled)
+SINGLE_NODE_SECTIONS = ("traffic", "datapath", "change", "memory")
+SECTIONS = (*SINGLE_NODE_SECTIONS, "mtls")
+ALL_MODES = tuple(dict.fromkeys(MODES + MTLS_MODES))
+SIDECAR_CERT_TTL = 24 * 3600  # nodemesh's default --cert-ttl (and Istio's default)
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,10 @@ class Plan:
     change_samples: int
     change_interval_ms: float
     mem_points: tuple[int, ...]
+    mtls_workloads: tuple[Workload, ...]
+    mtls_rates: tuple[int, ...]
+    mtls_mem_points: tuple[int, ...]
+    mem_settle: float  # seconds between the last pod's start and the memory reading
     gate_max_wait: float
     gate_total: float
     retries: int  # repeats of a disturbed cell
@@ -79,13 +91,20 @@ FULL = Plan(quick=False, runs=5, workloads=workload.ALL_WORKLOADS, wrk_seconds=2
             open_seconds=2.0, warmup=0.25, rates=(500, 2000), wrk_connections=12, pool=32,
             dp_runs=5, dp_seconds=1.5, dp_placements=("same-cpu", "cross-cpu"), dp_parallel=8,
             change_samples=100, change_interval_ms=2.0, mem_points=(10, 50, 100),
-            gate_max_wait=15.0, gate_total=300.0, retries=2,
-            retries_total=60)
+            # nginx only: the fast server shows what the mesh adds; echo (Python) would dilute it.
+            mtls_workloads=tuple(w for w in workload.ALL_WORKLOADS if w.server == "nginx"),
+            # A new TLS connection per request: 200/s every mode carries here; at 500/s
+            # nodemesh L4 (one handshake per connection) saturates; 2000/s is beyond them all.
+            mtls_rates=(200, 500), mtls_mem_points=(10, 100), mem_settle=3.0,
+            gate_max_wait=15.0, gate_total=300.0, retries=2, retries_total=60)
 QUICK = replace(FULL, quick=True, runs=1,
                 workloads=(Workload("nginx", "keepalive", "small"), Workload("echo", "close", "16k")),
                 wrk_seconds=1.0, open_seconds=1.0, warmup=0.2, dp_runs=1, dp_seconds=0.5,
                 dp_placements=("same-cpu",), change_samples=6, mem_points=(10,),
-                gate_max_wait=2.0, gate_total=10.0, retries=0,
+                # Keep-alive: a smoke run checks that every mode works, not where it saturates
+                # (a new connection per request, one TLS handshake each, is for the full run).
+                mtls_workloads=(Workload("nginx", "keepalive", "small"),), mtls_mem_points=(10,),
+                mem_settle=1.0, gate_max_wait=2.0, gate_total=10.0, retries=0,
                 retries_total=0)
 
 
@@ -199,6 +218,58 @@ class ForeignMeter:
 
 
 # ---- the benchmark ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a mode's load starts and goes, and what to count around it."""
+
+    cluster: BenchCluster
+    pod: str
+    container: str | None
+    targets: list[str]  # "ip:port"
+    host: str  # the Host header
+    roles: dict[int, str] = field(default_factory=dict)  # the mesh's processes (CPU is read)
+    l7_node: str | None = None  # the node whose Envoy must serve the requests (L7)
+    tunnel_node: str | None = None  # the node whose Envoy terminates nodemesh's tunnel
+    stats_url: str | None = None  # the client sidecar's counters, read by the loadgen
+
+
+def in_parallel(*calls: Callable[[], object]) -> None:
+    """Run `calls` at once (cluster ups and downs: mostly waiting), then raise the first error."""
+    errors: list[BaseException] = []
+
+    def run(call: Callable[[], object]) -> None:
+        try:
+            call()
+        except BaseException as e:  # re-raised below, in the caller's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def sidecar_certs(directory: str) -> dict[str, workload.SidecarTls]:
+    """The sidecar model's workload certificates, by ServiceAccount, from a throwaway CA in
+    `directory` (nodemesh's built-in CA class, so the certificates are of the same kind as the
+    node Envoys': EC P-256, the SPIFFE ID as the only URI SAN)."""
+    from nodemesh.certs import BuiltinCA, make_csr, new_key, spiffe_id
+    from nodemesh.certs.pem import key_to_pem
+
+    ca = BuiltinCA.create(directory, workload.TRUST_DOMAIN)
+    root = ca.roots()[0].decode()
+    out = {}
+    for sa in (workload.CLIENT_SA, workload.SERVER_SA):
+        key = new_key()
+        sid = spiffe_id(workload.TRUST_DOMAIN, workload.NAMESPACE, sa)
+        chain = ca.sign(make_csr(key, sid), sid, SIDECAR_CERT_TTL).decode()
+        out[sa] = workload.SidecarTls(sid, chain, key_to_pem(key).decode(), root)
+    return out
+
+
 class Bench:
     def __init__(self, plan: Plan, modes: tuple[str, ...], sections: tuple[str, ...]) -> None:
         self.plan = plan
@@ -211,21 +282,32 @@ class Bench:
         self.work = tempfile.mkdtemp(prefix="nodemesh-bench-")
         os.chmod(self.work, 0o755)
         sfx = uuid.uuid4().hex[:5]
-        self.plain = BenchCluster(f"nmb{sfx}p", tempfile.mkdtemp(prefix=f"nodemesh-nmb{sfx}p-"),
-                                  "none", log=log)
-        self.mesh = BenchCluster(f"nmb{sfx}m", tempfile.mkdtemp(prefix=f"nodemesh-nmb{sfx}m-"),
-                                 "bpf", log=log)
+
+        def cluster(tag: str, datapath: str, nodes: int = 1) -> BenchCluster:
+            name = f"nmb{sfx}{tag}"
+            return BenchCluster(name, tempfile.mkdtemp(prefix=f"nodemesh-{name}-"), datapath,
+                                nodes=nodes, log=log)
+
+        self.plain, self.mesh = cluster("p", "none"), cluster("m", "bpf")
+        # The mTLS section's: 2 nodes each; nodemesh's has mutual TLS on (the default).
+        self.plain2, self.mesh2 = cluster("tp", "none", 2), cluster("tm", "bpf", 2)
+        self.clusters = (self.plain, self.mesh, self.plain2, self.mesh2)
         self.nmrr = os.path.join(self.work, "nmrr")
         self.lua = os.path.join(self.work, "wrk.lua")
         self.l7: dict[str, Any] = {"available": False, "reason": "not checked"}
+        self.targets: dict[str, Any] = {}
+        self.mtls_targets: dict[str, Any] = {}
         self.gate_spent = 0.0
         self.wait_mode: dict[str, float] = {"spin_us": 1e9, "presend_us": 0}
-        self.meter = ForeignMeter(lambda: set(self.plain.all_pids()) | set(self.mesh.all_pids()))
+        self.meter = ForeignMeter(lambda: {p for c in self.clusters if c.is_up
+                                           for p in c.all_pids()})
         self.retried = 0
         self.results: dict[str, Any] = {"plan": _plan_json(plan), "modes": list(modes),
-                                        "work_dir": self.work,
+                                        "sections": list(sections), "work_dir": self.work,
                                         "clusters": {"plain": self.plain.name,
-                                                     "mesh": self.mesh.name}}
+                                                     "mesh": self.mesh.name,
+                                                     "plain2": self.plain2.name,
+                                                     "mesh2": self.mesh2.name}}
 
     # ---- setup ----------------------------------------------------------------------------
     def build_tools(self) -> None:
@@ -237,57 +319,67 @@ class Bench:
         os.chmod(self.lua, 0o644)
 
     def setup(self) -> None:
+        """The single-node clusters and what the sections before `mtls` run in them."""
         t0 = time.monotonic()
-        self.build_tools()
         log(f"clusters: {self.plain.name} (--datapath none), {self.mesh.name} (--datapath bpf)")
-        self.plain.up()
-        self.mesh.up()
+        in_parallel(self.plain.up, self.mesh.up)
         py, ev = self.python, self.envoy
         rr_svc = workload.service("rr", {"app": "rr"}, port=workload.RR_PORT,
                                   target=workload.RR_PORT)
-        self.plain.apply([*workload.plain_servers(py), workload.client_pod(), workload.calib_pod(),
-                          workload.rr_pod(self.nmrr), rr_svc, *workload.sidecar_servers(py, ev)])
-        n_plain, n_mesh = 15, 16  # pods in what is applied here (see workload.py)
+        plain_objs = [*workload.plain_servers(py), workload.client_pod(), workload.calib_pod(),
+                      workload.rr_pod(self.nmrr), rr_svc, *workload.sidecar_servers(py, ev)]
+        self.plain.apply(plain_objs)
         policy = workload.allow_client_policy(
             "allow-client", ["nginx", "echo", "nginx-l7", "echo-l7", "rr"],
             [workload.SERVER_PORT, workload.RR_PORT])
-        self.mesh.apply([*workload.plain_servers(py), workload.client_pod(),
-                         workload.rr_pod(self.nmrr), rr_svc, policy, *workload.l7_workload(py),
-                         *workload.change_target(py)])
-        self.plain.wait_ready(expected=n_plain)
-        outbound = [workload.OutboundService(f"sc-{s}", self.plain.vip(f"sc-{s}"),
-                                             workload.SERVICE_PORT,
-                                             tuple((ip, workload.SERVER_PORT)
-                                                   for ip in self.plain.pod_ips(f"sc-{s}")))
-                    for s in workload.SERVERS]
-        self.plain.apply([workload.sidecar_client(ev, outbound)])
-        self.plain.wait_ready(expected=n_plain + 1)
-        self.mesh.wait_ready(expected=n_mesh)
-        tw = ["sh", "-c", "echo 1 > /proc/sys/net/ipv4/tcp_tw_reuse"]
-        self.plain.exec("client", tw)
-        self.plain.exec("sc-client", tw, container="app")
-        self.mesh.exec("client", tw)
-        self.mesh.exec("client-l7", tw)
+        mesh_objs = [*workload.plain_servers(py), workload.client_pod(),
+                     workload.rr_pod(self.nmrr), rr_svc, policy, *workload.l7_workload(py),
+                     *workload.change_target(py)]
+        self.mesh.apply(mesh_objs)
+        self.plain.wait_ready(expected=workload.expected_pods(plain_objs))
+        self.plain.apply([workload.sidecar_client(ev, self.outbound(self.plain, workload.SERVERS))])
+        self.plain.wait_ready(expected=workload.expected_pods(plain_objs) + 1)
+        self.mesh.wait_ready(expected=workload.expected_pods(mesh_objs))
         self.targets = {
-            "plain": {s: self.plain.pod_ips(s) for s in workload.SERVERS},
-            "sidecar": {s: self.plain.vip(f"sc-{s}") for s in workload.SERVERS},
-            "l4": {s: self.mesh.vip(s) for s in workload.SERVERS},
-            "l7": {s: self.mesh.vip(f"{s}-l7") for s in workload.SERVERS},
+            **self.prepare_clients(self.plain, self.mesh, workload.SERVERS),
             "rr_plain": self.plain.pod_ips("rr")[0], "rr_mesh": self.mesh.pod_ips("rr")[0],
             "rr_vip": self.mesh.vip("rr"), "pt_vip": self.mesh.vip("pt"),
             "pt_l7_vip": self.mesh.vip("pt-l7"),
         }
-        self.l7 = self.detect_l7()
-        log(f"nodemesh L7: {'available' if self.l7['available'] else 'UNAVAILABLE'}"
-            f" ({self.l7['reason']})")
+        self.l7 = self.detect_l7(self.mesh, self.targets["l7"])
         self.pin()
         self.results["setup_seconds"] = round(time.monotonic() - t0, 1)
         self.results["targets"] = self.targets
         self.results["l7"] = self.l7
 
+    @staticmethod
+    def outbound(plain: BenchCluster, servers: tuple[str, ...], peer_id: str = ""
+                 ) -> list[workload.OutboundService]:
+        """The sidecar client's services: the sidecar servers' VIPs and pod IPs (with mTLS,
+        the SPIFFE ID the servers must present)."""
+        return [workload.OutboundService(f"sc-{s}", plain.vip(f"sc-{s}"), workload.SERVICE_PORT,
+                                         tuple((ip, workload.SERVER_PORT)
+                                               for ip in plain.pod_ips(f"sc-{s}")), peer_id)
+                for s in servers]
+
+    @staticmethod
+    def prepare_clients(plain: BenchCluster, mesh: BenchCluster, servers: tuple[str, ...]
+                        ) -> dict[str, dict[str, Any]]:
+        """What each mode's client sends to, per server: the pod IPs (no mesh), the VIPs (the
+        others); also sets tcp_tw_reuse in the clients (new connection per request)."""
+        tw = ["sh", "-c", "echo 1 > /proc/sys/net/ipv4/tcp_tw_reuse"]
+        in_parallel(lambda: plain.exec("client", tw),
+                    lambda: plain.exec("sc-client", tw, container="app"),
+                    lambda: mesh.exec("client", tw), lambda: mesh.exec("client-l7", tw))
+        return {"plain": {s: plain.pod_ips(s) for s in servers},
+                "sidecar": {s: plain.vip(f"sc-{s}") for s in servers},
+                "l4": {s: mesh.vip(s) for s in servers},
+                "l7": {s: mesh.vip(f"{s}-l7") for s in servers}}
+
     def pin(self) -> None:
-        for c in (self.plain, self.mesh):
-            c.pin({SERVER_CPU}, BENCH_NICE)
+        for c in self.clusters:
+            if c.is_up:
+                c.pin({SERVER_CPU}, BENCH_NICE)
 
     # ---- L7 detection ----------------------------------------------------------------------
     PROBE = r"""
@@ -315,44 +407,62 @@ for name, host in json.loads(sys.argv[1]).items():
 print(json.dumps(out))
 """
 
-    def node_envoy_requests(self) -> int | None:
-        """Requests the mesh cluster's node Envoy has served (downstream, admin excluded)."""
-        from nodemesh.proxy.envoy import AdminClient
-
-        pidfile = os.path.join(self.mesh.node_dir(), "envoy", "envoy.json")
-        try:
-            with open(pidfile) as f:
-                admin = json.load(f).get("admin") or {}
-            client = AdminClient(socket_path=admin.get("socket_path"),
-                                 host=admin.get("host", "127.0.0.1"),
-                                 port=int(admin.get("port", 15000)), timeout=3)
-            stats = client.stats(filter="downstream_rq_total")
-        except Exception:  # no Envoy, no admin: the caller reports "unknown"
+    @staticmethod
+    def node_envoy_requests(cluster: BenchCluster, node: str = workload.CLIENT_NODE) -> int | None:
+        """Requests the node's Envoy has served (downstream, admin excluded)."""
+        stats = cluster.envoy_stats(node, "downstream_rq_total")
+        if stats is None:
             return None
         return int(sum(v for k, v in stats.items()
                        if k.startswith("http.") and not k.startswith("http.admin.")))
 
-    def detect_l7(self) -> dict[str, Any]:
+    @staticmethod
+    def tunnel_counters(cluster: BenchCluster, node: str) -> dict[str, int] | None:
+        """What the node Envoy's inbound tunnel listener has taken: connections and bytes in
+        mutual TLS, TLS handshakes, and plaintext connections (the `inbound_plain` chain)."""
+        stats = cluster.envoy_stats(node, r"^(tcp\.inbound_.*|listener\..*\.ssl\.handshake)$")
+        if stats is None:
+            return None
+        out = {"connections": 0, "bytes": 0, "handshakes": 0, "plaintext_connections": 0}
+        for k, v in stats.items():
+            if k.endswith(".ssl.handshake"):
+                out["handshakes"] += int(v)
+            elif k.startswith("tcp.inbound_plain."):
+                if k.endswith(".downstream_cx_total"):
+                    out["plaintext_connections"] += int(v)
+            elif k.endswith(".downstream_cx_total"):
+                out["connections"] += int(v)
+            elif k.endswith(".downstream_cx_rx_bytes_total"):
+                out["bytes"] += int(v)
+        return out
+
+    def detect_l7(self, mesh: BenchCluster, vips: dict[str, str]) -> dict[str, Any]:
         """Is a route on a Service honoured by the node's Envoy? Route status Accepted=True, a
         200 through the route, and evidence of the proxy in the exchange."""
-        names = [f"{s}-l7" for s in workload.SERVERS]
+        l7 = self._detect_l7(mesh, vips)
+        log(f"nodemesh L7 in {mesh.name}: {'available' if l7['available'] else 'UNAVAILABLE'}"
+            f" ({l7['reason']})")
+        return l7
+
+    def _detect_l7(self, mesh: BenchCluster, vips: dict[str, str]) -> dict[str, Any]:
+        names = [f"{s}-l7" for s in vips]
         deadline = time.monotonic() + (10 if self.plan.quick else 20)
         status: dict[str, Any] = {}
         while True:
             accepted = True
             for n in names:
-                r = self.mesh.get("httproute", n)
+                r = mesh.get("httproute", n)
                 conds = [c for p in (r.get("status") or {}).get("parents") or []
                          for c in p.get("conditions") or []]
                 status[n] = conds
                 accepted &= any(c.get("type") == "Accepted" and c.get("status") == "True"
                                 for c in conds)
-            before = self.node_envoy_requests()
-            probe = json.loads(self.mesh.exec("client-l7", [self.python, "-c", self.PROBE, json.dumps(
-                {n: self.targets["l7"][n[:-3]] for n in names})]).out)
-            after = self.node_envoy_requests()
+            before = self.node_envoy_requests(mesh)
+            probe = json.loads(mesh.exec("client-l7", [self.python, "-c", self.PROBE, json.dumps(
+                {n: vips[n[:-3]] for n in names})]).out)
+            after = self.node_envoy_requests(mesh)
             ok = all(p.get("status") == 200 for p in probe.values())
-            echo = probe.get("echo-l7", {})
+            echo = probe.get("echo-l7", {})  # absent when only nginx runs (the mTLS section)
             seen = echo.get("headers", {})
             try:
                 reflected = json.loads(echo.get("body") or "{}").get("headers", {})
@@ -402,79 +512,76 @@ print(json.dumps(out))
             self.gate_spent += 1.0
 
     # ---- traffic --------------------------------------------------------------------------
-    def mode_client(self, mode: str) -> tuple[BenchCluster, str, str | None]:
-        if mode == "loopback":
-            return self.plain, "calib", None
-        if mode == "nomesh":
-            return self.plain, "client", None
-        if mode == "sidecar":
-            return self.plain, "sc-client", "app"
-        if mode == "l7":
-            return self.mesh, "client-l7", None
-        return self.mesh, "client", None
+    def endpoint(self, mode: str, server: str, mtls: bool = False) -> Endpoint:
+        """Client, targets and counters of `mode` for `server`'s workload: in the single-node
+        clusters, or (`mtls`) in the mTLS section's, where the modes carry a "-mtls" suffix."""
+        plain, mesh = (self.plain2, self.mesh2) if mtls else (self.plain, self.mesh)
+        t = self.mtls_targets if mtls else self.targets
+        tunnel = workload.SERVER_NODE if mtls else None
+        kind = mode.removesuffix("-mtls")
+        if kind == "loopback":
+            return Endpoint(plain, "calib", None, [f"127.0.0.1:{workload.SERVER_PORT}"], "localhost")
+        if kind == "nomesh":
+            return Endpoint(plain, "client", None,
+                            [f"{ip}:{workload.SERVER_PORT}" for ip in t["plain"][server]], server)
+        vip = [f"{t[kind][server]}:{workload.SERVICE_PORT}"]
+        if kind == "sidecar":
+            return Endpoint(plain, "sc-client", "app", vip, f"sc-{server}", plain.sidecar_roles(),
+                            stats_url=workload.SIDECAR_TLS_STATS_URL if mtls else None)
+        if kind == "l7":
+            return Endpoint(mesh, "client-l7", None, vip, f"{server}-l7", mesh.mesh_roles(),
+                            l7_node=workload.CLIENT_NODE, tunnel_node=tunnel)
+        return Endpoint(mesh, "client", None, vip, server, mesh.mesh_roles(), tunnel_node=tunnel)
 
-    def mode_targets(self, mode: str, server: str) -> tuple[list[str], str]:
-        """(targets "ip:port", Host header) of the workload's servers in `mode`."""
-        if mode == "loopback":
-            return [f"127.0.0.1:{workload.SERVER_PORT}"], "localhost"
-        if mode == "nomesh":
-            return [f"{ip}:{workload.SERVER_PORT}" for ip in self.targets["plain"][server]], server
-        key = {"sidecar": "sidecar", "l4": "l4", "l7": "l7"}[mode]
-        host = {"sidecar": f"sc-{server}", "l4": server, "l7": f"{server}-l7"}[mode]
-        return [f"{self.targets[key][server]}:{workload.SERVICE_PORT}"], host
-
-    def mode_cpu_pids(self, mode: str) -> list[int]:
-        if mode in ("nomesh", "loopback"):
-            return []
-        if mode == "sidecar":
-            return self.plain.sidecar_envoy_pids()
-        return self.mesh.mesh_pids()
-
-    def cpu_roles(self, mode: str, pids: list[int]) -> dict[str, str]:
-        """What each measured process is: the agent, the node Envoy or a sidecar Envoy."""
-        if mode == "sidecar":
-            return {str(p): "sidecar Envoy" for p in pids}
-        agent = self.mesh.agent_pid()
-        return {str(p): "agent" if p == agent else "node Envoy" for p in pids}
-
-    def traffic_cell(self, mode: str, w: Workload, run: int) -> dict[str, Any]:
+    def traffic_cell(self, ep: Endpoint, mode: str, w: Workload, run: int,
+                     rates: tuple[int, ...] | None = None) -> dict[str, Any]:
         p = self.plan
-        cluster, pod, container = self.mode_client(mode)
-        targets, host = self.mode_targets(mode, w.server)
+        rates = p.rates if rates is None else rates
         gate = self.quiet_gate()
         self.pin()
         close = w.conn == "close"
-        wrk_targets = targets * 3 if len(targets) == 1 else targets
+        wrk_targets = ep.targets * 3 if len(ep.targets) == 1 else ep.targets
         phases: list[dict[str, Any]] = [{
-            "kind": "wrk", "targets": wrk_targets, "threads": len(wrk_targets), "host": host,
+            "kind": "wrk", "targets": wrk_targets, "threads": len(wrk_targets), "host": ep.host,
             "path": w.path, "connections": p.wrk_connections, "seconds": p.wrk_seconds,
             "close": close, "lua": self.lua}]
-        for rate in p.rates:
-            phases.append({"kind": "open", "targets": targets, "host": host, "path": w.path,
+        for rate in rates:
+            phases.append({"kind": "open", "targets": ep.targets, "host": ep.host, "path": w.path,
                            "rate": rate, "seconds": p.open_seconds, "warmup": p.warmup,
                            "close": close, "pool": p.pool, **self.wait_mode})
-        pids = self.mode_cpu_pids(mode)
-        roles = self.cpu_roles(mode, pids)
-        spec = {"cpu_pids": pids, "phases": phases}
-        before = self.node_envoy_requests() if mode == "l7" else None
+        pids = sorted(ep.roles)
+        spec: dict[str, Any] = {"cpu_pids": pids, "phases": phases}
+        if ep.stats_url:
+            spec["stats_url"] = ep.stats_url
+        before = self.node_envoy_requests(ep.cluster, ep.l7_node) if ep.l7_node else None
+        tunnel0 = self.tunnel_counters(ep.cluster, ep.tunnel_node) if ep.tunnel_node else None
         t0 = time.monotonic()
         self.meter.start()
-        r = cluster.exec(pod, ["taskset", "-c", str(LOADGEN_CPU), self.python, "-m",
-                               "nodemesh.bench.loadgen", json.dumps(spec)],
-                         container=container, timeout=120 + p.wrk_seconds
-                         + len(p.rates) * (p.open_seconds + 5), check=False)
+        r = ep.cluster.exec(ep.pod, ["taskset", "-c", str(LOADGEN_CPU), self.python, "-m",
+                                     "nodemesh.bench.loadgen", json.dumps(spec)],
+                            container=ep.container, timeout=120 + p.wrk_seconds
+                            + len(rates) * (p.open_seconds + 5), check=False)
         cell: dict[str, Any] = {"mode": mode, "workload": w.name, "run": run, "gate": gate,
                                 **self.meter.stop(),
-                                "cpu_pids": len(pids), "cpu_roles": roles,
+                                "cpu_pids": len(pids),
+                                "cpu_roles": {str(k): v for k, v in ep.roles.items()},
                                 "seconds": round(time.monotonic() - t0, 2)}
         try:
-            cell["phases"] = json.loads(r.out.strip().splitlines()[-1])["phases"]
-        except (ValueError, IndexError):
+            out = json.loads(r.out.strip().splitlines()[-1])
+            cell["phases"] = out["phases"]
+        except (ValueError, IndexError, KeyError):
             cell["error"] = f"loadgen exited {r.code}: {r.err.strip()[-500:]}"
             cell["phases"] = []
-        if mode == "l7":
-            after = self.node_envoy_requests()
+        else:
+            if "stats_delta" in out:
+                cell["sidecar_stats"] = out["stats_delta"]
+        if ep.l7_node:
+            after = self.node_envoy_requests(ep.cluster, ep.l7_node)
             cell["node_envoy_requests"] = (after - before) if None not in (before, after) else None
+        if ep.tunnel_node:
+            tunnel1 = self.tunnel_counters(ep.cluster, ep.tunnel_node)
+            cell["tunnel"] = ({k: tunnel1[k] - tunnel0[k] for k in tunnel1}
+                              if tunnel0 is not None and tunnel1 is not None else None)
         lags = [(ph.get("send_lag_us") or {}).get("p99") or 0.0 for ph in cell["phases"]
                 if (ph.get("phase") or {}).get("kind") == "open"]
         cell["disturbed"] = disturbed(cell["foreign_cpus"], max(lags, default=0.0))
@@ -495,14 +602,36 @@ print(json.dumps(out))
         cell["attempt"] = tries + 1
         return cell
 
+    def run_cells(self, section: str, modes: list[str], workloads: tuple[Workload, ...],
+                  measure: Callable[[str, Workload, int], dict[str, Any]],
+                  cells: list[dict[str, Any]], discarded: list[dict[str, Any]],
+                  before_run: Callable[[int], None] | None = None) -> None:
+        """Every run: for each workload, the modes back to back, in an order that rotates by
+        one each run; a disturbed cell is measured again (bounded)."""
+        p = self.plan
+        total = p.runs * len(workloads) * len(modes)
+        log(f"{section}: {p.runs} run(s) x {len(workloads)} workload(s) x {len(modes)} mode(s) "
+            f"= {total} cells")
+        for run in range(p.runs):
+            if before_run is not None:
+                before_run(run)
+            order = modes[run % len(modes):] + modes[:run % len(modes)]
+            for w in workloads:
+                for mode in order:
+                    cell = self.repeat_if_disturbed(
+                        lambda mode=mode, w=w, run=run: measure(mode, w, run), discarded)
+                    cells.append(cell)
+                    summary = ", ".join(
+                        f"{x['phase']['kind']}@{x['phase'].get('rate', 'max')}"
+                        f" {x.get('achieved_rps', 0):.0f}/s p99 {x.get('latency_us', {}).get('p99', 0):.0f}us"
+                        f" err {x.get('errors', '?')}" for x in cell["phases"]) or cell.get("error", "")
+                    log(f"  [{len(cells)}/{total}] run {run + 1} {w.name} {mode}: {summary}")
+
     def traffic(self) -> None:
         p = self.plan
-        modes = [m for m in self.modes if m != "l7" or self.l7["available"]]
+        modes = [m for m in self.modes if m in MODES and (m != "l7" or self.l7["available"])]
         cells: list[dict[str, Any]] = []
         discarded: list[dict[str, Any]] = []
-        total = p.runs * len(p.workloads) * len(modes)
-        log(f"traffic: {p.runs} run(s) x {len(p.workloads)} workload(s) x {len(modes)} mode(s) "
-            f"= {total} cells")
         t0 = time.monotonic()
         calibration: list[dict[str, Any]] = []
         # Filled in as we go: an interrupted run still reports what it measured.
@@ -510,26 +639,19 @@ print(json.dumps(out))
         self.results["traffic"] = {"cells": cells, "discarded": discarded}
         calib = [w for w in workload.ALL_WORKLOADS if w.server == "nginx" and w.body == "small"
                  and (w in p.workloads or w.conn == "keepalive")]
-        for run in range(p.runs):
+
+        def calibrate(run: int) -> None:
             # The generators against nginx on the pod's loopback: the floor they measure.
             for w in calib:
-                cell = self.traffic_cell("loopback", w, run)
+                cell = self.traffic_cell(self.endpoint("loopback", w.server), "loopback", w, run)
                 calibration.append(cell)
                 log(f"  calibration run {run + 1} {w.name} on loopback: " + ", ".join(
                     f"{x['phase']['kind']}@{x['phase'].get('rate', 'max')} p50 "
                     f"{x.get('latency_us', {}).get('p50', 0):.0f}us" for x in cell["phases"]))
-            order = modes[run % len(modes):] + modes[:run % len(modes)]
-            for w in p.workloads:
-                for mode in order:
-                    cell = self.repeat_if_disturbed(
-                        lambda mode=mode, w=w, run=run: self.traffic_cell(mode, w, run), discarded)
-                    cells.append(cell)
-                    ph = cell["phases"]
-                    summary = ", ".join(
-                        f"{x['phase']['kind']}@{x['phase'].get('rate', 'max')}"
-                        f" {x.get('achieved_rps', 0):.0f}/s p99 {x.get('latency_us', {}).get('p99', 0):.0f}us"
-                        f" err {x.get('errors', '?')}" for x in ph) or cell.get("error", "")
-                    log(f"  [{len(cells)}/{total}] run {run + 1} {w.name} {mode}: {summary}")
+
+        self.run_cells("traffic", modes, p.workloads,
+                       lambda m, w, r: self.traffic_cell(self.endpoint(m, w.server), m, w, r),
+                       cells, discarded, calibrate)
         self.results["traffic"]["seconds"] = round(time.monotonic() - t0, 1)
 
     # ---- datapath ---------------------------------------------------------------------------
@@ -708,73 +830,162 @@ print(json.dumps(out))
     # ---- memory -----------------------------------------------------------------------------
     def memory(self) -> None:
         t0 = time.monotonic()
-        points = []
-        # Each node must hold exactly N meshed pods: keep one client and the nginx servers
-        # (scaled below), remove the rest. Services, policies and routes stay.
-        self.mesh.cli("delete", "deployment", "echo", "nginx-l7", "echo-l7", "pt", check=False)
-        self.mesh.cli("delete", "pod", "client-l7", "rr", check=False, timeout=180)
-        self.plain.cli("delete", "deployment", "sc-echo", check=False)
+        py, ev = self.python, self.envoy
+        points = self.memory_series(
+            self.plain, self.mesh, "node1", self.plan.mem_points,
+            ["echo", "nginx-l7", "echo-l7", "pt"], ["client-l7", "rr"],
+            lambda n: workload.sidecar_servers(py, ev, replicas=n, servers=("nginx",)),
+            lambda n: workload.plain_servers(py, replicas=n))
+        self.results["memory"] = {"points": points, "seconds": round(time.monotonic() - t0, 1)}
+
+    def memory_series(self, plain: BenchCluster, mesh: BenchCluster, node: str,
+                      counts: tuple[int, ...], mesh_deployments: list[str], mesh_pods: list[str],
+                      sidecar_servers: Callable[[int], list[dict]],
+                      mesh_servers: Callable[[int], list[dict]]) -> list[dict[str, Any]]:
+        """The memory of the mesh's components on `node` when it holds exactly N meshed pods,
+        for each N of `counts`: the deployments and pods named here (and sc-echo) go, then
+        `sc-nginx` and `nginx` are scaled to make up N with the meshed pods still on the node
+        (their objects come from `sidecar_servers(n)` and `mesh_servers(n)`, the same templates
+        as before, so only the replicas change). Services, policies and routes stay."""
+        if mesh_deployments:
+            mesh.cli("delete", "deployment", *mesh_deployments, check=False)
+        if mesh_pods:
+            mesh.cli("delete", "pod", *mesh_pods, check=False, timeout=180)
+        plain.cli("delete", "deployment", "sc-echo", check=False)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            left = ([p for p in self.mesh.pods() if _app(p) not in ("nginx", "")]
-                    + [p for p in self.plain.pods() if _app(p) == "sc-echo"])
+            left = ([p for p in mesh.pods() if _app(p) in mesh_deployments
+                     or p["metadata"]["name"] in mesh_pods]
+                    + [p for p in plain.pods() if _app(p) == "sc-echo"])
             if not left:
                 break
             time.sleep(0.5)
-        for n in self.plan.mem_points:
+
+        def live(c: BenchCluster) -> list[dict[str, Any]]:
+            return [p for p in c.pods() if not p["metadata"].get("deletionTimestamp")]
+
+        def on_node(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [p for p in pods if p["spec"].get("nodeName") == node]
+
+        def deployment(objs: list[dict], name: str) -> list[dict]:
+            return [o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == name]
+
+        points = []
+        for n in counts:
             # Count what is on the node now; the scalable deployments make up the rest.
-            plain = [p for p in self.plain.pods() if not p["metadata"].get("deletionTimestamp")]
-            sc_others = [p for p in plain if len(p["spec"].get("containers") or []) == 2
+            plain_pods, mesh_pods_now = live(plain), live(mesh)
+            sc_others = [p for p in on_node(plain_pods) if len(p["spec"].get("containers") or []) == 2
                          and _app(p) != "sc-nginx"]
-            mesh = [p for p in self.mesh.pods() if not p["metadata"].get("deletionTimestamp")]
-            mesh_others = [p for p in mesh if _app(p) != "nginx"]
+            mesh_others = [p for p in on_node(mesh_pods_now) if _app(p) != "nginx"]
             sc_n = max(1, n - len(sc_others))
             mesh_n = max(1, n - len(mesh_others))
-            log(f"memory: {n} pods per node (sc-nginx x {sc_n}, nginx x {mesh_n})")
-            py, ev = self.python, self.envoy
-            self.plain.apply([o for o in workload.sidecar_servers(py, ev, replicas=sc_n,
-                                                                   only="nginx")
-                              if o["kind"] == "Deployment"])
-            self.mesh.apply([o for o in workload.plain_servers(py, replicas=mesh_n)
-                             if o["kind"] == "Deployment" and o["metadata"]["name"] == "nginx"])
+            log(f"memory: {n} pods on {node} of {plain.name}/{mesh.name} "
+                f"(sc-nginx x {sc_n}, nginx x {mesh_n})")
+            plain.apply(deployment(sidecar_servers(sc_n), "sc-nginx"))
+            mesh.apply(deployment(mesh_servers(mesh_n), "nginx"))
             timeout = 60 + 3 * n
-            self.plain.wait_ready(expected=len(plain) - len([p for p in plain if _app(p) == "sc-nginx"])
-                                  + sc_n, timeout=timeout)
-            self.mesh.wait_ready(expected=len(mesh_others) + mesh_n, timeout=timeout)
-            time.sleep(3.0)  # let the new Envoys and the agents settle
-            sidecars = self.plain.sidecar_envoy_pids()
-            agent = self.mesh.agent_pid()
-            envoys = self.mesh.node_envoy_pids()
-            maps = memory.bpf_maps_memlock(os.path.join(self.mesh.cfg.bpffs, "node1"))
-            plain_agent = self.plain.agent_pid()
-            point = {
-                "pods": n,
-                "sidecar": {**memory.processes_memory(sidecars), "meshed_pods": len(sidecars)},
-                "nodemesh": {
-                    "agent": memory.processes_memory([agent] if agent else []),
-                    "envoy": memory.processes_memory(envoys),
-                    "bpf_maps": maps,
-                    "pods": len(self.mesh.pods()),
-                },
-                "runtime_only_agent": memory.processes_memory([plain_agent] if plain_agent else []),
-            }
-            nm = point["nodemesh"]
-            for k in ("rss", "pss", "private"):
-                nm[f"total_{k}"] = nm["agent"][k] + nm["envoy"][k] + maps["bytes"]
-            points.append(point)
-            log(f"  {n} pods: sidecars PSS {point['sidecar']['pss'] / 2**20:.0f} MiB "
-                f"({len(sidecars)} Envoys), nodemesh PSS+maps {nm['total_pss'] / 2**20:.0f} MiB "
-                f"(agent {nm['agent']['pss'] / 2**20:.0f}, envoy {nm['envoy']['pss'] / 2**20:.0f}, "
-                f"maps {maps['bytes'] / 2**20:.0f})")
-        self.results["memory"] = {"points": points, "seconds": round(time.monotonic() - t0, 1)}
+            plain.wait_ready(expected=len(plain_pods) + sc_n
+                             - sum(1 for p in plain_pods if _app(p) == "sc-nginx"), timeout=timeout)
+            mesh.wait_ready(expected=len(mesh_pods_now) + mesh_n
+                            - sum(1 for p in mesh_pods_now if _app(p) == "nginx"), timeout=timeout)
+            time.sleep(self.plan.mem_settle)  # let the new Envoys and the agents settle
+            points.append(self.memory_point(plain, mesh, node, n))
+        return points
+
+    @staticmethod
+    def memory_point(plain: BenchCluster, mesh: BenchCluster, node: str, n: int) -> dict[str, Any]:
+        sidecars = plain.sidecar_envoy_pids(node)
+        agent = mesh.agent_pid(node)
+        maps = memory.bpf_maps_memlock(os.path.join(mesh.cfg.bpffs, node))
+        plain_agent = plain.agent_pid(node)
+        point = {
+            "pods": n, "node": node,
+            "sidecar": {**memory.processes_memory(sidecars), "meshed_pods": len(sidecars)},
+            "nodemesh": {
+                "agent": memory.processes_memory([agent] if agent else []),
+                "envoy": memory.processes_memory(mesh.node_envoy_pids(node)),
+                "envoy_heap": mesh.envoy_memory(node),
+                "bpf_maps": maps,
+                "pods": sum(1 for p in mesh.pods() if p["spec"].get("nodeName") == node),
+                "certificates": mesh.certificates(node),
+            },
+            "runtime_only_agent": memory.processes_memory([plain_agent] if plain_agent else []),
+        }
+        nm = point["nodemesh"]
+        for k in ("rss", "pss", "private"):
+            nm[f"total_{k}"] = nm["agent"][k] + nm["envoy"][k] + maps["bytes"]
+        log(f"  {n} pods: sidecars PSS {point['sidecar']['pss'] / 2**20:.0f} MiB "
+            f"({len(sidecars)} Envoys), nodemesh PSS+maps {nm['total_pss'] / 2**20:.0f} MiB "
+            f"(agent {nm['agent']['pss'] / 2**20:.0f}, envoy {nm['envoy']['pss'] / 2**20:.0f}, "
+            f"maps {maps['bytes'] / 2**20:.0f}; {nm['certificates']} certificate(s))")
+        return point
+
+    # ---- mTLS across nodes --------------------------------------------------------------------
+    def setup_mtls(self) -> dict[str, Any]:
+        """The mTLS section's 2-node clusters: clients on node1, servers on node2."""
+        t0 = time.monotonic()
+        # The single-node clusters are done with: their agents and Envoys would share the
+        # servers' CPU. They go down while the new ones come up (nothing is measured meanwhile).
+        done = [c for c in (self.plain, self.mesh) if c.is_up]
+        log(f"mtls clusters: {self.plain2.name} (--datapath none, 2 nodes), {self.mesh2.name} "
+            "(--datapath bpf, 2 nodes, mutual TLS on)"
+            + (f"; {', '.join(c.name for c in done)} down" if done else ""))
+        in_parallel(*(c.down for c in done), self.plain2.up, self.mesh2.up)
+        servers = tuple(s for s in workload.SERVERS if any(w.server == s for w in self.plan.mtls_workloads))
+        self.certs = sidecar_certs(os.path.join(self.work, "sidecar-ca"))
+        server_tls = self.certs[workload.SERVER_SA]
+        py, ev = self.python, self.envoy
+        plain_objs = workload.mtls_plain(py, ev, servers, server_tls)
+        mesh_objs = workload.mtls_mesh(py, servers)
+        self.plain2.apply(plain_objs)
+        self.mesh2.apply(mesh_objs)
+        self.plain2.wait_ready(expected=workload.expected_pods(plain_objs))
+        # The sidecar client last: its outbound clusters list the servers' addresses.
+        self.plain2.apply([workload.mtls_sidecar_client(
+            ev, self.outbound(self.plain2, servers, server_tls.spiffe_id),
+            self.certs[workload.CLIENT_SA])])
+        self.plain2.wait_ready(expected=workload.expected_pods(plain_objs) + 1)
+        self.mesh2.wait_ready(expected=workload.expected_pods(mesh_objs))
+        self.mtls_targets = self.prepare_clients(self.plain2, self.mesh2, servers)
+        l7 = self.detect_l7(self.mesh2, self.mtls_targets["l7"])
+        self.pin()
+        return {"setup_seconds": round(time.monotonic() - t0, 1), "servers": list(servers),
+                "targets": self.mtls_targets, "l7": l7,
+                "sidecar_identities": {sa: t.spiffe_id for sa, t in self.certs.items()},
+                "nodemesh_certificates": {n: self.mesh2.certificates(n)
+                                          for n in self.mesh2.node_names}}
+
+    def mtls(self) -> None:
+        t0 = time.monotonic()
+        out: dict[str, Any] = {"cells": [], "discarded": []}
+        self.results["mtls"] = out  # filled in as we go: an interrupted run keeps what it has
+        out.update(self.setup_mtls())
+        modes = [m for m in self.modes if m in MTLS_MODES
+                 and (m != "l7-mtls" or out["l7"]["available"])]
+        self.run_cells("mtls", modes, self.plan.mtls_workloads,
+                       lambda m, w, r: self.traffic_cell(self.endpoint(m, w.server, mtls=True),
+                                                         m, w, r, self.plan.mtls_rates),
+                       out["cells"], out["discarded"])
+        out["traffic_seconds"] = round(time.monotonic() - t0, 1)
+        py, ev, servers = self.python, self.envoy, tuple(out["servers"])
+        server_tls = self.certs[workload.SERVER_SA]
+        out["memory"] = {"points": self.memory_series(
+            self.plain2, self.mesh2, workload.SERVER_NODE, self.plan.mtls_mem_points,
+            # Servers other than nginx go; nginx-l7 stays (its pods count among the N).
+            [d for s in servers if s != "nginx" for d in (s, f"{s}-l7")], [],
+            lambda n: workload.mtls_plain(py, ev, servers, server_tls, replicas=n),
+            lambda n: workload.mtls_mesh(py, servers, replicas=n))}
+        out["seconds"] = round(time.monotonic() - t0, 1)
 
     # ---- teardown ---------------------------------------------------------------------------
     def teardown(self) -> list[str]:
         left: list[str] = []
-        for c in (self.plain, self.mesh):
-            if os.path.exists(os.path.join(c.state_dir, "cluster.json")):
+        with contextlib.suppress(Exception):  # a failed down shows in the leftovers below
+            in_parallel(*(c.down for c in self.clusters if c.is_up))
+        for c in self.clusters:
+            if c.is_up:  # its down failed: once more, alone
                 c.down()
-            elif os.path.isdir(c.state_dir):
+            if os.path.isdir(c.state_dir) and not c.is_up:
                 shutil.rmtree(c.state_dir, ignore_errors=True)
             left += c.leftovers()
         shutil.rmtree(self.work, ignore_errors=True)
@@ -822,10 +1033,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write results.json, summary.md and the plots here (default: the raw "
                          "JSON in bench/results/, the plots in docs/bench/)")
     ap.add_argument("--runs", type=int, help="runs per cell (default 5, --quick 1)")
-    ap.add_argument("--modes", default=",".join(MODES),
-                    help=f"comma-separated subset of {','.join(MODES)}")
-    ap.add_argument("--sections", default="traffic,datapath,change,memory",
-                    help="comma-separated subset of traffic,datapath,change,memory")
+    ap.add_argument("--modes", default=",".join(ALL_MODES),
+                    help=f"comma-separated subset of {','.join(ALL_MODES)} (the traffic section "
+                         f"runs those of {','.join(MODES)}, the mtls section those of "
+                         f"{','.join(MTLS_MODES)})")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ap.add_argument("--render", metavar="RESULTS_JSON",
                     help="do not measure: write the summary and plots of an earlier run again")
@@ -842,8 +1055,7 @@ def main(argv: list[str]) -> int:
         return 1
     modes = tuple(m for m in args.modes.split(",") if m)
     sections = tuple(s for s in args.sections.split(",") if s)
-    bad = [m for m in modes if m not in MODES] + [
-        s for s in sections if s not in ("traffic", "datapath", "change", "memory")]
+    bad = [m for m in modes if m not in ALL_MODES] + [s for s in sections if s not in SECTIONS]
     if bad:
         print(f"error: unknown mode or section: {', '.join(bad)}", file=sys.stderr)
         return 2
@@ -868,8 +1080,10 @@ def main(argv: list[str]) -> int:
     bench.results["started"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))
     failed: str | None = None
     try:
-        bench.setup()
-        for section in ("traffic", "datapath", "change", "memory"):
+        bench.build_tools()
+        if any(s in sections for s in SINGLE_NODE_SECTIONS):
+            bench.setup()
+        for section in SECTIONS:
             if section in sections:
                 getattr(bench, section)()
     except (Exception, KeyboardInterrupt) as e:
@@ -941,8 +1155,7 @@ def render(path: str, out_dir: str | None, with_plots: bool) -> int:
 def _background(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
                 bench: Bench, seconds: float) -> dict[str, Any]:
     """CPU used by processes that are not the benchmark's while it ran (the VM may be shared)."""
-    mine = (bench.plain.state_dir, bench.mesh.state_dir, bench.work, "nodemesh.bench",
-            "nodemesh --state-dir " + bench.plain.state_dir, "wrk ")
+    mine = (*(c.state_dir for c in bench.clusters), bench.work, "nodemesh.bench", "wrk ")
     others = []
     for pid, (cmd, cpu) in after.items():
         if any(m in cmd for m in mine) or pid == os.getpid():

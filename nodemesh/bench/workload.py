@@ -1,6 +1,6 @@
 """What `nodemesh bench` deploys, as plain data (pure functions, no I/O).
 
-Two single-node clusters carry the four modes:
+Two single-node clusters carry the four modes of the traffic section:
 
 - the *plain* cluster (``--datapath none``): mode ``nomesh`` (client → 3 nginx / 3 echo pods by
   pod IP) and mode ``sidecar`` (the same workload with an Envoy sidecar in every pod, traffic
@@ -14,13 +14,19 @@ The sidecar model is built to match the node Envoy's tuning: the HTTP connection
 from nodemesh's own builder (`nodemesh.route.resources.http_connection_manager`) with the access
 log taken out, clusters get nodemesh's circuit breakers and connect timeout, Envoy runs with the
 same ``--concurrency`` and overload limits as the node Envoy.
+
+The mTLS section (`MTLS_MODES`) uses two 2-node clusters of the same two kinds, clients on
+`CLIENT_NODE` and servers on `SERVER_NODE`: plain routing across nodes, the sidecar model with
+Istio's mutual TLS between the sidecars (`SidecarTls`: static certificates from a throwaway CA,
+nodemesh's tunnel TLS parameters), and nodemesh with its tunnel (L4) or a route (L7).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 ECHO_IMAGE = "registry.k8s.io/gateway-api/conformance/echo-basic"
 SERVER_PORT = 8080
@@ -36,8 +42,17 @@ CLIENT_LABELS = {"role": "client"}
 SERVERS = ("nginx", "echo")
 
 MODES = ("nomesh", "sidecar", "l4", "l7")
+MTLS_MODES = ("nomesh", "sidecar-mtls", "l4-mtls", "l7-mtls")
 MODE_TITLES = {"nomesh": "no mesh", "sidecar": "sidecar model", "l4": "nodemesh L4",
-               "l7": "nodemesh L7"}
+               "l7": "nodemesh L7", "sidecar-mtls": "sidecar model, mTLS",
+               "l4-mtls": "nodemesh L4, mTLS", "l7-mtls": "nodemesh L7, mTLS"}
+# The mTLS section's topology: every client on one node, every server on the other.
+CLIENT_NODE = "node1"
+SERVER_NODE = "node2"
+CLIENT_SA = "client"  # the clients' ServiceAccount; the servers keep "default"
+SERVER_SA = "default"
+TRUST_DOMAIN = "cluster.local"
+NAMESPACE = "default"
 
 
 @dataclass(frozen=True)
@@ -140,6 +155,29 @@ def allow_client_policy(name: str, apps: list[str], ports: list[int]) -> dict[st
                 "policyTypes": ["Ingress"],
                 "ingress": [{"from": [{"podSelector": {"matchLabels": dict(CLIENT_LABELS)}}],
                              "ports": [{"port": p, "protocol": "TCP"} for p in ports]}]}}
+
+
+def place(objs: list[dict[str, Any]], node: str, service_account: str | None = None
+          ) -> list[dict[str, Any]]:
+    """Copies of `objs` whose pods (Pods, Deployment templates) run on `node`, optionally as
+    `service_account`; other objects unchanged."""
+    out = []
+    for o in objs:
+        o = json.loads(json.dumps(o))
+        spec = (o["spec"]["template"]["spec"] if o["kind"] == "Deployment"
+                else o["spec"] if o["kind"] == "Pod" else None)
+        if spec is not None:
+            spec["nodeName"] = node
+            if service_account:
+                spec["serviceAccountName"] = service_account
+        out.append(o)
+    return out
+
+
+def expected_pods(objs: list[dict[str, Any]]) -> int:
+    """How many pods `objs` make (Pods, plus the replicas of Deployments)."""
+    return sum(1 if o["kind"] == "Pod" else int(o["spec"].get("replicas", 1))
+               if o["kind"] == "Deployment" else 0 for o in objs)
 
 
 def toggle_policy(name: str, app: str, allow: bool) -> dict[str, Any]:
@@ -251,16 +289,84 @@ def _original_dst_cluster(name: str, bind_127_0_0_6: bool) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class OutboundService:
-    """A service the sidecar routes to: its ClusterIP and port, and its endpoints."""
+    """A service the sidecar routes to: its ClusterIP and port, its endpoints, and (with mutual
+    TLS) the SPIFFE ID its endpoints must present."""
 
     name: str
     vip: str
     port: int
     endpoints: tuple[tuple[str, int], ...]
+    peer_id: str = ""
 
 
-def sidecar_bootstrap(pod_name: str, outbound: list[OutboundService]) -> dict[str, Any]:
-    """The sidecar's static Envoy config (what istiod would push, for these services)."""
+@dataclass(frozen=True)
+class SidecarTls:
+    """A sidecar's workload certificate (Istio's SDS would deliver it; here it is static)."""
+
+    spiffe_id: str
+    chain_pem: str
+    key_pem: str = field(repr=False)
+    root_pem: str
+
+
+# The client sidecar's counters that show its requests went out in mutual TLS (every outbound
+# cluster has only the TLS transport socket), read from the pod's loopback.
+SIDECAR_TLS_STATS_URL = (
+    f"http://127.0.0.1:{SIDECAR_ADMIN_PORT}/stats?filter=" + quote(
+        r"^cluster\.outbound\|.*\.(ssl\.handshake|ssl\.connection_error|upstream_rq_total"
+        r"|upstream_cx_total)$"))
+# Istio's ALPN for mTLS between sidecars (ALPNInMeshWithMxc); the inbound chain matches it.
+ISTIO_ALPN = ("istio-peer-exchange", "istio")
+_TLS_INSPECTOR = {"name": "envoy.filters.listener.tls_inspector", "typed_config": {
+    "@type": _TYPE + "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}
+
+
+def sidecar_tls_socket(tls: SidecarTls, upstream: bool, peer_id: str = "",
+                       sni: str = "") -> dict[str, Any]:
+    """Istio's ISTIO_MUTUAL transport socket, built from nodemesh's own tunnel TLS settings
+    (`nodemesh.mtls.tls`: TLS 1.3 only, Envoy's default ciphers and curves) so both meshes
+    negotiate the same; static certificates instead of SDS, Istio's ALPN, and the peer's
+    SPIFFE ID checked where Istio checks it (the client checks the server's)."""
+    from nodemesh.mtls import tls as mesh_tls
+
+    build = mesh_tls.upstream_tls if upstream else mesh_tls.downstream_tls
+    sock = build(tls.spiffe_id, {"exact": peer_id or tls.spiffe_id})
+    ctx = sock["typed_config"]["common_tls_context"]
+    del ctx["tls_certificate_sds_secret_configs"]
+    validation = ctx.pop("combined_validation_context")["default_validation_context"]
+    if not peer_id:  # Istio's inbound leaves the client's identity to authorization policies
+        validation.pop("match_typed_subject_alt_names", None)
+    ctx["tls_certificates"] = [{"certificate_chain": {"inline_string": tls.chain_pem},
+                                "private_key": {"inline_string": tls.key_pem}}]
+    ctx["validation_context"] = {**validation, "trusted_ca": {"inline_string": tls.root_pem}}
+    ctx["alpn_protocols"] = list(ISTIO_ALPN)
+    if sni:
+        sock["typed_config"]["sni"] = sni
+    return sock
+
+
+def _inbound_chains(tls: SidecarTls | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """virtualInbound's chains for the app port (and the clusters only they use): plaintext, or
+    with `tls` Istio's STRICT mode: mutual TLS terminated here, plaintext refused."""
+    name = f"inbound|{SERVER_PORT}||"
+    chain: dict[str, Any] = {"name": name, "filter_chain_match": {"destination_port": SERVER_PORT},
+                             "filters": [_hcm(name, name)]}
+    if tls is None:
+        return [chain], []
+    chain["filter_chain_match"].update(transport_protocol="tls",
+                                       application_protocols=list(ISTIO_ALPN))
+    chain["transport_socket"] = sidecar_tls_socket(tls, upstream=False)
+    refuse = {"name": f"{name}-plaintext", "filter_chain_match": {"destination_port": SERVER_PORT},
+              "filters": [_tcp_proxy("BlackHoleCluster")]}
+    blackhole = {"name": "BlackHoleCluster", "type": "STATIC", "connect_timeout": "1s",
+                 "load_assignment": {"cluster_name": "BlackHoleCluster", "endpoints": []}}
+    return [chain, refuse], [blackhole]
+
+
+def sidecar_bootstrap(pod_name: str, outbound: list[OutboundService],
+                      tls: SidecarTls | None = None) -> dict[str, Any]:
+    """The sidecar's static Envoy config (what istiod would push, for these services; with
+    `tls`, what it pushes with mesh-wide STRICT mutual TLS)."""
     chains = []
     clusters: list[dict[str, Any]] = []
     for s in outbound:
@@ -270,15 +376,20 @@ def sidecar_bootstrap(pod_name: str, outbound: list[OutboundService]) -> dict[st
                                                                  "prefix_len": 32}],
                                               "destination_port": s.port},
                        "filters": [_hcm(cname, cname)]})
-        clusters.append({**_cluster_common(cname), "type": "STATIC", "lb_policy": "ROUND_ROBIN",
-                         "load_assignment": {"cluster_name": cname, "endpoints": [{"lb_endpoints": [
-                             {"endpoint": {"address": {"socket_address": {
-                                 "address": ip, "port_value": port}}}}
-                             for ip, port in s.endpoints]}]}})
-    inbound_cluster = f"inbound|{SERVER_PORT}||"
+        cluster = {**_cluster_common(cname), "type": "STATIC", "lb_policy": "ROUND_ROBIN",
+                   "load_assignment": {"cluster_name": cname, "endpoints": [{"lb_endpoints": [
+                       {"endpoint": {"address": {"socket_address": {
+                           "address": ip, "port_value": port}}}}
+                       for ip, port in s.endpoints]}]}}
+        if tls is not None:
+            cluster["transport_socket"] = sidecar_tls_socket(
+                tls, upstream=True, peer_id=s.peer_id,
+                sni=f"outbound_.{s.port}_._.{s.name}.{NAMESPACE}.svc.{TRUST_DOMAIN}")
+        clusters.append(cluster)
+    inbound_chains, inbound_clusters = _inbound_chains(tls)
     clusters += [_original_dst_cluster("PassthroughCluster", False),
                  _original_dst_cluster("InboundPassthroughCluster", True),
-                 _original_dst_cluster(inbound_cluster, True)]
+                 _original_dst_cluster(f"inbound|{SERVER_PORT}||", True), *inbound_clusters]
     listeners = [
         {"name": "virtualOutbound",
          "address": {"socket_address": {"address": "0.0.0.0", "port_value": SIDECAR_OUTBOUND_PORT}},
@@ -288,10 +399,9 @@ def sidecar_bootstrap(pod_name: str, outbound: list[OutboundService]) -> dict[st
                                   "filters": [_tcp_proxy("PassthroughCluster")]}},
         {"name": "virtualInbound",
          "address": {"socket_address": {"address": "0.0.0.0", "port_value": SIDECAR_INBOUND_PORT}},
-         "listener_filters": [_ORIGINAL_DST], "traffic_direction": "INBOUND",
-         "filter_chains": [{"name": inbound_cluster,
-                            "filter_chain_match": {"destination_port": SERVER_PORT},
-                            "filters": [_hcm(inbound_cluster, inbound_cluster)]}],
+         "listener_filters": [_ORIGINAL_DST] + ([_TLS_INSPECTOR] if tls else []),
+         "traffic_direction": "INBOUND",
+         "filter_chains": inbound_chains,
          "default_filter_chain": {"name": "InboundPassthroughFilterChain",
                                   "filters": [_tcp_proxy("InboundPassthroughCluster")]}},
     ]
@@ -324,19 +434,21 @@ def sidecar_container(envoy: str, config: dict[str, Any]) -> dict[str, Any]:
         "name": "istio-proxy", "image": "envoyproxy/envoy",
         "command": ["sh", "-c", SIDECAR_SCRIPT, "istio-proxy", envoy,
                     json.dumps(config, separators=(",", ":"))],
-        # Envoy is ready well within a second; probing rarely keeps the shims quiet on the
-        # servers' CPU while the benchmark runs.
+        # Probing rarely keeps the shims quiet on the servers' CPU while the benchmark runs;
+        # so the first probe must find Envoy ready, or the pod waits a whole period: when ten
+        # sidecars start at once on this 2-CPU VM, Envoy often needs more than a second.
         "readinessProbe": {"httpGet": {"host": "127.0.0.1", "port": SIDECAR_ADMIN_PORT,
                                        "path": "/ready"},
-                           "initialDelaySeconds": 1, "periodSeconds": 10},
+                           "initialDelaySeconds": 2, "periodSeconds": 10},
     }
 
 
 # ---- the whole setup ----------------------------------------------------------------------
-def plain_servers(python: str, replicas: int = 3, prefix: str = "") -> list[dict[str, Any]]:
+def plain_servers(python: str, replicas: int = 3, prefix: str = "",
+                  servers: tuple[str, ...] = SERVERS) -> list[dict[str, Any]]:
     """The nomesh servers (or, with `prefix`, any plain copy): deployments and services."""
     objs: list[dict[str, Any]] = []
-    for s in SERVERS:
+    for s in servers:
         name = prefix + s
         objs.append(deployment(name, replicas, {"app": name}, [server_container(s, python)]))
         objs.append(service(name, {"app": name}))
@@ -344,13 +456,12 @@ def plain_servers(python: str, replicas: int = 3, prefix: str = "") -> list[dict
 
 
 def sidecar_servers(python: str, envoy: str, replicas: int = 3,
-                    only: str | None = None) -> list[dict[str, Any]]:
+                    servers: tuple[str, ...] = SERVERS,
+                    tls: SidecarTls | None = None) -> list[dict[str, Any]]:
     objs: list[dict[str, Any]] = []
-    for s in SERVERS:
-        if only and s != only:
-            continue
+    for s in servers:
         name = "sc-" + s
-        config = sidecar_bootstrap(name, [])
+        config = sidecar_bootstrap(name, [], tls)
         containers = [server_container(s, python, wait_for_redirect=True),
                       sidecar_container(envoy, config)]
         objs.append(deployment(name, replicas, {"app": name}, containers))
@@ -358,18 +469,21 @@ def sidecar_servers(python: str, envoy: str, replicas: int = 3,
     return objs
 
 
-def sidecar_client(envoy: str, outbound: list[OutboundService]) -> dict[str, Any]:
-    return client_pod("sc-client", sidecar_container(envoy, sidecar_bootstrap("sc-client", outbound)))
+def sidecar_client(envoy: str, outbound: list[OutboundService],
+                   tls: SidecarTls | None = None) -> dict[str, Any]:
+    return client_pod("sc-client", sidecar_container(envoy, sidecar_bootstrap("sc-client", outbound,
+                                                                              tls)))
 
 
-def l7_workload(python: str, replicas: int = 3) -> list[dict[str, Any]]:
+def l7_workload(python: str, replicas: int = 3,
+                servers: tuple[str, ...] = SERVERS) -> list[dict[str, Any]]:
     """The L7 mode's own client and servers, with Services that have a route (only these go
     via the node Envoy). They are separate from the L4 mode's pods: the node Envoy's upstream
     connections carry the client pod's address (original_src), and a direct connection of the
     same client that happens to pick the same source port towards the same server pod hangs
     (see docs/benchmarks.md), which would make one mode's traffic disturb the other's."""
     objs: list[dict[str, Any]] = [client_pod("client-l7")]
-    for s in SERVERS:
+    for s in servers:
         name = f"{s}-l7"
         objs.append(deployment(name, replicas, {"app": name}, [server_container(s, python)]))
         objs.append(service(name, {"app": name}))
@@ -393,3 +507,30 @@ def change_target(python: str) -> list[dict[str, Any]]:
             service(f"{CHANGE_TARGET}-l7", {"app": CHANGE_TARGET}),
             toggle_policy(CHANGE_TARGET, CHANGE_TARGET, allow=True),
             http_route(f"{CHANGE_TARGET}-l7", f"{CHANGE_TARGET}-l7", header_gen=0)]
+
+
+# ---- the mTLS section (two 2-node clusters) -------------------------------------------------
+def mtls_plain(python: str, envoy: str, servers: tuple[str, ...], server_tls: SidecarTls,
+               replicas: int = 3) -> list[dict[str, Any]]:
+    """The plain 2-node cluster before its sidecar client: on the server node the nomesh
+    servers and the sidecar servers (STRICT mutual TLS), on the client node the nomesh client."""
+    return [*place(plain_servers(python, replicas, servers=servers), SERVER_NODE),
+            *place(sidecar_servers(python, envoy, replicas, servers, server_tls), SERVER_NODE),
+            *place([client_pod()], CLIENT_NODE, CLIENT_SA)]
+
+
+def mtls_sidecar_client(envoy: str, outbound: list[OutboundService],
+                        client_tls: SidecarTls) -> dict[str, Any]:
+    """The sidecar client on the client node (it needs the servers' pod IPs: applied last)."""
+    return place([sidecar_client(envoy, outbound, client_tls)], CLIENT_NODE, CLIENT_SA)[0]
+
+
+def mtls_mesh(python: str, servers: tuple[str, ...], replicas: int = 3) -> list[dict[str, Any]]:
+    """The nodemesh 2-node cluster: servers (L4, and L7 behind routes) on the server node, their
+    clients on the client node, the policy that allows the clients."""
+    l7 = l7_workload(python, replicas, servers)
+    policy = allow_client_policy("allow-client", [*servers, *(f"{s}-l7" for s in servers)],
+                                 [SERVER_PORT])
+    return [*place(plain_servers(python, replicas, servers=servers), SERVER_NODE),
+            *place([client_pod(), *(o for o in l7 if o["kind"] == "Pod")], CLIENT_NODE, CLIENT_SA),
+            *place([o for o in l7 if o["kind"] != "Pod"], SERVER_NODE), policy]

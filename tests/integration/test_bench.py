@@ -1,5 +1,6 @@
 """`nodemesh bench --quick` end to end: every available mode carries traffic, every section
-produces numbers (not the targets: those are for the full run), and nothing is left behind."""
+produces numbers (not the targets: those are for the full run), the mTLS section's traffic
+really goes in mutual TLS, and nothing is left behind."""
 
 from __future__ import annotations
 
@@ -30,16 +31,10 @@ def test_exits_zero_without_failure(quick: tuple) -> None:
     assert p.returncode == 0, p.stderr[-3000:]
 
 
-def test_every_available_mode_carried_traffic(quick: tuple) -> None:
-    _, res, _ = quick
-    modes = {"nomesh", "sidecar", "l4"}
-    if res["l7"]["available"]:
-        modes.add("l7")
-    else:  # unavailable is reported with a reason, never faked
-        assert res["l7"]["reason"]
-        assert not any(c["mode"] == "l7" for c in res["traffic"]["cells"])
+def check_cells(cells: list[dict], modes: set[str]) -> None:
+    """Every mode has cells, and every phase of them carried traffic with few errors."""
     seen: dict[str, list[dict]] = {m: [] for m in modes}
-    for cell in res["traffic"]["cells"]:
+    for cell in cells:
         assert "error" not in cell, cell.get("error")
         seen[cell["mode"]].append(cell)
     for mode, cells in seen.items():
@@ -53,8 +48,48 @@ def test_every_available_mode_carried_traffic(quick: tuple) -> None:
                 assert ph["errors"] <= MAX_ERROR_FRACTION * (ph["requests"] + ph["errors"]), (
                     mode, cell["workload"], ph["phase"]["kind"], ph.get("error_kinds"))
                 assert ph["latency_us"]["p50"] > 0 and ph["latency_us"]["p99"] > 0
-            if mode == "l7":
+            if mode in ("l7", "l7-mtls"):
                 assert cell["node_envoy_requests"], "no request crossed the node Envoy"
+
+
+def available_modes(modes: set[str], l7: dict, l7_mode: str, cells: list[dict]) -> set[str]:
+    if l7["available"]:
+        return modes | {l7_mode}
+    assert l7["reason"]  # unavailable is reported with a reason, never faked
+    assert not any(c["mode"] == l7_mode for c in cells)
+    return modes
+
+
+def test_every_available_mode_carried_traffic(quick: tuple) -> None:
+    _, res, _ = quick
+    cells = res["traffic"]["cells"]
+    check_cells(cells, available_modes({"nomesh", "sidecar", "l4"}, res["l7"], "l7", cells))
+
+
+def test_mtls_section_went_across_nodes_in_mutual_tls(quick: tuple) -> None:
+    _, res, _ = quick
+    sec = res["mtls"]
+    cells = sec["cells"]
+    check_cells(cells, available_modes({"nomesh", "sidecar-mtls", "l4-mtls"}, sec["l7"], "l7-mtls",
+                                       cells))
+    for cell in cells:
+        if cell["mode"] in ("l4-mtls", "l7-mtls"):  # through the server node's tunnel, never clear
+            assert cell["tunnel"]["bytes"] > 0 and cell["tunnel"]["connections"] > 0, cell["tunnel"]
+            assert cell["tunnel"]["plaintext_connections"] == 0, cell["tunnel"]
+        if cell["mode"] == "sidecar-mtls":  # on the client sidecar's TLS-only clusters
+            st = cell["sidecar_stats"]
+            assert "error" not in st, st
+            assert sum(v for k, v in st.items() if k.endswith(".upstream_rq_total")) > 0, st
+            assert sum(v for k, v in st.items() if k.endswith(".ssl.handshake")) > 0, st
+            assert not sum(v for k, v in st.items() if k.endswith(".ssl.connection_error")), st
+    assert set(sec["sidecar_identities"]) == {"client", "default"}
+    [point] = sec["memory"]["points"]
+    assert point["pods"] == 10 and point["node"] == "node2"
+    assert point["sidecar"]["processes"] == 10 and point["sidecar"]["pss"] > 0
+    assert point["nodemesh"]["pods"] == 10 and point["nodemesh"]["certificates"]
+    assert point["nodemesh"]["envoy"]["pss"] > 0 and point["nodemesh"]["bpf_maps"]["bytes"] > 0
+    targets = res["summary"]["targets"]["mtls"]
+    assert targets["max_rate"]["count"] >= 1 and targets["memory"]["pods"] == 10
 
 
 def test_datapath_change_and_memory_produced_numbers(quick: tuple) -> None:
@@ -79,8 +114,11 @@ def test_report_and_plots_written(quick: tuple) -> None:
     with open(os.path.join(out, "summary.md")) as f:
         text = f.read()
     assert "## Targets" in text and "## Traffic" in text and "## Memory" in text
+    assert "## mTLS across nodes" in text and "mTLS: nodemesh's max rate" in text
     pngs = {name for name in os.listdir(out) if name.endswith(".png")}
-    assert {"max-rate.png", "memory.png", "datapath.png"} <= pngs, pngs
+    assert {"max-rate.png", "memory.png", "datapath.png", "mtls-max-rate.png",
+            "mtls-memory.png"} <= pngs, pngs
+    assert any(n.startswith("mtls-latency-") for n in pngs), pngs
     assert any(n.startswith("latency-") for n in pngs), pngs
 
 
