@@ -48,6 +48,23 @@ static __always_inline int tunnel_inbound(struct __sk_buff *skb, const struct no
 	return r ? -r : 1;
 }
 
+/* A new connection from the network straight to the tunnel listeners' ports (they bind the
+ * wildcard address, see mtls.tunnel): they take only what the socket lookup hands them, so the
+ * node refuses these at the wire, counted as the host's policy drop. */
+static __always_inline int tunnel_port_from_network(const struct node_config *cfg,
+						    const struct iphdr *ip,
+						    const struct tcphdr *th)
+{
+	__u8 flags = ((const __u8 *)th)[13];
+	__be32 daddr = ip->daddr;
+
+	if ((flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN || !tunnel_enabled(cfg))
+		return 0;
+	if (th->dest != bpf_htons(TUNNEL_OUT_PORT) && th->dest != bpf_htons(TUNNEL_IN_PORT))
+		return 0;
+	return bpf_map_lookup_elem(&nm_lxc, &daddr) == 0;
+}
+
 SEC("tc")
 int from_netdev(struct __sk_buff *skb)
 {
@@ -96,6 +113,21 @@ int from_netdev(struct __sk_buff *skb)
 			    DIR_INGRESS, p.len);
 		emit_packet_event(&p, EV_DROP, VERDICT_DROPPED, (__u8)-t, DIR_INGRESS, ifindex,
 				  src_identity, dst_identity, 0);
+		return TC_ACT_SHOT;
+	}
+	if (t == 0 && tunnel_port_from_network(cfg, ip, th)) {
+		struct nm_pkt p = {
+			.saddr = ip->saddr, .daddr = ip->daddr, .sport = th->source,
+			.dport = th->dest, .protocol = IPPROTO_TCP, .tcp_flags = TCP_FLAG_SYN,
+			.len = skb->len,
+		};
+		__u32 src_identity = identity_of(ip->saddr, cfg);
+
+		metrics_add(DROP_POLICY_DENIED, DIR_INGRESS, VERDICT_DROPPED, p.len);
+		flowcnt_add(src_identity, IDENTITY_HOST, p.dport, IPPROTO_TCP, VERDICT_DROPPED,
+			    DIR_INGRESS, p.len);
+		emit_packet_event(&p, EV_DROP, VERDICT_DROPPED, DROP_POLICY_DENIED, DIR_INGRESS,
+				  skb->ifindex, src_identity, IDENTITY_HOST, 0);
 		return TC_ACT_SHOT;
 	}
 	proxy_return_mark(skb, ip->saddr, ip->daddr, th->source, th->dest);

@@ -269,6 +269,60 @@ def from_underlay(c: Cluster, url: str, source: str = ATTACKER) -> str:
     return r.stdout
 
 
+def test_the_tunnel_ports_are_closed_to_the_network(mesh: Cluster) -> None:
+    """The tunnel listeners take only what the datapath hands them: a connection from the
+    underlay, or from a pod of another node, to a node's own address on 15006/15008 is dropped
+    at the wire (a DROPPED flow to the host)."""
+    attacker(mesh)
+    for port in (15006, 15008):
+        assert from_underlay(mesh, f"http://172.30.0.2:{port}/") == "000"
+        r = mesh.exec("client", "curl", "-s", "-m", "2", "-o", "/dev/null", "-w", "%{http_code}",
+                      f"http://172.30.0.2:{port}/", check=False)
+        assert r.out == "000" and r.code == 28, r  # timed out: the SYN was dropped
+    time.sleep(1.5)
+    drops = [json.loads(line)["flow"] for line in mesh.run(
+        "observe", "-o", "json", "--last", "30", "--node", "node2", "--verdict", "DROPPED"
+    ).out.splitlines()]
+    to_host = {(f["IP"]["source"], f["l4"]["TCP"]["destination_port"]) for f in drops
+               if f.get("drop_reason_desc") == "POLICY_DENIED"
+               and f["IP"]["destination"] == "172.30.0.2"}
+    client_ip = ip_of(mesh, "client")
+    assert to_host >= {(ATTACKER, 15006), (ATTACKER, 15008), (client_ip, 15006),
+                       (client_ip, 15008)}, drops
+
+
+def _listening(netns: str | None) -> list[tuple[str, str]]:
+    """(local address:port, process) of the TCP and UDP sockets listening in a namespace."""
+    cmd = ["ss", "-H", "-ltunp"]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=10).stdout
+    rows = []
+    for line in out.splitlines():
+        cols = line.split()
+        rows.append((cols[4], " ".join(cols[6:])))
+    return rows
+
+
+def test_what_listens_where(mesh: Cluster) -> None:
+    """docs/security.md's table: the cluster's processes listen only on loopback in the host's
+    namespace, and in a node's only on the node's own service addresses and the tunnel ports."""
+    pids = {str(mesh.daemon_pid())}
+    for node in ("node1", "node2"):
+        with open(f"{mesh.state_dir}/nodes/{node}/agent.json") as f:
+            pids.add(str(json.load(f)["pid"]))
+        with open(f"{mesh.state_dir}/nodes/{node}/envoy/envoy.json") as f:
+            pids.add(str(json.load(f)["pid"]))
+    ours = [(addr, proc) for addr, proc in _listening(None)
+            if any(f"pid={pid}," in proc for pid in pids)]
+    assert ours, "found none of the cluster's sockets in the host namespace"
+    assert all(addr.startswith("127.0.0.1:") for addr, _ in ours), ours
+    for node in ("node1", "node2"):
+        for addr, proc in _listening(f"{mesh.name}-{node}"):
+            assert (addr in ("169.254.20.10:53", "0.0.0.0:15006", "0.0.0.0:15008")
+                    or addr.startswith("169.254.42.1:")), (node, addr, proc)
+
+
 def peer_auth(mode: str) -> dict:
     return {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
             "metadata": {"name": "web-mode"},
