@@ -214,6 +214,17 @@ def saturated(t: dict[str, Any], wl: str, key: str, mode: str) -> bool:
     return (x.get("error_fraction") or 0) > MAX_ERROR_FRACTION
 
 
+def beyond_capacity(t: dict[str, Any], wl: str, key: str, mode: str) -> bool:
+    """Is the open-loop rate `key` above what `mode` carried closed-loop (its wrk@max median)?
+    Its errors there are the measurement (it saturated), not a broken run: a slower machine
+    saturates sooner (a 2-core CI runner carries ~850 close-per-request req/s through two
+    sidecars, so open@2000 times out)."""
+    if not key.startswith("open@"):
+        return False
+    rps = _rps(t, wl, mode)
+    return rps is not None and rps < int(key.removeprefix("open@"))
+
+
 def _added_p99_rows(t: dict[str, Any], rates: list[str], modes: list[str], sidecar: str,
                     limit: float, base_mode: str = "nomesh",
                     saturation: bool = False) -> list[dict[str, Any]]:
@@ -312,7 +323,8 @@ def problems(res: dict[str, Any]) -> list[str]:
                     out.append(f"{wl} {key} {mode}: no result")
                 elif s["failed_runs"] or not s["requests"]:
                     out.append(f"{wl} {key} {mode}: no traffic ({s['failed_runs']} failed runs)")
-                elif (s["error_fraction"] or 0) > MAX_ERROR_FRACTION:
+                elif ((s["error_fraction"] or 0) > MAX_ERROR_FRACTION
+                      and not beyond_capacity(t, wl, key, mode)):
                     out.append(f"{wl} {key} {mode}: {s['error_fraction']:.1%} errors")
     for c in (res.get("traffic") or {}).get("cells") or []:
         if c["mode"] == "l7" and c.get("node_envoy_requests") == 0:

@@ -255,12 +255,14 @@ def flow_from_access_log(entry: Mapping, ctx: FlowContext, *, denied_by_policy: 
     src = ctx.endpoint_by_ip(src_ip) or ctx.endpoint_by_identity(2)
     dst = (ctx.endpoint_by_ip(dst_ip) if dst_ip else None) or ctx.endpoint_by_identity(0)
     code = int(entry.get("response_code") or 0)
-    method = entry.get("method", "")
-    authority = entry.get("authority", "")
-    path = entry.get("path", "")
+    # A request Envoy could not parse (its codec answered 400) has no method, authority or
+    # path: the ALS gives None, and the flow says "" (never "None").
+    method = entry.get("method") or ""
+    authority = entry.get("authority") or ""
+    path = entry.get("path") or ""
     scheme = entry.get("scheme") or "http"
-    protocol = entry.get("protocol", "HTTP/1.1")
-    url = f"{scheme}://{authority}{path}"
+    protocol = entry.get("protocol") or "HTTP/1.1"
+    url = f"{scheme}://{authority}{path}" if authority or path else ""
     latency_ns = int(float(entry.get("duration_ms", 0)) * 1e6)
     verdict = "DROPPED" if denied_by_policy else "FORWARDED"
     headers = [{"key": k, "value": v} for k, v in (entry.get("request_headers") or {}).items()]

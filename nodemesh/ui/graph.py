@@ -554,7 +554,9 @@ def summary(rec: FlowRecord) -> str:
         http = (f.get("l7") or {}).get("http") or {}
         lat = f" · {_fmt_ms(rec.latency_ms)}" if rec.latency_ms is not None else ""
         code = f" → {rec.code}" if rec.code else ""
-        return f"{http.get('protocol', 'HTTP')} {http.get('method', '')} {http.get('url', '')}{code}{lat}"
+        what = (f"{http.get('method') or ''} {http.get('url') or ''}".strip()
+                or "malformed request")  # Envoy's codec refused it: no method, no URL
+        return f"{http.get('protocol') or 'HTTP'} {what}{code}{lat}"
     ip = f.get("IP") or {}
     proto, sport, dport = _l4(f)
     if rec.kind == "sock":

@@ -42,9 +42,14 @@ def check_cells(cells: list[dict], modes: set[str]) -> None:
         for cell in cells:
             kinds = [ph["phase"]["kind"] for ph in cell["phases"]]
             assert kinds.count("wrk") == 1 and kinds.count("open") >= 2, (mode, kinds)
+            wrk = next(ph for ph in cell["phases"] if ph["phase"]["kind"] == "wrk")
             for ph in cell["phases"]:
                 assert "error" not in ph, (mode, cell["workload"], ph["error"])
                 assert ph["requests"] > 0, (mode, cell["workload"], ph["phase"])
+                # an open-loop rate above what the mode carried closed-loop may time out: it
+                # saturated (a slower machine saturates sooner); below it, errors are a defect
+                if ph["phase"].get("rate", 0) > wrk["achieved_rps"]:
+                    continue
                 assert ph["errors"] <= MAX_ERROR_FRACTION * (ph["requests"] + ph["errors"]), (
                     mode, cell["workload"], ph["phase"]["kind"], ph.get("error_kinds"))
                 assert ph["latency_us"]["p50"] > 0 and ph["latency_us"]["p99"] > 0

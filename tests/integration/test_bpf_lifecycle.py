@@ -27,7 +27,7 @@ from nodemesh.datapath.layout import (
     u32,
 )
 from nodemesh.datapath.lb import LbService, compile_lb
-from nodemesh.datapath.loader import Datapath, DatapathError
+from nodemesh.datapath.loader import NETNS_PIN, Datapath, DatapathError
 from tests.integration import bpfharness
 from tests.integration.bpfharness import (
     PYTHON,
@@ -86,7 +86,9 @@ def link_map(dp: Datapath) -> dict[str, tuple[int, int]]:
 
 def test_attach_is_idempotent_and_detach_removes(topo: Topology, dp: Datapath) -> None:
     before = link_map(dp)
-    assert len(before) == 4 + 2 * len(topo.pods)
+    # four socket hooks, the node namespace's socket lookup, two tc hooks per pod
+    assert len(before) == 4 + 1 + 2 * len(topo.pods)
+    assert NETNS_PIN in before
     p1 = topo.pods[0]
     assert dp.attach_endpoint(p1.lxc) == p1.ifindex
     dp.load()  # a second load in the same process adopts everything as well

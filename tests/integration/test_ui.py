@@ -417,3 +417,45 @@ def test_service_map(demo: Cluster, ui: str, browser) -> None:
             shutil.copyfile(shot, SCREENSHOT)
     finally:
         shutil.rmtree(shots, ignore_errors=True)
+
+
+# In a pod: one HTTP/1.1 request with a raw request target (curl would encode it).
+RAW_GET = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], 80), timeout=5)
+s.sendall(f"GET {sys.argv[2]} HTTP/1.1\r\nHost: {sys.argv[1]}\r\nConnection: close\r\n\r\n".encode())
+print(s.recv(100).split(b"\r\n")[0].decode())
+"""
+HOSTILE_PATH = "/x<svg/onload=window.__pwned=1>"  # no space: Envoy would refuse the line
+
+
+def test_user_strings_are_shown_as_text(demo: Cluster, ui: str, browser) -> None:
+    """An HTTP path with markup (from an L7 flow) shows literally in the flow list and runs
+    nothing, in the real browser."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    svc = _service("frontend")
+    svc["metadata"]["annotations"] = {"nodemesh.io/l7-visibility": "true",
+                                      "note": "<script>window.__pwned=2</script>"}
+    demo.apply([svc])
+    demo.wait_synced()
+
+    def hostile_flow() -> bool:
+        r = demo.exec("client", sys.executable, "-c", RAW_GET, "frontend", HOSTILE_PATH,
+                      check=False)
+        flows = _get_json(ui + "/api/flows?workload=default/client&limit=20")["flows"]
+        assert r.out.startswith("HTTP/1.1 "), r
+        return any(HOSTILE_PATH in (f.get("summary") or "") for f in flows)
+
+    _wait("an L7 flow with the hostile path", hostile_flow, timeout=30, interval=1.0)
+    d = browser
+    wait = WebDriverWait(d, 20, poll_frequency=0.2)
+    d.get(ui + "/")
+    wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, 'g.node[data-id="default/client"]'))
+    d.find_element(By.CSS_SELECTOR, 'g.node[data-id="default/client"]').click()
+    items = wait.until(lambda _: [li for li in d.find_elements(By.CSS_SELECTOR, "#flow-list li.flow")
+                                  if HOSTILE_PATH in li.text])
+    assert items, "the hostile path is not in the flow list as text"
+    assert not d.find_elements(By.CSS_SELECTOR, "#flow-list svg, #flow-list img, #panel img")
+    assert d.execute_script("return window.__pwned === undefined")

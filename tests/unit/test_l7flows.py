@@ -10,6 +10,7 @@ from nodemesh.observe.flow import flow_from_access_log
 from nodemesh.observe.metrics import AgentMetrics
 from nodemesh.proxy.als import entry_to_dict
 from nodemesh.route.inputs import RedirectKey
+from nodemesh.ui.graph import FlowRecord, Inventory, summary
 from tests.unit.test_observe import CTX
 
 TARGETS = {15002: RedirectKey("10.96.0.9", 80, "TCP")}
@@ -105,3 +106,20 @@ def test_the_same_entry_is_the_same_flow_on_every_read() -> None:
     first, again = raw(e).to_flow(), raw(e).to_flow()
     assert first["uuid"] == again["uuid"]  # a reader that deduplicates by uuid sees it once
     assert raw(entry(404)).to_flow()["uuid"] != first["uuid"]
+
+
+def test_a_request_envoy_could_not_parse_is_a_malformed_request_not_none() -> None:
+    """Envoy's HTTP/1 codec answers a bad request line (a space in the path) with 400 before
+    any method, authority or path is known: the flow carries "" and the UI says what it was."""
+    e = entry(400, details="http1.codec_error")
+    e.request.request_method = 0
+    e.request.authority = ""
+    e.request.path = ""
+    flow = raw(e).to_flow()
+    assert flow["l7"]["http"]["method"] == "" and flow["l7"]["http"]["url"] == ""
+    assert strip(flow) == strip(eager(e))
+    rec = FlowRecord.parse(flow, Inventory(), now=0.0)
+    assert summary(rec) == "HTTP/1.1 malformed request → 400 · 2.50 ms"
+    assert "None" not in summary(rec)
+    rec = FlowRecord.parse(raw(entry()).to_flow(), Inventory(), now=0.0)
+    assert summary(rec) == "HTTP/1.1 GET http://web.shop/api → 200 · 2.50 ms"
