@@ -117,6 +117,13 @@ class ProxyManager:
         self._push_lock: asyncio.Lock | None = None
         self._acked_changed: asyncio.Condition | None = None  # tunnel_acked was replaced
         self.tunnel_failures = 0  # failed tunnel connections Envoy logged
+        # Envoy's exits (docs/reliability.md): a pidfd in the event loop tells us at once, and
+        # each exit is kept with how long the node was without its Envoy.
+        self._pidfd: int | None = None
+        self._watched: int | None = None  # the pid the pidfd is of
+        self._envoy_exited = False
+        self.envoy_exits: list[dict[str, Any]] = []  # the last few, newest last
+        self.envoy_restarts = 0
 
     # ---- persistence of listener ports (a restarted agent keeps Envoy's listeners as they are) --
     def _load_ports(self) -> dict[RedirectKey, int]:
@@ -139,6 +146,7 @@ class ProxyManager:
         netns.ip_batch([f"addr replace {PROXY_IP}/32 dev lo"])
         await self.xds.start(self.socket, als=self.als)
         await asyncio.to_thread(self._ensure_envoy)
+        self._watch_envoy()
         self.informer.add_listener(self._on_store_change)
         if self.datapath is not None:
             self.datapath.on_policy_input.append(self._on_policy_input)
@@ -181,10 +189,59 @@ class ProxyManager:
                                         log_level="warning")
         log.info("started the node's Envoy (pid %d)", self.envoy.pid)
 
+    # ---- Envoy's exits -------------------------------------------------------------------------
+    def _watch_envoy(self) -> None:
+        """Have the event loop wake us the moment the node's Envoy exits (a pidfd is readable
+        once its process has exited, whether or not it is our child)."""
+        if self._loop is None or self.envoy is None or self._watched == self.envoy.pid:
+            return
+        self._unwatch_envoy()
+        try:
+            fd = os.pidfd_open(self.envoy.pid)
+        except OSError:
+            return  # gone already: the periodic check restarts it
+        self._loop.add_reader(fd, self._on_envoy_exit)
+        self._pidfd, self._watched = fd, self.envoy.pid
+
+    def _unwatch_envoy(self) -> None:
+        if self._pidfd is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+        self._pidfd = self._watched = None
+
+    def _on_envoy_exit(self) -> None:
+        pid = self._watched
+        self._unwatch_envoy()
+        how = "exited"
+        if self.envoy is not None and self.envoy.pid == pid:
+            how = self.envoy.exit_description()
+        log.error("the node's Envoy (pid %s) %s; starting another", pid, how)
+        self.envoy_exits = [*self.envoy_exits[-4:], {"pid": pid, "how": how,
+                                                     "at": now_rfc3339(), "downMs": None,
+                                                     "_t": time.monotonic()}]
+        self._envoy_exited = True
+        self._dirty.set()
+
+    def _envoy_back(self) -> None:
+        """The new Envoy has the listeners (and the tunnel is in the socket lookup)."""
+        last = self.envoy_exits[-1] if self.envoy_exits else None
+        if last is not None and last["downMs"] is None and self.envoy is not None \
+                and self.envoy.pid != last["pid"]:
+            last["downMs"] = round((time.monotonic() - last["_t"]) * 1000, 1)
+            log.warning("the node's Envoy is back (pid %d) %.0f ms after pid %s %s",
+                        self.envoy.pid, last["downMs"], last["pid"], last["how"])
+
     async def run(self, stopping: asyncio.Event) -> None:
-        """Sync on changes (and every RESYNC_SECONDS); check Envoy every 2 s, restart it if it
-        died."""
+        """Sync on changes (and every RESYNC_SECONDS); restart Envoy the moment it exits (its
+        pidfd), and check it every second in case that was missed."""
         last_check = last_sync = 0.0
+        try:
+            await self._run(stopping, last_check, last_sync)
+        finally:
+            self._unwatch_envoy()
+
+    async def _run(self, stopping: asyncio.Event, last_check: float, last_sync: float) -> None:
         while not stopping.is_set():
             woke = False
             wait = 2.0 if self.certs is None else min(2.0, self.certs.next_due())
@@ -194,13 +251,17 @@ class ProxyManager:
             self._dirty.clear()
             if self.certs is not None and self.certs.next_due() <= 0.05:
                 woke = True  # a certificate to renew
-            if time.monotonic() - last_check > 1.0:
+            if self._envoy_exited or time.monotonic() - last_check > 1.0:
                 last_check = time.monotonic()
-                if self.envoy is None or not self.envoy.alive():
-                    log.warning("the node's Envoy is not running; starting it")
+                if self._envoy_exited or self.envoy is None or not self.envoy.alive():
+                    if not self._envoy_exited:
+                        log.warning("the node's Envoy is not running; starting it")
+                    self._envoy_exited = False
                     woke = True
                     try:
                         await asyncio.to_thread(self._ensure_envoy)
+                        self.envoy_restarts += 1
+                        self._watch_envoy()
                     except Exception as e:
                         self.error = f"cannot start Envoy: {e}"
                         log.error("%s", self.error)
@@ -380,6 +441,8 @@ class ProxyManager:
             if tunnel.listeners and self.datapath is not None and self.envoy is not None:
                 await asyncio.to_thread(self.datapath.set_tunnel_up, self.envoy.pid)
             await asyncio.to_thread(self._report_mesh, secrets)
+        if listeners_ok or not has_listeners:
+            self._envoy_back()
         state = self.xds.sync_state(self.node)
         # 3. New redirects, once Envoy has the listeners.
         if listeners_ok or not has_listeners:
@@ -515,7 +578,10 @@ class ProxyManager:
         return {
             "envoy": {"pid": self.envoy.pid if self.envoy else None,
                       "alive": bool(self.envoy and self.envoy.alive()),
-                      "rssBytes": self.envoy.rss_bytes() if self.envoy else None},
+                      "rssBytes": self.envoy.rss_bytes() if self.envoy else None,
+                      "restarts": self.envoy_restarts,
+                      "exits": [{k: v for k, v in e.items() if not k.startswith("_")}
+                                for e in self.envoy_exits]},
             "xds": {"state": self.xds.sync_state(self.node),
                     "types": {t.rsplit(".", 1)[-1]: {"acked": v.get("acked_version"),
                                                      "sent": v.get("sent_version")}

@@ -148,8 +148,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         envoy = proxy.get("envoy") or {}
         if proxy:
             print(f"proxy {n.name}: Envoy pid {envoy.get('pid')}, xDS {proxy.get('xds', {}).get('state')}"
-                  + (f", REJECTED: {proxy['nack']['message']}" if proxy.get("nack") else ""))
+                  + (f", REJECTED: {proxy['nack']['message']}" if proxy.get("nack") else "")
+                  + _envoy_exit_text(envoy))
     return 0
+
+
+def _envoy_exit_text(envoy: dict) -> str:
+    """", restarted 1 time (pid 4242 killed by SIGKILL at ..., back after 180 ms)"."""
+    exits = envoy.get("exits") or []
+    if not envoy.get("restarts") or not exits:
+        return ""
+    n, last = envoy["restarts"], exits[-1]
+    back = (f"back after {last['downMs']:.0f} ms" if last.get("downMs") is not None
+            else "NOT BACK YET")
+    return (f", restarted {n} time{'s' if n != 1 else ''} (last: pid {last['pid']} "
+            f"{last['how']} at {last['at']}, {back})")
 
 
 # ---- apply / delete ------------------------------------------------------------------------

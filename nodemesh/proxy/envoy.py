@@ -445,6 +445,21 @@ class EnvoyProcess:
             return False
         return self.ref.alive()
 
+    def exit_description(self) -> str:
+        """How an exited Envoy ended ("killed by SIGKILL", "exited with code 1"), when it was
+        our child (reaped here); "exited" when it was not."""
+        if self._popen is None:
+            return "exited"
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._popen.wait(timeout=0.5)
+        code = self._popen.returncode
+        if code is None:
+            return "exited"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"killed by {signal.Signals(-code).name}"
+        return f"exited with code {code}"
+
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM (Envoy exits at once, without draining), SIGKILL after `grace` seconds; the
         pidfile and the admin socket are removed."""

@@ -8,6 +8,7 @@ in pods of node1, servers in pods of node2; the attacker lives on the underlay.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -321,6 +322,20 @@ def test_what_listens_where(mesh: Cluster) -> None:
         for addr, proc in _listening(f"{mesh.name}-{node}"):
             assert (addr in ("169.254.20.10:53", "0.0.0.0:15006", "0.0.0.0:15008")
                     or addr.startswith("169.254.42.1:")), (node, addr, proc)
+    # so a pod or the underlay asking a node's address for the metrics port gets nothing
+    with open(f"{mesh.state_dir}/nodes/node2/metrics.json") as f:
+        port = json.load(f)["port"]
+    attacker(mesh)
+    assert from_underlay(mesh, f"http://172.30.0.2:{port}/metrics") == "000"
+    r = mesh.exec("client", "curl", "-s", "-m", "2", "-o", "/dev/null", "-w", "%{http_code}",
+                  f"http://172.30.0.2:{port}/metrics", check=False)
+    assert r.out == "000", r
+    # the files that hold keys or the store: root only, in a root-only directory
+    assert os.stat(mesh.state_dir).st_mode & 0o777 == 0o700
+    secret = ["store.db", "ca/ca.key", "ca/ca.json",
+              *(f"nodes/{n}/certs.json" for n in ("node1", "node2"))]
+    for name in secret:
+        assert os.stat(f"{mesh.state_dir}/{name}").st_mode & 0o777 == 0o600, name
 
 
 def peer_auth(mode: str) -> dict:

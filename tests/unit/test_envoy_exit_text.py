@@ -1,0 +1,40 @@
+"""What `nodemesh status` says about a node Envoy that exited, and how an exit is described."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+from nodemesh.cli.commands import _envoy_exit_text
+from nodemesh.cluster.procs import ProcRef
+from nodemesh.proxy.envoy import AdminClient, EnvoyProcess
+
+
+def test_nothing_to_say_without_a_restart() -> None:
+    assert _envoy_exit_text({"pid": 7, "restarts": 0, "exits": []}) == ""
+    assert _envoy_exit_text({"pid": 7}) == ""
+
+
+def test_the_last_exit_and_how_long_the_node_was_without_envoy() -> None:
+    exits = [{"pid": 41, "how": "exited with code 1", "at": "t1", "downMs": 90.0},
+             {"pid": 42, "how": "killed by SIGKILL", "at": "t2", "downMs": 181.4}]
+    assert _envoy_exit_text({"restarts": 2, "exits": exits}) == (
+        ", restarted 2 times (last: pid 42 killed by SIGKILL at t2, back after 181 ms)")
+    exits[-1]["downMs"] = None
+    assert _envoy_exit_text({"restarts": 1, "exits": exits[-1:]}).endswith(", NOT BACK YET)")
+
+
+def _proc(argv: list[str]) -> EnvoyProcess:
+    p = subprocess.Popen(argv)
+    ref = ProcRef.of(p.pid)
+    assert ref is not None
+    return EnvoyProcess(ref, pidfile="/nonexistent", admin=AdminClient(socket_path="/x"),
+                        popen=p)
+
+
+def test_an_exit_is_described_by_its_signal_or_code() -> None:
+    killed = _proc(["sleep", "30"])
+    killed.ref.signal(signal.SIGKILL)
+    assert killed.exit_description() == "killed by SIGKILL"
+    failed = _proc(["sh", "-c", "sleep 0.2; exit 3"])
+    assert failed.exit_description() == "exited with code 3"
