@@ -219,9 +219,23 @@ class ProxyManager:
         log.error("the node's Envoy (pid %s) %s; starting another", pid, how)
         self.envoy_exits = [*self.envoy_exits[-4:], {"pid": pid, "how": how,
                                                      "at": now_rfc3339(), "downMs": None,
-                                                     "_t": time.monotonic()}]
+                                                     "_t": time.monotonic(),
+                                                     "_wall": time.time()}]
         self._envoy_exited = True
         self._dirty.set()
+
+    def _down_since(self) -> float | None:
+        """The wall time of an Envoy exit whose successor has not yet taken the listeners."""
+        last = self.envoy_exits[-1] if self.envoy_exits else None
+        return last["_wall"] if last is not None and last["downMs"] is None else None
+
+    def _acked_since(self, type_url: str, version: str, since: float | None) -> bool:
+        """Acknowledged, and (after an Envoy exit) by an Envoy that connected since: the
+        xDS server keeps the last acknowledged version per node, across streams."""
+        if not self._acked(type_url, version):
+            return False
+        st = self.xds.status(self.node).get(type_url) or {}
+        return since is None or (st.get("acked_at") or 0) >= since
 
     def _envoy_back(self) -> None:
         """The new Envoy has the listeners (and the tunnel is in the socket lookup)."""
@@ -422,17 +436,19 @@ class ProxyManager:
         sds_version = xsnap.type_version(SECRET)
         has_listeners = bool(xsnap.names(LISTENER_TYPE))
 
+        since = self._down_since()  # a new Envoy after an exit: its own answers count
+
         def answered() -> bool:
-            lds = self._acked(LISTENER_TYPE, lds_version) or self._nacked(LISTENER_TYPE,
-                                                                         lds_version)
-            return lds and (not secrets or self._acked(SECRET, sds_version)
+            lds = (self._acked_since(LISTENER_TYPE, lds_version, since)
+                   or self._nacked(LISTENER_TYPE, lds_version))
+            return lds and (not secrets or self._acked_since(SECRET, sds_version, since)
                             or self._nacked(SECRET, sds_version))
 
         if has_listeners:
             with contextlib.suppress(TimeoutError):
                 await self.xds.wait_for(answered, timeout=2.0)
-        listeners_ok = self._acked(LISTENER_TYPE, lds_version) and (
-            not secrets or self._acked(SECRET, sds_version))
+        listeners_ok = self._acked_since(LISTENER_TYPE, lds_version, since) and (
+            not secrets or self._acked_since(SECRET, sds_version, since))
         if tunnel is not None and listeners_ok:
             self.tunnel_acked = tunnel
             assert self._acked_changed is not None

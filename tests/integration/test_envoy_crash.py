@@ -55,8 +55,9 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def policed(cluster: Cluster) -> Cluster:
     cluster.apply([deployment("alpha"), service("alpha"), CLIENT, POLICY,
-                   route("alpha-route", "alpha", "PathPrefix", "/", "alpha")])
-    cluster.wait_pods(count=3)
+                   route("alpha-route", "alpha", "PathPrefix", "/", "alpha"),
+                   deployment("beta"), service("beta")])  # beta: L4 only, no route
+    cluster.wait_pods(count=5)
     cluster.wait_synced()
     deadline = time.monotonic() + 20
     while _code(cluster, "/public/x") != "200" or _code(cluster, "/private") != "403":
@@ -94,6 +95,24 @@ def test_envoy_sigkill_recovers_fast_and_never_fails_open(policed: Cluster) -> N
     assert last_failure - killed_at < RECOVERY_BOUND_S, failed
     good_after = [r for r in after_kill if r[0] > last_failure]
     assert len(good_after) > 20 and all(r[2] in (200, 403) for r in good_after), good_after[:5]
+
+    # L4 across nodes goes through the tunnel, which is the new Envoy too: its listeners are
+    # in the socket lookup again (each beta pod by its address, those of node2 tunnelled)
+    betas = c.pods(selector="app=beta")
+    assert any(p["spec"]["nodeName"] == "node2" for p in betas), betas
+    for p in betas:
+        codes = []
+        for _ in range(2):
+            codes.append(c.exec("client", "curl", "-s", "-m", "3", "-o", "/dev/null", "-w",
+                                "%{http_code}", f"http://{p['status']['podIP']}:8080/",
+                                check=False).out)
+            if codes[-1] == "200":
+                break
+        # Known (docs/reliability.md): in about 1 run in 5 the first such connection after the
+        # restart timed out; a second one must work (a tunnel never refilled fails both).
+        if codes[0] != "200":
+            print(f"first connection to {p['spec']['nodeName']} after the restart: {codes}")
+        assert codes[-1] == "200", (p["spec"]["nodeName"], codes)
 
     # the agent says what happened
     envoy = c.agent("node1")["proxy"]["envoy"]
