@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -236,6 +237,26 @@ class Agent:
         self.api.route("GET", "/proxy/clusters", self._proxy_admin("clusters"))
         self.api.route("GET", "/proxy/config", self._proxy_admin("config"))
         self.api.route("GET", "/certificates", self._certificates)
+        self.api.route("POST", "/proxy/restart", self._proxy_restart)
+
+    async def _proxy_restart(self, q: dict, body: bytes) -> Any:
+        """A planned restart of the node Envoy (hot restart): {drainSeconds,
+        parentShutdownSeconds} optional."""
+        if self.proxy is None:
+            raise ApiError(503, f"node {self.node.name} runs no proxy")
+        try:
+            req = json.loads(body or b"{}")
+            drain = int(req.get("drainSeconds", 5))
+            shutdown = int(req.get("parentShutdownSeconds", 20))
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ApiError(400, f"proxy restart: bad request body: {e}") from None
+        if not 0 <= drain <= shutdown <= 3600:
+            raise ApiError(400, "proxy restart: need 0 <= drainSeconds <= "
+                                "parentShutdownSeconds <= 3600")
+        try:
+            return await self.proxy.restart_envoy(drain, shutdown)
+        except NodemeshError as e:
+            raise ApiError(409, e.message) from None
 
     async def _certificates(self, q: dict, body: bytes) -> Any:
         """The workload certificates this node holds (no keys)."""

@@ -41,7 +41,7 @@ from nodemesh.mtls.tls import ROOTS_SECRET
 from nodemesh.mtls.tunnel import TunnelInput, TunnelPlan, mesh_pods, plan_tunnel
 from nodemesh.observe.ring import FlowRing
 from nodemesh.proxy.als import AccessLogReceiver, tcp_entry_to_dict
-from nodemesh.proxy.envoy import EnvoyProcess, bootstrap
+from nodemesh.proxy.envoy import EnvoyProcess, HotRestart, bootstrap, remove_shared_memory
 from nodemesh.proxy.snapshot import CLUSTER, LISTENER, SECRET, Snapshot
 from nodemesh.proxy.xds import XdsServer
 from nodemesh.route import (
@@ -124,6 +124,9 @@ class ProxyManager:
         self._envoy_exited = False
         self.envoy_exits: list[dict[str, Any]] = []  # the last few, newest last
         self.envoy_restarts = 0
+        self.hot_restarts: list[dict[str, Any]] = []  # planned ones (`nodemesh proxy restart`)
+        self._draining: list[EnvoyProcess] = []  # earlier epochs still draining
+        self.base_id_path = os.path.join(self.envoy_dir, "base-id")
 
     # ---- persistence of listener ports (a restarted agent keeps Envoy's listeners as they are) --
     def _load_ports(self) -> dict[RedirectKey, int]:
@@ -181,13 +184,70 @@ class ProxyManager:
             self.envoy = adopted
             log.info("adopted the node's Envoy (pid %d)", adopted.pid)
             return
+        # No Envoy of this node runs: the shared memory of an earlier one's hot restart is stale.
+        remove_shared_memory(self.base_id_path)
+        self.envoy = self._start_envoy(HotRestart(self.base_id_path))
+        log.info("started the node's Envoy (pid %d)", self.envoy.pid)
+
+    def _start_envoy(self, hot_restart: HotRestart) -> EnvoyProcess:
         config = bootstrap(self.node, self.socket,
                            admin_socket=os.path.join(self.envoy_dir, "admin.sock"),
                            cluster=self.cfg.name)
-        self.envoy = EnvoyProcess.start(config, self.envoy_dir, concurrency=self.concurrency,
-                                        cgroup_path=self.cfg.proxy_cgroup(self.node),
-                                        log_level="warning")
-        log.info("started the node's Envoy (pid %d)", self.envoy.pid)
+        return EnvoyProcess.start(config, self.envoy_dir, concurrency=self.concurrency,
+                                  cgroup_path=self.cfg.proxy_cgroup(self.node),
+                                  log_level="warning", hot_restart=hot_restart)
+
+    async def restart_envoy(self, drain_seconds: int = 5,
+                            parent_shutdown_seconds: int = 20) -> dict[str, Any]:
+        """A planned restart (an upgrade, a bootstrap change): Envoy's hot restart. The new
+        Envoy takes the listening sockets over from the running one (the same sockets: the
+        tunnel's socket lookup and the datapath's redirects do not change), gets the snapshot
+        over xDS, and only then is the old one told to drain: its HTTP connections are closed
+        after their current request, its other connections stay until it exits
+        (`parent_shutdown_seconds`). No connection is refused meanwhile."""
+        old = self.envoy
+        if old is None or not old.alive():
+            raise NodemeshError(f"node {self.node} has no running Envoy to restart")
+        if old.hot_restart is None:
+            raise NodemeshError(f"node {self.node}'s Envoy (pid {old.pid}) was started without "
+                                "hot restart (by an older agent): it cannot hand over; kill it "
+                                "and the agent starts one that can")
+        t0 = time.monotonic()
+        since = time.time()
+        plan = HotRestart(self.base_id_path, old.hot_restart.epoch + 1, drain_seconds,
+                          parent_shutdown_seconds)
+        new = await asyncio.to_thread(self._start_envoy, plan)
+        self._unwatch_envoy()  # the old one's exit is expected now
+        self.envoy = new
+        self._watch_envoy()
+        self._draining.append(old)
+        asyncio.get_running_loop().create_task(self._reap_draining(old))
+        # Ready when the new Envoy acknowledged the listeners (it drains the old one itself
+        # once it is initialised, i.e. has them).
+        await self.sync()
+        lds = self.xds.get_snapshot(self.node)
+        version = lds.type_version(LISTENER_TYPE) if lds is not None else ""
+        with contextlib.suppress(TimeoutError):
+            await self.xds.wait_for(lambda: self._acked_since(LISTENER_TYPE, version, since),
+                                    timeout=10.0)
+        took = round((time.monotonic() - t0) * 1000, 1)
+        done = {"oldPid": old.pid, "newPid": new.pid, "epoch": plan.epoch,
+                "drainSeconds": drain_seconds, "parentShutdownSeconds": parent_shutdown_seconds,
+                "at": now_rfc3339(), "tookMs": took,
+                "ready": self._acked_since(LISTENER_TYPE, version, since)}
+        self.hot_restarts = [*self.hot_restarts[-4:], done]
+        log.warning("hot restart of the node's Envoy: pid %d -> pid %d (epoch %d) in %.0f ms; "
+                    "the old one drains for %d s", old.pid, new.pid, plan.epoch, took,
+                    drain_seconds)
+        return done
+
+    async def _reap_draining(self, old: EnvoyProcess) -> None:
+        """Wait for a draining Envoy to exit (and reap it when it is our child)."""
+        while old.alive():
+            await asyncio.sleep(0.5)
+        if old in self._draining:
+            self._draining.remove(old)
+        log.info("the draining Envoy (pid %d) exited", old.pid)
 
     # ---- Envoy's exits -------------------------------------------------------------------------
     def _watch_envoy(self) -> None:
@@ -596,6 +656,10 @@ class ProxyManager:
                       "alive": bool(self.envoy and self.envoy.alive()),
                       "rssBytes": self.envoy.rss_bytes() if self.envoy else None,
                       "restarts": self.envoy_restarts,
+                      "epoch": (self.envoy.hot_restart.epoch
+                                if self.envoy and self.envoy.hot_restart else None),
+                      "draining": [e.pid for e in self._draining],
+                      "hotRestarts": self.hot_restarts,
                       "exits": [{k: v for k, v in e.items() if not k.startswith("_")}
                                 for e in self.envoy_exits]},
             "xds": {"state": self.xds.sync_state(self.node),

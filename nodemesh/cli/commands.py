@@ -149,6 +149,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         if proxy:
             print(f"proxy {n.name}: Envoy pid {envoy.get('pid')}, xDS {proxy.get('xds', {}).get('state')}"
                   + (f", REJECTED: {proxy['nack']['message']}" if proxy.get("nack") else "")
+                  + (f", hot-restart epoch {envoy['epoch']}" if envoy.get("epoch") else "")
+                  + "".join(f", pid {p} draining" for p in envoy.get("draining") or [])
                   + _envoy_exit_text(envoy))
     return 0
 
@@ -742,6 +744,19 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     nodes = [n.name for n in cfg.nodes if args.node in (None, n.name)]
     if not nodes:
         raise NodemeshError(f"no node named {args.node!r}", 2)
+    if args.what == "restart":
+        if not 0 <= args.drain_seconds <= args.parent_shutdown_seconds <= 3600:
+            raise NodemeshError("proxy restart: need 0 <= --drain-seconds <= "
+                                "--parent-shutdown-seconds <= 3600", 2)
+        for node in nodes:  # one node at a time, as a rolling upgrade would
+            r = AgentClient(cfg.agent_socket(node), node, timeout=60).post(
+                "/proxy/restart", {"drainSeconds": args.drain_seconds,
+                                   "parentShutdownSeconds": args.parent_shutdown_seconds})
+            ready = "" if r["ready"] else " (NOT READY: it has not acknowledged the listeners)"
+            print(f"{node}: Envoy pid {r['oldPid']} -> pid {r['newPid']} (hot restart epoch "
+                  f"{r['epoch']}, {r['tookMs']:.0f} ms){ready}; pid {r['oldPid']} drains for "
+                  f"{r['drainSeconds']} s and exits within {r['parentShutdownSeconds']} s")
+        return 0
     for node in nodes:
         client = AgentClient(cfg.agent_socket(node), node, timeout=30)
         data = client.get(f"/proxy/{args.what}", {"filter": [args.filter]} if args.filter else None)

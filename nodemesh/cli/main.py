@@ -136,10 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rotate: wait until every node renewed and the old root is retired")
     sp.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
 
-    sp = cmd("proxy", c.cmd_proxy, "the node Envoy's admin data, through its agent")
-    sp.add_argument("what", choices=["stats", "clusters", "config"])
+    sp = cmd("proxy", c.cmd_proxy, "the node Envoy's admin data, through its agent; `restart`: "
+             "a planned restart (hot restart: no connection refused, HTTP drained)")
+    sp.add_argument("what", choices=["stats", "clusters", "config", "restart"])
     sp.add_argument("--node", default=None, help="which node (default: every node)")
     sp.add_argument("--filter", default=None, help="stats: a regular expression over the names")
+    sp.add_argument("--drain-seconds", type=int, default=5,
+                    help="restart: how long the old Envoy drains (default 5)")
+    sp.add_argument("--parent-shutdown-seconds", type=int, default=20,
+                    help="restart: when the old Envoy exits, closing what is still open "
+                         "(default 20)")
 
     sp = cmd("demo", c.cmd_demo, "bring up a 2-node cluster, deploy a demo app with policies "
              "and a canary, drive traffic and report what the mesh saw")

