@@ -131,6 +131,15 @@ def link_exists(ifname: str, netns: str | None = None) -> bool:
     return subprocess.run(args, capture_output=True).returncode == 0
 
 
+# Ephemeral (source) ports, disjoint between a node's namespace (its Envoy's transparent
+# upstream connections carry a client pod's address with a port the node's kernel picks) and
+# the pods' namespaces (the pod's own connections): a pod's connection and one the node Envoy
+# makes for that pod can never have the same addresses and ports, which would leave one of them
+# hanging at the destination (docs/l7.md, "Source ports").
+NODE_PORT_RANGE = (1024, 19999)
+POD_PORT_RANGE = (20000, 65000)
+
+
 def write_sysctl(key: str, value: str) -> None:
     """Set a sysctl of the calling thread's network namespace (/proc/sys/net is per netns)."""
     with open("/proc/sys/" + key.replace(".", "/"), "w") as f:

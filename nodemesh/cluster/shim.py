@@ -224,7 +224,8 @@ class Shim:
         netns.sethostname(self.spec["hostname"][:64])
         for key, value in (("net/ipv6/conf/all/disable_ipv6", "1"),
                            ("net/ipv4/ping_group_range", "0 2147483647"),
-                           ("net/ipv4/ip_local_port_range", "1024 65000")):
+                           ("net/ipv4/ip_local_port_range",
+                            "{} {}".format(*netns.POD_PORT_RANGE))):
             with open(f"/proc/sys/{key}", "w") as f:
                 f.write(value)
 

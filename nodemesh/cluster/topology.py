@@ -62,7 +62,8 @@ def _node_sysctls(ns: str) -> None:
                "echo 0 > /proc/sys/net/ipv4/conf/all/rp_filter;"
                "echo 0 > /proc/sys/net/ipv4/conf/default/rp_filter;"
                "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6;"
-               "echo '1024 65000' > /proc/sys/net/ipv4/ip_local_port_range"])
+               "echo '{} {}' > /proc/sys/net/ipv4/ip_local_port_range".format(
+                   *netns.NODE_PORT_RANGE)])
 
 
 def create_cluster_network(cfg: ClusterConfig) -> None:

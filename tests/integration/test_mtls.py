@@ -457,3 +457,38 @@ except (ssl.SSLError, OSError) as e:
                and f["IP"]["source"] == ATTACKER]
     assert refused, drops
     assert "mutual TLS from 172.30.0.250 refused" in refused[-1]["Summary"]
+
+
+HOLD = r"""
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 8080), timeout=5)
+print(s.getsockname()[1], flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_node_and_pod_source_ports_never_meet(mesh: Cluster) -> None:
+    """The node Envoys' upstream connections carry the client pod's address with a port their
+    node picks; the pods pick theirs from another range, so a pod's own connection and one made
+    for it can never share addresses and ports (one of them would hang at the destination)."""
+    from nodemesh.cluster.netns import NODE_PORT_RANGE, POD_PORT_RANGE
+
+    web, client_ip = ip_of(mesh, "web"), ip_of(mesh, "client")
+    held = subprocess.Popen([sys.executable, "-m", "nodemesh", "--state-dir", mesh.state_dir,
+                             "exec", "client", "--", sys.executable, "-c", HOLD, web],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert held.stdout
+        pod_port = int(held.stdout.readline())
+        assert POD_PORT_RANGE[0] <= pod_port <= POD_PORT_RANGE[1]
+        upstream = []  # the Envoys' connections that carry the client's address, both nodes
+        for node in ("node1", "node2"):
+            out = subprocess.run(["ip", "netns", "exec", f"{mesh.name}-{node}", "ss", "-Htn",
+                                  "state", "established", "src", client_ip],
+                                 capture_output=True, text=True, check=True).stdout
+            upstream += [int(line.split()[2].rsplit(":", 1)[1]) for line in out.splitlines()]
+        assert len(upstream) >= 2, upstream  # node1's tunnel out, node2's to the pod
+        assert all(NODE_PORT_RANGE[0] <= p <= NODE_PORT_RANGE[1] for p in upstream), upstream
+    finally:
+        held.kill()
+        held.wait(timeout=10)
