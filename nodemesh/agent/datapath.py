@@ -499,6 +499,11 @@ class DatapathSync:
             objs.append(p)
         return datapath_tunnel(mesh_pods(objs, peer_auths), self.node.name)
 
+    @property
+    def tunnel_up(self) -> bool:
+        """Both tunnel listeners are in the socket lookup (as of the last set_tunnel_up)."""
+        return self._tunnel_up
+
     def set_tunnel_up(self, envoy_pid: int) -> None:
         """The node Envoy has the tunnel's listeners: put them where the node's socket lookup
         finds them (nm_tunnel_socks), then let the datapath hand the pods' connections to other
@@ -514,8 +519,9 @@ class DatapathSync:
                 got = self.dp.set_tunnel_listeners(envoy_pid, {0: TUNNEL_OUT_PORT,
                                                                1: TUNNEL_IN_PORT})
                 self._tunnel_socks = self.dp.tunnel_listener_cookies()
-                log.info("tunnel listeners of Envoy pid %d in the socket lookup: %s",
-                         envoy_pid, sorted(got))
+                if got:  # (the caller looks again until both are there)
+                    log.info("tunnel listeners of Envoy pid %d in the socket lookup: %s",
+                             envoy_pid, sorted(got))
             current = self.dp.config.get(L.u32(0))
             flags = L.ConfigFlags(current.flags) if current is not None else L.ConfigFlags.NONE
             if not flags & L.ConfigFlags.TUNNEL:

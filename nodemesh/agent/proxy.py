@@ -515,7 +515,7 @@ class ProxyManager:
             async with self._acked_changed:
                 self._acked_changed.notify_all()
             if tunnel.listeners and self.datapath is not None and self.envoy is not None:
-                await asyncio.to_thread(self.datapath.set_tunnel_up, self.envoy.pid)
+                await self._fill_tunnel(self.envoy.pid)
             await asyncio.to_thread(self._report_mesh, secrets)
         if listeners_ok or not has_listeners:
             self._envoy_back()
@@ -545,6 +545,24 @@ class ProxyManager:
         if self.timer is not None:
             self.timer.observe(time.monotonic() - t0)
         return revision
+
+    async def _fill_tunnel(self, pid: int, timeout: float = 5.0) -> None:
+        """Put Envoy's tunnel listeners in the socket lookup. Envoy acknowledges listeners
+        before its workers listen on them (a new Envoy, under load, took up to ~0.3 s here), so
+        look again every 10 ms until both are there; else retry at the next push, in 1 s."""
+        assert self.datapath is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            await asyncio.to_thread(self.datapath.set_tunnel_up, pid)
+            if self.datapath.tunnel_up:
+                return
+            if time.monotonic() > deadline:
+                log.warning("Envoy (pid %d) does not listen on the tunnel ports yet; "
+                            "retrying in 1 s", pid)
+                if self._loop is not None:
+                    self._loop.call_later(1.0, self._dirty.set)
+                return
+            await asyncio.sleep(0.01)
 
     def _report_mesh(self, secrets: list) -> None:
         """Tell the control plane (the Node's status) which roots this node's Envoy trusts and
