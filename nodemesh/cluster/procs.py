@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -96,7 +97,8 @@ def set_child_subreaper() -> None:
 
 
 def spawn_detached(argv: list[str], *, log_path: str, env: dict | None = None,
-                   cwd: str | None = None) -> ProcRef:
+                   cwd: str | None = None,
+                   preexec: Callable[[], None] | None = None) -> ProcRef:
     """Start a long-lived process that is not our child (double fork), return its reference.
 
     It is reparented to the nearest subreaper (the cluster daemon), so it survives our death
@@ -119,6 +121,8 @@ def spawn_detached(argv: list[str], *, log_path: str, env: dict | None = None,
                 os.closerange(3, 65536)
                 if cwd:
                     os.chdir(cwd)
+                if preexec:
+                    preexec()
                 os.execvpe(argv[0], argv, env if env is not None else os.environ)
             os.write(w, str(gpid).encode())
         finally:

@@ -37,7 +37,7 @@ from urllib.parse import quote
 from nodemesh.cluster import cgroup as cgroups
 from nodemesh.cluster import netns as netnses
 from nodemesh.cluster.config import read_json, write_json_atomic
-from nodemesh.cluster.procs import ProcRef
+from nodemesh.cluster.procs import ProcRef, spawn_detached
 from nodemesh.errors import NodemeshError
 
 XDS_CLUSTER = "xds_cluster"
@@ -459,15 +459,27 @@ class EnvoyProcess:
             if preexec:
                 preexec()
 
-        with open(log_path, "ab") as logf:
-            popen = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, close_fds=True,
-                start_new_session=True,  # survives the agent; no signals from its terminal
-                preexec_fn=in_child if (cgroup_path or netns_path or preexec) else None)
-        ref = ProcRef.of(popen.pid)
-        if ref is None:
-            popen.wait()
-            raise NodemeshError(f"envoy exited at once (code {popen.returncode}); see {log_path}")
+        popen: subprocess.Popen[bytes] | None = None
+        if hot_restart is not None:
+            # Not our child (a double fork, reparented to the nearest subreaper): an Envoy
+            # ready for hot restart was SIGTERMed when the process that started it died (seen
+            # with the agent; not with --disable-hot-restart), and it must outlive its agent.
+            try:
+                ref = spawn_detached(argv, log_path=log_path, preexec=in_child)
+            except RuntimeError as e:
+                raise NodemeshError(f"envoy exited at once; see {log_path}") from e
+        else:
+            with open(log_path, "ab") as logf:
+                popen = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, close_fds=True,
+                    start_new_session=True,  # survives the agent; no signals from its terminal
+                    preexec_fn=in_child if (cgroup_path or netns_path or preexec) else None)
+            got = ProcRef.of(popen.pid)
+            if got is None:
+                popen.wait()
+                raise NodemeshError(f"envoy exited at once (code {popen.returncode}); "
+                                    f"see {log_path}")
+            ref = got
         write_json_atomic(pidfile, {
             **ref.to_json(), "node_id": config.get("node", {}).get("id", ""),
             "admin": {"socket_path": admin.socket_path, "host": admin.host, "port": admin.port,
@@ -479,11 +491,11 @@ class EnvoyProcess:
                    log_path=log_path, popen=popen, hot_restart=hot_restart)
         deadline = time.monotonic() + start_timeout
         while True:
-            if popen.poll() is not None:
+            if not proc.alive():
                 with contextlib.suppress(OSError):
                     os.unlink(pidfile)
-                raise NodemeshError(f"envoy exited with code {popen.returncode} during start-up:\n"
-                                    f"{_tail(log_path)}")
+                code = f" with code {popen.returncode}" if popen is not None else ""
+                raise NodemeshError(f"envoy exited{code} during start-up:\n{_tail(log_path)}")
             try:
                 if admin.request("/server_info").status == 200:
                     return proc
@@ -515,19 +527,26 @@ class EnvoyProcess:
         return self.ref.alive()
 
     def exit_description(self) -> str:
-        """How an exited Envoy ended ("killed by SIGKILL", "exited with code 1"), when it was
-        our child (reaped here); "exited" when it was not."""
-        if self._popen is None:
+        """How an exited Envoy ended ("killed by SIGKILL", "exited with code 1"): from its
+        wait status when it is our child, else from /proc while it is a zombie (before the
+        subreaper reaps it); plain "exited" when that is too late."""
+        if self._popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._popen.wait(timeout=0.5)
+            code = self._popen.returncode
+            if code is None:
+                return "exited"
+            if code < 0:
+                with contextlib.suppress(ValueError):
+                    return f"killed by {signal.Signals(-code).name}"
+            return f"exited with code {code}"
+        status = zombie_exit_status(self.pid)
+        if status is None:
             return "exited"
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._popen.wait(timeout=0.5)
-        code = self._popen.returncode
-        if code is None:
-            return "exited"
-        if code < 0:
+        if os.WIFSIGNALED(status):
             with contextlib.suppress(ValueError):
-                return f"killed by {signal.Signals(-code).name}"
-        return f"exited with code {code}"
+                return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        return f"exited with code {os.WEXITSTATUS(status)}"
 
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM (Envoy exits at once, without draining), SIGKILL after `grace` seconds; the
@@ -576,6 +595,19 @@ class EnvoyProcess:
 
     def rss_bytes(self) -> int | None:
         return rss_bytes(self.pid) if self.alive() else None
+
+
+def zombie_exit_status(pid: int) -> int | None:
+    """The wait status of an exited, not yet reaped process (field 52 of /proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    rest = data[data.rindex(")") + 2:].split()
+    if rest[0] != "Z" or len(rest) < 50:
+        return None
+    return int(rest[49])
 
 
 def _admin_client(config: dict[str, Any], netns_path: str | None) -> AdminClient:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 
 from nodemesh.cli.commands import _envoy_exit_text
 from nodemesh.cluster.procs import ProcRef
@@ -38,3 +39,20 @@ def test_an_exit_is_described_by_its_signal_or_code() -> None:
     assert killed.exit_description() == "killed by SIGKILL"
     failed = _proc(["sh", "-c", "sleep 0.2; exit 3"])
     assert failed.exit_description() == "exited with code 3"
+
+
+def test_an_exit_is_read_from_a_zombie_when_it_is_not_our_popen() -> None:
+    """An Envoy the agent did not start itself (double fork): its wait status is read from
+    /proc while it is a zombie, before its reaper collects it."""
+    p = subprocess.Popen(["sleep", "30"])
+    ref = ProcRef.of(p.pid)
+    assert ref is not None
+    proc = EnvoyProcess(ref, pidfile="/nonexistent", admin=AdminClient(socket_path="/x"))
+    ref.signal(signal.SIGKILL)
+    for _ in range(100):  # until it is a zombie (we have not reaped it)
+        if proc.exit_description() != "exited":
+            break
+        time.sleep(0.01)
+    assert proc.exit_description() == "killed by SIGKILL"
+    p.wait()
+    assert proc.exit_description() == "exited"  # reaped: too late to tell
