@@ -33,6 +33,7 @@ from nodemesh.errors import NodemeshError
 from nodemesh.observe.filters import FlowFilter, matches
 from nodemesh.observe.metrics import AgentCollector, AgentMetrics
 from nodemesh.observe.ring import FlowRing, as_flow
+from nodemesh.proxy.envoy import HotRestart
 from nodemesh.route import PROXY_IP
 from nodemesh.store import open_store
 from nodemesh.store.base import now_rfc3339
@@ -250,9 +251,9 @@ class Agent:
             shutdown = int(req.get("parentShutdownSeconds", 20))
         except (ValueError, TypeError, AttributeError) as e:
             raise ApiError(400, f"proxy restart: bad request body: {e}") from None
-        if not 0 <= drain <= shutdown <= 3600:
+        if not HotRestart.times_ok(drain, shutdown):
             raise ApiError(400, "proxy restart: need 0 <= drainSeconds <= "
-                                "parentShutdownSeconds <= 3600")
+                                f"parentShutdownSeconds <= {HotRestart.MAX_SECONDS}")
         try:
             return await self.proxy.restart_envoy(drain, shutdown)
         except NodemeshError as e:

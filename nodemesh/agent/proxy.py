@@ -21,6 +21,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from envoy.data.accesslog.v3 import accesslog_pb2
@@ -34,6 +35,7 @@ from nodemesh.agent.tunnelflows import tunnel_failure
 from nodemesh.certs.spiffe import spiffe_id
 from nodemesh.cluster import netns
 from nodemesh.cluster.config import ClusterConfig, read_json, write_json_atomic
+from nodemesh.cluster.procs import describe_exit, reaped_status
 from nodemesh.cluster.trust import fingerprint_of
 from nodemesh.datapath.layout import IpcacheFlags
 from nodemesh.errors import NodemeshError
@@ -41,7 +43,13 @@ from nodemesh.mtls.tls import ROOTS_SECRET
 from nodemesh.mtls.tunnel import TunnelInput, TunnelPlan, mesh_pods, plan_tunnel
 from nodemesh.observe.ring import FlowRing
 from nodemesh.proxy.als import AccessLogReceiver, tcp_entry_to_dict
-from nodemesh.proxy.envoy import EnvoyProcess, HotRestart, bootstrap, remove_shared_memory
+from nodemesh.proxy.envoy import (
+    EnvoyProcess,
+    HotRestart,
+    base_id_path,
+    bootstrap,
+    remove_shared_memory,
+)
 from nodemesh.proxy.snapshot import CLUSTER, LISTENER, SECRET, Snapshot
 from nodemesh.proxy.xds import XdsServer
 from nodemesh.route import (
@@ -66,6 +74,24 @@ log = logging.getLogger("nodemesh.proxy")
 WATCHED = {"Pod", "Service", "Namespace", "HTTPRoute", "GRPCRoute", "CiliumNetworkPolicy",
            "Identity", "PeerAuthentication", "TrustBundle", "*"}
 ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
+
+
+@dataclass
+class EnvoyExit:
+    """One exit of the node Envoy, and how long the node was without one."""
+
+    pid: int
+    how: str  # "killed by SIGKILL", ...
+    at: str = field(default_factory=now_rfc3339)
+    down_ms: float | None = None  # set once the next Envoy has the listeners
+    _t: float = field(default_factory=time.monotonic, repr=False)
+    _wall: float = field(default_factory=time.time, repr=False)
+
+    def back(self) -> None:
+        self.down_ms = round((time.monotonic() - self._t) * 1000, 1)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pid": self.pid, "how": self.how, "at": self.at, "downMs": self.down_ms}
 
 
 class ProxyManager:
@@ -122,11 +148,15 @@ class ProxyManager:
         self._pidfd: int | None = None
         self._watched: int | None = None  # the pid the pidfd is of
         self._envoy_exited = False
-        self.envoy_exits: list[dict[str, Any]] = []  # the last few, newest last
+        self.envoy_exits: list[EnvoyExit] = []  # the last few, newest last
         self.envoy_restarts = 0
         self.hot_restarts: list[dict[str, Any]] = []  # planned ones (`nodemesh proxy restart`)
         self._draining: list[EnvoyProcess] = []  # earlier epochs still draining
-        self.base_id_path = os.path.join(self.envoy_dir, "base-id")
+        self.base_id_path = base_id_path(self.envoy_dir)
+        # When the current Envoy was started: only its own acknowledgements count (the xDS
+        # server keeps the last acknowledged version per node, across streams). 0 for an
+        # adopted one (the xDS server is new: whatever it heard, it heard from that Envoy).
+        self._envoy_since = 0.0
 
     # ---- persistence of listener ports (a restarted agent keeps Envoy's listeners as they are) --
     def _load_ports(self) -> dict[RedirectKey, int]:
@@ -182,6 +212,7 @@ class ProxyManager:
         adopted = EnvoyProcess.adopt(pidfile)
         if adopted is not None:
             self.envoy = adopted
+            self._envoy_since = 0.0
             log.info("adopted the node's Envoy (pid %d)", adopted.pid)
             return
         # No Envoy of this node runs: the shared memory of an earlier one's hot restart is stale.
@@ -190,12 +221,16 @@ class ProxyManager:
         log.info("started the node's Envoy (pid %d)", self.envoy.pid)
 
     def _start_envoy(self, hot_restart: HotRestart) -> EnvoyProcess:
+        """Start an Envoy; it is the current one from then on (see `_acked`)."""
         config = bootstrap(self.node, self.socket,
                            admin_socket=os.path.join(self.envoy_dir, "admin.sock"),
                            cluster=self.cfg.name)
-        return EnvoyProcess.start(config, self.envoy_dir, concurrency=self.concurrency,
+        since = time.time()
+        proc = EnvoyProcess.start(config, self.envoy_dir, concurrency=self.concurrency,
                                   cgroup_path=self.cfg.proxy_cgroup(self.node),
                                   log_level="warning", hot_restart=hot_restart)
+        self._envoy_since = since
+        return proc
 
     async def restart_envoy(self, drain_seconds: int = 5,
                             parent_shutdown_seconds: int = 20) -> dict[str, Any]:
@@ -213,7 +248,6 @@ class ProxyManager:
                                 "hot restart (by an older agent): it cannot hand over; kill it "
                                 "and the agent starts one that can")
         t0 = time.monotonic()
-        since = time.time()
         plan = HotRestart(self.base_id_path, old.hot_restart.epoch + 1, drain_seconds,
                           parent_shutdown_seconds)
         new = await asyncio.to_thread(self._start_envoy, plan)
@@ -228,13 +262,12 @@ class ProxyManager:
         lds = self.xds.get_snapshot(self.node)
         version = lds.type_version(LISTENER_TYPE) if lds is not None else ""
         with contextlib.suppress(TimeoutError):
-            await self.xds.wait_for(lambda: self._acked_since(LISTENER_TYPE, version, since),
-                                    timeout=10.0)
+            await self.xds.wait_for(lambda: self._acked(LISTENER_TYPE, version), timeout=10.0)
         took = round((time.monotonic() - t0) * 1000, 1)
         done = {"oldPid": old.pid, "newPid": new.pid, "epoch": plan.epoch,
                 "drainSeconds": drain_seconds, "parentShutdownSeconds": parent_shutdown_seconds,
                 "at": now_rfc3339(), "tookMs": took,
-                "ready": self._acked_since(LISTENER_TYPE, version, since)}
+                "ready": self._acked(LISTENER_TYPE, version)}
         self.hot_restarts = [*self.hot_restarts[-4:], done]
         log.warning("hot restart of the node's Envoy: pid %d -> pid %d (epoch %d) in %.0f ms; "
                     "the old one drains for %d s", old.pid, new.pid, plan.epoch, took,
@@ -277,45 +310,40 @@ class ProxyManager:
         if self.envoy is not None and self.envoy.pid == pid:
             how = self.envoy.exit_description()
         log.error("the node's Envoy (pid %s) %s; starting another", pid, how)
-        self.envoy_exits = [*self.envoy_exits[-4:], {"pid": pid, "how": how,
-                                                     "at": now_rfc3339(), "downMs": None,
-                                                     "_t": time.monotonic(),
-                                                     "_wall": time.time()}]
+        self.envoy_exits = [*self.envoy_exits[-4:], EnvoyExit(pid or 0, how)]
+        self._envoy_since = time.time()  # nothing the dead one acknowledged counts now
         self._envoy_exited = True
         self._dirty.set()
 
-    def _down_since(self) -> float | None:
-        """The wall time of an Envoy exit whose successor has not yet taken the listeners."""
+    def _how_it_ended(self) -> None:
+        """An Envoy that is not our child was reaped by the cluster daemon, perhaps before we
+        could read its status from /proc: the daemon recorded it."""
         last = self.envoy_exits[-1] if self.envoy_exits else None
-        return last["_wall"] if last is not None and last["downMs"] is None else None
-
-    def _acked_since(self, type_url: str, version: str, since: float | None) -> bool:
-        """Acknowledged, and (after an Envoy exit) by an Envoy that connected since: the
-        xDS server keeps the last acknowledged version per node, across streams."""
-        if not self._acked(type_url, version):
-            return False
-        st = self.xds.status(self.node).get(type_url) or {}
-        return since is None or (st.get("acked_at") or 0) >= since
+        if last is not None and last.how == "exited":
+            status = reaped_status(self.cfg.reaped_file, last.pid, last._wall - 1.0)
+            if status is not None:
+                last.how = describe_exit(status)
 
     def _envoy_back(self) -> None:
         """The new Envoy has the listeners (and the tunnel is in the socket lookup)."""
         last = self.envoy_exits[-1] if self.envoy_exits else None
-        if last is not None and last["downMs"] is None and self.envoy is not None \
-                and self.envoy.pid != last["pid"]:
-            last["downMs"] = round((time.monotonic() - last["_t"]) * 1000, 1)
+        if last is not None and last.down_ms is None and self.envoy is not None \
+                and self.envoy.pid != last.pid:
+            self._how_it_ended()  # (the daemon has surely reaped it by now)
+            last.back()
             log.warning("the node's Envoy is back (pid %d) %.0f ms after pid %s %s",
-                        self.envoy.pid, last["downMs"], last["pid"], last["how"])
+                        self.envoy.pid, last.down_ms, last.pid, last.how)
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Sync on changes (and every RESYNC_SECONDS); restart Envoy the moment it exits (its
         pidfd), and check it every second in case that was missed."""
-        last_check = last_sync = 0.0
         try:
-            await self._run(stopping, last_check, last_sync)
+            await self._loop_until(stopping)
         finally:
             self._unwatch_envoy()
 
-    async def _run(self, stopping: asyncio.Event, last_check: float, last_sync: float) -> None:
+    async def _loop_until(self, stopping: asyncio.Event) -> None:
+        last_check = last_sync = 0.0
         while not stopping.is_set():
             woke = False
             wait = 2.0 if self.certs is None else min(2.0, self.certs.next_due())
@@ -336,6 +364,7 @@ class ProxyManager:
                         await asyncio.to_thread(self._ensure_envoy)
                         self.envoy_restarts += 1
                         self._watch_envoy()
+                        self._how_it_ended()
                     except Exception as e:
                         self.error = f"cannot start Envoy: {e}"
                         log.error("%s", self.error)
@@ -496,19 +525,17 @@ class ProxyManager:
         sds_version = xsnap.type_version(SECRET)
         has_listeners = bool(xsnap.names(LISTENER_TYPE))
 
-        since = self._down_since()  # a new Envoy after an exit: its own answers count
-
         def answered() -> bool:
-            lds = (self._acked_since(LISTENER_TYPE, lds_version, since)
-                   or self._nacked(LISTENER_TYPE, lds_version))
-            return lds and (not secrets or self._acked_since(SECRET, sds_version, since)
+            lds = self._acked(LISTENER_TYPE, lds_version) or self._nacked(LISTENER_TYPE,
+                                                                         lds_version)
+            return lds and (not secrets or self._acked(SECRET, sds_version)
                             or self._nacked(SECRET, sds_version))
 
         if has_listeners:
             with contextlib.suppress(TimeoutError):
                 await self.xds.wait_for(answered, timeout=2.0)
-        listeners_ok = self._acked_since(LISTENER_TYPE, lds_version, since) and (
-            not secrets or self._acked_since(SECRET, sds_version, since))
+        listeners_ok = self._acked(LISTENER_TYPE, lds_version) and (
+            not secrets or self._acked(SECRET, sds_version))
         if tunnel is not None and listeners_ok:
             self.tunnel_acked = tunnel
             assert self._acked_changed is not None
@@ -517,11 +544,10 @@ class ProxyManager:
             if tunnel.listeners and self.datapath is not None and self.envoy is not None:
                 await self._fill_tunnel(self.envoy.pid)
             await asyncio.to_thread(self._report_mesh, secrets)
-        if listeners_ok or not has_listeners:
-            self._envoy_back()
         state = self.xds.sync_state(self.node)
         # 3. New redirects, once Envoy has the listeners.
         if listeners_ok or not has_listeners:
+            self._envoy_back()
             await asyncio.to_thread(self._set_redirects, new, result)
         else:
             # Retried in a second (or at the next change).
@@ -590,8 +616,10 @@ class ProxyManager:
         return bool(nack) and nack.get("version") == version
 
     def _acked(self, type_url: str, version: str) -> bool:
+        """`version` acknowledged by the current Envoy (not by one it replaced)."""
         st = self.xds.status(self.node).get(type_url) or {}
-        return bool(version) and st.get("acked_version") == version
+        return (bool(version) and st.get("acked_version") == version
+                and (st.get("acked_at") or 0) >= self._envoy_since)
 
     def _set_redirects(self, redirects: Mapping[RedirectKey, int], result) -> None:
         applied = (dict(redirects), {k: set(v) for k, v in self.l7_identities.items()})
@@ -678,8 +706,7 @@ class ProxyManager:
                                 if self.envoy and self.envoy.hot_restart else None),
                       "draining": [e.pid for e in self._draining],
                       "hotRestarts": self.hot_restarts,
-                      "exits": [{k: v for k, v in e.items() if not k.startswith("_")}
-                                for e in self.envoy_exits]},
+                      "exits": [e.to_json() for e in self.envoy_exits]},
             "xds": {"state": self.xds.sync_state(self.node),
                     "types": {t.rsplit(".", 1)[-1]: {"acked": v.get("acked_version"),
                                                      "sent": v.get("sent_version")}

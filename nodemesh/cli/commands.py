@@ -745,9 +745,11 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     if not nodes:
         raise NodemeshError(f"no node named {args.node!r}", 2)
     if args.what == "restart":
-        if not 0 <= args.drain_seconds <= args.parent_shutdown_seconds <= 3600:
+        from nodemesh.proxy.envoy import HotRestart
+
+        if not HotRestart.times_ok(args.drain_seconds, args.parent_shutdown_seconds):
             raise NodemeshError("proxy restart: need 0 <= --drain-seconds <= "
-                                "--parent-shutdown-seconds <= 3600", 2)
+                                f"--parent-shutdown-seconds <= {HotRestart.MAX_SECONDS}", 2)
         for node in nodes:  # one node at a time, as a rolling upgrade would
             r = AgentClient(cfg.agent_socket(node), node, timeout=60).post(
                 "/proxy/restart", {"drainSeconds": args.drain_seconds,

@@ -128,6 +128,11 @@ class ClusterConfig:
         return os.path.join(self.state_dir, "ca.sock")
 
     @property
+    def reaped_file(self) -> str:
+        """What the daemon (the subreaper) reaped lately: pid, wait status, time."""
+        return os.path.join(self.state_dir, "reaped.json")
+
+    @property
     def bpffs(self) -> str:
         return os.path.join(self.state_dir, "bpf")
 

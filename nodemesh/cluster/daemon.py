@@ -147,7 +147,7 @@ def run_daemon(cfg: ClusterConfig) -> int:
     log.info("daemon of cluster %s up (pid %d)", cfg.name, os.getpid())
     last_sync = 0.0
     while not stopping.is_set():
-        procs.reap_children()
+        procs.record_reaped(cfg.reaped_file, procs.reap_children())
         now = time.monotonic()
         for a in agents:
             a.check(now)

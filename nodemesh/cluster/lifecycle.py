@@ -169,10 +169,10 @@ def down(state_dir: str, keep_state: bool = False, progress: Progress = print) -
                    grace=5)
     _remove_bpffs(cfg.bpffs)
     topology.remove_cluster_network(cfg)  # kills what is left in the cgroups, waits for it
-    from nodemesh.proxy.envoy import remove_shared_memory
+    from nodemesh.proxy.envoy import base_id_path, remove_shared_memory
 
     for n in cfg.nodes:  # Envoy leaves its hot-restart shared memory in /dev/shm
-        remove_shared_memory(os.path.join(cfg.node_dir(n.name), "envoy", "base-id"))
+        remove_shared_memory(base_id_path(os.path.join(cfg.node_dir(n.name), "envoy")))
     if keep_state:
         for sub in ("pods", "nodes"):
             shutil.rmtree(os.path.join(cfg.state_dir, sub), ignore_errors=True)

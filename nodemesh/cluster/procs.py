@@ -9,19 +9,44 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from nodemesh.cluster.config import read_json, write_json_atomic
 
-def start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat from field 3 (state) on: index i is field i + 3."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             data = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
     # The command name may contain spaces and parentheses: split after the last ')'.
-    rest = data[data.rindex(")") + 2:].split()
-    if rest[0] == "Z":  # a zombie is gone for our purposes
+    return data[data.rindex(")") + 2:].split()
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    rest = _stat(pid)
+    if rest is None or rest[0] == "Z":  # a zombie is gone for our purposes
         return None
     return int(rest[19])
+
+
+def zombie_exit_status(pid: int) -> int | None:
+    """The wait status of an exited, not yet reaped process (field 52 of /proc/PID/stat)."""
+    rest = _stat(pid)
+    if rest is None or rest[0] != "Z" or len(rest) < 50:
+        return None
+    return int(rest[49])
+
+
+def describe_exit(status: int | None) -> str:
+    """A wait status as words: "killed by SIGKILL", "exited with code 1"; "exited" if unknown."""
+    if status is None:
+        return "exited"
+    if os.WIFSIGNALED(status):
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with code {os.WEXITSTATUS(status)}"
 
 
 @dataclass(frozen=True)
@@ -85,6 +110,29 @@ def reap_children() -> list[tuple[int, int]]:
         if pid == 0:
             return out
         out.append((pid, status))
+
+
+REAPED_KEEP = 64  # the last exits a subreaper records
+
+
+def record_reaped(path: str, reaped: list[tuple[int, int]]) -> None:
+    """Append what a subreaper reaped, (pid, wait status), to the JSON list at `path` (the last
+    REAPED_KEEP): a process that started one of them and was not its parent (a double fork)
+    can still learn how it ended (`reaped_status`)."""
+    if not reaped:
+        return
+    now = time.time()
+    old = read_json(path) or []
+    new = [*old, *({"pid": pid, "status": st, "at": now} for pid, st in reaped)]
+    write_json_atomic(path, new[-REAPED_KEEP:])
+
+
+def reaped_status(path: str, pid: int, since: float) -> int | None:
+    """The wait status `record_reaped` recorded for `pid` reaped at `since` or later."""
+    for e in reversed(read_json(path) or []):
+        if e.get("pid") == pid and e.get("at", 0) >= since:
+            return int(e["status"])
+    return None
 
 
 def set_child_subreaper() -> None:

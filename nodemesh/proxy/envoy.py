@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.client
 import json
 import os
@@ -37,7 +38,7 @@ from urllib.parse import quote
 from nodemesh.cluster import cgroup as cgroups
 from nodemesh.cluster import netns as netnses
 from nodemesh.cluster.config import read_json, write_json_atomic
-from nodemesh.cluster.procs import ProcRef, spawn_detached
+from nodemesh.cluster.procs import ProcRef, describe_exit, spawn_detached, zombie_exit_status
 from nodemesh.errors import NodemeshError
 
 XDS_CLUSTER = "xds_cluster"
@@ -69,6 +70,13 @@ class HotRestart:
     drain_seconds: int = 5
     parent_shutdown_seconds: int = 20
 
+    MAX_SECONDS = 3600
+
+    @classmethod
+    def times_ok(cls, drain_seconds: int, parent_shutdown_seconds: int) -> bool:
+        """0 <= drain <= parent shutdown <= MAX_SECONDS (Envoy drains before the old exits)."""
+        return 0 <= drain_seconds <= parent_shutdown_seconds <= cls.MAX_SECONDS
+
     def args(self) -> list[str]:
         if self.epoch == 0:
             ids = ["--use-dynamic-base-id", "--base-id-path", self.base_id_path]
@@ -88,6 +96,11 @@ def read_base_id(path: str) -> int:
 
 
 SHM_DIR = "/dev/shm"
+BASE_ID_FILE = "base-id"  # in the Envoy's state directory, next to its pidfile
+
+
+def base_id_path(envoy_dir: str) -> str:
+    return os.path.join(envoy_dir, BASE_ID_FILE)
 
 
 def remove_shared_memory(base_id_path: str) -> list[str]:
@@ -485,7 +498,7 @@ class EnvoyProcess:
             "admin": {"socket_path": admin.socket_path, "host": admin.host, "port": admin.port,
                       "netns_path": admin.netns_path},
             "log": log_path, "bootstrap": bootstrap_path, "argv": argv,
-            "hotRestart": hot_restart.__dict__ if hot_restart else None,
+            "hotRestart": dataclasses.asdict(hot_restart) if hot_restart else None,
         })
         proc = cls(ref, pidfile=pidfile, admin=admin, node_id=config.get("node", {}).get("id", ""),
                    log_path=log_path, popen=popen, hot_restart=hot_restart)
@@ -530,23 +543,15 @@ class EnvoyProcess:
         """How an exited Envoy ended ("killed by SIGKILL", "exited with code 1"): from its
         wait status when it is our child, else from /proc while it is a zombie (before the
         subreaper reaps it); plain "exited" when that is too late."""
-        if self._popen is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._popen.wait(timeout=0.5)
-            code = self._popen.returncode
-            if code is None:
-                return "exited"
-            if code < 0:
-                with contextlib.suppress(ValueError):
-                    return f"killed by {signal.Signals(-code).name}"
-            return f"exited with code {code}"
-        status = zombie_exit_status(self.pid)
-        if status is None:
+        if self._popen is None:
+            return describe_exit(zombie_exit_status(self.pid))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._popen.wait(timeout=0.5)
+        code = self._popen.returncode
+        if code is None:
             return "exited"
-        if os.WIFSIGNALED(status):
-            with contextlib.suppress(ValueError):
-                return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
-        return f"exited with code {os.WEXITSTATUS(status)}"
+        # Popen's returncode: -N for signal N, else the exit code; as a wait status
+        return describe_exit(-code if code < 0 else code << 8)
 
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM (Envoy exits at once, without draining), SIGKILL after `grace` seconds; the
@@ -595,19 +600,6 @@ class EnvoyProcess:
 
     def rss_bytes(self) -> int | None:
         return rss_bytes(self.pid) if self.alive() else None
-
-
-def zombie_exit_status(pid: int) -> int | None:
-    """The wait status of an exited, not yet reaped process (field 52 of /proc/PID/stat)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-    except OSError:
-        return None
-    rest = data[data.rindex(")") + 2:].split()
-    if rest[0] != "Z" or len(rest) < 50:
-        return None
-    return int(rest[49])
 
 
 def _admin_client(config: dict[str, Any], netns_path: str | None) -> AdminClient:

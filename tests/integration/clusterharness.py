@@ -142,11 +142,11 @@ class Cluster:
 
     def envoy_base_ids(self) -> list[int]:
         """The hot-restart base ids of the node Envoys (their shared memory's names)."""
-        from nodemesh.proxy.envoy import read_base_id
+        from nodemesh.proxy.envoy import base_id_path, read_base_id
 
         out = []
         for n in range(1, self.nodes + 1):
-            path = os.path.join(self.state_dir, "nodes", f"node{n}", "envoy", "base-id")
+            path = base_id_path(os.path.join(self.state_dir, "nodes", f"node{n}", "envoy"))
             if os.path.exists(path):
                 out.append(read_base_id(path))
         return out

@@ -56,3 +56,16 @@ def test_an_exit_is_read_from_a_zombie_when_it_is_not_our_popen() -> None:
     assert proc.exit_description() == "killed by SIGKILL"
     p.wait()
     assert proc.exit_description() == "exited"  # reaped: too late to tell
+
+
+def test_the_subreaper_records_what_it_reaped(tmp_path) -> None:
+    from nodemesh.cluster.procs import REAPED_KEEP, describe_exit, reaped_status, record_reaped
+
+    path = str(tmp_path / "reaped.json")
+    t0 = time.time()
+    record_reaped(path, [(41, signal.SIGKILL), (42, 3 << 8)])
+    assert describe_exit(reaped_status(path, 41, t0 - 1)) == "killed by SIGKILL"
+    assert describe_exit(reaped_status(path, 42, t0 - 1)) == "exited with code 3"
+    assert reaped_status(path, 42, t0 + 60) is None  # an older exit of a recycled pid
+    record_reaped(path, [(1000 + i, 0) for i in range(REAPED_KEEP)])
+    assert reaped_status(path, 41, 0) is None  # only the last ones are kept
