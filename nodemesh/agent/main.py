@@ -30,6 +30,7 @@ from nodemesh.cluster import netns
 from nodemesh.cluster.config import NODE_DNS_IP, ClusterConfig, write_json_atomic
 from nodemesh.cluster.procs import ProcRef
 from nodemesh.errors import NodemeshError
+from nodemesh.observe.agentevents import AgentEventType, agent_event
 from nodemesh.observe.filters import FlowFilter, matches
 from nodemesh.observe.metrics import AgentCollector, AgentMetrics
 from nodemesh.observe.ring import FlowRing, as_flow
@@ -119,6 +120,10 @@ class Agent:
             await asyncio.start_server(self._serve_metrics, sock=self.metrics_socket)
         log.info("agent of %s ready (pid %d, pods adopted: %d)", self.node.name, os.getpid(),
                  len(self.pods.local))
+        self.flows.add(agent_event(
+            self.node.name, AgentEventType.AGENT_STARTED,
+            f"agent started (pid {os.getpid()}, pods adopted: {len(self.pods.local)})",
+            pid=os.getpid(), pods_adopted=len(self.pods.local)))
         self._stopped = asyncio.Event()
         tasks = [asyncio.create_task(self._reconcile_loop()),
                  asyncio.create_task(self._status_loop()),

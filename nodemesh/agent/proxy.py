@@ -41,6 +41,7 @@ from nodemesh.datapath.layout import IpcacheFlags
 from nodemesh.errors import NodemeshError
 from nodemesh.mtls.tls import ROOTS_SECRET
 from nodemesh.mtls.tunnel import TunnelInput, TunnelPlan, mesh_pods, plan_tunnel
+from nodemesh.observe.agentevents import AgentEventType, agent_event
 from nodemesh.observe.ring import FlowRing
 from nodemesh.proxy.als import AccessLogReceiver, tcp_entry_to_dict
 from nodemesh.proxy.envoy import (
@@ -269,6 +270,11 @@ class ProxyManager:
                 "at": now_rfc3339(), "tookMs": took,
                 "ready": self._acked(LISTENER_TYPE, version)}
         self.hot_restarts = [*self.hot_restarts[-4:], done]
+        self.flows.add(agent_event(
+            self.node, AgentEventType.ENVOY_HOT_RESTARTED,
+            f"hot restart of the node Envoy: pid {old.pid} -> pid {new.pid} (epoch {plan.epoch}) "
+            f"in {took:.0f} ms; the old one drains for {drain_seconds} s",
+            old_pid=old.pid, new_pid=new.pid, epoch=plan.epoch, took_ms=took))
         log.warning("hot restart of the node's Envoy: pid %d -> pid %d (epoch %d) in %.0f ms; "
                     "the old one drains for %d s", old.pid, new.pid, plan.epoch, took,
                     drain_seconds)
@@ -311,6 +317,9 @@ class ProxyManager:
             how = self.envoy.exit_description()
         log.error("the node's Envoy (pid %s) %s; starting another", pid, how)
         self.envoy_exits = [*self.envoy_exits[-4:], EnvoyExit(pid or 0, how)]
+        self.flows.add(agent_event(self.node, AgentEventType.ENVOY_EXITED,
+                                   f"the node Envoy (pid {pid}) {how}; starting another",
+                                   pid=pid or 0))
         self._envoy_since = time.time()  # nothing the dead one acknowledged counts now
         self._envoy_exited = True
         self._dirty.set()
@@ -331,6 +340,11 @@ class ProxyManager:
                 and self.envoy.pid != last.pid:
             self._how_it_ended()  # (the daemon has surely reaped it by now)
             last.back()
+            self.flows.add(agent_event(
+                self.node, AgentEventType.ENVOY_STARTED,
+                f"the node Envoy is back (pid {self.envoy.pid}) {last.down_ms:.0f} ms after "
+                f"pid {last.pid} {last.how}", pid=self.envoy.pid, down_ms=last.down_ms,
+                previous_pid=last.pid, previous_exit=last.how))
             log.warning("the node's Envoy is back (pid %d) %.0f ms after pid %s %s",
                         self.envoy.pid, last.down_ms, last.pid, last.how)
 

@@ -16,7 +16,7 @@ from nodemesh.cli.selectors import parse_selector
 from nodemesh.errors import NodemeshError
 from nodemesh.model.labels import selector_matches
 
-TYPES = ("trace", "drop", "l7")
+TYPES = ("trace", "drop", "l7", "agent")
 PROTOCOLS = ("tcp", "udp", "icmp", "http", "grpc")
 VERDICTS = ("FORWARDED", "DROPPED", "REDIRECTED", "TRANSLATED", "ERROR", "AUDIT")
 
@@ -189,6 +189,8 @@ def _url_path(url: str) -> str:
 
 
 def _type_matches(t: str, flow: Mapping) -> bool:
+    if t == "agent":
+        return flow.get("Type") == "AGENT"
     if t == "l7":
         return flow.get("Type") == "L7"
     if t == "drop":

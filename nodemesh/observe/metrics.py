@@ -70,6 +70,7 @@ class AgentMetrics:
         self.flow_counts: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
         self.conn_counts: collections.Counter[tuple[str, int, int, str, str]] = \
             collections.Counter()
+        self.agent_events: collections.Counter[str] = collections.Counter()
         self.local_ips: frozenset[bytes] = frozenset()  # this node's pod IPs (4 raw bytes each)
         self.http_requests = Counter(
             "nodemesh_http_requests", "HTTP requests through this node's proxy.",
@@ -87,6 +88,9 @@ class AgentMetrics:
         """A new entry of the flow ring: a flow (dict), an access-log entry kept raw or a raw
         datapath event (`RawEvent`)."""
         if isinstance(entry, dict):
+            if entry.get("Type") == "AGENT":
+                self.agent_events[str((entry.get("agent_event") or {}).get("type", ""))] += 1
+                return
             self.observe_flow(entry)
         elif hasattr(entry, "metric_labels"):
             self.observe_access_log(entry)
@@ -180,6 +184,12 @@ class AgentCollector(Collector):
             for key, n in sorted(self.metrics.flow_counts.items()):
                 flows.add_metric(list(key), n)
             yield flows
+            agent = CounterMetricFamily("nodemesh_agent_events",
+                                        "Agent events (`nodemesh observe --type agent`).",
+                                        labels=["type"])
+            for kind, n in sorted(self.metrics.agent_events.items()):
+                agent.add_metric([kind], n)
+            yield agent
             name = self.workloads or (lambda ident: ("", f"identity-{ident}"))
             fams = {
                 "tcp": CounterMetricFamily(

@@ -43,6 +43,8 @@ def _ports(flow: Mapping) -> tuple[int | None, int | None]:
 
 
 def _observation(flow: Mapping) -> str:
+    if flow.get("Type") == "AGENT":
+        return "agent-event"
     if flow.get("Type") == "L7":
         return "http-request" if (flow.get("l7") or {}).get("type") == "REQUEST" else "http-response"
     if flow.get("verdict") == "DROPPED":
@@ -53,6 +55,10 @@ def _observation(flow: Mapping) -> str:
 
 
 def compact(flow: Mapping, colour: bool = False) -> str:
+    node = f"[{flow['node_name']}] " if flow.get("node_name") else ""
+    if flow.get("Type") == "AGENT":
+        ev = flow.get("agent_event") or {}
+        return f"{_when(flow)} {node}agent {ev.get('type', '')}: {ev.get('message', '')}"
     ip = flow.get("IP") or {}
     sport, dport = _ports(flow)
     src = endpoint_text(flow.get("source") or {}, ip.get("source", ""), sport)
@@ -63,7 +69,6 @@ def compact(flow: Mapping, colour: bool = False) -> str:
     verdict = str(flow.get("verdict", ""))
     if colour and verdict in COLOURS:
         verdict = COLOURS[verdict] + verdict + RESET
-    node = f"[{flow['node_name']}] " if flow.get("node_name") else ""
     return (f"{_when(flow)} {node}{src} -> {dst} {_observation(flow)} {verdict} "
             f"({flow.get('Summary', '')})")
 

@@ -110,7 +110,9 @@ class Collector:
             delay = min(delay * 2, 5.0)
 
     def add(self, flow: dict) -> None:
-        """Take one flow (from any node's thread)."""
+        """Take one flow (from any node's thread); agent events are not edges of the map."""
+        if flow.get("Type") == "AGENT":
+            return
         uid = flow.get("uuid")
         now = self.clock()
         with self._lock:
