@@ -135,6 +135,18 @@ def test_envoy_sigkill_recovers_fast_and_never_fails_open(policed: Cluster) -> N
     status = c.run("status").out
     assert (f"restarted 1 time (last: pid {before['pid']} killed by SIGKILL at {last['at']}, "
             f"back after {last['downMs']:.0f} ms)") in status, status
+    # and so does `observe`, beside the flows (Hubble's agent events)
+    events = [json.loads(line)["flow"]["agent_event"] for line in c.run(
+        "observe", "--type", "agent", "--node", "node1", "-o", "json").out.splitlines() if line]
+    kinds = [e["type"] for e in events]
+    assert "ENVOY_EXITED" in kinds and "ENVOY_STARTED" in kinds, events
+    exited = next(e for e in events if e["type"] == "ENVOY_EXITED")
+    assert exited["pid"] == before["pid"], exited
+    back = next(e for e in events if e["type"] == "ENVOY_STARTED")
+    assert back["previous_pid"] == before["pid"] and back["pid"] == envoy["pid"], back
+    assert back["previous_exit"] == "killed by SIGKILL", back
+    line = c.run("observe", "--type", "agent", "--node", "node1").out
+    assert f"[node1] agent ENVOY_EXITED: the node Envoy (pid {before['pid']})" in line, line
     print(f"Envoy SIGKILL: {len(failed)} failed requests over "
           f"{(last_failure - killed_at) * 1000:.0f} ms; agent: back after {last['downMs']} ms")
 
@@ -211,6 +223,10 @@ def test_planned_restart_refuses_nothing_and_drains(policed: Cluster) -> None:
     assert after["pid"] != before["pid"] and after["epoch"] == before["epoch"] + 1
     assert after["restarts"] == before["restarts"]  # planned, not a crash
     assert after["hotRestarts"][-1]["oldPid"] == before["pid"]
+    hot = [json.loads(line)["flow"]["agent_event"] for line in c.run(
+        "observe", "--type", "agent", "--node", "node1", "-o", "json").out.splitlines() if line]
+    assert any(e["type"] == "ENVOY_HOT_RESTARTED" and e["old_pid"] == before["pid"]
+               and e["new_pid"] == after["pid"] for e in hot), hot
     # the old Envoy exits by its shutdown time, and only it
     deadline = time.monotonic() + 15
     while c.agent("node1")["proxy"]["envoy"]["draining"]:
