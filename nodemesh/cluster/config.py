@@ -139,6 +139,11 @@ class ClusterConfig:
     def node_dir(self, node: str) -> str:
         return os.path.join(self.state_dir, "nodes", node)
 
+    def agent_ready_file(self, node: str) -> str:
+        """Written by an agent once it serves: the daemon restarts a ready agent at once and
+        backs off only for one that dies before it is ready (a crash loop)."""
+        return os.path.join(self.node_dir(node), "agent-ready.json")
+
     def agent_socket(self, node: str) -> str:
         return os.path.join(self.node_dir(node), "agent.sock")
 

@@ -31,6 +31,10 @@ def agent_argv(cfg: ClusterConfig, node: str) -> list[str]:
             "--node", node]
 
 
+def ready_agent(cfg: ClusterConfig, node: str) -> ProcRef | None:
+    return ProcRef.from_json(read_json(cfg.agent_ready_file(node)))
+
+
 class AgentSupervisor:
     """Keeps one agent process per node alive, adopting one that is already running."""
 
@@ -50,11 +54,16 @@ class AgentSupervisor:
         if self.ref is not None and self.ref.alive():
             return
         if self.ref is not None:  # it died
+            was_ready = ready_agent(self.cfg, self.node) == self.ref
             self.ref = None
-            self.backoff = min(max(self.backoff * 2, 0.2), 5.0)
+            # An agent that died before it was ready is crash-looping: back off. One that was
+            # ready (killed, OOM, a bug in a later reconcile) comes back at once: the node's
+            # DNS queries and changes wait for it.
+            self.backoff = 0.0 if was_ready else min(max(self.backoff * 2, 0.2), 5.0)
             self.next_start = now + self.backoff
             self.restarts += 1
-            log.warning("agent of %s exited; restarting in %.1fs", self.node, self.backoff)
+            log.warning("agent of %s exited (%s ready); restarting in %.1fs", self.node,
+                        "was" if was_ready else "never", self.backoff)
         if now >= self.next_start:
             self.start()
 
