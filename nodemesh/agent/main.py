@@ -120,6 +120,9 @@ class Agent:
             await asyncio.start_server(self._serve_metrics, sock=self.metrics_socket)
         log.info("agent of %s ready (pid %d, pods adopted: %d)", self.node.name, os.getpid(),
                  len(self.pods.local))
+        me = ProcRef.of(os.getpid())
+        if me is not None:  # the daemon restarts a ready agent at once (no crash backoff)
+            write_json_atomic(self.cfg.agent_ready_file(self.node.name), me.to_json())
         self.flows.add(agent_event(
             self.node.name, AgentEventType.AGENT_STARTED,
             f"agent started (pid {os.getpid()}, pods adopted: {len(self.pods.local)})",
