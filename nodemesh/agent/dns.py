@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -27,7 +28,11 @@ from nodemesh.model.labels import service_selects
 log = logging.getLogger("nodemesh.dns")
 TTL = 5
 TYPE_A, TYPE_NS, TYPE_SOA, TYPE_PTR, TYPE_AAAA, TYPE_SRV, TYPE_ANY = 1, 2, 6, 12, 28, 33, 255
-RCODE_OK, RCODE_FORMERR, RCODE_NXDOMAIN, RCODE_NOTIMP = 0, 1, 3, 4
+RCODE_OK, RCODE_FORMERR, RCODE_NXDOMAIN, RCODE_NOTIMP, RCODE_REFUSED = 0, 1, 3, 4, 5
+# Per-client query budget (hostile neighbours): a pod flooding the node-local DNS gets REFUSED
+# beyond it, so it cannot take the agent's CPU from other pods' lookups and its control loop.
+DNS_QPS_PER_CLIENT = 1000
+DNS_BURST_PER_CLIENT = 2000
 
 
 @dataclass
@@ -101,6 +106,57 @@ def _encode_name(name: str) -> bytes:
     return out + b"\x00"
 
 
+class TokenBuckets:
+    """One token bucket per key (a client IP): `rate` tokens a second, at most `burst` saved.
+
+    `allow(key, now)` takes one token if there is one. Pure apart from its own table, which is
+    bounded: above `max_keys` buckets the full ones (idle clients) are forgotten.
+    """
+
+    def __init__(self, rate: float, burst: float, max_keys: int = 4096) -> None:
+        self.rate = rate
+        self.burst = max(burst, 1.0)
+        self.max_keys = max_keys
+        self._b: dict[object, tuple[float, float]] = {}
+
+    def allow(self, key: object, now: float) -> bool:
+        if self.rate <= 0:
+            return True  # no cap
+        tokens, last = self._b.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + max(0.0, now - last) * self.rate)
+        ok = tokens >= 1.0
+        if ok:
+            tokens -= 1.0
+        if key not in self._b and len(self._b) >= self.max_keys:
+            self._forget(now)
+        self._b[key] = (tokens, now)
+        return ok
+
+    def _forget(self, now: float) -> None:
+        for k, (tokens, last) in list(self._b.items()):
+            if tokens + (now - last) * self.rate >= self.burst:
+                del self._b[k]
+        if len(self._b) >= self.max_keys:
+            self._b.clear()
+
+
+def refused(query: bytes) -> bytes:
+    """A REFUSED response to `query` (its header and question), or b"" for a malformed one."""
+    if len(query) < 12:
+        return b""
+    qid, flags, qdcount = struct.unpack("!HHH", query[:6])
+    if qdcount != 1 or flags & 0x8000:
+        return b""
+    try:
+        _, off = _read_name(query, 12)
+    except ValueError:
+        return b""
+    if len(query) < off + 4:
+        return b""
+    return (struct.pack("!HHHHHH", qid, 0x8000 | (flags & 0x0100) | RCODE_REFUSED, 1, 0, 0, 0)
+            + query[12: off + 4])
+
+
 def answer(query: bytes, records: Records, domain: str = CLUSTER_DOMAIN) -> bytes:
     """The response to one DNS query message."""
     if len(query) < 12:
@@ -141,10 +197,14 @@ def answer(query: bytes, records: Records, domain: str = CLUSTER_DOMAIN) -> byte
 class DnsServer:
     """Serves `answer` on UDP and TCP port 53 of an address of the calling network namespace."""
 
-    def __init__(self, address: str, port: int = 53) -> None:
+    def __init__(self, address: str, port: int = 53, qps_per_client: float = DNS_QPS_PER_CLIENT,
+                 burst_per_client: float = DNS_BURST_PER_CLIENT) -> None:
         self.address = address
         self.port = port
         self.records = Records()
+        self.limit = TokenBuckets(qps_per_client, burst_per_client)
+        self.answered = 0
+        self.refused = 0  # queries over a client's budget: answered REFUSED (never silent)
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.AbstractServer | None = None
 
@@ -157,7 +217,7 @@ class DnsServer:
                 self.t = transport
 
             def datagram_received(self, data: bytes, addr: tuple) -> None:
-                resp = answer(data, server.records)
+                resp = server.respond(data, addr[0])
                 if resp:
                     self.t.sendto(resp, addr)  # type: ignore[attr-defined]
 
@@ -178,11 +238,23 @@ class DnsServer:
         self._tcp = await asyncio.start_server(self._serve_tcp, self.address, self.port,
                                                reuse_address=True)
 
+    def respond(self, query: bytes, client: str) -> bytes:
+        """The answer to `query` from `client`, or REFUSED when the client is over its budget."""
+        if self.limit.allow(client, time.monotonic()):
+            self.answered += 1
+            return answer(query, self.records)
+        self.refused += 1
+        if self.refused in (1, 1000) or self.refused % 100000 == 0:
+            log.warning("DNS: %s is over %g queries/s: refused (%d so far)", client,
+                        self.limit.rate, self.refused)
+        return refused(query)
+
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
                 (n,) = struct.unpack("!H", await reader.readexactly(2))
-                resp = answer(await reader.readexactly(n), self.records)
+                peer = writer.get_extra_info("peername") or ("",)
+                resp = self.respond(await reader.readexactly(n), peer[0])
                 writer.write(struct.pack("!H", len(resp)) + resp)
                 await writer.drain()
         writer.close()

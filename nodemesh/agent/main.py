@@ -165,7 +165,8 @@ class Agent:
             maps=dp.map_fill if dp else None,
             l4_bytes=dp.l4_counters if dp else None,
             xds=proxy.xds.stats if proxy else None,
-            lost=lost))
+            lost=lost,
+            dns=lambda: {"answered": self.dns.answered, "refused": self.dns.refused}))
 
     async def _serve_metrics(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:

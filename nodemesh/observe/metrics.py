@@ -172,10 +172,12 @@ class AgentCollector(Collector):
                  maps: Callable[[], Iterable[tuple[str, int, int]]] | None = None,
                  l4_bytes: Callable[[], Iterable[tuple[dict[str, str], int, int]]] | None = None,
                  xds: Callable[[], Mapping[str, Any]] | None = None,
-                 lost: Callable[[], Mapping[str, int]] | None = None) -> None:
+                 lost: Callable[[], Mapping[str, int]] | None = None,
+                 dns: Callable[[], Mapping[str, int]] | None = None) -> None:
         self.node = node
         self.metrics, self.workloads = metrics, workloads
         self.maps, self.l4_bytes, self.xds, self.lost = maps, l4_bytes, xds, lost
+        self.dns = dns
 
     def collect(self) -> Iterable[Any]:
         if self.metrics is not None:
@@ -246,3 +248,11 @@ class AgentCollector(Collector):
             for source, n in self.lost().items():
                 lost.add_metric([source], n)
             yield lost
+        if self.dns:
+            dns = CounterMetricFamily("nodemesh_dns_queries",
+                                      "Queries to the node-local DNS: answered, or refused because "
+                                      "the client was over its per-client budget.",
+                                      labels=["result"])
+            for result, n in sorted(self.dns().items()):
+                dns.add_metric([result], n)
+            yield dns

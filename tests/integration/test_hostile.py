@@ -1,0 +1,83 @@
+"""Hostile neighbours: a pod flooding the node-local DNS is refused beyond its budget (counted in
+`nodemesh_dns_queries{result="refused"}`) while another pod on the same node still gets answers,
+and the agent's API still answers. No timing assertions: timing claims belong in bench/."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from tests.integration.clusterharness import Cluster, new_cluster
+
+
+def pod(name: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"nodeName": "node1", "containers": [
+                {"name": "c", "image": "debian", "command": ["sleep", "infinity"]}]}}
+
+
+# Runs in a pod: sends N A queries for a name to the node-local DNS as fast as it can (a window of
+# 256 outstanding), prints how many answers came back with each rcode.
+DNS = r"""
+import collections, json, socket, struct, sys, time
+name, n = sys.argv[1], int(sys.argv[2])
+q = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\x00"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect(("169.254.20.10", 53))
+s.settimeout(2)
+rc = collections.Counter()
+sent = got = 0
+while got < n:
+    while sent < n and sent - got < 256:
+        s.send(struct.pack("!HHHHHH", sent & 0xFFFF, 0x0100, 1, 0, 0, 0) + q + b"\x00\x01\x00\x01")
+        sent += 1
+    try:
+        r = s.recv(512)
+    except socket.timeout:
+        rc["timeout"] += n - got
+        break
+    got += 1
+    rc[str(struct.unpack("!H", r[2:4])[0] & 0xF)] += 1
+print(json.dumps(rc))
+"""
+
+
+@pytest.fixture(scope="module")
+def c() -> Iterator[Cluster]:
+    c = new_cluster(nodes=1)
+    try:
+        c.apply([pod("flood"), pod("victim")])
+        c.wait_pods(count=2)
+        c.wait_synced()
+        yield c
+    finally:
+        c.down()
+        left = c.leftovers()
+        assert not left, f"cluster {c.name} left things behind: {left}"
+
+
+def dns_metric(c: Cluster, result: str) -> float:
+    with open(f"{c.state_dir}/nodes/node1/metrics.json") as f:
+        port = json.load(f)["port"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    pat = r'^nodemesh_dns_queries_total\{result="' + result + r'"\} ([0-9.e+]+)$'
+    m = re.search(pat, text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_dns_flood_is_refused_beyond_its_budget_victim_still_answered(c: Cluster) -> None:
+    ip = c.get("pod", "victim")["status"]["podIP"]  # type: ignore[index]
+    name = ip.replace(".", "-") + ".default.pod.cluster.local"
+    before = dns_metric(c, "refused")
+    flood = json.loads(c.exec("flood", sys.executable, "-c", DNS, name, "8000").out)
+    assert flood.get("5", 0) > 0, flood          # REFUSED beyond the budget
+    assert flood.get("0", 0) >= 1000, flood      # ... and answered within it
+    victim = json.loads(c.exec("victim", sys.executable, "-c", DNS, name, "50").out)
+    assert victim == {"0": 50}, victim
+    assert dns_metric(c, "refused") - before >= flood["5"]
+    assert c.agent("node1")["datapath"]["syncedRevision"] >= 0  # the agent's API answers
