@@ -395,7 +395,10 @@ static __always_inline int sock4_proxy_egress(struct bpf_sock_addr *ctx)
 
 	struct policy_decision d = { .verdict = POLICY_ALLOW };
 
-	if (!always_allowed(&p, DIR_EGRESS, remote_identity, cfg))
+	/* A pod reaching itself (through a Service or an L7 redirect: the hairpin) is not held to
+	 * its own egress policy, as in Cilium's service loopback and as without a mesh, where the
+	 * connection never leaves the pod. */
+	if (p.daddr != src && !always_allowed(&p, DIR_EGRESS, remote_identity, cfg))
 		policy_decide(&d, ifindex, DIR_EGRESS, (ep->flags & EP_F_EGRESS_ENFORCED) != 0,
 			      remote_identity, p.daddr, &p, authenticated);
 	/* REDIRECT (an egress L7 rule) is allowed: this is the proxy that enforces it. */

@@ -194,3 +194,34 @@ def test_proxy_admin_data_through_the_agent(routed: Cluster) -> None:
     assert {"ListenersConfigDump", "RoutesConfigDump"} <= kinds, kinds
     bad = routed.run("proxy", "stats", "--node", "node9", check=False)
     assert bad.code == 2 and "no node named 'node9'" in bad.err, bad
+
+
+def test_hairpin_from_an_egress_isolated_pod(routed: Cluster) -> None:
+    """A pod behind a routed Service calls that Service and lands on itself, while an egress
+    policy isolates it: the call succeeds (it failed with 503: Envoy's upstream to the pod was
+    held to the pod's egress policy), and the policy still denies what it denies."""
+    c = routed
+    c.apply([deployment("selfie", replicas=1), service("selfie"),
+             route("selfie-route", "selfie", "PathPrefix", "/", "selfie"),
+             {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+              "metadata": {"name": "selfie-no-egress"},
+              "spec": {"podSelector": {"matchLabels": {"app": "selfie"}},
+                       "policyTypes": ["Egress"]}}])
+    pod = c.wait_pods(count=1, selector="app=selfie")[0]["metadata"]["name"]
+    c.wait_synced()
+    vip = c.get("service", "selfie")["spec"]["clusterIP"]  # type: ignore[index]
+    alpha = c.get("service", "alpha")["spec"]["clusterIP"]  # type: ignore[index]
+
+    def code(url: str) -> str:
+        return c.exec(pod, "curl", "-s", "-m", "3", "-o", "/dev/null", "-w", "%{http_code}",
+                      url, check=False).out
+
+    deadline = time.monotonic() + 15
+    while code(f"http://{vip}/") != "200":
+        assert time.monotonic() < deadline, code(f"http://{vip}/")
+        time.sleep(0.3)
+    assert code(f"http://{alpha}/") in ("000", "503"), "egress to others must stay denied"
+    c.run("delete", "networkpolicy", "selfie-no-egress")
+    c.run("delete", "httproute", "selfie-route")
+    c.run("delete", "service", "selfie")
+    c.run("delete", "deployment", "selfie")
