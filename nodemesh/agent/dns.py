@@ -33,6 +33,7 @@ RCODE_OK, RCODE_FORMERR, RCODE_NXDOMAIN, RCODE_NOTIMP, RCODE_REFUSED = 0, 1, 3, 
 # beyond it, so it cannot take the agent's CPU from other pods' lookups and its control loop.
 DNS_QPS_PER_CLIENT = 1000
 DNS_BURST_PER_CLIENT = 2000
+REFUSED_SAMPLE = 64
 
 
 @dataclass
@@ -247,7 +248,10 @@ class DnsServer:
         if self.refused in (1, 1000) or self.refused % 100000 == 0:
             log.warning("DNS: %s is over %g queries/s: refused (%d so far)", client,
                         self.limit.rate, self.refused)
-        return refused(query)
+        # Answering every refused query costs the agent nearly what answering it does (measured:
+        # docs/benchmarks.md, Hostile neighbours): one in REFUSED_SAMPLE gets REFUSED, so the
+        # client learns why; the others are dropped. All are counted.
+        return refused(query) if self.refused % REFUSED_SAMPLE == 1 else b""
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):

@@ -50,8 +50,13 @@ def test_refused_keeps_id_and_question():
 def test_server_refuses_over_budget_and_counts():
     s = DnsServer("127.0.0.1", qps_per_client=1, burst_per_client=3)
     q = query("nothing.example")
-    rcodes = [struct.unpack("!H", s.respond(q, "10.244.1.5")[2:4])[0] & 0xF for _ in range(5)]
-    assert rcodes.count(RCODE_REFUSED) == 2 and s.refused == 2 and s.answered == 3
+    resps = [s.respond(q, "10.244.1.5") for _ in range(3 + 130)]
+    assert all(struct.unpack("!H", r[2:4])[0] & 0xF != RCODE_REFUSED for r in resps[:3])
+    over = resps[3:]
+    refusals = [r for r in over if r]
+    assert len(refusals) == 3 and all(struct.unpack("!H", r[2:4])[0] & 0xF == RCODE_REFUSED
+                                      for r in refusals)  # 1 in 64 told REFUSED, the rest dropped
+    assert s.refused == 130 and s.answered == 3
     assert struct.unpack("!H", s.respond(q, "10.244.1.6")[2:4])[0] & 0xF != RCODE_REFUSED
 
 
