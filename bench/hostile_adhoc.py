@@ -1,7 +1,7 @@
 """Ad-hoc hostile-neighbours measurement (issue 12 item 6), until it is a `nodemesh bench` section:
 one node, a victim pod (DNS and TCP p50/p99), a DNS flood and a connection flood from another pod,
 and apply → synced. Run as root from the checkout: .venv/bin/python bench/hostile_adhoc.py"""
-# ruff: noqa: E501, E702, I001
+# ruff: noqa: E501, E702
 import json
 import subprocess
 import sys
