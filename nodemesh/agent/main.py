@@ -152,7 +152,8 @@ class Agent:
         dp, proxy = self.datapath, self.proxy
 
         def lost() -> dict[str, int]:
-            out = {"flow_followers": self.flows.lost_followers}
+            out = {"flow_followers": self.flows.lost_followers,
+                   "flow_ring_overwritten": self.flows.overwritten}
             if dp is not None:
                 out["ringbuf_full"] = dp.ring_lost()
             if proxy is not None:

@@ -55,6 +55,12 @@ class FlowRing:
         for e in reversed(entries):
             yield as_flow(e)
 
+    @property
+    def overwritten(self) -> int:
+        """Flows the newest pushed out of the ring (the history is bounded; counted, as
+        `nodemesh_lost_events{source="flow_ring_overwritten"}`)."""
+        return max(0, self.total - self.capacity)
+
     def __len__(self) -> int:
         return len(self._flows)
 

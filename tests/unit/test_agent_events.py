@@ -45,3 +45,13 @@ def test_counted_apart_from_flows() -> None:
     m.observe(_ev())
     assert m.agent_events == {"ENVOY_EXITED": 2}
     assert not m.flow_counts
+
+
+def test_flow_ring_counts_what_it_overwrites() -> None:
+    from nodemesh.observe.ring import FlowRing
+
+    ring = FlowRing(capacity=3)
+    for i in range(5):
+        ring.add({"n": i})
+    assert len(ring) == 3 and ring.total == 5 and ring.overwritten == 2
+    assert [f["n"] for f in ring.snapshot()] == [2, 3, 4]
