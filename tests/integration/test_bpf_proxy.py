@@ -437,7 +437,11 @@ def test_redirect_is_decided_per_client_identity(topo: Topology, dp: Datapath) -
     left = events.where(type=EventType.TRACE, ifindex=p3.ifindex, sport=direct["sport"])
     assert [(t.daddr, t.dport, t.verdict) for t in left] == [(ip4(p2.ip), 8080,
                                                              Verdict.FORWARDED)]
-    assert not events.where(type=EventType.DROP), events.dump()
+    # (pod4 takes no part: a frame its kernel sends on its own, such as IPv6 neighbour
+    # discovery, is dropped at its unprogrammed veth now and then; CI saw it)
+    used = (p1.ifindex, p2.ifindex, p3.ifindex)
+    assert not [d for d in events.where(type=EventType.DROP) if d.ifindex in used], \
+        events.dump()
 
     # the destination's L3/L4 policy: only pod1's identity may come in (as the L7 rule says:
     # REDIRECT); pod3 is dropped in the kernel at pod2, never sees the proxy
