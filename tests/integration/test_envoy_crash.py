@@ -48,6 +48,8 @@ while time.monotonic() < end:
         c = http.client.HTTPConnection("alpha", 80, timeout=2)
         c.request("GET", path); r = c.getresponse(); r.read(); c.close()
         out.append([t, path, r.status])
+        if len(out) == 1:
+            print("first", flush=True)
     except Exception as e:
         out.append([t, path, type(e).__name__])
         time.sleep(0.005)
@@ -93,11 +95,13 @@ def test_envoy_sigkill_recovers_fast_and_never_fails_open(policed: Cluster) -> N
     load = subprocess.Popen([sys.executable, "-m", "nodemesh", "--state-dir", c.state_dir,
                              "exec", "client", "--", sys.executable, "-c", LOAD, "6"],
                             stdout=subprocess.PIPE, text=True)
-    time.sleep(2.5)
+    assert load.stdout is not None
+    load.stdout.readline()  # its first answer (a slow start must not put the kill before it)
+    time.sleep(1.5)
     killed_at = time.monotonic()
     os.kill(before["pid"], signal.SIGKILL)
     out, _ = load.communicate(timeout=60)
-    results = json.loads(out)
+    results = json.loads(out.strip().splitlines()[-1])
     after_kill = [r for r in results if r[0] >= killed_at]
     assert len(results) > 50 and after_kill, results[-5:]
     # nothing fails open: the denied path is never answered by the backend
