@@ -17,28 +17,14 @@ from nodemesh.cluster.procs import ProcRef
 from nodemesh.store import open_store
 from tests.integration.clusterharness import Cluster
 from tests.integration.test_datapath_restart import LOAD as L4_LOAD
+from tests.integration.test_datapath_restart import POLICY as SERVER_POLICY  # only app=friend
 from tests.integration.test_datapath_restart import SERVER, client
+from tests.integration.test_envoy_crash import POLICY as L7_POLICY  # GET /public/.* on alpha
 from tests.integration.test_routes import CLIENT, deployment, route, service
 
 LOOP_SECONDS = 60.0
 KILL_EVERY = 2.0
 
-# app=server (node2, TCP 9090) only from app=friend: app=stranger must never get through.
-SERVER_POLICY = {
-    "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-    "metadata": {"name": "server-only-from-friend"},
-    "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Ingress"],
-             "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "friend"}}}],
-                          "ports": [{"port": 9090}]}]}}
-# L7: GET /public/.* on alpha, everything else 403.
-L7_POLICY = {
-    "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
-    "metadata": {"name": "alpha-l7"},
-    "spec": {"endpointSelector": {"matchLabels": {"app": "alpha"}},
-             "ingress": [{"fromEndpoints": [{"matchLabels": {}}],
-                          "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"}],
-                                       "rules": {"http": [{"method": "GET",
-                                                           "path": "/public/.*"}]}}]}]}}
 # What changes during the loop: a policy on a bystander (applied and deleted in turn) and the
 # route's response header (a new value every time); neither changes the load's answers.
 BYSTANDER = {**SERVER, "metadata": {"name": "bystander", "labels": {"app": "bystander"}}}
