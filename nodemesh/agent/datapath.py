@@ -433,21 +433,8 @@ class DatapathSync:
                 log.error("policy for %s/%s: %s (keeping its previous entries)", ep.namespace,
                           ep.name, e.message)
         live = {ep.ifindex for ep in self.endpoints.values()}
-        policy_pairs, cidr_pairs = [], []
-        for ifindex, lowered in self._lowered.items():
-            if ifindex not in live:
-                continue
-            for key, val in lowered.policy.items():
-                policy_pairs.append((L.PolicyKey(key.prefixlen, key.endpoint, key.identity,
-                                                 key.direction, key.protocol, key.dport),
-                                     L.PolicyEntry(val.verdict, val.flags, val.proxy_port, val.policy_id)))
-            for ckey, cval in lowered.cidr.items():
-                cidr = f"{ckey.addr}/{ckey.prefixlen - 64}"
-                cidr_pairs.append((L.policy_cidr_key(ckey.endpoint, ckey.direction, cidr),
-                                   L.policy_cidr_entry(
-                                       L.PolicyPortRule(r.protocol, r.verdict, r.proxy_port,
-                                                        r.port_lo, r.port_hi, r.policy_id)
-                                       for r in cval.rules)))
+        policy_pairs, cidr_pairs = L.policy_map_pairs(
+            lowered for ifindex, lowered in self._lowered.items() if ifindex in live)
         self.dp.sync_map("nm_policy", policy_pairs)
         self.dp.sync_map("nm_policy_cidr", cidr_pairs)
         # Pod ports that L7 policy covers: connect() from any pod here goes to the node Envoy.

@@ -619,3 +619,23 @@ def netns_entry(cookie: int, identity: int, ifindex: int) -> tuple[Any, NetnsInf
     if not 0 < cookie <= 0xFFFFFFFFFFFFFFFF:
         raise ValueError(f"bad netns cookie {cookie}")
     return netns_key(cookie), NetnsInfo(identity, ifindex)
+
+
+def policy_map_pairs(lowered: Iterable[Any]) -> tuple[list[tuple[PolicyKey, PolicyEntry]],
+                                                      list[tuple[PolicyCidrKey, PolicyCidrEntry]]]:
+    """The ``nm_policy`` and ``nm_policy_cidr`` entries of endpoints' lowered policies
+    (`nodemesh.policy.lower.LoweredPolicy`), as the kernel's structs."""
+    policy_pairs, cidr_pairs = [], []
+    for low in lowered:
+        for key, val in low.policy.items():
+            policy_pairs.append((PolicyKey(key.prefixlen, key.endpoint, key.identity,
+                                           key.direction, key.protocol, key.dport),
+                                 PolicyEntry(val.verdict, val.flags, val.proxy_port, val.policy_id)))
+        for ckey, cval in low.cidr.items():
+            cidr = f"{ckey.addr}/{ckey.prefixlen - 64}"
+            cidr_pairs.append((policy_cidr_key(ckey.endpoint, ckey.direction, cidr),
+                               policy_cidr_entry(
+                                   PolicyPortRule(r.protocol, r.verdict, r.proxy_port,
+                                                  r.port_lo, r.port_hi, r.policy_id)
+                                   for r in cval.rules)))
+    return policy_pairs, cidr_pairs
