@@ -26,6 +26,7 @@ from nodemesh.agent.dns import DnsServer, build_records
 from nodemesh.agent.informer import Informer
 from nodemesh.agent.pods import PodHooks, PodManager
 from nodemesh.agent.proxy import ProxyManager
+from nodemesh.agent.reconcile import NodeReconciler
 from nodemesh.cluster import netns
 from nodemesh.cluster.config import NODE_DNS_IP, ClusterConfig, write_json_atomic
 from nodemesh.cluster.procs import ProcRef
@@ -59,23 +60,24 @@ class Agent:
         # sync, each shared by all the pods waiting): enough workers that a batch is large.
         self.pods = PodManager(cfg, node, self.store, self.informer, hooks, workers=16)
         self.datapath: DatapathSync | None = None
-        if cfg.datapath == "bpf":
-            self.datapath = DatapathSync(cfg, node, self.store, self.informer, self.flows,
-                                         self.pods.local,
-                                         int(cfg.extra.get("maglev_table_size", 16381)))
-            self.datapath.timer = self.metrics.timed
-            self.datapath.on_local_ips = lambda ips: setattr(self.metrics, "local_ips", ips)
-            hooks.sandbox_ready.append(self.datapath.sandbox_ready)
-            hooks.sandbox_removed.append(self.datapath.sandbox_removed)
         self.proxy: ProxyManager | None = None
-        if cfg.datapath == "bpf" and cfg.extra.get("proxy", True):
-            self.proxy = ProxyManager(cfg, node, self.store, self.informer, self.flows,
-                                      self.datapath)
-            self.proxy.timer = self.metrics.reconcile.labels("proxy")
-            # Before the datapath lets a new pod's veth pass traffic (and its containers start):
-            # its certificate and its place in the node Envoy's tunnel listeners.
-            proxy = self.proxy
-            hooks.sandbox_ready.insert(0, lambda pod, sb: proxy.cover_pod(pod, sb.ip))
+        self.reconciler: NodeReconciler | None = None
+        if cfg.datapath == "bpf":
+            self.datapath = DatapathSync(cfg, node, self.flows, self.pods.local,
+                                         int(cfg.extra.get("maglev_table_size", 16381)))
+            self.datapath.on_local_ips = lambda ips: setattr(self.metrics, "local_ips", ips)
+            if cfg.extra.get("proxy", True):
+                self.proxy = ProxyManager(cfg, node, self.store, self.flows)
+                self.proxy.timer = self.metrics.reconcile.labels("proxy")
+                # Before the datapath lets a new pod's veth pass traffic (and its containers
+                # start): its certificate and its place in the node Envoy's tunnel listeners.
+                proxy = self.proxy
+                hooks.sandbox_ready.append(lambda pod, sb: proxy.cover_pod(pod, sb.ip))
+            self.reconciler = NodeReconciler(cfg, node, self.store, self.informer, self.datapath,
+                                             self.proxy)
+            self.reconciler.timer = self.metrics.timed
+            hooks.sandbox_ready.append(self.reconciler.sandbox_ready)
+            hooks.sandbox_removed.append(self.reconciler.sandbox_removed)
         self.dns = DnsServer(NODE_DNS_IP)
         self.api = ApiServer(cfg.agent_socket(node))
         self.started = time.time()
@@ -100,9 +102,9 @@ class Agent:
         self.informer.start()
         await asyncio.to_thread(self.informer.wait_synced)
         # The datapath adopts what the previous agent left pinned, then catches up.
-        if self.datapath is not None:
+        if self.datapath is not None and self.reconciler is not None:
             await asyncio.to_thread(self.datapath.start)
-            await asyncio.to_thread(self.datapath.sync)
+            await asyncio.to_thread(self.reconciler.reconcile)
         # Records first: queries queued while no agent ran are answered as soon as we listen.
         k = self.informer.kinds(("Service", "Pod"))
         self.dns.records = build_records(k["Service"], k["Pod"])
@@ -113,6 +115,9 @@ class Agent:
             assert self.datapath is not None
             await asyncio.to_thread(self.datapath.set_proxy, PROXY_IP,
                                     self.cfg.proxy_cgroup(self.node.name))
+            self.proxy.pushing = True
+        if self.reconciler is not None:
+            self.reconciler.start()  # (the first push into the node Envoy, if there is one)
         self._routes()
         await self.api.start()
         self._register_collectors()
@@ -143,6 +148,8 @@ class Agent:
         self.api.close()
         self.dns.close()
         self.pods.shutdown()
+        if self.reconciler is not None:
+            self.reconciler.stop()
         if self.datapath is not None:
             self.datapath.stop()
         self.informer.stop()

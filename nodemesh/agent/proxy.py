@@ -1,12 +1,11 @@
 """The agent's L7 half: the node's Envoy, its xDS snapshot, redirects into it, route statuses.
 
-On every relevant store change the agent translates (pure, `nodemesh.route.translate`) the
-cluster's routes, services, pods and L7 policy into one Envoy snapshot for this node, serves it
-over xDS, and points the datapath at the new listeners — in an order that never sends a
-connection to a listener Envoy does not have yet: redirects that go away are removed first, the
-snapshot is pushed and ACKed, then new redirects are added. Envoy's access logs come back over
-gRPC and become L7 flows. Route statuses (Accepted, ResolvedRefs, and Envoy's NACKs) are written
-back to the routes.
+The node snapshot (`nodemesh.node.build_node_snapshot`) carries the node Envoy's resources; the
+reconcile step (`nodemesh.agent.reconcile`) hands them to `push`, which serves them over xDS and
+waits for Envoy's answer, and then to `finish`, which writes route statuses (Accepted,
+ResolvedRefs, and Envoy's NACKs) back to the routes. This module also keeps Envoy running (its
+exits, hot restarts), fetches the node's workload certificates, and turns Envoy's access logs
+(over gRPC) into L7 flows.
 
 Envoy is started detached and adopted by the next agent, so restarting the agent never
 restarts Envoy or drops its connections.
@@ -25,11 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from envoy.data.accesslog.v3 import accesslog_pb2
-from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from nodemesh.agent.certs import CertManager
 from nodemesh.agent.certs import state_file as certs_state_file
-from nodemesh.agent.informer import RESYNC_SECONDS, SyncedRevision
+from nodemesh.agent.informer import SyncedRevision
 from nodemesh.agent.l7flows import AccessLogFlow
 from nodemesh.agent.tunnelflows import tunnel_failure
 from nodemesh.certs.spiffe import spiffe_id
@@ -37,11 +35,11 @@ from nodemesh.cluster import netns
 from nodemesh.cluster.config import ClusterConfig, read_json, write_json_atomic
 from nodemesh.cluster.procs import describe_exit, reaped_status
 from nodemesh.cluster.trust import fingerprint_of
-from nodemesh.datapath.layout import IpcacheFlags
 from nodemesh.errors import NodemeshError
-from nodemesh.mtls.tls import ROOTS_SECRET
-from nodemesh.mtls.tunnel import TunnelInput, TunnelPlan, mesh_pods, plan_tunnel
+from nodemesh.mtls.tunnel import TunnelPlan
+from nodemesh.node.snapshot import Certificates, EnvoyPart, NodeInputs, trust_roots, wanted_certificates
 from nodemesh.observe.agentevents import AgentEventType, agent_event
+from nodemesh.observe.flow import StaticContext
 from nodemesh.observe.ring import FlowRing
 from nodemesh.proxy.als import AccessLogReceiver, tcp_entry_to_dict
 from nodemesh.proxy.envoy import (
@@ -51,30 +49,23 @@ from nodemesh.proxy.envoy import (
     bootstrap,
     remove_shared_memory,
 )
-from nodemesh.proxy.snapshot import CLUSTER, LISTENER, SECRET, Snapshot
+from nodemesh.proxy.snapshot import SECRET
 from nodemesh.proxy.xds import XdsServer
-from nodemesh.route import (
-    PROXY_IP,
-    L7Input,
-    Pod,
-    RedirectKey,
-    RouteKey,
-    Service,
-    l7_policies_from_compiled,
-    stamp_transition_times,
-    translate,
-    with_nack,
-)
-from nodemesh.route.inputs import MtlsView
+from nodemesh.route import PROXY_IP, RedirectKey, RouteKey, stamp_transition_times, with_nack
 from nodemesh.route.protos import LISTENER_TYPE
-from nodemesh.route.visibility import visibility_routes
 from nodemesh.store import Store
 from nodemesh.store.base import now_rfc3339
 
 log = logging.getLogger("nodemesh.proxy")
-WATCHED = {"Pod", "Service", "Namespace", "HTTPRoute", "GRPCRoute", "CiliumNetworkPolicy",
-           "Identity", "PeerAuthentication", "TrustBundle", "*"}
 ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
+
+
+@dataclass(frozen=True)
+class PushOutcome:
+    """Envoy's answer to a push."""
+
+    listeners_ok: bool  # it has the listeners (and secrets), or there are none to wait for
+    tunnel_acked: bool  # it took the tunnel's listeners and secrets
 
 
 @dataclass
@@ -96,14 +87,12 @@ class EnvoyExit:
 
 
 class ProxyManager:
-    def __init__(self, cfg: ClusterConfig, node: str, store: Store, informer, flows: FlowRing,
-                 datapath, concurrency: int = 2) -> None:
+    def __init__(self, cfg: ClusterConfig, node: str, store: Store, flows: FlowRing,
+                 concurrency: int = 2) -> None:
         self.cfg = cfg
         self.node = node
         self.store = store
-        self.informer = informer
         self.flows = flows
-        self.datapath = datapath
         self.concurrency = concurrency
         node_dir = cfg.node_dir(node)
         self.socket = os.path.join(node_dir, "xds.sock")
@@ -126,8 +115,11 @@ class ProxyManager:
         self._lock = threading.Lock()
         self.timer = None  # a histogram child (the agent's reconcile latency for "proxy")
         self.l7_policy_names: dict[tuple[str, int], list[str]] = {}
-        self.l7_identities: dict[RedirectKey, set[int]] = {}
-        self._redirects_applied: tuple[dict, dict] | None = None  # the last set_proxy_redirects
+        self.context: StaticContext | None = None  # set by the reconcile step (for L7 flows)
+        # Set by the reconcile step: ask for a step soon / run one now (blocking).
+        self.on_change: Any = lambda: None
+        self.reconcile_now: Any = lambda: None
+        self.pushing = False  # the agent has set the datapath up for the proxy: pushes may go
         # The mutual-TLS tunnel (docs/security.md): the node's workload certificates, the plan
         # last pushed, the plan whose listeners and secrets Envoy accepted, and pods that are
         # being created (in the store, perhaps not yet in the informer).
@@ -181,30 +173,13 @@ class ProxyManager:
         await self.xds.start(self.socket, als=self.als)
         await asyncio.to_thread(self._ensure_envoy)
         self._watch_envoy()
-        self.informer.add_listener(self._on_store_change)
-        if self.datapath is not None:
-            self.datapath.on_policy_input.append(self._on_policy_input)
-        self._dirty.set()
 
-    def _on_store_change(self, kinds: set[str]) -> None:
-        if kinds & WATCHED:
-            self.synced.changed()
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._dirty.set)
-        else:
-            self.synced.unrelated(self.informer.revision)
+    def can_push(self) -> bool:
+        return self.pushing and self._loop is not None
 
     def _kick(self) -> None:
         """Something the snapshot depends on changed outside the store (a certificate)."""
-        self.synced.changed()
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._dirty.set)
-
-    def _on_policy_input(self) -> None:
-        """The datapath compiled new policy input or identities (its sync thread)."""
-        self.synced.changed()
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._dirty.set)
+        self.on_change()
 
     def _ensure_envoy(self) -> None:
         pidfile = os.path.join(self.envoy_dir, "envoy.json")
@@ -259,7 +234,7 @@ class ProxyManager:
         asyncio.get_running_loop().create_task(self._reap_draining(old))
         # Ready when the new Envoy acknowledged the listeners (it drains the old one itself
         # once it is initialised, i.e. has them).
-        await self.sync()
+        await asyncio.to_thread(self.reconcile_now)
         lds = self.xds.get_snapshot(self.node)
         version = lds.type_version(LISTENER_TYPE) if lds is not None else ""
         with contextlib.suppress(TimeoutError):
@@ -333,7 +308,7 @@ class ProxyManager:
             if status is not None:
                 last.how = describe_exit(status)
 
-    def _envoy_back(self) -> None:
+    def envoy_back(self) -> None:
         """The new Envoy has the listeners (and the tunnel is in the socket lookup)."""
         last = self.envoy_exits[-1] if self.envoy_exits else None
         if last is not None and last.down_ms is None and self.envoy is not None \
@@ -349,15 +324,15 @@ class ProxyManager:
                         self.envoy.pid, last.down_ms, last.pid, last.how)
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Sync on changes (and every RESYNC_SECONDS); restart Envoy the moment it exits (its
-        pidfd), and check it every second in case that was missed."""
+        """Restart Envoy the moment it exits (its pidfd), and check it every second in case
+        that was missed; renew certificates when due. Each asks for a reconcile step."""
         try:
             await self._loop_until(stopping)
         finally:
             self._unwatch_envoy()
 
     async def _loop_until(self, stopping: asyncio.Event) -> None:
-        last_check = last_sync = 0.0
+        last_check = 0.0
         while not stopping.is_set():
             woke = False
             wait = 2.0 if self.certs is None else min(2.0, self.certs.next_due())
@@ -382,91 +357,121 @@ class ProxyManager:
                     except Exception as e:
                         self.error = f"cannot start Envoy: {e}"
                         log.error("%s", self.error)
-            if not woke and time.monotonic() - last_sync < RESYNC_SECONDS:
-                continue
-            try:
-                await self.sync()
-                last_sync = time.monotonic()
-            except Exception as e:
-                self.error = f"{type(e).__name__}: {e}"
-                log.exception("proxy sync failed")
-                await asyncio.sleep(0.5)
-                self._dirty.set()
+            if woke:
+                self.on_change()
 
     async def stop(self) -> None:
         await self.xds.stop()
 
-    # ---- the sync --------------------------------------------------------------------------------
-    def _translate(self):
-        from nodemesh.policy import Compiler
-
-        k = self.informer.kinds(("Service", "Pod", "HTTPRoute", "GRPCRoute", "CiliumNetworkPolicy",
-                                 "Namespace", "PeerAuthentication", "TrustBundle"))
-        identities = self.datapath.pod_identities if self.datapath else {}
-        pods = []
-        for p in k["Pod"]:
-            if p["metadata"].get("deletionTimestamp"):
-                continue
-            meta = p["metadata"]
-            pods.append(Pod.from_object(p, identities.get((meta["namespace"], meta["name"]), 0)))
-        services = [Service.from_object(s) for s in k["Service"]
-                    if (s["spec"].get("clusterIP") or "None") != "None"]
-        l7 = ()
-        has_http_rules = any("rules" in str(c.get("spec", "")) or "rules" in str(c.get("specs", ""))
-                             for c in k["CiliumNetworkPolicy"])
-        if has_http_rules and self.datapath is not None and self.datapath.policy_input is not None:
-            compiler = Compiler(self.datapath.policy_input)
-            compiled = {e.ref: compiler.compile(e) for e in self.datapath.policy_input.endpoints}
-            l7 = l7_policies_from_compiled(compiled, pods)
-        # Which policies guard each redirected pod port: an L7 denial names them in its flow.
-        self.l7_policy_names = {(p.pod_ip, p.port): sorted({r.policy for r in p.rules if r.policy})
-                                for p in l7}
-        # Which clients each redirected pod port takes into the proxy (0 = any identity).
-        self.l7_identities = {p.key: {i for r in p.rules for i in r.identities} for p in l7}
-        routes = list(k["HTTPRoute"]) + list(k["GRPCRoute"])
-        routes += visibility_routes(k["Service"], k["Namespace"], routes)
-        tunnel, secrets, view = self._tunnel(k)
-        inp = L7Input.build(self.node, services, pods, routes, l7, mtls=view)
-        return translate(inp, self.ports), k, tunnel, secrets
-
-    def _tunnel(self, k: Mapping[str, list]) -> tuple[TunnelPlan | None, list, MtlsView | None]:
-        """The tunnel's listeners, clusters and secrets (its certificates renewed or fetched
-        as needed) and what the L7 translation needs of it; (None, [], None) without mTLS."""
-        if self.certs is None:
-            return None, [], None
-        bundle = next((b for b in k["TrustBundle"] if b["metadata"]["name"] == "default"), None)
-        spec = (bundle or {}).get("spec") or {}
-        roots = [r.encode() for r in spec.get("roots") or []]
-        self.certs.set_bundle(roots, str(spec.get("signing") or ""))
-        pods = list(k["Pod"])
+    # ---- the reconcile step's stages ---------------------------------------------------------------
+    def covering(self, pods: list[dict]) -> dict[str, tuple[dict, str]]:
+        """Pods whose tunnel is being readied (`cover_pod`) that the store does not show with
+        their address yet."""
         known = {(p["metadata"].get("uid"), (p.get("status") or {}).get("podIP")) for p in pods}
-        for uid, (pod, ip) in list(self._pending_local.items()):
+        for uid, (_pod, ip) in list(self._pending_local.items()):
             if (uid, ip) in known:
                 self._pending_local.pop(uid, None)
-            else:
-                pods = [p for p in pods if p["metadata"].get("uid") != uid]
-                pods.append({**pod, "status": {**(pod.get("status") or {}), "podIP": ip}})
-        mesh = mesh_pods(pods, k["PeerAuthentication"])
-        td = self.cfg.trust_domain
-        wanted = {p.workload.spiffe(td) for p in mesh if p.node == self.node}
-        self.certs.sync(wanted)
-        ready = self.certs.ready() if roots else frozenset()
-        plan = plan_tunnel(TunnelInput(self.node, td, tuple(mesh), ready,
-                                       tuple(n.ip for n in self.cfg.nodes)))
-        leaves = self.certs.snapshot()
-        secrets = [workload_secret(i, leaves[i]) for i in sorted(plan.secrets)]
-        if roots:
-            secrets.append(roots_secret(roots))
+        return dict(self._pending_local)
+
+    def certificates(self, inp: NodeInputs) -> Certificates:
+        """The node's workload certificates for the tunnel, fetched or renewed as needed."""
+        assert self.certs is not None
+        roots, signing = trust_roots(inp.objects)
+        self.certs.set_bundle(roots, signing)
+        self.certs.sync(wanted_certificates(inp))
         self.bundle_fingerprints = [fingerprint_of(r) for r in roots]
-        view = MtlsView(
-            trust_domain=td,
-            clients={p.ip: p.workload.spiffe(td) for p in mesh
-                     if p.node == self.node and p.workload.spiffe(td) in plan.secrets},
-            servers={p.ip: p.workload.spiffe(td) for p in mesh if p.node != self.node},
-            tunnelled=frozenset(ip for ip, f in plan.ipcache_flags.items()
-                                if f & IpcacheFlags.TUNNEL),
-            ports={(ip, port): t for ip, port, t in plan.port_overrides})
-        return plan, secrets, view
+        return Certificates(ready=frozenset(self.certs.ready()), leaves=self.certs.snapshot())
+
+    def push(self, envoy: EnvoyPart, timeout: float = 30.0) -> PushOutcome:
+        """Serve `envoy`'s resources and wait (up to 2 s) for Envoy's answer (from a thread)."""
+        assert self._loop is not None
+        fut = asyncio.run_coroutine_threadsafe(self._push(envoy), self._loop)
+        return fut.result(timeout)
+
+    async def _push(self, envoy: EnvoyPart) -> PushOutcome:
+        assert self._push_lock is not None
+        async with self._push_lock:
+            self.ports = dict(envoy.result.ports)
+            await asyncio.to_thread(self._save_ports)
+            self.l7_policy_names = dict(envoy.policy_names)
+            self.listener_targets = dict(envoy.listener_targets)
+            xsnap = envoy.snapshot
+            self.xds.set_snapshot(self.node, xsnap)
+            self.tunnel = envoy.tunnel
+            # Redirects need Envoy's listeners (and the tunnel's, the secrets they present): wait
+            # for those answers only (an Envoy with no clusters never answers for endpoints).
+            lds_version = xsnap.type_version(LISTENER_TYPE)
+            sds_version = xsnap.type_version(SECRET)
+            has_listeners = bool(xsnap.names(LISTENER_TYPE))
+            secrets = envoy.has_secrets
+
+            def answered() -> bool:
+                lds = self._acked(LISTENER_TYPE, lds_version) or self._nacked(LISTENER_TYPE,
+                                                                             lds_version)
+                return lds and (not secrets or self._acked(SECRET, sds_version)
+                                or self._nacked(SECRET, sds_version))
+
+            if has_listeners:
+                with contextlib.suppress(TimeoutError):
+                    await self.xds.wait_for(answered, timeout=2.0)
+            listeners_ok = self._acked(LISTENER_TYPE, lds_version) and (
+                not secrets or self._acked(SECRET, sds_version))
+            tunnel_acked = False
+            if envoy.tunnel is not None and listeners_ok:
+                self.tunnel_acked = envoy.tunnel
+                tunnel_acked = True
+                assert self._acked_changed is not None
+                async with self._acked_changed:
+                    self._acked_changed.notify_all()
+            return PushOutcome(listeners_ok or not has_listeners, tunnel_acked)
+
+    def finish(self, envoy: EnvoyPart, k: Mapping[str, list]) -> None:
+        """After a push: the rejection that stands, and the routes' statuses."""
+        xsnap = envoy.snapshot
+        # A rejection stands while the version Envoy rejected is the one we still serve.
+        self.nack = None
+        for type_url, st in self.xds.status(self.node).items():
+            nack = st.get("nack")
+            if nack and nack.get("version") == xsnap.type_version(type_url):
+                self.nack = {"type": type_url, "version": nack["version"],
+                             "message": nack.get("message", ""),
+                             "resource_names": list(nack.get("resource_names") or [])}
+                break
+        self.owners = envoy.result.owners
+        self._write_statuses(envoy.result.route_statuses, k)
+        self.error = None
+        self.syncs += 1
+
+    def report_mesh(self) -> None:
+        """Tell the control plane (the Node's status) which roots this node's Envoy trusts and
+        which roots issued the leaves it presents: a CA rotation advances on these."""
+        assert self.certs is not None
+        leaves = self.certs.snapshot()
+        plan = self.tunnel_acked
+        mesh = {"trustedRoots": sorted(self.bundle_fingerprints),
+                "leafIssuers": sorted({leaves[i].issuer_fingerprint
+                                       for i in (plan.secrets if plan else ()) if i in leaves}),
+                "certificates": len(plan.secrets) if plan else 0}
+        if mesh == self._mesh_reported:
+            return
+        with self.store.transaction() as t:
+            node = t.get("Node", "", self.node)
+            if node is None:
+                return
+            status = dict(node.get("status") or {})
+            status["mesh"] = mesh
+            t.put_status("Node", "", self.node, status)
+        self._mesh_reported = mesh
+
+    def _nacked(self, type_url: str, version: str) -> bool:
+        nack = (self.xds.status(self.node).get(type_url) or {}).get("nack")
+        return bool(nack) and nack.get("version") == version
+
+    def _acked(self, type_url: str, version: str) -> bool:
+        """`version` acknowledged by the current Envoy (not by one it replaced)."""
+        st = self.xds.status(self.node).get(type_url) or {}
+        return (bool(version) and st.get("acked_version") == version
+                and (st.get("acked_at") or 0) >= self._envoy_since)
 
     def cover_pod(self, pod: dict, ip: str, timeout: float = 15.0) -> None:
         """Block until the node's Envoy can carry a new local pod's connections through the
@@ -498,154 +503,6 @@ class ProxyManager:
                                         f"its mutual-TLS configuration within {timeout:g} s")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._acked_changed.wait(), min(left, 1.0))
-
-    async def sync(self) -> None:
-        assert self._push_lock is not None
-        async with self._push_lock:
-            self.synced.begin()
-            try:
-                revision = await self._push()
-            except BaseException:
-                self.synced.failed()
-                raise
-            self.synced.done(revision)
-
-    async def _push(self) -> int:
-        """Translate the store as the informer has it and bring Envoy to it; returns that revision."""
-        t0 = time.monotonic()
-        revision = self.informer.revision
-        result, k, tunnel, secrets = await asyncio.to_thread(self._translate)
-        self.ports = dict(result.ports)
-        await asyncio.to_thread(self._save_ports)
-        new = {**result.service_redirects, **result.pod_redirects}
-        # 1. Redirects that go away or move go first: no connection may reach a port Envoy drops.
-        interim = {key: port for key, port in self.redirects.items() if new.get(key) == port}
-        if interim != self.redirects:
-            await asyncio.to_thread(self._set_redirects, interim, result)
-        # 2. The snapshot, and Envoy's answer.
-        snap = result.snapshot
-        by_type = {t: list(msgs) for t, msgs in snap.by_type().items()}
-        if tunnel is not None:
-            by_type[LISTENER] += tunnel.listeners
-            by_type[CLUSTER] += tunnel.clusters
-            if secrets:
-                by_type[SECRET] = secrets
-        xsnap = Snapshot(by_type)
-        self.xds.set_snapshot(self.node, xsnap)
-        self.tunnel = tunnel
-        # Redirects need Envoy's listeners (and the tunnel's, the secrets they present): wait
-        # for those answers only (an Envoy with no clusters never answers for endpoints).
-        lds_version = xsnap.type_version(LISTENER_TYPE)
-        sds_version = xsnap.type_version(SECRET)
-        has_listeners = bool(xsnap.names(LISTENER_TYPE))
-
-        def answered() -> bool:
-            lds = self._acked(LISTENER_TYPE, lds_version) or self._nacked(LISTENER_TYPE,
-                                                                         lds_version)
-            return lds and (not secrets or self._acked(SECRET, sds_version)
-                            or self._nacked(SECRET, sds_version))
-
-        if has_listeners:
-            with contextlib.suppress(TimeoutError):
-                await self.xds.wait_for(answered, timeout=2.0)
-        listeners_ok = self._acked(LISTENER_TYPE, lds_version) and (
-            not secrets or self._acked(SECRET, sds_version))
-        if tunnel is not None and listeners_ok:
-            self.tunnel_acked = tunnel
-            assert self._acked_changed is not None
-            async with self._acked_changed:
-                self._acked_changed.notify_all()
-            if tunnel.listeners and self.datapath is not None and self.envoy is not None:
-                await self._fill_tunnel(self.envoy.pid)
-            await asyncio.to_thread(self._report_mesh, secrets)
-        state = self.xds.sync_state(self.node)
-        # 3. New redirects, once Envoy has the listeners.
-        if listeners_ok or not has_listeners:
-            self._envoy_back()
-            await asyncio.to_thread(self._set_redirects, new, result)
-        else:
-            # Retried in a second (or at the next change).
-            log.warning("Envoy has not accepted the listeners (%s); redirects wait", state)
-            if self._loop is not None:
-                self._loop.call_later(1.0, self._dirty.set)
-        # A rejection stands while the version Envoy rejected is the one we still serve.
-        self.nack = None
-        for type_url, st in self.xds.status(self.node).items():
-            nack = st.get("nack")
-            if nack and nack.get("version") == xsnap.type_version(type_url):
-                self.nack = {"type": type_url, "version": nack["version"],
-                             "message": nack.get("message", ""),
-                             "resource_names": list(nack.get("resource_names") or [])}
-                break
-        self.owners = result.owners
-        await asyncio.to_thread(self._write_statuses, result.route_statuses, k)
-        self.listener_targets = {port: key for key, port in result.ports.items()}
-        self.error = None
-        self.syncs += 1
-        if self.timer is not None:
-            self.timer.observe(time.monotonic() - t0)
-        return revision
-
-    async def _fill_tunnel(self, pid: int, timeout: float = 5.0) -> None:
-        """Put Envoy's tunnel listeners in the socket lookup. Envoy acknowledges listeners
-        before its workers listen on them (a new Envoy, under load, took up to ~0.3 s here), so
-        look again every 10 ms until both are there; else retry at the next push, in 1 s."""
-        assert self.datapath is not None
-        deadline = time.monotonic() + timeout
-        while True:
-            await asyncio.to_thread(self.datapath.set_tunnel_up, pid)
-            if self.datapath.tunnel_up:
-                return
-            if time.monotonic() > deadline:
-                log.warning("Envoy (pid %d) does not listen on the tunnel ports yet; "
-                            "retrying in 1 s", pid)
-                if self._loop is not None:
-                    self._loop.call_later(1.0, self._dirty.set)
-                return
-            await asyncio.sleep(0.01)
-
-    def _report_mesh(self, secrets: list) -> None:
-        """Tell the control plane (the Node's status) which roots this node's Envoy trusts and
-        which roots issued the leaves it presents: a CA rotation advances on these."""
-        assert self.certs is not None
-        leaves = self.certs.snapshot()
-        plan = self.tunnel_acked
-        mesh = {"trustedRoots": sorted(self.bundle_fingerprints),
-                "leafIssuers": sorted({leaves[i].issuer_fingerprint
-                                       for i in (plan.secrets if plan else ()) if i in leaves}),
-                "certificates": len(plan.secrets) if plan else 0}
-        if mesh == self._mesh_reported:
-            return
-        with self.store.transaction() as t:
-            node = t.get("Node", "", self.node)
-            if node is None:
-                return
-            status = dict(node.get("status") or {})
-            status["mesh"] = mesh
-            t.put_status("Node", "", self.node, status)
-        self._mesh_reported = mesh
-
-    def _nacked(self, type_url: str, version: str) -> bool:
-        nack = (self.xds.status(self.node).get(type_url) or {}).get("nack")
-        return bool(nack) and nack.get("version") == version
-
-    def _acked(self, type_url: str, version: str) -> bool:
-        """`version` acknowledged by the current Envoy (not by one it replaced)."""
-        st = self.xds.status(self.node).get(type_url) or {}
-        return (bool(version) and st.get("acked_version") == version
-                and (st.get("acked_at") or 0) >= self._envoy_since)
-
-    def _set_redirects(self, redirects: Mapping[RedirectKey, int], result) -> None:
-        applied = (dict(redirects), {k: set(v) for k, v in self.l7_identities.items()})
-        if applied == self._redirects_applied:
-            return  # nothing new for the datapath (a resync of its maps would only wait)
-        self.redirects = dict(redirects)
-        if self.datapath is None:
-            return
-        service = {k: v for k, v in redirects.items() if k in result.service_redirects}
-        pod = {k: v for k, v in redirects.items() if k in result.pod_redirects}
-        self.datapath.set_proxy_redirects(service, pod, self.l7_identities)
-        self._redirects_applied = applied
 
     def _write_statuses(self, statuses: Mapping[RouteKey, dict], k: Mapping[str, list]) -> None:
         now = now_rfc3339()
@@ -688,14 +545,13 @@ class ProxyManager:
                  resource_names: list[str]) -> None:
         log.warning("Envoy rejected %s %s: %s (suspects: %s)", type_url.rsplit(".", 1)[-1],
                     version, message, ", ".join(resource_names))
-        # The next sync reads the rejection from the xDS status and writes it into the routes.
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._dirty.set)
+        # The next step reads the rejection from the xDS status and writes it into the routes.
+        self.on_change()
 
     def _on_access_log(self, node: str, _log_name: str,
                        entry: accesslog_pb2.HTTPAccessLogEntry | accesslog_pb2.TCPAccessLogEntry
                        ) -> None:
-        ctx = self.datapath.context if self.datapath is not None else None
+        ctx = self.context
         if ctx is None:
             return
         if isinstance(entry, accesslog_pb2.TCPAccessLogEntry):
@@ -750,22 +606,6 @@ class ProxyManager:
 def meta_ref(pod: Mapping[str, Any]) -> str:
     meta = pod["metadata"]
     return f"{meta.get('namespace') or 'default'}/{meta['name']}"
-
-
-def workload_secret(identity: str, leaf: Any) -> secret_pb2.Secret:
-    """An SDS secret with a workload identity's certificate chain and key (named by its
-    SPIFFE ID)."""
-    s = secret_pb2.Secret(name=identity)
-    s.tls_certificate.certificate_chain.inline_bytes = leaf.chain_pem
-    s.tls_certificate.private_key.inline_bytes = leaf.key_pem
-    return s
-
-
-def roots_secret(roots: list[bytes]) -> secret_pb2.Secret:
-    """The trust bundle as an SDS validation context."""
-    s = secret_pb2.Secret(name=ROOTS_SECRET)
-    s.validation_context.trusted_ca.inline_bytes = b"".join(roots)
-    return s
 
 
 def _bad_regexes(route: Mapping[str, Any]) -> list[str]:

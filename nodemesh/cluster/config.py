@@ -14,17 +14,13 @@ import os
 from dataclasses import dataclass, field
 
 from nodemesh.errors import NoCluster, NodemeshError
+from nodemesh.node.addresses import NODE_DNS_IP, POD_GATEWAY  # noqa: F401 - re-exported
 
 DEFAULT_STATE_DIR = "/var/lib/nodemesh"
 DEFAULT_CLUSTER_NAME = "nodemesh"
 UNDERLAY_CIDR = "172.30.0.0/24"
 POD_CIDR_FORMAT = "10.244.{index}.0/24"
 SERVICE_CIDR = "10.96.0.0/16"
-# Every pod routes through this address, which each node holds on its loopback (so the node
-# answers ARP for it on every pod veth without proxy_arp).
-POD_GATEWAY = "169.254.1.1"
-# Node-local DNS, as NodeLocal DNSCache does it: the same address on every node.
-NODE_DNS_IP = "169.254.20.10"
 CLUSTER_DOMAIN = "cluster.local"
 METRICS_BASE_PORT = 9962
 DEFAULT_TRUST_DOMAIN = "cluster.local"

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from nodemesh.cluster import scheduler
+from nodemesh.model.workloads import is_deleting, pod_ready
 from nodemesh.store import Store
 from nodemesh.store.base import now_rfc3339
 
@@ -27,17 +28,6 @@ HASH_LABEL = "pod-template-hash"
 def template_hash(template: dict) -> str:
     digest = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).digest()
     return "".join(_SUFFIX_ALPHABET[b % len(_SUFFIX_ALPHABET)] for b in digest[:10])
-
-
-def pod_ready(pod: dict) -> bool:
-    for c in (pod.get("status") or {}).get("conditions") or []:
-        if c.get("type") == "Ready":
-            return c.get("status") == "True"
-    return False
-
-
-def is_deleting(obj: dict) -> bool:
-    return bool(obj["metadata"].get("deletionTimestamp"))
 
 
 def owned_by(pod: dict, owner: dict) -> bool:

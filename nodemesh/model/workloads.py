@@ -9,6 +9,7 @@ and have no effect. docs/resources.md lists every decision.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from nodemesh.model.common import LABEL_SELECTOR, PORT, TEMPLATE_METADATA
@@ -401,3 +402,16 @@ DEPLOYMENT_SPEC = Obj(
         Hook(_deployment_restart, needs=("template.spec.restartPolicy",)),
     ],
 )
+
+
+def pod_ready(pod: Mapping[str, Any]) -> bool:
+    """The pod's Ready condition is True."""
+    for c in (pod.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Ready":
+            return c.get("status") == "True"
+    return False
+
+
+def is_deleting(obj: Mapping[str, Any]) -> bool:
+    """The object has a deletionTimestamp (it is terminating)."""
+    return bool(obj["metadata"].get("deletionTimestamp"))
