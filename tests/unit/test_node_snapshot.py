@@ -214,3 +214,53 @@ def test_interim_lb_keeps_ids_of_final_lb():
     snap = build_node_snapshot(inp)  # no Envoy: the redirect goes
     assert snap.redirects_interim == Redirects() and snap.lb is snap.lb_interim
     assert all(v.l7_proxy_port == 0 for v in snap.lb.svc.values())
+
+
+def route(name: str, parent: str, backend: str, port: int = 80) -> dict:
+    return {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": name, "namespace": "default", "uid": f"uid-{name}",
+                         "generation": 1},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": parent,
+                                     "port": port}],
+                     "rules": [{"backendRefs": [{"name": backend, "port": port}]}]}}
+
+
+def routed_objects(with_route: bool = True) -> dict:
+    return objects(
+        Pod=[pod("a", "10.244.1.2", labels={"app": "web"}),
+             pod("b", "10.244.1.3", labels={"app": "api"})],
+        Service=[service("web", "10.96.0.10", {"app": "web"}, [{"port": 80}]),
+                 service("api", "10.96.0.11", {"app": "api"}, [{"port": 80}])],
+        HTTPRoute=[route("r", "web", "api")] if with_route else [])
+
+
+def test_a_route_gives_envoy_resources_and_a_service_redirect_that_waits_for_envoy():
+    inp = dataclasses.replace(inputs(routed_objects()), proxy=True)
+    snap = build_node_snapshot(inp)
+    assert snap.envoy is not None and snap.envoy.snapshot.names(
+        "type.googleapis.com/envoy.config.listener.v3.Listener")
+    key = RedirectKey("10.96.0.10", 80, "TCP")
+    assert set(snap.redirects.service) == {key}
+    # Nothing was redirected before: the datapath first gets the services without it ...
+    assert snap.redirects_interim == Redirects()
+    assert all(v.l7_proxy_port == 0 for v in snap.lb_interim.svc.values())
+    # ... and the redirect once Envoy has the listener, with the same service ids.
+    port = snap.redirects.service[key]
+    assert port in {v.l7_proxy_port for v in snap.lb.svc.values()}
+    assert snap.lb.rev_nat == snap.lb_interim.rev_nat
+    assert snap.envoy.listener_targets[port] == key
+    # The route's status comes with it.
+    assert any(k.name == "r" for k in snap.envoy.result.route_statuses)
+
+
+def test_a_redirect_already_in_the_kernel_stays_while_envoy_changes():
+    inp = dataclasses.replace(inputs(routed_objects()), proxy=True)
+    first = build_node_snapshot(inp)
+    again = build_node_snapshot(dataclasses.replace(
+        inp, applied=first.redirects, proxy_ports=first.envoy.result.ports,
+        previous_lb=first.lb))
+    assert again.redirects_interim == first.redirects == again.redirects
+    gone = build_node_snapshot(dataclasses.replace(
+        inputs(routed_objects(with_route=False)), proxy=True, applied=first.redirects,
+        proxy_ports=first.envoy.result.ports, previous_lb=first.lb))
+    assert gone.redirects == Redirects() == gone.redirects_interim  # removed before Envoy changes
