@@ -101,15 +101,16 @@ class Agent:
         self.informer.add_listener(self._on_change)
         self.informer.start()
         await asyncio.to_thread(self.informer.wait_synced)
-        # The datapath adopts what the previous agent left pinned, then catches up.
-        if self.datapath is not None and self.reconciler is not None:
-            await asyncio.to_thread(self.datapath.start)
-            await asyncio.to_thread(self.reconciler.reconcile)
-        # Records first: queries queued while no agent ran are answered as soon as we listen.
+        # DNS first (it needs only the store): records first, so queries queued while no agent
+        # ran are answered as soon as we listen.
         k = self.informer.kinds(("Service", "Pod"))
         self.dns.records = build_records(k["Service"], k["Pod"])
         self._dns_dirty = False
         await self.dns.start()
+        # The datapath adopts what the previous agent left pinned, then catches up.
+        if self.datapath is not None and self.reconciler is not None:
+            await asyncio.to_thread(self.datapath.start)
+            await asyncio.to_thread(self.reconciler.reconcile)
         if self.proxy is not None:
             await self.proxy.start()
             assert self.datapath is not None
