@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.root  # real clusters: namespaces, cgroups, BPF
+
 MAX_ERROR_FRACTION = 0.01
 
 
