@@ -44,6 +44,7 @@ build/bpf/%.bpf.o: bpf/%.bpf.c $(BPF_HEADERS)
 
 test: setup
 	$(VENV)/bin/ruff check nodemesh tests
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest tests
 
 # The fuzz suite (tests/fuzz) with 1,000,000 cases in total instead of make test's 10,000
@@ -63,6 +64,7 @@ demo: setup
 
 lint: setup
 	$(VENV)/bin/ruff check nodemesh tests
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: setup
 	$(VENV)/bin/nodemesh bench

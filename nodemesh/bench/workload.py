@@ -324,10 +324,10 @@ _TLS_INSPECTOR = {"name": "envoy.filters.listener.tls_inspector", "typed_config"
 def sidecar_tls_socket(tls: SidecarTls, upstream: bool, peer_id: str = "",
                        sni: str = "") -> dict[str, Any]:
     """Istio's ISTIO_MUTUAL transport socket, built from nodemesh's own tunnel TLS settings
-    (`nodemesh.mtls.tls`: TLS 1.3 only, Envoy's default ciphers and curves) so both meshes
+    (`nodemesh.route.tls`: TLS 1.3 only, Envoy's default ciphers and curves) so both meshes
     negotiate the same; static certificates instead of SDS, Istio's ALPN, and the peer's
     SPIFFE ID checked where Istio checks it (the client checks the server's)."""
-    from nodemesh.mtls import tls as mesh_tls
+    from nodemesh.route import tls as mesh_tls
 
     build = mesh_tls.upstream_tls if upstream else mesh_tls.downstream_tls
     sock = build(tls.spiffe_id, {"exact": peer_id or tls.spiffe_id})

@@ -20,6 +20,7 @@ from nodemesh.model.names import (
     check_iana_svc_name,
     parse_cidr,
 )
+from nodemesh.model.regex import re2_problem
 from nodemesh.model.schema import (
     Bool,
     Ctx,
@@ -100,11 +101,7 @@ def check_http_regex(value: str) -> str | None:
     """
     if not value:
         return None  # empty matches everything: rbac.py sends no regex for it
-    # Imported here: nodemesh.route imports the model (route.actions → model.routes), and
-    # validating a manifest need not load Envoy's protobufs.
-    from nodemesh.route.validate import check_regex
-
-    why = check_regex(value)
+    why = re2_problem(value)
     return f"{quote(value)} is not a regular expression Envoy's RE2 accepts: {why}" if why else None
 
 

@@ -6,13 +6,23 @@ Two kinds of selector exist in the API and they behave differently when empty:
   ``endpointSelector``) has ``matchLabels`` and ``matchExpressions``; ``{}`` selects everything
   and an absent selector (None) selects nothing;
 - a Service's ``spec.selector`` is a plain map; empty or absent selects nothing.
+
+`selector_matches` is the one LabelSelector matcher: the model, the policy compiler
+(`nodemesh.policy.selectors`, with the security-label lookup), the CLI's ``-l`` and the flow
+filters all call it. `parse_selector` reads kubectl's ``-l`` syntax into a LabelSelector.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
+from typing import Any
 
+from nodemesh.errors import NodemeshError
 from nodemesh.model.names import check_dns1123_subdomain
+
+# How a selector key finds its value in a label set (None: the label is not there).
+Lookup = Callable[[Mapping[str, str], str], str | None]
 
 _LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 
@@ -75,37 +85,77 @@ def _bare(key: str) -> str:
     return rest if source in CILIUM_SOURCES else key
 
 
-def selector_matches(selector: dict | None, labels: dict[str, str]) -> bool:
+def plain_label(labels: Mapping[str, str], key: str) -> str | None:
+    """The label named exactly `key` (Kubernetes selectors)."""
+    return labels.get(key)
+
+
+def bare_label(labels: Mapping[str, str], key: str) -> str | None:
+    """The label named `key` without a Cilium ``k8s:``/``any:`` source prefix."""
+    return labels.get(_bare(key))
+
+
+def selector_matches(
+    selector: Mapping[str, Any] | None, labels: Mapping[str, str], lookup: Lookup = bare_label
+) -> bool:
     """Does a LabelSelector select an object with these labels? None selects nothing, {} all.
 
-    Keys may carry Cilium's ``k8s:``/``any:`` source prefixes; they match the plain label.
+    `lookup` finds a key's value; by default keys may carry Cilium's ``k8s:``/``any:`` source
+    prefixes and match the plain label. Operators: In, NotIn, Exists, DoesNotExist (validation
+    refuses others; an unknown one selects nothing: never grant on something not understood).
     """
     if selector is None:
         return False
-    for k, v in (selector.get("matchLabels") or {}).items():
-        if labels.get(_bare(k)) != v:
+    for key, want in (selector.get("matchLabels") or {}).items():
+        if lookup(labels, key) != str(want):
             return False
     for expr in selector.get("matchExpressions") or []:
-        key, op = _bare(expr["key"]), expr["operator"]
-        values = expr.get("values") or []
-        present = key in labels
+        value = lookup(labels, expr.get("key", ""))
+        values = [str(v) for v in expr.get("values") or []]
+        op = expr.get("operator")
         if op == "In":
-            ok = present and labels[key] in values
+            ok = value is not None and value in values
         elif op == "NotIn":
-            ok = not present or labels[key] not in values
+            ok = value is None or value not in values
         elif op == "Exists":
-            ok = present
+            ok = value is not None
         elif op == "DoesNotExist":
-            ok = not present
-        else:  # validation refuses other operators; never select on an unknown one
+            ok = value is None
+        else:
             ok = False
         if not ok:
             return False
     return True
 
 
-def service_selects(selector: dict | None, labels: dict[str, str]) -> bool:
+def service_selects(selector: Mapping[str, str] | None, labels: Mapping[str, str]) -> bool:
     """Does a Service's map selector pick a pod with these labels? Empty or None picks none."""
     if not selector:
         return False
     return all(labels.get(k) == v for k, v in selector.items())
+
+
+_SEL_RE = re.compile(r"^\s*(!?)([A-Za-z0-9./_-]+)\s*(?:(==|=|!=)\s*([A-Za-z0-9._-]*)|"
+                     r"\s+(in|notin)\s*\(([^)]*)\))?\s*$")
+
+
+def parse_selector(text: str) -> dict:
+    """kubectl's -l syntax (`a=b,c!=d,e,!f,g in (x,y)`) → a LabelSelector."""
+    parts = re.split(r",(?![^()]*\))", text)
+    match_labels: dict[str, str] = {}
+    exprs: list[dict] = []
+    for part in parts:
+        m = _SEL_RE.match(part)
+        if not m:
+            raise NodemeshError(f"-l {text!r}: cannot parse {part.strip()!r}", 2)
+        neg, key, op, val, setop, setvals = m.groups()
+        if op in ("=", "=="):
+            match_labels[key] = val
+        elif op == "!=":
+            exprs.append({"key": key, "operator": "NotIn", "values": [val]})
+        elif setop:
+            exprs.append({"key": key, "operator": "In" if setop == "in" else "NotIn",
+                          "values": [v.strip() for v in setvals.split(",") if v.strip()]})
+        else:
+            exprs.append({"key": key, "operator": "DoesNotExist" if neg else "Exists"})
+    return {"matchLabels": match_labels, "matchExpressions": exprs}

@@ -30,7 +30,10 @@ from nodemesh.model.schema import (
     quote,
     type_name,
 )
-from nodemesh.mtls.peerauth import ROOT_NAMESPACE
+
+# The namespace whose selector-less PeerAuthentication applies mesh-wide (Istio's istio-system);
+# `nodemesh.mtls.peerauth` resolves modes with it.
+ROOT_NAMESPACE = "nodemesh-system"
 
 # -- ServiceAccount --------------------------------------------------------------------------
 

@@ -28,7 +28,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from types import MappingProxyType
 
-ROOT_NAMESPACE = "nodemesh-system"
+from nodemesh.model.labels import service_selects
+from nodemesh.model.security import ROOT_NAMESPACE
+
 DEFAULT_NAMESPACE = "default"  # of an object whose metadata names none, as the store fills it
 UNSET = "UNSET"  # an input value only: "take the mode of the broader level"
 
@@ -136,10 +138,6 @@ def _read(pa: Mapping) -> _Policy:
     )
 
 
-def _selects(match_labels: Mapping[str, str], labels: Mapping[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in match_labels.items())
-
-
 def resolve_modes(
     pods: Iterable[Mapping],
     peer_authentications: Iterable[Mapping],
@@ -178,7 +176,7 @@ def resolve_modes(
         if ns_policy is not None and ns_policy.mode is not None:
             mode = ns_policy.mode
         chosen = next((p for p in workload.get(namespace, ())
-                       if p.match_labels is not None and _selects(p.match_labels, labels)), None)
+                       if p.match_labels is not None and service_selects(p.match_labels, labels)), None)
         ports: dict[int, Mode] = {}
         if chosen is not None:
             if chosen.mode is not None:

@@ -63,15 +63,15 @@ from nodemesh.datapath.layout import (
     IpcacheFlags,
 )
 from nodemesh.mtls.peerauth import Mode, WorkloadMode
-from nodemesh.mtls.tls import (
+from nodemesh.route.protos import Cluster, Listener, parse
+from nodemesh.route.resources import XDS_CLUSTER
+from nodemesh.route.tls import (
     ALPN,
     any_workload,
     downstream_tls,
     upstream_socket_options,
     upstream_tls,
 )
-from nodemesh.route.protos import Cluster, Listener, parse
-from nodemesh.route.resources import XDS_CLUSTER
 
 OUTBOUND_LISTENER = "tunnel/outbound"
 INBOUND_LISTENER = "tunnel/inbound"

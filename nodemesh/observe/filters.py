@@ -12,9 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 
-from nodemesh.cli.selectors import parse_selector
 from nodemesh.errors import NodemeshError
-from nodemesh.model.labels import selector_matches
+from nodemesh.model.labels import parse_selector, selector_matches
 
 TYPES = ("trace", "drop", "l7", "agent")
 PROTOCOLS = ("tcp", "udp", "icmp", "http", "grpc")

@@ -8,7 +8,7 @@ Cilium selectors (``endpointSelector``, ``fromEndpoints``) may prefix a key with
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from nodemesh.identity.labels import (
@@ -17,44 +17,18 @@ from nodemesh.identity.labels import (
     label_value,
     split_source,
 )
-
-Lookup = Callable[[Mapping[str, str], str], str | None]
-
-
-def _plain(labels: Mapping[str, str], key: str) -> str | None:
-    return labels.get(key)
+from nodemesh.model.labels import Lookup, plain_label, selector_matches
 
 
 def matches(
-    selector: Mapping[str, Any] | None, labels: Mapping[str, str], lookup: Lookup = _plain
+    selector: Mapping[str, Any] | None, labels: Mapping[str, str], lookup: Lookup = plain_label
 ) -> bool:
     """Does a LabelSelector select these labels? None selects nothing, ``{}`` everything.
 
-    Operators: In, NotIn, Exists, DoesNotExist (an unknown operator selects nothing: never grant
-    on something we do not understand).
+    Kubernetes selectors match the plain label names; the matching itself is
+    `nodemesh.model.labels.selector_matches`, the one implementation.
     """
-    if selector is None:
-        return False
-    for key, want in (selector.get("matchLabels") or {}).items():
-        if lookup(labels, key) != str(want):
-            return False
-    for expr in selector.get("matchExpressions") or []:
-        value = lookup(labels, expr.get("key", ""))
-        values = [str(v) for v in expr.get("values") or []]
-        op = expr.get("operator")
-        if op == "In":
-            ok = value is not None and value in values
-        elif op == "NotIn":
-            ok = value is None or value not in values
-        elif op == "Exists":
-            ok = value is not None
-        elif op == "DoesNotExist":
-            ok = value is None
-        else:
-            ok = False
-        if not ok:
-            return False
-    return True
+    return selector_matches(selector, labels, lookup)
 
 
 def cilium_matches(selector: Mapping[str, Any] | None, labels: Mapping[str, str]) -> bool:

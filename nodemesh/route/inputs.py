@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from nodemesh.model.labels import service_selects
+
 PROXY_IP = "169.254.42.1"
 FIRST_LISTENER_PORT = 15001
 CONTROLLER_NAME = "nodemesh.io/mesh"
@@ -92,8 +94,7 @@ class Service:
     def selects(self, pod: Pod) -> bool:
         """Kubernetes: a Service picks the pods of its namespace whose labels include its
         selector; an empty selector picks none."""
-        return (bool(self.selector) and pod.namespace == self.namespace
-                and all(pod.labels.get(k) == v for k, v in self.selector.items()))
+        return pod.namespace == self.namespace and service_selects(self.selector, pod.labels)
 
     @classmethod
     def from_object(cls, obj: Mapping[str, Any]) -> Service:

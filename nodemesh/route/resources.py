@@ -28,7 +28,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nodemesh.datapath.layout import NM_MARK_AUTH
-from nodemesh.mtls.tls import upstream_socket_options, upstream_tls
 from nodemesh.route.inputs import PROXY_IP, RedirectKey
 from nodemesh.route.names import stat_prefix
 from nodemesh.route.protos import (
@@ -47,6 +46,7 @@ from nodemesh.route.protos import (
     UPSTREAM_CODEC_FILTER,
     UPSTREAM_CODEC_TYPE,
 )
+from nodemesh.route.tls import upstream_socket_options, upstream_tls
 
 XDS_CLUSTER = "xds_cluster"  # the bootstrap's static cluster towards the agent (xDS and ALS)
 ALS_LOG_NAME = "nodemesh"

@@ -13,6 +13,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from nodemesh.cluster.procs import ProcRef
 from nodemesh.store import open_store
 from tests.integration.clusterharness import Cluster
@@ -21,6 +23,8 @@ from tests.integration.test_datapath_restart import POLICY as SERVER_POLICY  # o
 from tests.integration.test_datapath_restart import SERVER, client
 from tests.integration.test_envoy_crash import POLICY as L7_POLICY  # GET /public/.* on alpha
 from tests.integration.test_routes import CLIENT, deployment, route, service
+
+pytestmark = pytest.mark.root  # real clusters: namespaces, cgroups, BPF
 
 LOOP_SECONDS = 60.0
 KILL_EVERY = 2.0

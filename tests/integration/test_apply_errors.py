@@ -8,6 +8,8 @@ import pytest
 from nodemesh.store import open_store
 from tests.integration.clusterharness import Cluster
 
+pytestmark = pytest.mark.root  # real clusters: namespaces, cgroups, BPF
+
 GOOD = """
 apiVersion: v1
 kind: Service

@@ -12,6 +12,8 @@ import pytest
 
 from tests.integration.clusterharness import Cluster, new_cluster, pod_ready
 
+pytestmark = pytest.mark.root  # real clusters: namespaces, cgroups, BPF
+
 ECHO = "registry.k8s.io/gateway-api/conformance/echo-advanced:v0.1.0"
 
 APP = f"""

@@ -9,7 +9,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.integration.clusterharness import Cluster
+
+pytestmark = pytest.mark.root  # real clusters: namespaces, cgroups, BPF
 
 SERVER = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "server", "labels": {"app": "server"}},
           "spec": {"nodeName": "node2", "containers": [{

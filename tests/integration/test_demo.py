@@ -9,7 +9,11 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
+
 from tests.integration.clusterharness import Cluster, become_subreaper
+
+pytestmark = pytest.mark.root  # real clusters: namespaces, cgroups, BPF
 
 
 def test_demo_report() -> None:

@@ -20,6 +20,8 @@ from nodemesh.cluster.procs import start_time
 from tests.integration.clusterharness import Cluster
 from tests.integration.test_routes import CLIENT, deployment, route, service
 
+pytestmark = pytest.mark.root  # real clusters: namespaces, cgroups, BPF
+
 # Back within this much of the kill in the test (typically 150-250 ms: docs/reliability.md; the
 # bound leaves room for a loaded CI machine).
 RECOVERY_BOUND_S = 1.5

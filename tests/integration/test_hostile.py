@@ -14,6 +14,8 @@ import pytest
 
 from tests.integration.clusterharness import Cluster, new_cluster
 
+pytestmark = pytest.mark.root  # real clusters: namespaces, cgroups, BPF
+
 
 def pod(name: str) -> dict:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},

@@ -13,6 +13,8 @@ import pytest
 
 from tests.integration.clusterharness import Cluster
 
+pytestmark = pytest.mark.root  # real clusters: namespaces, cgroups, BPF
+
 SERVER = {"apiVersion": "v1", "kind": "Pod",
           "metadata": {"name": "server", "labels": {"app": "server"}},
           "spec": {"nodeName": "node2", "containers": [{

@@ -19,6 +19,8 @@ import pytest
 from tests.integration.capture import capture
 from tests.integration.clusterharness import Cluster, new_cluster
 
+pytestmark = pytest.mark.root  # real clusters: namespaces, cgroups, BPF
+
 MARKER = "MARKER-7c1b-CLEARTEXT"
 
 SERVER = {"apiVersion": "v1", "kind": "Pod",

@@ -126,6 +126,7 @@ def model() -> Iterator[Model]:
         assert not c.leftovers()
 
 
+@pytest.mark.root
 def test_model_spans_both_nodes(model: Model) -> None:
     nodes = {p["spec"]["nodeName"] for ns in nc.NAMESPACES for p in model.c.pods(ns)}
     assert nodes == {"node1", "node2"}
@@ -136,6 +137,7 @@ def test_case_counts() -> None:
     assert len(nc.CILIUM_CASES) >= 8
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("case", nc.CASES, ids=[c.name for c in nc.CASES])
 def test_reachability_matrix(model: Model, case: nc.Case) -> None:
     model.reset()

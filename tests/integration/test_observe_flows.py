@@ -12,6 +12,8 @@ import pytest
 
 from tests.integration.clusterharness import Cluster
 
+pytestmark = pytest.mark.root  # real clusters: namespaces, cgroups, BPF
+
 ECHO = "registry.k8s.io/gateway-api/conformance/echo-basic"
 
 

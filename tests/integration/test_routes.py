@@ -14,6 +14,8 @@ import pytest
 
 from tests.integration.clusterharness import Cluster, new_cluster
 
+pytestmark = pytest.mark.root  # real clusters: namespaces, cgroups, BPF
+
 ECHO = "registry.k8s.io/gateway-api/conformance/echo-basic"
 
 

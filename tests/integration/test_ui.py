@@ -29,8 +29,6 @@ import pytest
 from nodemesh.ui.graph import FlowRecord, Inventory, SockCorrelator, build_graph, inventory_from
 from tests.integration.clusterharness import REPO, Cluster
 
-pytestmark = pytest.mark.root
-
 ECHO = "registry.k8s.io/gateway-api/conformance/echo-basic"
 SCREENSHOT = os.path.join(REPO, "docs", "service-map.png")
 
@@ -350,6 +348,7 @@ def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
+@pytest.mark.root
 def test_service_map(demo: Cluster, ui: str, browser) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -429,6 +428,7 @@ print(s.recv(100).split(b"\r\n")[0].decode())
 HOSTILE_PATH = "/x<svg/onload=window.__pwned=1>"  # no space: Envoy would refuse the line
 
 
+@pytest.mark.root
 def test_user_strings_are_shown_as_text(demo: Cluster, ui: str, browser) -> None:
     """An HTTP path with markup (from an L7 flow) shows literally in the flow list and runs
     nothing, in the real browser."""

@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from tests.integration.clusterharness import Cluster
+
+pytestmark = pytest.mark.root  # real clusters: namespaces, cgroups, BPF
 
 MANIFEST = """
 apiVersion: v1

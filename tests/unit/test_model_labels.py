@@ -1,10 +1,14 @@
-"""Label syntax and selector matching."""
+"""Label syntax, selector parsing and matching (the one matcher every caller uses)."""
 
 from __future__ import annotations
 
 import pytest
 
+from nodemesh.errors import NodemeshError
 from nodemesh.model.labels import (
+    bare_label,
+    parse_selector,
+    plain_label,
     selector_matches,
     service_selects,
     validate_cilium_label_key,
@@ -84,3 +88,68 @@ def test_service_selects() -> None:
     assert not service_selects({"app": "api"}, LABELS)
     assert not service_selects({}, LABELS)
     assert not service_selects(None, LABELS)
+
+
+def test_an_unknown_operator_selects_nothing() -> None:
+    assert not selector_matches({"matchExpressions": [{"key": "app", "operator": "Gt"}]}, LABELS)
+
+
+def test_lookups_decide_how_keys_find_labels() -> None:
+    prefixed = {"matchLabels": {"k8s:app": "web"}}
+    assert bare_label(LABELS, "k8s:app") == "web" and plain_label(LABELS, "k8s:app") is None
+    assert selector_matches(prefixed, LABELS)  # the default strips Cilium's sources
+    assert not selector_matches(prefixed, LABELS, plain_label)
+    # Any lookup: here every key is looked up upper-cased.
+    assert selector_matches({"matchLabels": {"app": "WEB"}}, {"app": "web"},
+                            lambda labels, key: (labels.get(key) or "").upper() or None)
+
+
+def test_the_callers_share_the_matcher() -> None:
+    """The policy compiler, the route inputs and the mTLS modes match through model.labels."""
+    from nodemesh.mtls.peerauth import resolve_modes
+    from nodemesh.policy.selectors import cilium_matches, matches
+    from nodemesh.route.inputs import Pod, Service
+
+    sel = {"matchExpressions": [{"key": "env", "operator": "In", "values": ["prod"]}]}
+    assert matches(sel, LABELS) is selector_matches(sel, LABELS, plain_label) is True
+    assert not matches({"matchLabels": {"k8s:app": "web"}}, LABELS)
+    assert cilium_matches({"matchLabels": {"k8s:app": "web"}}, {"app": "web"})
+    assert cilium_matches({"matchLabels": {"reserved:host": ""}}, {"reserved:host": ""})
+    assert not cilium_matches({"matchLabels": {"k8s:host": ""}}, {"reserved:host": ""})
+    svc = Service(namespace="a", name="s", cluster_ip="10.96.0.1", ports=(), selector={"app": "web"})
+    pod = {"namespace": "a", "name": "p", "ip": "10.0.0.1", "node": "n1", "labels": LABELS}
+    assert svc.selects(Pod(**pod))
+    assert not svc.selects(Pod(**{**pod, "namespace": "b"}))
+    assert not Service(namespace="a", name="s", cluster_ip="10.96.0.1", ports=()).selects(Pod(**pod))
+    pa = {"metadata": {"namespace": "a", "name": "strict"},
+          "spec": {"selector": {"matchLabels": {"app": "web"}}, "mtls": {"mode": "STRICT"}}}
+    pods = [{"metadata": {"namespace": "a", "name": n, "labels": {"app": app}}}
+            for n, app in (("w", "web"), ("x", "api"))]
+    modes = resolve_modes(pods, [pa], default="PERMISSIVE")
+    assert modes[("a", "w")].mode == "STRICT" and modes[("a", "x")].mode == "PERMISSIVE"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("app=web", {"matchLabels": {"app": "web"}, "matchExpressions": []}),
+    ("app==web,tier!=db", {"matchLabels": {"app": "web"}, "matchExpressions": [
+        {"key": "tier", "operator": "NotIn", "values": ["db"]}]}),
+    ("canary,!legacy", {"matchLabels": {}, "matchExpressions": [
+        {"key": "canary", "operator": "Exists"}, {"key": "legacy", "operator": "DoesNotExist"}]}),
+    ("env in (a, b),x notin (c)", {"matchLabels": {}, "matchExpressions": [
+        {"key": "env", "operator": "In", "values": ["a", "b"]},
+        {"key": "x", "operator": "NotIn", "values": ["c"]}]}),
+])
+def test_parse_selector(text: str, expected: dict) -> None:
+    assert parse_selector(text) == expected
+
+
+def test_parse_selector_refuses_what_it_cannot_read() -> None:
+    with pytest.raises(NodemeshError, match="cannot parse") as e:
+        parse_selector("app=web,=x")
+    assert e.value.exit_code == 2
+
+
+def test_the_cli_parser_is_the_model_one() -> None:
+    from nodemesh.cli.selectors import parse_selector as cli_parse
+
+    assert cli_parse is parse_selector

@@ -14,7 +14,6 @@ from nodemesh.certs.leaf import make_csr, new_key
 from nodemesh.certs.pem import key_to_pem
 from nodemesh.datapath.layout import IpcacheFlags
 from nodemesh.mtls.peerauth import Mode, WorkloadMode
-from nodemesh.mtls.tls import ROOTS_SECRET
 from nodemesh.mtls.tunnel import (
     INBOUND_LISTENER,
     OUTBOUND_LISTENER,
@@ -25,6 +24,7 @@ from nodemesh.mtls.tunnel import (
     plan_tunnel,
 )
 from nodemesh.route.protos import to_dict
+from nodemesh.route.tls import ROOTS_SECRET
 from nodemesh.route.validate import envoy_path
 
 TD = "cluster.local"

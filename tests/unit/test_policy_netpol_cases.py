@@ -68,7 +68,9 @@ def test_case(case: Case) -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_case_as_admitted(case: Case) -> None:
     """The same, with every policy first validated and defaulted by the model (the exact shape
-    the agent hands the compiler). Cases whose policies nodemesh refuses are skipped."""
+    the agent hands the compiler). A case whose policies nodemesh refuses fails: every case is
+    meant to apply (the real-kernel test applies it through the CLI), so a refusal is a bug in
+    the case or in validation, not a reason to test less."""
     from nodemesh.errors import InvalidManifest
     from nodemesh.model.validate import validate_objects
 
@@ -78,8 +80,18 @@ def test_case_as_admitted(case: Case) -> None:
     try:
         failures = run_case(case, admit)
     except InvalidManifest as e:
-        pytest.skip(f"refused by validation: {e.errors}")
+        pytest.fail(f"case {case.name}: validation refuses its policies: {e.errors}")
     assert not failures, "\n\n".join(failures)
+
+
+def test_a_case_validation_refuses_fails() -> None:
+    refused = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+               "metadata": {"name": "refused", "namespace": "x"},
+               "spec": {"podSelector": {"matchLabels": {"-not-a-key": "a"}}}}
+    case = CASES[0]
+    case = replace(case, steps=(replace(case.steps[0], apply=(refused,)),))
+    with pytest.raises(pytest.fail.Exception, match="validation refuses"):
+        test_case_as_admitted(case)
 
 
 def test_case_counts() -> None:
