@@ -32,7 +32,6 @@ from nodemesh.datapath import layout as L
 from nodemesh.datapath.lb import LbState, compile_lb
 from nodemesh.identity import security_labels
 from nodemesh.model.workloads import is_deleting
-from nodemesh.mtls.tls import ROOTS_SECRET
 from nodemesh.mtls.tunnel import (
     DatapathTunnel,
     MeshPod,
@@ -59,6 +58,7 @@ from nodemesh.route import (
 )
 from nodemesh.route.inputs import PROXY_IP, MtlsView
 from nodemesh.route.snapshot import ProxySnapshotResult
+from nodemesh.route.tls import ROOTS_SECRET
 from nodemesh.route.visibility import visibility_routes
 
 KINDS = ("Pod", "Service", "Namespace", "NetworkPolicy", "CiliumNetworkPolicy", "Identity",
