@@ -105,7 +105,10 @@ _HUBBLE_DROP_NAMES = {
 
 
 class PolicyVerdict(enum.IntEnum):
-    NONE = 0
+    """policy_entry.verdict / policy_port_rule.verdict (POLICY_*): what a policy rule says. Not
+    the flow's `Verdict`, which is what happened to the packet."""
+
+    NONE = 0  # no entry matched (the kernel's value; never a rule's)
     ALLOW = 1
     DENY = 2
     REDIRECT = 3
@@ -162,7 +165,9 @@ class PolicyFlags(enum.IntFlag):
 
 
 class Identity(enum.IntEnum):
-    """Reserved identities, numbered as Cilium does; pod identities start at 256."""
+    """Reserved identities (IDENTITY_*), numbered as Cilium does; pod identities start at
+    FIRST_POD_IDENTITY. ANY is "any identity" in policy keys, never an endpoint's identity.
+    Their names and label sets are in nodemesh.identity.reserved."""
 
     ANY = 0
     HOST = 1
@@ -177,10 +182,15 @@ FIRST_POD_IDENTITY = 256
 
 
 class Proto(enum.IntEnum):
+    """IP protocol numbers, as policy_key.protocol, ct_key.protocol, lb4_key.protocol and
+    flow_event.protocol hold them; ANY (0) is "every protocol" in a policy rule. SCTP is here
+    for the policies that name it; the datapath has no SCTP rules of its own."""
+
     ANY = 0
     ICMP = 1
     TCP = 6
     UDP = 17
+    SCTP = 132
 
     @classmethod
     def parse(cls, value: str | int) -> Proto:

@@ -37,10 +37,6 @@ from nodemesh.policy.lower import (
     lower_policy,
 )
 from nodemesh.policy.types import (
-    PROTO_ANY,
-    PROTO_SCTP,
-    PROTO_TCP,
-    PROTO_UDP,
     CidrRule,
     Direction,
     Endpoint,
@@ -49,7 +45,7 @@ from nodemesh.policy.types import (
     L7Rule,
     PolicyCompileError,
     PolicyInput,
-    Verdict,
+    PolicyVerdict,
 )
 
 __all__ = [
@@ -60,10 +56,6 @@ __all__ = [
     "EP_F_INGRESS_ENFORCED",
     "FORWARDED",
     "POLICY_CIDR_MAX_RULES",
-    "PROTO_ANY",
-    "PROTO_SCTP",
-    "PROTO_TCP",
-    "PROTO_UDP",
     "REDIRECTED",
     "CidrKey",
     "CidrRule",
@@ -80,8 +72,8 @@ __all__ = [
     "PolicyInput",
     "PolicyKey",
     "PolicyValue",
+    "PolicyVerdict",
     "PortRule",
-    "Verdict",
     "assign_policy_ids",
     "compile_all",
     "compile_endpoint",

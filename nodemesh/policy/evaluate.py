@@ -21,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from nodemesh.datapath.layout import DropReason, Verdict
 from nodemesh.policy.lower import (
     CIDR_FIXED_BITS,
     POLICY_F_AUTH,
@@ -31,15 +32,16 @@ from nodemesh.policy.lower import (
     lower_policy,
 )
 from nodemesh.policy.ports import protocol_number
-from nodemesh.policy.types import Direction, EndpointPolicy, Verdict
+from nodemesh.policy.types import Direction, EndpointPolicy, PolicyVerdict
 
-# Hubble's verdict names and drop reasons (flow.proto), as the datapath reports them.
-FORWARDED = "FORWARDED"
-DROPPED = "DROPPED"
-REDIRECTED = "REDIRECTED"
-DROP_POLICY_DENIED = 133  # no rule allows it and the pod is isolated
-DROP_POLICY_DENY = 181  # an explicit deny rule matched
-DROP_AUTH_REQUIRED = 189  # only a rule that requires an authenticated peer would allow it
+# The flow verdicts (Hubble's names) and drop reasons the datapath reports (datapath.layout).
+FORWARDED = Verdict.FORWARDED.name
+DROPPED = Verdict.DROPPED.name
+REDIRECTED = Verdict.REDIRECTED.name
+DROP_POLICY_DENIED = int(DropReason.POLICY_DENIED)  # no rule allows it and the pod is isolated
+DROP_POLICY_DENY = int(DropReason.POLICY_DENY)  # an explicit deny rule matched
+# only a rule that requires an authenticated peer would allow it
+DROP_AUTH_REQUIRED = int(DropReason.AUTH_REQUIRED)
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,8 @@ def evaluate(
         hits.append(wildcard)
     hits.extend(_lookup_cidr(lp, d, remote_ip, proto, port))
     # the first hit of the winning kind names the policy: exact identity, wildcard, then CIDR
-    order = ((Verdict.DENY, DROPPED), (Verdict.REDIRECT, REDIRECTED), (Verdict.ALLOW, FORWARDED))
+    order = ((PolicyVerdict.DENY, DROPPED), (PolicyVerdict.REDIRECT, REDIRECTED),
+             (PolicyVerdict.ALLOW, FORWARDED))
     for verdict, outcome in order:
         for v, pid, proxy in hits:
             if v == verdict:

@@ -28,18 +28,18 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from nodemesh.datapath.layout import Proto
 from nodemesh.policy.ports import cidr_contains, port_blocks
 from nodemesh.policy.types import (
     PORT_MAX,
     PORT_MIN,
     PRECEDENCE,
-    PROTO_ANY,
     CidrRule,
     Direction,
     EndpointPolicy,
     IdentityRule,
     PolicyCompileError,
-    Verdict,
+    PolicyVerdict,
 )
 
 POLICY_CIDR_MAX_RULES = 16
@@ -99,7 +99,7 @@ class PortRule:
     policy_id: int
 
     def matches(self, protocol: int, port: int) -> bool:
-        return self.protocol in (PROTO_ANY, protocol) and self.port_lo <= port <= self.port_hi
+        return self.protocol in (Proto.ANY, protocol) and self.port_lo <= port <= self.port_hi
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ class LoweredPolicy:
 
 def _prefixes(rule: IdentityRule) -> list[tuple[int, int]]:
     whole = rule.port_lo == PORT_MIN and rule.port_hi == PORT_MAX
-    if rule.protocol == PROTO_ANY:
+    if rule.protocol == Proto.ANY:
         if not whole:
             raise PolicyCompileError(
                 f"rule {rule}: a port range needs a protocol (the map can not wildcard the "
@@ -166,7 +166,7 @@ def _ancestors(bits: int, value: int) -> Iterable[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class _Cand:
-    verdict: Verdict
+    verdict: PolicyVerdict
     bits: int
     policy_id: int
     proxy_port: int
@@ -189,7 +189,7 @@ def _lower_space(rules: list[IdentityRule], proxy_port: int) -> dict[tuple[int, 
     """One (identity, direction) space → {(bits, value): entry}."""
     cands: dict[tuple[int, int], list[_Cand]] = defaultdict(list)
     for r in rules:
-        proxy = (r.proxy_port or proxy_port) if r.verdict == Verdict.REDIRECT else 0
+        proxy = (r.proxy_port or proxy_port) if r.verdict == PolicyVerdict.REDIRECT else 0
         for bits, value in _prefixes(r):
             cands[(bits, value)].append(_Cand(r.verdict, bits, r.policy_id, proxy, r.auth))
     winner: dict[tuple[int, int], _Cand] = {}
@@ -233,12 +233,12 @@ def lower_identity_rules(
 
 
 def _width(r: PortRule) -> int:
-    return (256 if r.protocol == PROTO_ANY else 1) * (r.port_hi - r.port_lo + 1)
+    return (256 if r.protocol == Proto.ANY else 1) * (r.port_hi - r.port_lo + 1)
 
 
 def _covers(outer: PortRule, inner: PortRule) -> bool:
     return (
-        outer.protocol in (PROTO_ANY, inner.protocol)
+        outer.protocol in (Proto.ANY, inner.protocol)
         and outer.port_lo <= inner.port_lo
         and inner.port_hi <= outer.port_hi
     )
@@ -254,7 +254,7 @@ def simplify_rules(rules: Iterable[PortRule]) -> tuple[PortRule, ...]:
             best[k] = r
     ordered = sorted(
         best.values(),
-        key=lambda r: (-PRECEDENCE[Verdict(r.verdict)], -_width(r), r.protocol, r.port_lo, r.policy_id),
+        key=lambda r: (-PRECEDENCE[PolicyVerdict(r.verdict)], -_width(r), r.protocol, r.port_lo, r.policy_id),
     )
     kept: list[PortRule] = []
     for r in ordered:
@@ -292,7 +292,7 @@ def lower_cidr_rules(
                 PortRule(
                     r.protocol,
                     int(r.verdict),
-                    (r.proxy_port or proxy_port) if r.verdict == Verdict.REDIRECT else 0,
+                    (r.proxy_port or proxy_port) if r.verdict == PolicyVerdict.REDIRECT else 0,
                     r.port_lo,
                     r.port_hi,
                     r.policy_id,

@@ -8,17 +8,15 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from nodemesh.datapath.layout import Proto
 from nodemesh.policy.types import (
     PORT_MAX,
     PORT_MIN,
-    PROTO_ANY,
-    PROTO_TCP,
-    PROTO_UDP,
     PROTOCOLS,
 )
 
 # Cilium's ``protocol: ANY`` (and its default) means these, as on a Cilium without SCTP enabled.
-ANY_EXPANDS_TO = (PROTO_TCP, PROTO_UDP)
+ANY_EXPANDS_TO = (Proto.TCP, Proto.UDP)
 
 
 @dataclass(frozen=True, order=True)
@@ -34,10 +32,10 @@ class PortRange:
         return self.lo == PORT_MIN and self.hi == PORT_MAX
 
     def covers(self, protocol: int, port: int) -> bool:
-        return (self.protocol in (PROTO_ANY, protocol)) and self.lo <= port <= self.hi
+        return (self.protocol in (Proto.ANY, protocol)) and self.lo <= port <= self.hi
 
 
-ALL_PORTS = PortRange(PROTO_ANY)
+ALL_PORTS = PortRange(Proto.ANY)
 
 
 @dataclass(frozen=True)
