@@ -24,8 +24,6 @@ from nodemesh.policy.evaluate import (
 )
 from nodemesh.policy.ids import assign_policy_ids, policy_ref
 from nodemesh.policy.lower import (
-    EP_F_EGRESS_ENFORCED,
-    EP_F_INGRESS_ENFORCED,
     POLICY_CIDR_MAX_RULES,
     CidrKey,
     CidrValue,
@@ -52,8 +50,6 @@ __all__ = [
     "DROPPED",
     "DROP_POLICY_DENIED",
     "DROP_POLICY_DENY",
-    "EP_F_EGRESS_ENFORCED",
-    "EP_F_INGRESS_ENFORCED",
     "FORWARDED",
     "POLICY_CIDR_MAX_RULES",
     "REDIRECTED",

@@ -9,7 +9,7 @@ DNS, host → pod) and before conntrack takes over:
 3. look up ``nm_policy_cidr`` with the remote address and scan that entry's port rules;
 4. any DENY among the hits → dropped (``POLICY_DENY``); else any REDIRECT → to the proxy; else any
    ALLOW → forwarded; else dropped (``POLICY_DENIED``) when the pod is isolated in that direction,
-   forwarded when it is not. A hit that requires an authenticated peer (POLICY_F_AUTH) counts only
+   forwarded when it is not. A hit that requires an authenticated peer (PolicyFlags.AUTH) counts only
    for an authenticated one; a connection only such a hit would have allowed is dropped as
    ``AUTH_REQUIRED``.
 
@@ -21,16 +21,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from nodemesh.datapath.layout import DropReason, Verdict
-from nodemesh.policy.lower import (
-    CIDR_FIXED_BITS,
-    POLICY_F_AUTH,
-    POLICY_FIXED_BITS,
-    CidrKey,
-    LoweredPolicy,
-    PolicyKey,
-    lower_policy,
-)
+from nodemesh.datapath.layout import CidrKey, DropReason, PolicyFlags, PolicyKey, Verdict
+from nodemesh.policy.lower import LoweredPolicy, lower_policy
 from nodemesh.policy.ports import protocol_number
 from nodemesh.policy.types import Direction, EndpointPolicy, PolicyVerdict
 
@@ -66,19 +58,10 @@ def _lookup_policy(
     for bits in range(24, -1, -1):
         if 0 < bits < 8:
             continue  # the protocol is matched whole or not at all
-        shift = 24 - bits
-        value = ((protocol << 16) | port) >> shift << shift
-        key = PolicyKey(
-            POLICY_FIXED_BITS + bits,
-            lp.endpoint,
-            identity,
-            direction,
-            value >> 16 if bits >= 8 else 0,
-            value & 0xFFFF if bits > 8 else 0,
-        )
+        key = PolicyKey.of(lp.endpoint, identity, direction, bits, (protocol << 16) | port)
         hit = lp.policy.get(key)
         if hit is not None:
-            if hit.flags & POLICY_F_AUTH and not authenticated:
+            if hit.flags & PolicyFlags.AUTH and not authenticated:
                 if needs_auth is not None:
                     needs_auth.append(hit.policy_id)
                 return None  # the kernel takes the longest prefix only: no fallback
@@ -94,8 +77,7 @@ def _lookup_cidr(
     except ValueError:
         return []
     for length in range(32, -1, -1):
-        net = ipaddress.IPv4Network((addr, length), strict=False)
-        key = CidrKey(CIDR_FIXED_BITS + length, lp.endpoint, direction, str(net.network_address))
+        key = CidrKey.of(lp.endpoint, direction, ipaddress.IPv4Network((addr, length), strict=False))
         entry = lp.cidr.get(key)
         if entry is not None:
             return [(r.verdict, r.policy_id, r.proxy_port) for r in entry.rules if r.matches(protocol, port)]

@@ -1,9 +1,8 @@
 """`EndpointPolicy` → the exact entries of ``nm_policy`` and ``nm_policy_cidr`` (docs/datapath.md).
 
-Plain tuples (frozen dataclasses), not ctypes: the datapath layer converts them. Field values are
-host integers; ``PolicyKey.dport`` is the port *number* whose big-endian encoding the ctypes layer
-writes (that is what makes the LPM prefix bits line up with the port's high bits), and
-``CidrKey.addr`` is the masked network address in dotted form.
+The entries are the plain values of `nodemesh.datapath.layout` (`PolicyKey`, `PolicyValue`,
+`CidrKey`, `CidrValue`, `PortRule`: hashable twins of the kernel's structs, with the key
+encodings); `layout.policy_map_pairs` turns a `LoweredPolicy` into the structs the maps take.
 
 ``nm_policy`` (LPM over endpoint, identity, direction, protocol, dport): per (endpoint, remote
 identity or 0, direction) "space", every rule becomes one or more prefixes: 72 = any protocol and
@@ -28,7 +27,17 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from nodemesh.datapath.layout import Proto
+from nodemesh.datapath.layout import (
+    POLICY_CIDR_MAX_RULES,
+    CidrKey,
+    CidrValue,
+    EndpointFlags,
+    PolicyFlags,
+    PolicyKey,
+    PolicyValue,
+    PortRule,
+    Proto,
+)
 from nodemesh.policy.ports import cidr_contains, port_blocks
 from nodemesh.policy.types import (
     PORT_MAX,
@@ -42,76 +51,6 @@ from nodemesh.policy.types import (
     PolicyVerdict,
 )
 
-POLICY_CIDR_MAX_RULES = 16
-EP_F_INGRESS_ENFORCED = 1
-EP_F_EGRESS_ENFORCED = 2
-
-# prefixlen of the fixed part of policy_key: endpoint(32) identity(32) direction(8)
-POLICY_FIXED_BITS = 72
-# prefixlen of the fixed part of policy_cidr_key: endpoint(32) direction(8) pad(24)
-CIDR_FIXED_BITS = 64
-
-
-@dataclass(frozen=True, order=True)
-class PolicyKey:
-    """``struct policy_key``."""
-
-    prefixlen: int  # 72 .. 96
-    endpoint: int  # lxc ifindex
-    identity: int  # remote identity, 0 = any
-    direction: int  # 0 ingress, 1 egress
-    protocol: int
-    dport: int  # port number; masked to the prefix
-
-
-POLICY_F_AUTH = 1  # policy_entry.flags: only an authenticated peer matches
-
-
-@dataclass(frozen=True)
-class PolicyValue:
-    """``struct policy_entry``."""
-
-    verdict: int
-    proxy_port: int
-    policy_id: int
-    flags: int = 0  # POLICY_F_AUTH
-
-
-@dataclass(frozen=True, order=True)
-class CidrKey:
-    """``struct policy_cidr_key``."""
-
-    prefixlen: int  # 64 + CIDR length
-    endpoint: int
-    direction: int
-    addr: str  # network address, dotted
-
-
-@dataclass(frozen=True, order=True)
-class PortRule:
-    """``struct policy_port_rule``."""
-
-    protocol: int  # 0 = any
-    verdict: int
-    proxy_port: int
-    port_lo: int
-    port_hi: int
-    policy_id: int
-
-    def matches(self, protocol: int, port: int) -> bool:
-        return self.protocol in (Proto.ANY, protocol) and self.port_lo <= port <= self.port_hi
-
-
-@dataclass(frozen=True)
-class CidrValue:
-    """``struct policy_cidr_entry`` (``count`` = len(rules))."""
-
-    rules: tuple[PortRule, ...]
-
-    @property
-    def count(self) -> int:
-        return len(self.rules)
-
 
 @dataclass(frozen=True)
 class LoweredPolicy:
@@ -124,10 +63,10 @@ class LoweredPolicy:
     cidr: dict[CidrKey, CidrValue]
 
     @property
-    def flags(self) -> int:
+    def flags(self) -> EndpointFlags:
         """``endpoint_info.flags``."""
-        return (EP_F_INGRESS_ENFORCED if self.ingress_enforced else 0) | (
-            EP_F_EGRESS_ENFORCED if self.egress_enforced else 0
+        return (EndpointFlags.INGRESS_ENFORCED if self.ingress_enforced else EndpointFlags.NONE) | (
+            EndpointFlags.EGRESS_ENFORCED if self.egress_enforced else EndpointFlags.NONE
         )
 
     def enforced(self, direction: Direction) -> bool:
@@ -182,7 +121,7 @@ class _Cand:
 
 def _value(c: _Cand) -> PolicyValue:
     return PolicyValue(int(c.verdict), c.proxy_port, c.policy_id,
-                       POLICY_F_AUTH if c.auth else 0)
+                       int(PolicyFlags.AUTH) if c.auth else 0)
 
 
 def _lower_space(rules: list[IdentityRule], proxy_port: int) -> dict[tuple[int, int], PolicyValue]:
@@ -217,14 +156,7 @@ def lower_identity_rules(
     out: dict[PolicyKey, PolicyValue] = {}
     for (identity, direction), space in sorted(spaces.items()):
         for (bits, value), entry in _lower_space(space, proxy_port).items():
-            key = PolicyKey(
-                POLICY_FIXED_BITS + bits,
-                endpoint,
-                identity,
-                direction,
-                value >> 16 if bits >= 8 else 0,
-                value & 0xFFFF if bits > 8 else 0,
-            )
+            key = PolicyKey.of(endpoint, identity, direction, bits, value)
             out[key] = entry
     return dict(sorted(out.items()))
 
@@ -310,10 +242,7 @@ def lower_cidr_rules(
                     f"{where}{Direction(direction).name.lower()} CIDR {p}: {len(value)} port rules "
                     f"apply, the datapath holds at most {POLICY_CIDR_MAX_RULES} per CIDR"
                 )
-            net = ipaddress.IPv4Network(p)
-            out[CidrKey(CIDR_FIXED_BITS + net.prefixlen, endpoint, direction, str(net.network_address))] = (
-                CidrValue(value)
-            )
+            out[CidrKey.of(endpoint, direction, p)] = CidrValue(value)
     return dict(sorted(out.items()))
 
 
@@ -343,11 +272,7 @@ def lower(
 
 
 __all__ = [
-    "CIDR_FIXED_BITS",
-    "EP_F_EGRESS_ENFORCED",
-    "EP_F_INGRESS_ENFORCED",
     "POLICY_CIDR_MAX_RULES",
-    "POLICY_FIXED_BITS",
     "CidrKey",
     "CidrValue",
     "LoweredPolicy",
