@@ -17,7 +17,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
-from nodemesh.datapath.layout import DropReason, EventFlags, EventType, FlowEvent, Proto, Verdict, ip4_str
+from nodemesh.datapath.layout import (
+    Direction,
+    DropReason,
+    EventFlags,
+    EventType,
+    FlowEvent,
+    Proto,
+    Verdict,
+    ip4_str,
+)
 from nodemesh.identity.reserved import RESERVED_LABELS
 
 # The datapath's enumerations (nodemesh.datapath.layout) under the names Hubble gives them.
@@ -171,7 +180,7 @@ def flow_from_event(ev: Mapping, ctx: FlowContext) -> dict:
     host order) → a Hubble flow."""
     proto = PROTOCOLS.get(int(ev["protocol"]), str(ev["protocol"]))
     verdict = VERDICTS.get(int(ev["verdict"]), "VERDICT_UNKNOWN")
-    egress = int(ev.get("direction", 1)) == 1
+    egress = int(ev.get("direction", Direction.EGRESS)) == Direction.EGRESS
     src = _side(ctx, ev["saddr"], int(ev.get("src_identity", 0)))
     dst = _side(ctx, ev["daddr"], int(ev.get("dst_identity", 0)))
     flags = tcp_flags(int(ev.get("tcp_flags", 0))) if proto == "TCP" else {}

@@ -334,3 +334,15 @@ def test_one_definition_per_word() -> None:
     assert policy.LoweredPolicy.__module__ == "nodemesh.policy.lower"
     for name in ("PolicyKey", "PolicyValue", "CidrKey", "CidrValue", "PortRule"):
         assert getattr(policy, name) is getattr(layout, name), name
+
+
+def test_layout_is_pure() -> None:
+    """The ABI module imports nothing of the project but its package (no libbpf, agent, store):
+    the compiler imports it."""
+    import sys
+
+    code = ("import sys, nodemesh.datapath.layout; "
+            "print(sorted(m for m in sys.modules if m.startswith('nodemesh')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=REPO_ROOT).stdout
+    assert out.strip() == "['nodemesh', 'nodemesh.datapath', 'nodemesh.datapath.layout']"
