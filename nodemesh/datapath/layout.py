@@ -240,6 +240,7 @@ POLICY_KEY_FIXED_BITS = 72  # endpoint, identity and direction always match
 POLICY_CIDR_KEY_BITS = 96  # endpoint(32) direction(8) pad(24) addr(32)
 POLICY_CIDR_KEY_BASE = 64  # endpoint(32) direction(8) pad(24), then the address
 POLICY_CIDR_MAX_RULES = 16
+PORT_MIN, PORT_MAX = 0, 0xFFFF  # the ports of a rule (dport is a __be16)
 MAGLEV_DEFAULT_M = 16381
 
 
@@ -606,6 +607,23 @@ class PolicyKey:
     def struct(self) -> PolicyKeyStruct:
         return PolicyKeyStruct(self.prefixlen, self.endpoint, self.identity, self.direction,
                                self.protocol, self.dport)
+
+
+def port_blocks(lo: int, hi: int) -> list[tuple[int, int]]:
+    """Decompose the port range [lo, hi] into aligned power-of-two blocks: [(start, k)], each
+    covering start .. start + 2**k - 1, with start a multiple of 2**k. Fewest blocks,
+    ascending. Each block is one LPM prefix: `PolicyKey.of(..., 24 - k, protocol << 16 | start)`."""
+    if not PORT_MIN <= lo <= hi <= PORT_MAX:
+        raise ValueError(f"bad port range {lo}-{hi}")
+    out = []
+    x = lo
+    while x <= hi:
+        k = 0
+        while k < 16 and x % (1 << (k + 1)) == 0 and x + (1 << (k + 1)) - 1 <= hi:
+            k += 1
+        out.append((x, k))
+        x += 1 << k
+    return out
 
 
 @dataclass(frozen=True)

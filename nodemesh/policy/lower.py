@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 from nodemesh.datapath.layout import (
     POLICY_CIDR_MAX_RULES,
+    PORT_MAX,
+    PORT_MIN,
     CidrKey,
     CidrValue,
     EndpointFlags,
@@ -37,11 +39,10 @@ from nodemesh.datapath.layout import (
     PolicyValue,
     PortRule,
     Proto,
+    port_blocks,
 )
-from nodemesh.policy.ports import cidr_contains, port_blocks
+from nodemesh.policy.ports import cidr_contains
 from nodemesh.policy.types import (
-    PORT_MAX,
-    PORT_MIN,
     PRECEDENCE,
     CidrRule,
     Direction,

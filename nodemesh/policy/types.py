@@ -17,9 +17,6 @@ from nodemesh.errors import NodemeshError
 # The protocol names a policy may write (Kubernetes' `protocol`), as the datapath's numbers.
 PROTOCOLS: Mapping[str, Proto] = {p.name: p for p in (Proto.TCP, Proto.UDP, Proto.SCTP)}
 
-PORT_MIN = 0
-PORT_MAX = 65535
-
 
 # When several rules match one packet: an explicit deny beats everything; a redirect beats a
 # plain allow (the proxy then sees the traffic; an overlapping L4 allow becomes an L7 allow-all

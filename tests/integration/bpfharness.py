@@ -54,6 +54,8 @@ import pytest
 
 from nodemesh.datapath import libbpf
 from nodemesh.datapath.layout import (
+    PORT_MAX,
+    PORT_MIN,
     Direction,
     EndpointFlags,
     FlowEvent,
@@ -67,7 +69,6 @@ from nodemesh.datapath.layout import (
 )
 from nodemesh.datapath.loader import Datapath, cgroup2_root, mount_bpffs, unmount
 from nodemesh.policy import CidrRule, EndpointPolicy, IdentityRule, lower_policy
-from nodemesh.policy.types import PORT_MAX, PORT_MIN
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
