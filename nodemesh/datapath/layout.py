@@ -1,14 +1,22 @@
-"""The Python twins of the datapath's C structs and enumerations (bpf/lib/common.h,
-bpf/lib/drop_reasons.h), defined once for the whole agent.
+"""The datapath's ABI: the Python twins of the C structs, enumerations and constants of
+bpf/lib/common.h and bpf/lib/drop_reasons.h, defined once for the whole project. The policy
+compiler (nodemesh.policy) and the datapath (loader, agent) both take them from here; the C
+headers are the source of truth for every value.
+
+Pure: it imports only the standard library (ctypes for the structs, no libbpf), so compile-side
+code may import it freely.
 
 Network-order (`__be16`/`__be32`) fields use ctypes' big-endian scalar types, so Python code
 reads and writes natural values: an address is the integer of `ipaddress.IPv4Address`, a port
 is a plain port number. tests/unit/test_datapath_layout.py compares every struct's size and
-member offsets with the BTF of the compiled objects; `STRUCTS` lists the pairs.
+member offsets with the BTF of the compiled objects, and the enumerations and constants with the
+headers' #defines; `STRUCTS` lists the pairs.
 
-Also here: the key encodings the policy compiler needs (LPM prefix lengths, port ranges as
-prefix blocks), and the entries of the endpoint maps (`lxc_entry`, `netns_entry`) and of
-nm_l7_redir (`l7_redirect`), so that nothing outside this module knows the bit layout of a key.
+Also here: the policy maps' keys and values as the plain hashable values the compiler produces
+(`PolicyKey`, `PolicyValue`, `CidrKey`, `PortRule`, `CidrValue`, each with its struct) and their
+conversion to map entries (`policy_map_pairs`), and the entries of the endpoint maps
+(`lxc_entry`, `netns_entry`) and of nm_l7_redir (`l7_redirect`), so that nothing outside this
+module knows the bit layout of a key.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import ctypes
 import enum
 import ipaddress
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
@@ -105,7 +114,10 @@ _HUBBLE_DROP_NAMES = {
 
 
 class PolicyVerdict(enum.IntEnum):
-    NONE = 0
+    """policy_entry.verdict / policy_port_rule.verdict (POLICY_*): what a policy rule says. Not
+    the flow's `Verdict`, which is what happened to the packet."""
+
+    NONE = 0  # no entry matched (the kernel's value; never a rule's)
     ALLOW = 1
     DENY = 2
     REDIRECT = 3
@@ -162,7 +174,9 @@ class PolicyFlags(enum.IntFlag):
 
 
 class Identity(enum.IntEnum):
-    """Reserved identities, numbered as Cilium does; pod identities start at 256."""
+    """Reserved identities (IDENTITY_*), numbered as Cilium does; pod identities start at
+    FIRST_POD_IDENTITY. ANY is "any identity" in policy keys, never an endpoint's identity.
+    Their names and label sets are in nodemesh.identity.reserved."""
 
     ANY = 0
     HOST = 1
@@ -177,10 +191,15 @@ FIRST_POD_IDENTITY = 256
 
 
 class Proto(enum.IntEnum):
+    """IP protocol numbers, as policy_key.protocol, ct_key.protocol, lb4_key.protocol and
+    flow_event.protocol hold them; ANY (0) is "every protocol" in a policy rule. SCTP is here
+    for the policies that name it; the datapath has no SCTP rules of its own."""
+
     ANY = 0
     ICMP = 1
     TCP = 6
     UDP = 17
+    SCTP = 132
 
     @classmethod
     def parse(cls, value: str | int) -> Proto:
@@ -218,8 +237,10 @@ PROXY_RULE_PREF = 9
 
 POLICY_KEY_BITS = 96  # endpoint(32) identity(32) direction(8) protocol(8) dport(16)
 POLICY_KEY_FIXED_BITS = 72  # endpoint, identity and direction always match
+POLICY_CIDR_KEY_BITS = 96  # endpoint(32) direction(8) pad(24) addr(32)
 POLICY_CIDR_KEY_BASE = 64  # endpoint(32) direction(8) pad(24), then the address
 POLICY_CIDR_MAX_RULES = 16
+PORT_MIN, PORT_MAX = 0, 0xFFFF  # the ports of a rule (dport is a __be16)
 MAGLEV_DEFAULT_M = 16381
 
 
@@ -253,7 +274,9 @@ class TunnelPortVal(ctypes.Structure):
     _fields_ = [("tunnel", u8), ("pad", u8 * 3)]
 
 
-class PolicyKey(ctypes.Structure):
+# The five policy-map structs: the ctypes layout here, the plain value the compiler produces
+# (`PolicyKey`, `PolicyValue`, `CidrKey`, `PortRule`, `CidrValue`, below) converts to it.
+class PolicyKeyStruct(ctypes.Structure):
     _fields_ = [
         ("prefixlen", u32),
         ("endpoint", u32),
@@ -264,11 +287,11 @@ class PolicyKey(ctypes.Structure):
     ]
 
 
-class PolicyEntry(ctypes.Structure):
+class PolicyEntryStruct(ctypes.Structure):
     _fields_ = [("verdict", u8), ("flags", u8), ("proxy_port", u16), ("policy_id", u32)]
 
 
-class PolicyCidrKey(ctypes.Structure):
+class PolicyCidrKeyStruct(ctypes.Structure):
     _fields_ = [
         ("prefixlen", u32),
         ("endpoint", u32),
@@ -278,7 +301,7 @@ class PolicyCidrKey(ctypes.Structure):
     ]
 
 
-class PolicyPortRule(ctypes.Structure):
+class PolicyPortRuleStruct(ctypes.Structure):
     _fields_ = [
         ("protocol", u8),
         ("verdict", u8),
@@ -289,8 +312,8 @@ class PolicyPortRule(ctypes.Structure):
     ]
 
 
-class PolicyCidrEntry(ctypes.Structure):
-    _fields_ = [("count", u32), ("rules", PolicyPortRule * POLICY_CIDR_MAX_RULES)]
+class PolicyCidrEntryStruct(ctypes.Structure):
+    _fields_ = [("count", u32), ("rules", PolicyPortRuleStruct * POLICY_CIDR_MAX_RULES)]
 
 
 class CtKey(ctypes.Structure):
@@ -455,11 +478,11 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "ipcache_entry": IpcacheEntry,
     "tunnel_port_key": TunnelPortKey,
     "tunnel_port_val": TunnelPortVal,
-    "policy_key": PolicyKey,
-    "policy_entry": PolicyEntry,
-    "policy_cidr_key": PolicyCidrKey,
-    "policy_port_rule": PolicyPortRule,
-    "policy_cidr_entry": PolicyCidrEntry,
+    "policy_key": PolicyKeyStruct,
+    "policy_entry": PolicyEntryStruct,
+    "policy_cidr_key": PolicyCidrKeyStruct,
+    "policy_port_rule": PolicyPortRuleStruct,
+    "policy_cidr_entry": PolicyCidrEntryStruct,
     "ct_key": CtKey,
     "ct_entry": CtEntry,
     "lb4_key": Lb4Key,
@@ -486,8 +509,8 @@ MAPS: dict[str, tuple[type, type | None]] = {
     "nm_config": (u32, NodeConfig),
     "nm_endpoints": (u32, EndpointInfo),
     "nm_ipcache": (IpcacheKey, IpcacheEntry),
-    "nm_policy": (PolicyKey, PolicyEntry),
-    "nm_policy_cidr": (PolicyCidrKey, PolicyCidrEntry),
+    "nm_policy": (PolicyKeyStruct, PolicyEntryStruct),
+    "nm_policy_cidr": (PolicyCidrKeyStruct, PolicyCidrEntryStruct),
     "nm_ct": (CtKey, CtEntry),
     "nm_lb4_svc": (Lb4Key, Lb4Service),
     "nm_lb4_be": (u32, Lb4Backend),
@@ -507,76 +530,7 @@ MAPS: dict[str, tuple[type, type | None]] = {
 RINGBUF_MAPS = ("nm_events",)
 
 
-# --- key encodings ---------------------------------------------------------------------------
-def port_range_blocks(lo: int, hi: int) -> list[tuple[int, int]]:
-    """Split the inclusive port range lo..hi into aligned power-of-two blocks, as (first port,
-    prefix bits of the 16-bit port) pairs: 80..80 -> [(80, 16)], 0..65535 -> [(0, 0)],
-    8080..8083 -> [(8080, 14)]. Each block is one nm_policy entry."""
-    if not 0 <= lo <= hi <= 0xFFFF:
-        raise ValueError(f"bad port range {lo}-{hi}")
-    out = []
-    port = lo
-    while port <= hi:
-        size = port & -port if port else 1 << 16  # the largest block aligned at port
-        while port + size - 1 > hi:
-            size >>= 1
-        out.append((port, 16 - size.bit_length() + 1))
-        port += size
-    return out
-
-
-def policy_key(endpoint: int, identity: int, direction: Direction | int,
-               protocol: int | None = None, port: int | None = None,
-               port_bits: int = 16) -> PolicyKey:
-    """An nm_policy key. protocol None: any protocol and port (prefixlen 72); port None: any
-    port of that protocol (80); otherwise the port, of which the first port_bits bits match
-    (80 + port_bits; 16 = exactly this port). ICMP rules put the ICMP type in `port`."""
-    if protocol is None:
-        if port is not None:
-            raise ValueError("a port needs a protocol")
-        return PolicyKey(POLICY_KEY_FIXED_BITS, endpoint, identity, int(direction), 0, 0)
-    if port is None:
-        return PolicyKey(POLICY_KEY_FIXED_BITS + 8, endpoint, identity, int(direction), protocol, 0)
-    if not 0 <= port_bits <= 16:
-        raise ValueError(f"port_bits {port_bits} not in 0..16")
-    mask = (0xFFFF << (16 - port_bits)) & 0xFFFF
-    return PolicyKey(POLICY_KEY_FIXED_BITS + 8 + port_bits, endpoint, identity, int(direction),
-                     protocol, port & mask)
-
-
-def policy_keys_for_range(endpoint: int, identity: int, direction: Direction | int,
-                          protocol: int, lo: int, hi: int) -> list[PolicyKey]:
-    """The nm_policy keys that together match ports lo..hi."""
-    return [policy_key(endpoint, identity, direction, protocol, p, bits)
-            for p, bits in port_range_blocks(lo, hi)]
-
-
-def policy_cidr_key(endpoint: int, direction: Direction | int, cidr: str) -> PolicyCidrKey:
-    net = ipaddress.IPv4Network(cidr, strict=False)
-    key = PolicyCidrKey()
-    key.prefixlen = POLICY_CIDR_KEY_BASE + net.prefixlen
-    key.endpoint = endpoint
-    key.direction = int(direction)
-    key.addr = int(net.network_address)
-    return key
-
-
-def policy_cidr_entry(rules: Iterable[PolicyPortRule]) -> PolicyCidrEntry:
-    rules = list(rules)
-    if len(rules) > POLICY_CIDR_MAX_RULES:
-        raise ValueError(f"{len(rules)} port rules for one CIDR; at most {POLICY_CIDR_MAX_RULES}")
-    entry = PolicyCidrEntry()
-    entry.count = len(rules)
-    for i, r in enumerate(rules):
-        entry.rules[i] = r
-    return entry
-
-
-def port_rule(verdict: PolicyVerdict, protocol: int = 0, lo: int = 0, hi: int = 0xFFFF,
-              policy_id: int = 0, proxy_port: int = 0) -> PolicyPortRule:
-    return PolicyPortRule(protocol, int(verdict), proxy_port, lo, hi, policy_id)
-
-
+# --- map entries ----------------------------------------------------------------------------
 def l7_redirect(addr: str | int, port: int, proxy_port: int, policy_id: int = 0,
                 protocol: int = Proto.TCP, identity: int = 0) -> tuple[L7RedirKey, L7RedirVal]:
     """An nm_l7_redir entry: TCP connections of clients with `identity` (0: of any client) on
@@ -621,21 +575,141 @@ def netns_entry(cookie: int, identity: int, ifindex: int) -> tuple[Any, NetnsInf
     return netns_key(cookie), NetnsInfo(identity, ifindex)
 
 
-def policy_map_pairs(lowered: Iterable[Any]) -> tuple[list[tuple[PolicyKey, PolicyEntry]],
-                                                      list[tuple[PolicyCidrKey, PolicyCidrEntry]]]:
+# --- nm_policy and nm_policy_cidr: the compiler's plain values ---------------------------------
+# Hashable and ordered, so that the compiler (nodemesh.policy.lower) can fold, compare and diff
+# them; field for field the structs above (a `struct()` each). Values are host integers:
+# PolicyKey.dport is the port *number* whose big-endian encoding makes the LPM prefix bits line
+# up with the port's high bits; CidrKey.addr is the masked network address, dotted.
+
+
+@dataclass(frozen=True, order=True)
+class PolicyKey:
+    """``struct policy_key``."""
+
+    prefixlen: int  # POLICY_KEY_FIXED_BITS .. POLICY_KEY_BITS
+    endpoint: int  # lxc ifindex
+    identity: int  # remote identity, Identity.ANY = any
+    direction: int  # Direction
+    protocol: int  # Proto
+    dport: int  # port number (the ICMP type for ICMP); masked to the prefix
+
+    @classmethod
+    def of(cls, endpoint: int, identity: int, direction: int, bits: int, value: int) -> PolicyKey:
+        """The key whose variable part (protocol << 16 | port, 24 bits) matches its first
+        `bits` bits of `value`: 0 = any protocol and port, 8 = any port of one protocol, 8 + k =
+        the ports that share their first k bits with value's (24 = exactly one port)."""
+        if not (bits == 0 or 8 <= bits <= 24):
+            raise ValueError(f"policy key prefix of {bits} variable bits (0 or 8..24)")
+        value &= ~((1 << (24 - bits)) - 1) & 0xFFFFFF
+        return cls(POLICY_KEY_FIXED_BITS + bits, endpoint, identity, int(direction),
+                   value >> 16, value & 0xFFFF)
+
+    def struct(self) -> PolicyKeyStruct:
+        return PolicyKeyStruct(self.prefixlen, self.endpoint, self.identity, self.direction,
+                               self.protocol, self.dport)
+
+
+def port_blocks(lo: int, hi: int) -> list[tuple[int, int]]:
+    """Decompose the port range [lo, hi] into aligned power-of-two blocks: [(start, k)], each
+    covering start .. start + 2**k - 1, with start a multiple of 2**k. Fewest blocks,
+    ascending. Each block is one LPM prefix: `PolicyKey.of(..., 24 - k, protocol << 16 | start)`."""
+    if not PORT_MIN <= lo <= hi <= PORT_MAX:
+        raise ValueError(f"bad port range {lo}-{hi}")
+    out = []
+    x = lo
+    while x <= hi:
+        k = 0
+        while k < 16 and x % (1 << (k + 1)) == 0 and x + (1 << (k + 1)) - 1 <= hi:
+            k += 1
+        out.append((x, k))
+        x += 1 << k
+    return out
+
+
+@dataclass(frozen=True)
+class PolicyValue:
+    """``struct policy_entry``."""
+
+    verdict: int  # PolicyVerdict
+    proxy_port: int
+    policy_id: int
+    flags: int = 0  # PolicyFlags
+
+    def struct(self) -> PolicyEntryStruct:
+        return PolicyEntryStruct(self.verdict, self.flags, self.proxy_port, self.policy_id)
+
+
+@dataclass(frozen=True, order=True)
+class CidrKey:
+    """``struct policy_cidr_key``."""
+
+    prefixlen: int  # POLICY_CIDR_KEY_BASE + CIDR length
+    endpoint: int
+    direction: int
+    addr: str  # network address, dotted
+
+    @classmethod
+    def of(cls, endpoint: int, direction: int, cidr: str | ipaddress.IPv4Network) -> CidrKey:
+        """The key of a CIDR (host bits are dropped)."""
+        net = ipaddress.IPv4Network(cidr, strict=False)
+        return cls(POLICY_CIDR_KEY_BASE + net.prefixlen, endpoint, int(direction),
+                   str(net.network_address))
+
+    def struct(self) -> PolicyCidrKeyStruct:
+        key = PolicyCidrKeyStruct()
+        key.prefixlen, key.endpoint, key.direction = self.prefixlen, self.endpoint, self.direction
+        key.addr = ip4(self.addr)
+        return key
+
+
+@dataclass(frozen=True, order=True)
+class PortRule:
+    """``struct policy_port_rule``."""
+
+    protocol: int  # Proto; ANY = any
+    verdict: int  # PolicyVerdict
+    proxy_port: int
+    port_lo: int
+    port_hi: int
+    policy_id: int
+
+    def matches(self, protocol: int, port: int) -> bool:
+        return self.protocol in (Proto.ANY, protocol) and self.port_lo <= port <= self.port_hi
+
+    def struct(self) -> PolicyPortRuleStruct:
+        return PolicyPortRuleStruct(self.protocol, self.verdict, self.proxy_port, self.port_lo,
+                                    self.port_hi, self.policy_id)
+
+
+@dataclass(frozen=True)
+class CidrValue:
+    """``struct policy_cidr_entry`` (``count`` = len(rules), at most POLICY_CIDR_MAX_RULES)."""
+
+    rules: tuple[PortRule, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.rules)
+
+    def struct(self) -> PolicyCidrEntryStruct:
+        if len(self.rules) > POLICY_CIDR_MAX_RULES:
+            raise ValueError(f"{len(self.rules)} port rules for one CIDR; at most "
+                             f"{POLICY_CIDR_MAX_RULES}")
+        entry = PolicyCidrEntryStruct()
+        entry.count = len(self.rules)
+        for i, r in enumerate(self.rules):
+            entry.rules[i] = r.struct()
+        return entry
+
+
+def policy_map_pairs(lowered: Iterable[Any]) -> tuple[
+        list[tuple[PolicyKeyStruct, PolicyEntryStruct]],
+        list[tuple[PolicyCidrKeyStruct, PolicyCidrEntryStruct]]]:
     """The ``nm_policy`` and ``nm_policy_cidr`` entries of endpoints' lowered policies
-    (`nodemesh.policy.lower.LoweredPolicy`), as the kernel's structs."""
+    (`nodemesh.policy.lower.LoweredPolicy`: its ``policy`` and ``cidr`` dicts of the values
+    above), as the kernel's structs: pairs for `Datapath.sync_map`."""
     policy_pairs, cidr_pairs = [], []
     for low in lowered:
-        for key, val in low.policy.items():
-            policy_pairs.append((PolicyKey(key.prefixlen, key.endpoint, key.identity,
-                                           key.direction, key.protocol, key.dport),
-                                 PolicyEntry(val.verdict, val.flags, val.proxy_port, val.policy_id)))
-        for ckey, cval in low.cidr.items():
-            cidr = f"{ckey.addr}/{ckey.prefixlen - 64}"
-            cidr_pairs.append((policy_cidr_key(ckey.endpoint, ckey.direction, cidr),
-                               policy_cidr_entry(
-                                   PolicyPortRule(r.protocol, r.verdict, r.proxy_port,
-                                                  r.port_lo, r.port_hi, r.policy_id)
-                                   for r in cval.rules)))
+        policy_pairs.extend((k.struct(), v.struct()) for k, v in low.policy.items())
+        cidr_pairs.extend((k.struct(), v.struct()) for k, v in low.cidr.items())
     return policy_pairs, cidr_pairs

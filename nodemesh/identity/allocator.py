@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from nodemesh.errors import Conflict, NodemeshError
-from nodemesh.identity.reserved import MIN_POD_IDENTITY
+from nodemesh.identity.reserved import FIRST_POD_IDENTITY
 from nodemesh.store.base import Store, Txn
 
 IDENTITY_KIND = "Identity"
@@ -49,7 +49,7 @@ def _number(obj: Mapping) -> int | None:
         num = int(obj["metadata"]["name"])
     except (KeyError, TypeError, ValueError):
         return None
-    return num if MIN_POD_IDENTITY <= num <= MAX_IDENTITY else None
+    return num if FIRST_POD_IDENTITY <= num <= MAX_IDENTITY else None
 
 
 def _labels_of(obj: Mapping) -> dict[str, str]:
@@ -106,10 +106,10 @@ def _allocate_in(txn: Txn, labels: dict[str, str], now: float) -> int:
         taken.add(num)
     # The next number after the highest in use, so a number freed by garbage collection is not
     # handed to different labels at once (stale map entries elsewhere might still name it).
-    num = max(taken, default=MIN_POD_IDENTITY - 1) + 1
+    num = max(taken, default=FIRST_POD_IDENTITY - 1) + 1
     if num > MAX_IDENTITY:
         num = next(
-            (n for n in range(MIN_POD_IDENTITY, MAX_IDENTITY + 1) if n not in taken), -1
+            (n for n in range(FIRST_POD_IDENTITY, MAX_IDENTITY + 1) if n not in taken), -1
         )
         if num < 0:
             raise IdentitiesExhausted("no free identity number left")

@@ -9,26 +9,13 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-ANY = 0  # "any identity" in policy keys; never an endpoint's identity
-HOST = 1
-WORLD = 2
-UNMANAGED = 3
-HEALTH = 4
-INIT = 5
-REMOTE_NODE = 6
-
-# Pod identities start here (Cilium's first cluster-local identity), the same on every node.
-MIN_POD_IDENTITY = 256
+# The numbers are the datapath's (bpf/lib/common.h IDENTITY_*, FIRST_POD_IDENTITY), defined once
+# in nodemesh.datapath.layout: `Identity.ANY` is "any identity" in policy keys (never an
+# endpoint's identity); pod identities start at FIRST_POD_IDENTITY, the same on every node.
+from nodemesh.datapath.layout import FIRST_POD_IDENTITY, Identity
 
 RESERVED_NAMES: MappingProxyType[int, str] = MappingProxyType(
-    {
-        HOST: "host",
-        WORLD: "world",
-        UNMANAGED: "unmanaged",
-        HEALTH: "health",
-        INIT: "init",
-        REMOTE_NODE: "remote-node",
-    }
+    {int(i): i.name.lower().replace("_", "-") for i in Identity if i is not Identity.ANY}
 )
 RESERVED_BY_NAME: MappingProxyType[str, int] = MappingProxyType(
     {name: num for num, name in RESERVED_NAMES.items()}
@@ -41,7 +28,7 @@ RESERVED_LABELS: MappingProxyType[int, MappingProxyType[str, str]] = MappingProx
 
 
 def is_reserved(identity: int) -> bool:
-    return 0 < identity < MIN_POD_IDENTITY
+    return 0 < identity < FIRST_POD_IDENTITY
 
 
 def reserved_labels(identity: int) -> dict[str, str]:

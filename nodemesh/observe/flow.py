@@ -17,18 +17,27 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
-from nodemesh.datapath.layout import DropReason, FlowEvent, ip4_str
+from nodemesh.datapath.layout import (
+    Direction,
+    DropReason,
+    EventFlags,
+    EventType,
+    FlowEvent,
+    Proto,
+    Verdict,
+    ip4_str,
+)
+from nodemesh.identity.reserved import RESERVED_LABELS
 
-# Datapath enumerations (their C twins are in bpf/lib; values and names are Hubble's).
-EV_TRACE, EV_DROP, EV_SOCK = 1, 2, 3
-VERDICTS = {1: "FORWARDED", 2: "DROPPED", 3: "REDIRECTED", 4: "TRANSLATED"}
+# The datapath's enumerations (nodemesh.datapath.layout) under the names Hubble gives them.
+EV_TRACE, EV_DROP, EV_SOCK = EventType.TRACE, EventType.DROP, EventType.SOCK
+VERDICTS = {int(v): v.name for v in Verdict}
 DROP_REASONS = {int(r): r.hubble_name for r in DropReason}
-PROTOCOLS = {6: "TCP", 17: "UDP", 1: "ICMPv4"}
+PROTOCOLS = {int(Proto.TCP): "TCP", int(Proto.UDP): "UDP", int(Proto.ICMP): "ICMPv4"}  # flow.l4's keys
 TCP_FLAG_NAMES = (("FIN", 0x01), ("SYN", 0x02), ("RST", 0x04), ("PSH", 0x08), ("ACK", 0x10),
                   ("URG", 0x20), ("ECE", 0x40), ("CWR", 0x80))
-RESERVED_IDENTITIES = {1: "reserved:host", 2: "reserved:world", 3: "reserved:unmanaged",
-                       4: "reserved:health", 5: "reserved:init", 6: "reserved:remote-node"}
-
+# reserved identity -> its label ("reserved:host"), as Hubble shows it
+RESERVED_IDENTITIES = {num: label for num, labels in RESERVED_LABELS.items() for label in labels}
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -114,7 +123,7 @@ class StaticContext:
 
 
 # flow_event.flags (layout.EventFlags)
-FLOW_F_TUNNEL, FLOW_F_AUTH = 1, 2
+FLOW_F_TUNNEL, FLOW_F_AUTH = EventFlags.TUNNEL, EventFlags.AUTH
 # Hubble's field for how a connection's peers were authenticated (flow.proto AuthType); its
 # values there are DISABLED, SPIRE and TEST_ALWAYS_FAIL. nodemesh's own mutual TLS between node
 # Envoys is a value of its own.
@@ -171,7 +180,7 @@ def flow_from_event(ev: Mapping, ctx: FlowContext) -> dict:
     host order) → a Hubble flow."""
     proto = PROTOCOLS.get(int(ev["protocol"]), str(ev["protocol"]))
     verdict = VERDICTS.get(int(ev["verdict"]), "VERDICT_UNKNOWN")
-    egress = int(ev.get("direction", 1)) == 1
+    egress = int(ev.get("direction", Direction.EGRESS)) == Direction.EGRESS
     src = _side(ctx, ev["saddr"], int(ev.get("src_identity", 0)))
     dst = _side(ctx, ev["daddr"], int(ev.get("dst_identity", 0)))
     flags = tcp_flags(int(ev.get("tcp_flags", 0))) if proto == "TCP" else {}

@@ -27,6 +27,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from nodemesh.datapath.layout import Direction, Verdict
 from nodemesh.observe.flow import (
     DROP_REASONS,
     EV_SOCK,
@@ -112,13 +113,13 @@ class AgentMetrics:
     def observe_event(self, ev: Any) -> None:
         verdict = VERDICTS.get(ev.verdict, "VERDICT_UNKNOWN")
         proto = PROTOCOL_LABELS.get(ev.protocol, "other")
-        reason = DROP_REASONS.get(ev.reason, "") if ev.verdict == 2 else ""
+        reason = DROP_REASONS.get(ev.reason, "") if ev.verdict == Verdict.DROPPED else ""
         self.flow_counts[(verdict, "L3_L4", proto, reason)] += 1
         if ev.type == EV_SOCK or proto not in ("tcp", "udp"):
             return
         # A connection is counted where it starts: at the source pod's egress; a connection
         # from outside this node's pods at the destination's ingress.
-        if ev.direction == 0 and ev.saddr_bytes in self.local_ips and verdict != "DROPPED":
+        if ev.direction == Direction.INGRESS and ev.saddr_bytes in self.local_ips and verdict != "DROPPED":
             return
         src, dst = ev.identities
         # Istio's label: "mutual_tls" for a connection carried in the tunnel (seen going in at

@@ -24,8 +24,6 @@ from nodemesh.policy.evaluate import (
 )
 from nodemesh.policy.ids import assign_policy_ids, policy_ref
 from nodemesh.policy.lower import (
-    EP_F_EGRESS_ENFORCED,
-    EP_F_INGRESS_ENFORCED,
     POLICY_CIDR_MAX_RULES,
     CidrKey,
     CidrValue,
@@ -37,10 +35,6 @@ from nodemesh.policy.lower import (
     lower_policy,
 )
 from nodemesh.policy.types import (
-    PROTO_ANY,
-    PROTO_SCTP,
-    PROTO_TCP,
-    PROTO_UDP,
     CidrRule,
     Direction,
     Endpoint,
@@ -49,21 +43,15 @@ from nodemesh.policy.types import (
     L7Rule,
     PolicyCompileError,
     PolicyInput,
-    Verdict,
+    PolicyVerdict,
 )
 
 __all__ = [
     "DROPPED",
     "DROP_POLICY_DENIED",
     "DROP_POLICY_DENY",
-    "EP_F_EGRESS_ENFORCED",
-    "EP_F_INGRESS_ENFORCED",
     "FORWARDED",
     "POLICY_CIDR_MAX_RULES",
-    "PROTO_ANY",
-    "PROTO_SCTP",
-    "PROTO_TCP",
-    "PROTO_UDP",
     "REDIRECTED",
     "CidrKey",
     "CidrRule",
@@ -80,8 +68,8 @@ __all__ = [
     "PolicyInput",
     "PolicyKey",
     "PolicyValue",
+    "PolicyVerdict",
     "PortRule",
-    "Verdict",
     "assign_policy_ids",
     "compile_all",
     "compile_endpoint",

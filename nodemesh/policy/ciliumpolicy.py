@@ -25,15 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from nodemesh.identity.reserved import (
-    ANY,
-    HEALTH,
-    HOST,
-    INIT,
-    REMOTE_NODE,
-    UNMANAGED,
-    WORLD,
-)
+from nodemesh.datapath.layout import Identity
 from nodemesh.policy.context import (
     ANY_PEER,
     CILIUM_NETWORK_POLICY,
@@ -54,22 +46,23 @@ from nodemesh.policy.ports import (
     protocol_number,
 )
 from nodemesh.policy.selectors import cilium_matches, scope_peer_selector, scope_subject_selector
-from nodemesh.policy.types import Direction, PolicyCompileError, Verdict
+from nodemesh.policy.types import Direction, PolicyCompileError, PolicyVerdict
 
 # Entities whose identity set does not depend on the cluster; "cluster" and "all" are computed.
 _FIXED_ENTITIES = {
-    "host": (HOST,),
-    "world": (WORLD,),
-    "world-ipv4": (WORLD,),
+    "host": (int(Identity.HOST),),
+    "world": (int(Identity.WORLD),),
+    "world-ipv4": (int(Identity.WORLD),),
     "world-ipv6": (),  # no IPv6 here: selects nothing
-    "remote-node": (REMOTE_NODE,),
-    "health": (HEALTH,),
-    "init": (INIT,),
-    "unmanaged": (UNMANAGED,),
+    "remote-node": (int(Identity.REMOTE_NODE),),
+    "health": (int(Identity.HEALTH),),
+    "init": (int(Identity.INIT),),
+    "unmanaged": (int(Identity.UNMANAGED),),
 }
 # Cilium's "cluster": every endpoint of the cluster plus host, remote-node, init, health and
 # unmanaged (https://docs.cilium.io/en/stable/security/policy/language/#entities-based).
-_CLUSTER_RESERVED = (HOST, REMOTE_NODE, INIT, HEALTH, UNMANAGED)
+_CLUSTER_RESERVED = tuple(int(i) for i in (Identity.HOST, Identity.REMOTE_NODE, Identity.INIT,
+                                           Identity.HEALTH, Identity.UNMANAGED))
 
 _L7_SUPPORTED = {"http"}
 _PORT_RULE_UNSUPPORTED = ("terminatingTLS", "originatingTLS", "serverNames", "listener")
@@ -110,7 +103,7 @@ class _Rule:
 
     def entity(self, name: str, where: str) -> set[int]:
         if name == "all":
-            return {ANY}
+            return {int(Identity.ANY)}
         if name == "cluster":
             return {num for num, _, _ in self.ctx.pod_identities()} | set(_CLUSTER_RESERVED)
         if name in _FIXED_ENTITIES:
@@ -212,7 +205,7 @@ class _Rule:
 
     def section(self, rule: Mapping[str, Any], path: str, direction: Direction, deny: bool) -> None:
         name = ("ingress" if direction == Direction.INGRESS else "egress") + ("Deny" if deny else "")
-        verdict = Verdict.DENY if deny else Verdict.ALLOW
+        verdict = PolicyVerdict.DENY if deny else PolicyVerdict.ALLOW
         for i, r in enumerate(rule.get(name) or []):
             where = f"{path}.{name}[{i}]"
             peers = self.peers(r, direction, where)

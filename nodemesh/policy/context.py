@@ -10,13 +10,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from nodemesh.datapath.layout import Identity, Proto
 from nodemesh.identity.labels import (
     NAMESPACE_NAME_LABEL,
     namespace_labels_of,
     namespace_of,
     security_labels_from,
 )
-from nodemesh.identity.reserved import ANY, RESERVED_LABELS
+from nodemesh.identity.reserved import RESERVED_LABELS
 from nodemesh.policy.ids import assign_policy_ids, policy_ref
 from nodemesh.policy.ports import (
     PortRange,
@@ -26,7 +27,6 @@ from nodemesh.policy.ports import (
     resolve_named,
 )
 from nodemesh.policy.types import (
-    PROTO_ANY,
     CidrRule,
     Direction,
     Endpoint,
@@ -35,12 +35,13 @@ from nodemesh.policy.types import (
     L7Rule,
     PolicyCompileError,
     PolicyInput,
-    Verdict,
+    PolicyVerdict,
 )
 
 NETWORK_POLICY = "NetworkPolicy"
 CILIUM_NETWORK_POLICY = "CiliumNetworkPolicy"
 
+_ANY = int(Identity.ANY)  # "any identity" (plain int: it is stored in rules)
 CidrPeer = tuple[str, tuple[str, ...]]  # (cidr, excepts), canonical
 
 
@@ -56,7 +57,7 @@ class Peers:
         return not self.identities and not self.cidrs
 
 
-ANY_PEER = Peers(frozenset({ANY}))
+ANY_PEER = Peers(frozenset({_ANY}))
 
 
 def cidr_peer(cidr: object, excepts: Iterable[object], where: str) -> CidrPeer | None:
@@ -90,7 +91,7 @@ class Context:
         self.endpoints_by_identity: dict[int, list[Endpoint]] = defaultdict(list)
         for ep in inp.endpoints:
             self.endpoints_by_identity[ep.identity].append(ep)
-            if ep.identity not in self.identities and ep.identity != ANY:
+            if ep.identity not in self.identities and ep.identity != _ANY:
                 self.identities[ep.identity] = self.rebuild_labels(ep)
         refs = [
             policy_ref(NETWORK_POLICY, *policy_namespace_name(p)) for p in inp.network_policies
@@ -180,7 +181,7 @@ class Builder:
         direction: Direction,
         peers: Peers,
         ports: Sequence[PortSpec],
-        verdict: Verdict,
+        verdict: PolicyVerdict,
         policy_id: int,
         http: Sequence[Mapping[str, Any]] | None = None,
         auth: bool = False,
@@ -188,7 +189,7 @@ class Builder:
         """Add the rules for peers x ports; with `http`, the verdict is REDIRECT and the HTTP rules
         are recorded for the proxy; with `auth`, only authenticated peers match."""
         if http is not None:
-            verdict = Verdict.REDIRECT
+            verdict = PolicyVerdict.REDIRECT
         for spec in ports:
             self._emit_identities(direction, peers, spec, verdict, policy_id, http, auth)
             self._emit_cidrs(direction, peers, spec, verdict, policy_id, http)
@@ -198,7 +199,7 @@ class Builder:
         direction: Direction,
         peers: Peers,
         spec: PortSpec,
-        verdict: Verdict,
+        verdict: PolicyVerdict,
         policy_id: int,
         http: Sequence[Mapping[str, Any]] | None,
         auth: bool = False,
@@ -214,7 +215,7 @@ class Builder:
             # destination" means every pod that has such a port (nothing else can have one).
             targets = (
                 sorted(self.ctx.endpoints_by_identity)
-                if ANY in peers.identities
+                if _ANY in peers.identities
                 else sorted(peers.identities)
             )
             for num in targets:
@@ -234,7 +235,7 @@ class Builder:
         direction: Direction,
         peers: Peers,
         spec: PortSpec,
-        verdict: Verdict,
+        verdict: PolicyVerdict,
         policy_id: int,
         http: Sequence[Mapping[str, Any]] | None,
     ) -> None:
@@ -295,7 +296,7 @@ def _l7_sort_key(r: L7Rule) -> str:
 
 
 def _overlap(proto: int, lo: int, hi: int, r: L7Rule) -> tuple[int, int] | None:
-    if proto not in (PROTO_ANY, r.protocol):
+    if proto not in (Proto.ANY, r.protocol):
         return None
     a, b = max(lo, r.port_lo), min(hi, r.port_hi)
     return (a, b) if a <= b else None
@@ -308,8 +309,8 @@ def _l7_allow_all(
     proxy must see the traffic), so the proxy must allow all HTTP for that allowed peer: the union
     of an L4 rule and an L7 rule is "everything" for that peer, as in Cilium."""
     out = []
-    allows_id = [r for r in idrules if r.verdict == Verdict.ALLOW]
-    allows_cidr = [r for r in cidrrules if r.verdict == Verdict.ALLOW]
+    allows_id = [r for r in idrules if r.verdict == PolicyVerdict.ALLOW]
+    allows_cidr = [r for r in cidrrules if r.verdict == PolicyVerdict.ALLOW]
     for r in l7:
         if not r.http:
             continue
@@ -317,9 +318,9 @@ def _l7_allow_all(
             ov = _overlap(a.protocol, a.port_lo, a.port_hi, r) if a.direction == r.direction else None
             if ov is None:
                 continue
-            if a.identity == ANY:
-                ids = r.remote_identities or (ANY,)
-            elif ANY in r.remote_identities or a.identity in r.remote_identities or r.remote_cidrs:
+            if a.identity == _ANY:
+                ids = r.remote_identities or (_ANY,)
+            elif _ANY in r.remote_identities or a.identity in r.remote_identities or r.remote_cidrs:
                 ids = (a.identity,)
             else:
                 continue

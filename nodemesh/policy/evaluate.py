@@ -9,7 +9,7 @@ DNS, host → pod) and before conntrack takes over:
 3. look up ``nm_policy_cidr`` with the remote address and scan that entry's port rules;
 4. any DENY among the hits → dropped (``POLICY_DENY``); else any REDIRECT → to the proxy; else any
    ALLOW → forwarded; else dropped (``POLICY_DENIED``) when the pod is isolated in that direction,
-   forwarded when it is not. A hit that requires an authenticated peer (POLICY_F_AUTH) counts only
+   forwarded when it is not. A hit that requires an authenticated peer (PolicyFlags.AUTH) counts only
    for an authenticated one; a connection only such a hit would have allowed is dropped as
    ``AUTH_REQUIRED``.
 
@@ -21,25 +21,19 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from nodemesh.policy.lower import (
-    CIDR_FIXED_BITS,
-    POLICY_F_AUTH,
-    POLICY_FIXED_BITS,
-    CidrKey,
-    LoweredPolicy,
-    PolicyKey,
-    lower_policy,
-)
+from nodemesh.datapath.layout import CidrKey, DropReason, PolicyFlags, PolicyKey, Verdict
+from nodemesh.policy.lower import LoweredPolicy, lower_policy
 from nodemesh.policy.ports import protocol_number
-from nodemesh.policy.types import Direction, EndpointPolicy, Verdict
+from nodemesh.policy.types import Direction, EndpointPolicy, PolicyVerdict
 
-# Hubble's verdict names and drop reasons (flow.proto), as the datapath reports them.
-FORWARDED = "FORWARDED"
-DROPPED = "DROPPED"
-REDIRECTED = "REDIRECTED"
-DROP_POLICY_DENIED = 133  # no rule allows it and the pod is isolated
-DROP_POLICY_DENY = 181  # an explicit deny rule matched
-DROP_AUTH_REQUIRED = 189  # only a rule that requires an authenticated peer would allow it
+# The flow verdicts (Hubble's names) and drop reasons the datapath reports (datapath.layout).
+FORWARDED = Verdict.FORWARDED.name
+DROPPED = Verdict.DROPPED.name
+REDIRECTED = Verdict.REDIRECTED.name
+DROP_POLICY_DENIED = int(DropReason.POLICY_DENIED)  # no rule allows it and the pod is isolated
+DROP_POLICY_DENY = int(DropReason.POLICY_DENY)  # an explicit deny rule matched
+# only a rule that requires an authenticated peer would allow it
+DROP_AUTH_REQUIRED = int(DropReason.AUTH_REQUIRED)
 
 
 @dataclass(frozen=True)
@@ -64,19 +58,10 @@ def _lookup_policy(
     for bits in range(24, -1, -1):
         if 0 < bits < 8:
             continue  # the protocol is matched whole or not at all
-        shift = 24 - bits
-        value = ((protocol << 16) | port) >> shift << shift
-        key = PolicyKey(
-            POLICY_FIXED_BITS + bits,
-            lp.endpoint,
-            identity,
-            direction,
-            value >> 16 if bits >= 8 else 0,
-            value & 0xFFFF if bits > 8 else 0,
-        )
+        key = PolicyKey.of(lp.endpoint, identity, direction, bits, (protocol << 16) | port)
         hit = lp.policy.get(key)
         if hit is not None:
-            if hit.flags & POLICY_F_AUTH and not authenticated:
+            if hit.flags & PolicyFlags.AUTH and not authenticated:
                 if needs_auth is not None:
                     needs_auth.append(hit.policy_id)
                 return None  # the kernel takes the longest prefix only: no fallback
@@ -92,8 +77,7 @@ def _lookup_cidr(
     except ValueError:
         return []
     for length in range(32, -1, -1):
-        net = ipaddress.IPv4Network((addr, length), strict=False)
-        key = CidrKey(CIDR_FIXED_BITS + length, lp.endpoint, direction, str(net.network_address))
+        key = CidrKey.of(lp.endpoint, direction, ipaddress.IPv4Network((addr, length), strict=False))
         entry = lp.cidr.get(key)
         if entry is not None:
             return [(r.verdict, r.policy_id, r.proxy_port) for r in entry.rules if r.matches(protocol, port)]
@@ -129,7 +113,8 @@ def evaluate(
         hits.append(wildcard)
     hits.extend(_lookup_cidr(lp, d, remote_ip, proto, port))
     # the first hit of the winning kind names the policy: exact identity, wildcard, then CIDR
-    order = ((Verdict.DENY, DROPPED), (Verdict.REDIRECT, REDIRECTED), (Verdict.ALLOW, FORWARDED))
+    order = ((PolicyVerdict.DENY, DROPPED), (PolicyVerdict.REDIRECT, REDIRECTED),
+             (PolicyVerdict.ALLOW, FORWARDED))
     for verdict, outcome in order:
         for v, pid, proxy in hits:
             if v == verdict:

@@ -1,9 +1,8 @@
 """`EndpointPolicy` → the exact entries of ``nm_policy`` and ``nm_policy_cidr`` (docs/datapath.md).
 
-Plain tuples (frozen dataclasses), not ctypes: the datapath layer converts them. Field values are
-host integers; ``PolicyKey.dport`` is the port *number* whose big-endian encoding the ctypes layer
-writes (that is what makes the LPM prefix bits line up with the port's high bits), and
-``CidrKey.addr`` is the masked network address in dotted form.
+The entries are the plain values of `nodemesh.datapath.layout` (`PolicyKey`, `PolicyValue`,
+`CidrKey`, `CidrValue`, `PortRule`: hashable twins of the kernel's structs, with the key
+encodings); `layout.policy_map_pairs` turns a `LoweredPolicy` into the structs the maps take.
 
 ``nm_policy`` (LPM over endpoint, identity, direction, protocol, dport): per (endpoint, remote
 identity or 0, direction) "space", every rule becomes one or more prefixes: 72 = any protocol and
@@ -28,89 +27,30 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from nodemesh.policy.ports import cidr_contains, port_blocks
-from nodemesh.policy.types import (
+from nodemesh.datapath.layout import (
+    POLICY_CIDR_MAX_RULES,
     PORT_MAX,
     PORT_MIN,
+    CidrKey,
+    CidrValue,
+    EndpointFlags,
+    PolicyFlags,
+    PolicyKey,
+    PolicyValue,
+    PortRule,
+    Proto,
+    port_blocks,
+)
+from nodemesh.policy.ports import cidr_contains
+from nodemesh.policy.types import (
     PRECEDENCE,
-    PROTO_ANY,
     CidrRule,
     Direction,
     EndpointPolicy,
     IdentityRule,
     PolicyCompileError,
-    Verdict,
+    PolicyVerdict,
 )
-
-POLICY_CIDR_MAX_RULES = 16
-EP_F_INGRESS_ENFORCED = 1
-EP_F_EGRESS_ENFORCED = 2
-
-# prefixlen of the fixed part of policy_key: endpoint(32) identity(32) direction(8)
-POLICY_FIXED_BITS = 72
-# prefixlen of the fixed part of policy_cidr_key: endpoint(32) direction(8) pad(24)
-CIDR_FIXED_BITS = 64
-
-
-@dataclass(frozen=True, order=True)
-class PolicyKey:
-    """``struct policy_key``."""
-
-    prefixlen: int  # 72 .. 96
-    endpoint: int  # lxc ifindex
-    identity: int  # remote identity, 0 = any
-    direction: int  # 0 ingress, 1 egress
-    protocol: int
-    dport: int  # port number; masked to the prefix
-
-
-POLICY_F_AUTH = 1  # policy_entry.flags: only an authenticated peer matches
-
-
-@dataclass(frozen=True)
-class PolicyValue:
-    """``struct policy_entry``."""
-
-    verdict: int
-    proxy_port: int
-    policy_id: int
-    flags: int = 0  # POLICY_F_AUTH
-
-
-@dataclass(frozen=True, order=True)
-class CidrKey:
-    """``struct policy_cidr_key``."""
-
-    prefixlen: int  # 64 + CIDR length
-    endpoint: int
-    direction: int
-    addr: str  # network address, dotted
-
-
-@dataclass(frozen=True, order=True)
-class PortRule:
-    """``struct policy_port_rule``."""
-
-    protocol: int  # 0 = any
-    verdict: int
-    proxy_port: int
-    port_lo: int
-    port_hi: int
-    policy_id: int
-
-    def matches(self, protocol: int, port: int) -> bool:
-        return self.protocol in (PROTO_ANY, protocol) and self.port_lo <= port <= self.port_hi
-
-
-@dataclass(frozen=True)
-class CidrValue:
-    """``struct policy_cidr_entry`` (``count`` = len(rules))."""
-
-    rules: tuple[PortRule, ...]
-
-    @property
-    def count(self) -> int:
-        return len(self.rules)
 
 
 @dataclass(frozen=True)
@@ -124,10 +64,10 @@ class LoweredPolicy:
     cidr: dict[CidrKey, CidrValue]
 
     @property
-    def flags(self) -> int:
+    def flags(self) -> EndpointFlags:
         """``endpoint_info.flags``."""
-        return (EP_F_INGRESS_ENFORCED if self.ingress_enforced else 0) | (
-            EP_F_EGRESS_ENFORCED if self.egress_enforced else 0
+        return (EndpointFlags.INGRESS_ENFORCED if self.ingress_enforced else EndpointFlags.NONE) | (
+            EndpointFlags.EGRESS_ENFORCED if self.egress_enforced else EndpointFlags.NONE
         )
 
     def enforced(self, direction: Direction) -> bool:
@@ -140,7 +80,7 @@ class LoweredPolicy:
 
 def _prefixes(rule: IdentityRule) -> list[tuple[int, int]]:
     whole = rule.port_lo == PORT_MIN and rule.port_hi == PORT_MAX
-    if rule.protocol == PROTO_ANY:
+    if rule.protocol == Proto.ANY:
         if not whole:
             raise PolicyCompileError(
                 f"rule {rule}: a port range needs a protocol (the map can not wildcard the "
@@ -166,7 +106,7 @@ def _ancestors(bits: int, value: int) -> Iterable[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class _Cand:
-    verdict: Verdict
+    verdict: PolicyVerdict
     bits: int
     policy_id: int
     proxy_port: int
@@ -182,14 +122,14 @@ class _Cand:
 
 def _value(c: _Cand) -> PolicyValue:
     return PolicyValue(int(c.verdict), c.proxy_port, c.policy_id,
-                       POLICY_F_AUTH if c.auth else 0)
+                       int(PolicyFlags.AUTH) if c.auth else 0)
 
 
 def _lower_space(rules: list[IdentityRule], proxy_port: int) -> dict[tuple[int, int], PolicyValue]:
     """One (identity, direction) space → {(bits, value): entry}."""
     cands: dict[tuple[int, int], list[_Cand]] = defaultdict(list)
     for r in rules:
-        proxy = (r.proxy_port or proxy_port) if r.verdict == Verdict.REDIRECT else 0
+        proxy = (r.proxy_port or proxy_port) if r.verdict == PolicyVerdict.REDIRECT else 0
         for bits, value in _prefixes(r):
             cands[(bits, value)].append(_Cand(r.verdict, bits, r.policy_id, proxy, r.auth))
     winner: dict[tuple[int, int], _Cand] = {}
@@ -217,14 +157,7 @@ def lower_identity_rules(
     out: dict[PolicyKey, PolicyValue] = {}
     for (identity, direction), space in sorted(spaces.items()):
         for (bits, value), entry in _lower_space(space, proxy_port).items():
-            key = PolicyKey(
-                POLICY_FIXED_BITS + bits,
-                endpoint,
-                identity,
-                direction,
-                value >> 16 if bits >= 8 else 0,
-                value & 0xFFFF if bits > 8 else 0,
-            )
+            key = PolicyKey.of(endpoint, identity, direction, bits, value)
             out[key] = entry
     return dict(sorted(out.items()))
 
@@ -233,12 +166,12 @@ def lower_identity_rules(
 
 
 def _width(r: PortRule) -> int:
-    return (256 if r.protocol == PROTO_ANY else 1) * (r.port_hi - r.port_lo + 1)
+    return (256 if r.protocol == Proto.ANY else 1) * (r.port_hi - r.port_lo + 1)
 
 
 def _covers(outer: PortRule, inner: PortRule) -> bool:
     return (
-        outer.protocol in (PROTO_ANY, inner.protocol)
+        outer.protocol in (Proto.ANY, inner.protocol)
         and outer.port_lo <= inner.port_lo
         and inner.port_hi <= outer.port_hi
     )
@@ -254,7 +187,7 @@ def simplify_rules(rules: Iterable[PortRule]) -> tuple[PortRule, ...]:
             best[k] = r
     ordered = sorted(
         best.values(),
-        key=lambda r: (-PRECEDENCE[Verdict(r.verdict)], -_width(r), r.protocol, r.port_lo, r.policy_id),
+        key=lambda r: (-PRECEDENCE[PolicyVerdict(r.verdict)], -_width(r), r.protocol, r.port_lo, r.policy_id),
     )
     kept: list[PortRule] = []
     for r in ordered:
@@ -292,7 +225,7 @@ def lower_cidr_rules(
                 PortRule(
                     r.protocol,
                     int(r.verdict),
-                    (r.proxy_port or proxy_port) if r.verdict == Verdict.REDIRECT else 0,
+                    (r.proxy_port or proxy_port) if r.verdict == PolicyVerdict.REDIRECT else 0,
                     r.port_lo,
                     r.port_hi,
                     r.policy_id,
@@ -310,10 +243,7 @@ def lower_cidr_rules(
                     f"{where}{Direction(direction).name.lower()} CIDR {p}: {len(value)} port rules "
                     f"apply, the datapath holds at most {POLICY_CIDR_MAX_RULES} per CIDR"
                 )
-            net = ipaddress.IPv4Network(p)
-            out[CidrKey(CIDR_FIXED_BITS + net.prefixlen, endpoint, direction, str(net.network_address))] = (
-                CidrValue(value)
-            )
+            out[CidrKey.of(endpoint, direction, p)] = CidrValue(value)
     return dict(sorted(out.items()))
 
 
@@ -343,11 +273,7 @@ def lower(
 
 
 __all__ = [
-    "CIDR_FIXED_BITS",
-    "EP_F_EGRESS_ENFORCED",
-    "EP_F_INGRESS_ENFORCED",
     "POLICY_CIDR_MAX_RULES",
-    "POLICY_FIXED_BITS",
     "CidrKey",
     "CidrValue",
     "LoweredPolicy",

@@ -40,7 +40,7 @@ from nodemesh.policy.ports import (
     protocol_number,
 )
 from nodemesh.policy.selectors import matches
-from nodemesh.policy.types import Direction, Endpoint, PolicyCompileError, Verdict
+from nodemesh.policy.types import Direction, Endpoint, PolicyCompileError, PolicyVerdict
 
 
 def policy_types(spec: Mapping[str, Any]) -> list[str]:
@@ -133,4 +133,4 @@ def compile_network_policy(ctx: Context, policy: Mapping[str, Any], b: Builder) 
         for i, rule in enumerate(spec.get(field) or []):
             where = f"{ref}: spec.{field}[{i}]"
             peers = _peers(ctx, rule.get(peer_field), ns, f"{where}.{peer_field}")
-            b.emit(direction, peers, _ports(rule.get("ports"), f"{where}.ports"), Verdict.ALLOW, pid)
+            b.emit(direction, peers, _ports(rule.get("ports"), f"{where}.ports"), PolicyVerdict.ALLOW, pid)

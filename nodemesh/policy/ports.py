@@ -1,5 +1,5 @@
 """Ports, protocols and CIDRs: parsing policy fields into numbers, and the arithmetic the maps need
-(aligned power-of-two port blocks for LPM keys, CIDR containment for folding).
+(CIDR containment for folding). The port blocks of LPM keys are `datapath.layout.port_blocks`.
 """
 
 from __future__ import annotations
@@ -8,17 +8,13 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from nodemesh.datapath.layout import PORT_MAX, PORT_MIN, Proto
 from nodemesh.policy.types import (
-    PORT_MAX,
-    PORT_MIN,
-    PROTO_ANY,
-    PROTO_TCP,
-    PROTO_UDP,
     PROTOCOLS,
 )
 
 # Cilium's ``protocol: ANY`` (and its default) means these, as on a Cilium without SCTP enabled.
-ANY_EXPANDS_TO = (PROTO_TCP, PROTO_UDP)
+ANY_EXPANDS_TO = (Proto.TCP, Proto.UDP)
 
 
 @dataclass(frozen=True, order=True)
@@ -34,10 +30,10 @@ class PortRange:
         return self.lo == PORT_MIN and self.hi == PORT_MAX
 
     def covers(self, protocol: int, port: int) -> bool:
-        return (self.protocol in (PROTO_ANY, protocol)) and self.lo <= port <= self.hi
+        return (self.protocol in (Proto.ANY, protocol)) and self.lo <= port <= self.hi
 
 
-ALL_PORTS = PortRange(PROTO_ANY)
+ALL_PORTS = PortRange(Proto.ANY)
 
 
 @dataclass(frozen=True)
@@ -85,22 +81,6 @@ def resolve_named(
         if proto in port.protocols:
             out.append(PortRange(proto, number, number))
     return sorted(set(out))
-
-
-def port_blocks(lo: int, hi: int) -> list[tuple[int, int]]:
-    """Decompose [lo, hi] into aligned power-of-two blocks: [(start, k)], each covering
-    start .. start + 2**k - 1, with start a multiple of 2**k. Fewest blocks, ascending."""
-    if not PORT_MIN <= lo <= hi <= PORT_MAX:
-        raise ValueError(f"bad port range {lo}-{hi}")
-    out = []
-    x = lo
-    while x <= hi:
-        k = 0
-        while k < 16 and x % (1 << (k + 1)) == 0 and x + (1 << (k + 1)) - 1 <= hi:
-            k += 1
-        out.append((x, k))
-        x += 1 << k
-    return out
 
 
 def canonical_cidr(text: str) -> str | None:

@@ -9,43 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import Any
 
+from nodemesh.datapath.layout import Direction, PolicyVerdict, Proto
 from nodemesh.errors import NodemeshError
 
-# IP protocol numbers as the datapath sees them (0 = any protocol in a rule).
-PROTO_ANY = 0
-PROTO_ICMP = 1
-PROTO_TCP = 6
-PROTO_UDP = 17
-PROTO_SCTP = 132
-PROTOCOLS: Mapping[str, int] = {"TCP": PROTO_TCP, "UDP": PROTO_UDP, "SCTP": PROTO_SCTP}
-PROTOCOL_NAMES: Mapping[int, str] = {v: k for k, v in PROTOCOLS.items()} | {PROTO_ANY: "ANY"}
-
-PORT_MIN = 0
-PORT_MAX = 65535
-
-
-class Direction(IntEnum):
-    """Values as in ``policy_key.direction``."""
-
-    INGRESS = 0  # to the pod
-    EGRESS = 1  # from the pod
-
-
-class Verdict(IntEnum):
-    """Values as in ``policy_entry.verdict`` (POLICY_ALLOW / POLICY_DENY / POLICY_REDIRECT)."""
-
-    ALLOW = 1
-    DENY = 2
-    REDIRECT = 3
+# The protocol names a policy may write (Kubernetes' `protocol`), as the datapath's numbers.
+PROTOCOLS: Mapping[str, Proto] = {p.name: p for p in (Proto.TCP, Proto.UDP, Proto.SCTP)}
 
 
 # When several rules match one packet: an explicit deny beats everything; a redirect beats a
 # plain allow (the proxy then sees the traffic; an overlapping L4 allow becomes an L7 allow-all
 # for that peer, see `L7Rule`). Higher wins.
-PRECEDENCE: Mapping[Verdict, int] = {Verdict.ALLOW: 1, Verdict.REDIRECT: 2, Verdict.DENY: 3}
+PRECEDENCE: Mapping[PolicyVerdict, int] = {
+    PolicyVerdict.ALLOW: 1, PolicyVerdict.REDIRECT: 2, PolicyVerdict.DENY: 3}
 
 
 class PolicyCompileError(NodemeshError):
@@ -90,7 +67,7 @@ class IdentityRule:
     protocol: int  # 0 = any protocol (and then any port)
     port_lo: int
     port_hi: int
-    verdict: Verdict
+    verdict: PolicyVerdict
     policy_id: int
     proxy_port: int = 0  # REDIRECT only; 0 = the placeholder `lower` fills in
     # CiliumNetworkPolicy authentication.mode: required: only a peer whose identity was proven
@@ -108,7 +85,7 @@ class CidrRule:
     protocol: int
     port_lo: int
     port_hi: int
-    verdict: Verdict
+    verdict: PolicyVerdict
     policy_id: int
     proxy_port: int = 0
 

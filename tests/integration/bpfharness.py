@@ -20,6 +20,9 @@ A second node is another Topology with its own addresses (`second_node`) joined 
 by `join_underlay`: a veth pair between the two node namespaces, both ends named eth0, with an
 underlay /24 and routes to each other's pod /24 and node IP.
 
+`Policies` (and `policy_rule`) write policy the way the agent does: rules → EndpointPolicy →
+`lower_policy` → `policy_map_pairs` → `Datapath.sync_map`.
+
 Also the pytest fixtures the test_bpf_* modules share: `topo` (one topology per module) and
 `dp` (a loaded Datapath per test, destroyed afterwards, with every pod programmed).
 """
@@ -42,6 +45,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +53,22 @@ from pathlib import Path
 import pytest
 
 from nodemesh.datapath import libbpf
-from nodemesh.datapath.layout import EndpointFlags, FlowEvent, Identity, IpcacheEntry, IpcacheKey, ip4
+from nodemesh.datapath.layout import (
+    PORT_MAX,
+    PORT_MIN,
+    Direction,
+    EndpointFlags,
+    FlowEvent,
+    Identity,
+    IpcacheEntry,
+    IpcacheKey,
+    PolicyVerdict,
+    Proto,
+    ip4,
+    policy_map_pairs,
+)
 from nodemesh.datapath.loader import Datapath, cgroup2_root, mount_bpffs, unmount
+from nodemesh.policy import CidrRule, EndpointPolicy, IdentityRule, lower_policy
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -590,6 +608,88 @@ def bpffs_entries(topo: Topology) -> list[str]:
     """What is in the bpffs besides the kernel's own iterators (progs.debug, maps.debug)."""
     return sorted(str(p.relative_to(topo.bpffs)) for p in topo.bpffs.rglob("*")
                   if not p.name.endswith(".debug"))
+
+
+# --- policy, written the agent's way ---------------------------------------------------------
+PortSel = int | tuple[int, int] | None  # one port, an inclusive range, or every port
+
+
+def _ports(port: PortSel) -> tuple[int, int]:
+    if port is None:
+        return PORT_MIN, PORT_MAX
+    if isinstance(port, tuple):
+        return port
+    return port, port
+
+
+class Policies:
+    """The policy maps of one datapath, written as the agent writes them: each pod's rules make
+    an `EndpointPolicy`, `lower_policy` lowers it, `layout.policy_map_pairs` turns the result
+    into nm_policy / nm_policy_cidr entries and `Datapath.sync_map` makes the maps hold exactly
+    those of every pod. Setting a rule replaces the pod's rule for the same direction, peer,
+    protocol and ports (as an edited policy would); the verdict then follows from all of a
+    pod's rules together (deny over redirect over allow). Enforcement (nm_endpoints flags) is
+    the tests' own business (`Datapath.set_endpoint`)."""
+
+    _of: weakref.WeakKeyDictionary[Datapath, Policies] = weakref.WeakKeyDictionary()
+
+    def __init__(self, dp: Datapath) -> None:
+        self.dp = dp
+        self.pods: dict[int, Pod] = {}
+        self.rules: dict[int, dict[tuple, IdentityRule | CidrRule]] = {}
+
+    @classmethod
+    def of(cls, dp: Datapath) -> Policies:
+        if dp not in cls._of:
+            cls._of[dp] = cls(dp)
+        return cls._of[dp]
+
+    def identity_rule(self, pod: Pod, direction: Direction, identity: int,
+                      verdict: PolicyVerdict, policy_id: int, protocol: int | None = Proto.TCP,
+                      port: PortSel = 8080, proxy_port: int = 0) -> None:
+        """A rule against a remote identity (Identity.ANY = every peer); protocol None: every
+        protocol (and then every port); ICMP rules give the ICMP type as the port."""
+        if protocol is None and port is not None:
+            raise ValueError("a port needs a protocol")
+        proto = Proto.ANY if protocol is None else Proto(protocol)
+        lo, hi = _ports(port)
+        self._set(pod, (direction, "identity", identity, proto, lo, hi),
+                  IdentityRule(direction, identity, proto, lo, hi, verdict, policy_id, proxy_port))
+
+    def cidr_rule(self, pod: Pod, direction: Direction, cidr: str, verdict: PolicyVerdict,
+                  policy_id: int, protocol: int = Proto.ANY, port: PortSel = None,
+                  excepts: tuple[str, ...] = ()) -> None:
+        """A rule against addresses (an ipBlock: `cidr` without its `excepts`)."""
+        lo, hi = _ports(port)
+        self._set(pod, (direction, "cidr", cidr, protocol, lo, hi),
+                  CidrRule(direction, cidr, excepts, Proto(protocol), lo, hi, verdict, policy_id))
+
+    def _set(self, pod: Pod, where: tuple, rule: IdentityRule | CidrRule) -> None:
+        self.pods[pod.ifindex] = pod
+        self.rules.setdefault(pod.ifindex, {})[where] = rule
+        self.sync()
+
+    def sync(self) -> None:
+        lowered = []
+        for ifindex, rules in self.rules.items():
+            pod = self.pods[ifindex]
+            ep = EndpointPolicy(
+                endpoint=f"test/{pod.name}", identity=pod.identity, ingress_enforced=False,
+                egress_enforced=False,
+                identity_rules=tuple(r for r in rules.values() if isinstance(r, IdentityRule)),
+                cidr_rules=tuple(r for r in rules.values() if isinstance(r, CidrRule)))
+            lowered.append(lower_policy(ep, ifindex))
+        policy_pairs, cidr_pairs = policy_map_pairs(lowered)
+        self.dp.sync_map("nm_policy", policy_pairs)
+        self.dp.sync_map("nm_policy_cidr", cidr_pairs)
+
+
+def policy_rule(dp: Datapath, pod: Pod, direction: Direction, identity: int,
+                verdict: PolicyVerdict, policy_id: int, protocol: int | None = Proto.TCP,
+                port: PortSel = 8080, proxy_port: int = 0) -> None:
+    """`Policies.identity_rule` on this datapath's policies."""
+    Policies.of(dp).identity_rule(pod, direction, identity, verdict, policy_id, protocol, port,
+                                  proxy_port)
 
 
 # --- pytest fixtures --------------------------------------------------------------------------

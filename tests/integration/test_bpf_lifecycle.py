@@ -14,16 +14,16 @@ import pytest
 
 from nodemesh.datapath import libbpf
 from nodemesh.datapath.layout import (
+    POLICY_KEY_BITS,
     Direction,
     EndpointFlags,
     EventType,
+    Identity,
     Lb4Backend,
-    PolicyEntry,
+    PolicyKeyStruct,
     PolicyVerdict,
     Proto,
     ip4,
-    policy_key,
-    policy_keys_for_range,
     u32,
 )
 from nodemesh.datapath.lb import LbService, compile_lb
@@ -110,8 +110,7 @@ def test_restart_adopts_pins_without_disturbing_a_connection(topo: Topology, dp:
     p2.server("tcp", 8080)
     dp.apply_lb(compile_lb([LbService(VIP, 80, "TCP", [(p2.ip, 8080)])], maglev_m=dp.maglev_m))
     dp.set_endpoint(p2.ifindex, p2.ip, p2.identity, EndpointFlags.INGRESS_ENFORCED)
-    dp.policy.put(policy_key(p2.ifindex, p1.identity, Direction.INGRESS, Proto.TCP, 8080),
-                  PolicyEntry(int(PolicyVerdict.ALLOW), 0, 0, 1))
+    bpfharness.policy_rule(dp, p2, Direction.INGRESS, p1.identity, PolicyVerdict.ALLOW, 1)
     chat = Chat(topo, p1, VIP, 80)
     assert chat.say("before") == "pod2:8080 before"
     links = link_map(dp)
@@ -208,18 +207,20 @@ def test_verifier_rejection_carries_the_log(tmp_path: Path, bpf_objects: None) -
 
 def test_map_operations(topo: Topology, dp: Datapath) -> None:
     p = topo.pods[0]
-    # LPM: the kernel returns the longest matching prefix for a full key
-    for key, pid in ((policy_key(p.ifindex, 0, Direction.INGRESS), 1),
-                     (policy_key(p.ifindex, 0, Direction.INGRESS, Proto.TCP), 2)):
-        dp.policy.put(key, PolicyEntry(1, 0, 0, pid))
-    for key in policy_keys_for_range(p.ifindex, 0, Direction.INGRESS, Proto.TCP, 8080, 8083):
-        dp.policy.put(key, PolicyEntry(1, 0, 0, 3))
+    # LPM: the kernel returns the longest matching prefix for a full key (entries written the
+    # agent's way: any protocol, any TCP port, TCP 8080..8083, from any peer)
+    for pid, proto, port in ((1, None, None), (2, Proto.TCP, None), (3, Proto.TCP, (8080, 8083))):
+        bpfharness.policy_rule(dp, p, Direction.INGRESS, Identity.ANY, PolicyVerdict.ALLOW, pid,
+                               proto, port)
+    assert len(list(dp.policy.items())) == 3
 
-    def decide(proto: int, port: int) -> int:
-        return dp.policy.get(policy_key(p.ifindex, 0, Direction.INGRESS, proto, port)).policy_id
+    def lookup(identity: int, proto: int, port: int) -> object:
+        return dp.policy.get(PolicyKeyStruct(POLICY_KEY_BITS, p.ifindex, identity,
+                                             Direction.INGRESS, proto, port))
 
-    assert [decide(6, 8082), decide(6, 8084), decide(17, 8080)] == [3, 2, 1]
-    assert dp.policy.get(policy_key(p.ifindex, 5, Direction.INGRESS, 6, 80)) is None
+    assert [lookup(0, 6, 8082).policy_id, lookup(0, 6, 8084).policy_id,  # type: ignore[attr-defined]
+            lookup(0, 17, 8080).policy_id] == [3, 2, 1]  # type: ignore[attr-defined]
+    assert lookup(5, 6, 80) is None
 
     # hash maps are read in batches; the result equals key-by-key iteration
     for i in range(1, 700):

@@ -1,4 +1,7 @@
-"""Policy, conntrack, fail-closed and flow events on a real kernel, pod to pod."""
+"""Policy, conntrack, fail-closed and flow events on a real kernel, pod to pod.
+
+Policy entries are written the agent's way (bpfharness.Policies: rules → EndpointPolicy →
+lower_policy → policy_map_pairs → sync_map), so these tests check the compiler's output too."""
 
 from __future__ import annotations
 
@@ -12,17 +15,11 @@ from nodemesh.datapath.layout import (
     EndpointFlags,
     EventType,
     Identity,
-    PolicyEntry,
     PolicyVerdict,
     Proto,
     Verdict,
     ip4,
     lxc_key,
-    policy_cidr_entry,
-    policy_cidr_key,
-    policy_key,
-    policy_keys_for_range,
-    port_rule,
 )
 from nodemesh.datapath.loader import Datapath
 from tests.integration import bpfharness
@@ -32,6 +29,7 @@ from tests.integration.bpfharness import (
     Chat,
     Events,
     Pod,
+    Policies,
     Topology,
     connect,
     run,
@@ -49,10 +47,7 @@ def isolate(dp: Datapath, pod: Pod, flags: EndpointFlags) -> None:
     dp.set_endpoint(pod.ifindex, pod.ip, pod.identity, flags)
 
 
-def rule(dp: Datapath, pod: Pod, direction: Direction, identity: int, verdict: PolicyVerdict,
-         policy_id: int, protocol: int | None = Proto.TCP, port: int | None = 8080) -> None:
-    dp.policy.put(policy_key(pod.ifindex, identity, direction, protocol, port),
-                  PolicyEntry(int(verdict), 0, 0, policy_id))
+rule = bpfharness.policy_rule  # (dp, pod, direction, identity, verdict, policy_id, protocol, port)
 
 
 def test_default_deny_drops_with_event(topo: Topology, dp: Datapath) -> None:
@@ -112,8 +107,8 @@ def test_port_range_entries(topo: Topology, dp: Datapath) -> None:
     for port in (8081, 8084):
         p2.server("tcp", port)
     isolate(dp, p2, EndpointFlags.INGRESS_ENFORCED)
-    for key in policy_keys_for_range(p2.ifindex, 0, INGRESS, Proto.TCP, 8080, 8083):
-        dp.policy.put(key, PolicyEntry(int(PolicyVerdict.ALLOW), 0, 0, 3))
+    rule(dp, p2, INGRESS, Identity.ANY, PolicyVerdict.ALLOW, 3, Proto.TCP, (8080, 8083))
+    assert len(list(dp.policy.items())) == 1  # one aligned block of four ports
 
     assert connect(p1, p2.ip, 8081)["ok"]
     assert not connect(p1, p2.ip, 8084)["ok"]
@@ -149,8 +144,7 @@ def test_deny_wins_over_allow(topo: Topology, dp: Datapath) -> None:
     assert not connect(p3, p2.ip)["ok"]
     rule(dp, p2, INGRESS, Identity.ANY, PolicyVerdict.ALLOW, policy_id=42)
     assert connect(p3, p2.ip)["ok"]
-    dp.policy_cidr.put(policy_cidr_key(p2.ifindex, INGRESS, f"{p3.ip}/32"),
-                       policy_cidr_entry([port_rule(PolicyVerdict.DENY, policy_id=43)]))
+    Policies.of(dp).cidr_rule(p2, INGRESS, f"{p3.ip}/32", PolicyVerdict.DENY, 43)
     assert not connect(p3, p2.ip)["ok"]
 
 
@@ -159,11 +153,10 @@ def test_cidr_entries(topo: Topology, dp: Datapath) -> None:
     p2.server("tcp", 8080)
     p2.server("udp", 9000)
     isolate(dp, p2, EndpointFlags.INGRESS_ENFORCED)
-    # ipBlock 10.77.0.0/24 except 10.77.0.3/32, TCP 8080 only
-    dp.policy_cidr.put(policy_cidr_key(p2.ifindex, INGRESS, "10.77.0.0/24"),
-                       policy_cidr_entry([port_rule(PolicyVerdict.ALLOW, Proto.TCP, 8080, 8080,
-                                                    policy_id=5)]))
-    dp.policy_cidr.put(policy_cidr_key(p2.ifindex, INGRESS, f"{p3.ip}/32"), policy_cidr_entry([]))
+    # ipBlock 10.77.0.0/24 except pod3's address, TCP 8080 only
+    Policies.of(dp).cidr_rule(p2, INGRESS, "10.77.0.0/24", PolicyVerdict.ALLOW, 5, Proto.TCP, 8080,
+                              excepts=(f"{p3.ip}/32",))
+    assert len(list(dp.policy_cidr.items())) == 2  # the block, and the except with no rules
     events = Events(dp)
 
     ok = connect(p1, p2.ip)

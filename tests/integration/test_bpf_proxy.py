@@ -40,7 +40,6 @@ from nodemesh.datapath.layout import (
     EventType,
     Identity,
     L7RedirKey,
-    PolicyEntry,
     PolicyVerdict,
     Proto,
     Verdict,
@@ -49,7 +48,6 @@ from nodemesh.datapath.layout import (
     lxc_key,
     netns_entry,
     netns_key,
-    policy_key,
     u32,
 )
 from nodemesh.datapath.lb import LbService, compile_lb
@@ -237,11 +235,8 @@ def isolate(d: Datapath, pod: Pod, flags: EndpointFlags) -> None:
     d.set_endpoint(pod.ifindex, pod.ip, pod.identity, flags)
 
 
-def rule(d: Datapath, pod: Pod, direction: Direction, identity: int, verdict: PolicyVerdict,
-         policy_id: int, protocol: int | None = Proto.TCP, port: int | None = 8080,
-         proxy_port: int = 0) -> None:
-    d.policy.put(policy_key(pod.ifindex, identity, direction, protocol, port),
-                 PolicyEntry(int(verdict), 0, proxy_port, policy_id))
+# written the agent's way: rules → EndpointPolicy → lower_policy → policy_map_pairs → sync_map
+rule = bpfharness.policy_rule  # (dp, pod, direction, identity, verdict, policy_id, ..., proxy_port)
 
 
 def rules_of(t: Topology) -> str:

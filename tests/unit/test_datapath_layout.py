@@ -185,6 +185,7 @@ def test_enums_match_the_headers() -> None:
     assert (layout.NM_MARK_AUTH | layout.NM_MARK_TUNNEL) & layout.PROXY_MARK_MASK == 0
     assert d["POLICY_CIDR_MAX_RULES"] == layout.POLICY_CIDR_MAX_RULES
     assert d["POLICY_KEY_BITS"] == layout.POLICY_KEY_BITS
+    assert d["POLICY_CIDR_KEY_BITS"] == layout.POLICY_CIDR_KEY_BITS
     assert d["NM_MAGLEV_M_DEFAULT"] == layout.MAGLEV_DEFAULT_M
     for name in ("PROXY_MARK", "PROXY_MARK_MASK", "PROXY_ROUTE_TABLE", "PROXY_RULE_PREF"):
         assert d[name] == getattr(layout, name), name
@@ -279,3 +280,69 @@ def test_l7_redir_migration_keeps_old_entries_for_any_client() -> None:
     assert new_key == bytes(layout.l7_redirect("10.77.0.2", 8080, 15001, policy_id=7)[0])
     assert new_val == old_val
     assert len(new_key) == ctypes.sizeof(layout.L7RedirKey)
+
+
+def test_policy_key_bit_counts_follow_the_structs() -> None:
+    """LPM prefix lengths count the bits after `prefixlen` (4 bytes): the fixed parts end where
+    the first variable field starts."""
+    key, cidr = layout.PolicyKeyStruct, layout.PolicyCidrKeyStruct
+    assert (ctypes.sizeof(key) - 4) * 8 == layout.POLICY_KEY_BITS
+    assert (key.protocol.offset - 4) * 8 == layout.POLICY_KEY_FIXED_BITS
+    assert (ctypes.sizeof(cidr) - 4) * 8 == layout.POLICY_CIDR_KEY_BITS
+    assert (cidr.addr.offset - 4) * 8 == layout.POLICY_CIDR_KEY_BASE
+
+
+PLAIN_POLICY_VALUES = {  # the compiler's value -> its struct, with a sample
+    layout.PolicyKey(96, 7, 300, 1, 6, 8080): "policy_key",
+    layout.PolicyValue(3, 15001, 9, 1): "policy_entry",
+    layout.CidrKey(88, 7, 1, "10.1.2.0"): "policy_cidr_key",
+    layout.PortRule(17, 2, 0, 53, 60, 4): "policy_port_rule",
+}
+
+
+@pytest.mark.parametrize("value", list(PLAIN_POLICY_VALUES), ids=list(PLAIN_POLICY_VALUES.values()))
+def test_policy_values_are_field_for_field_their_structs(value: object) -> None:
+    struct = value.struct()  # type: ignore[attr-defined]
+    assert type(struct) is STRUCTS[PLAIN_POLICY_VALUES[value]]
+    names = [f[0] for f in type(struct)._fields_ if f[0] != "pad"]
+    assert sorted(names) == sorted(value.__dataclass_fields__)  # type: ignore[attr-defined]
+    for name in names:
+        want = getattr(value, name)
+        assert getattr(struct, name) == (ip4(want) if name == "addr" else want), name
+
+
+def test_cidr_value_struct_holds_its_rules() -> None:
+    rules = (layout.PortRule(6, 1, 0, 80, 80, 1), layout.PortRule(0, 2, 0, 0, 65535, 2))
+    entry = layout.CidrValue(rules).struct()
+    assert type(entry) is STRUCTS["policy_cidr_entry"] and entry.count == 2
+    assert bytes(entry.rules[0]) == bytes(rules[0].struct())
+    assert bytes(entry.rules[1]) == bytes(rules[1].struct())
+    assert bytes(entry.rules[2]) == bytes(ctypes.sizeof(layout.PolicyPortRuleStruct))
+
+
+def test_one_definition_per_word() -> None:
+    """The policy compiler and the identity allocator use the datapath's enumerations."""
+    from nodemesh import identity, policy
+    from nodemesh.policy import types
+
+    assert policy.Direction is types.Direction is Direction
+    assert policy.PolicyVerdict is PolicyVerdict
+    assert types.PROTOCOLS == {"TCP": layout.Proto.TCP, "UDP": layout.Proto.UDP,
+                               "SCTP": layout.Proto.SCTP}
+    assert identity.Identity is Identity and identity.FIRST_POD_IDENTITY == layout.FIRST_POD_IDENTITY
+    assert set(identity.RESERVED_NAMES) == {int(i) for i in Identity} - {0}
+    assert policy.LoweredPolicy.__module__ == "nodemesh.policy.lower"
+    for name in ("PolicyKey", "PolicyValue", "CidrKey", "CidrValue", "PortRule"):
+        assert getattr(policy, name) is getattr(layout, name), name
+
+
+def test_layout_is_pure() -> None:
+    """The ABI module imports nothing of the project but its package (no libbpf, agent, store):
+    the compiler imports it."""
+    import sys
+
+    code = ("import sys, nodemesh.datapath.layout; "
+            "print(sorted(m for m in sys.modules if m.startswith('nodemesh')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=REPO_ROOT).stdout
+    assert out.strip() == "['nodemesh', 'nodemesh.datapath', 'nodemesh.datapath.layout']"

@@ -10,8 +10,8 @@ import pytest
 
 from nodemesh.errors import Conflict
 from nodemesh.identity import (
+    FIRST_POD_IDENTITY,
     IDENTITY_KIND,
-    MIN_POD_IDENTITY,
     allocate_identity,
     find_identity,
     list_identities,
@@ -34,7 +34,7 @@ def store(tmp_path: Path) -> SqliteStore:
 
 def test_first_identity_is_256_and_reused(store: SqliteStore) -> None:
     a = allocate_identity(store, WEB)
-    assert a == MIN_POD_IDENTITY
+    assert a == FIRST_POD_IDENTITY
     assert allocate_identity(store, dict(reversed(list(WEB.items())))) == a  # order does not matter
     b = allocate_identity(store, DB)
     assert b == a + 1

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 
 from nodemesh.identity import (
-    HOST,
     RESERVED_BY_NAME,
     RESERVED_LABELS,
-    WORLD,
+    Identity,
     is_reserved,
     label_value,
     reserved_labels,
@@ -121,14 +120,14 @@ def test_label_helpers() -> None:
     assert namespace_of(labels) == "prod"
     assert namespace_labels_of(labels) == {"team": "a", "kubernetes.io/metadata.name": "prod"}
     assert pod_labels_of(labels) == {"app": "web"}
-    assert namespace_of(reserved_labels(HOST)) is None
+    assert namespace_of(reserved_labels(Identity.HOST)) is None
 
 
 def test_reserved_table() -> None:
     assert dict(RESERVED_BY_NAME) == {
         "host": 1, "world": 2, "unmanaged": 3, "health": 4, "init": 5, "remote-node": 6,
     }
-    assert reserved_labels(WORLD) == {"reserved:world": ""}
+    assert reserved_labels(Identity.WORLD) == {"reserved:world": ""}
     assert reserved_labels(6) == {"reserved:remote-node": ""}
     assert all(is_reserved(n) for n in RESERVED_LABELS)
     assert not is_reserved(0) and not is_reserved(256)

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from nodemesh.identity import HEALTH, HOST, INIT, REMOTE_NODE, UNMANAGED, WORLD
+from nodemesh.identity import Identity
 from nodemesh.policy import (
     Direction,
     Endpoint,
@@ -15,7 +15,7 @@ from nodemesh.policy import (
     L7Rule,
     PolicyCompileError,
     PolicyInput,
-    Verdict,
+    PolicyVerdict,
     compile_endpoint,
     evaluate,
     lower_policy,
@@ -23,7 +23,7 @@ from nodemesh.policy import (
 from tests.netpol_cases import State, cnp, netpol, policy_input, sel, sel_labels
 
 IN, EG = Direction.INGRESS, Direction.EGRESS
-A, D, R = Verdict.ALLOW, Verdict.DENY, Verdict.REDIRECT
+A, D, R = PolicyVerdict.ALLOW, PolicyVerdict.DENY, PolicyVerdict.REDIRECT
 NS = "k8s:io.kubernetes.pod.namespace"
 POD_A = sel(pod="a")
 
@@ -45,7 +45,7 @@ def ids(eps: dict[str, Endpoint], *pods: str) -> set[int]:
     return {eps[p].identity for p in pods}
 
 
-def rule_ids(p: EndpointPolicy, direction: Direction = IN, verdict: Verdict = A) -> set[int]:
+def rule_ids(p: EndpointPolicy, direction: Direction = IN, verdict: PolicyVerdict = A) -> set[int]:
     return {r.identity for r in p.identity_rules if r.direction == direction and r.verdict == verdict}
 
 
@@ -133,7 +133,7 @@ def test_from_endpoints_scoping() -> None:
         sel_labels({"k8s:io.cilium.k8s.namespace.labels.ns": "y", "pod": "c"}),
         sel_labels({"reserved:host": ""}),
     ]}]})
-    assert rule_ids(p) == ids(eps, "x/a", "x/b", "x/c", "y/b", "z/c", "y/c") | {HOST}
+    assert rule_ids(p) == ids(eps, "x/a", "x/b", "x/c", "y/b", "z/c", "y/c") | {Identity.HOST}
 
 
 def test_from_endpoints_expression_on_namespace() -> None:
@@ -161,14 +161,14 @@ def test_ports_without_peers_apply_to_any_peer() -> None:
     ("entity", "want"),
     [
         ("all", {0}),
-        ("world", {WORLD}),
-        ("world-ipv4", {WORLD}),
+        ("world", {Identity.WORLD}),
+        ("world-ipv4", {Identity.WORLD}),
         ("world-ipv6", set()),
-        ("host", {HOST}),
-        ("remote-node", {REMOTE_NODE}),
-        ("health", {HEALTH}),
-        ("init", {INIT}),
-        ("unmanaged", {UNMANAGED}),
+        ("host", {Identity.HOST}),
+        ("remote-node", {Identity.REMOTE_NODE}),
+        ("health", {Identity.HEALTH}),
+        ("init", {Identity.INIT}),
+        ("unmanaged", {Identity.UNMANAGED}),
     ],
 )
 def test_entities(entity: str, want: set[int]) -> None:
@@ -178,15 +178,15 @@ def test_entities(entity: str, want: set[int]) -> None:
 
 def test_cluster_entity() -> None:
     p, eps = compile_xa({"endpointSelector": POD_A, "egress": [{"toEntities": ["cluster"]}]})
-    reserved = {HOST, REMOTE_NODE, INIT, HEALTH, UNMANAGED}
+    reserved = {Identity.HOST, Identity.REMOTE_NODE, Identity.INIT, Identity.HEALTH, Identity.UNMANAGED}
     assert rule_ids(p, EG) == {e.identity for e in eps.values()} | reserved
-    assert WORLD not in rule_ids(p, EG)
-    assert not evaluate(p, EG, WORLD, "8.8.8.8", "TCP", 443).allowed
+    assert Identity.WORLD not in rule_ids(p, EG)
+    assert not evaluate(p, EG, Identity.WORLD, "8.8.8.8", "TCP", 443).allowed
 
 
 def test_world_entity_lets_the_outside_in() -> None:
     p, eps = compile_xa({"endpointSelector": POD_A, "ingress": [{"fromEntities": ["world"]}]})
-    assert evaluate(p, IN, WORLD, "8.8.8.8", "TCP", 80).allowed
+    assert evaluate(p, IN, Identity.WORLD, "8.8.8.8", "TCP", 80).allowed
     assert not evaluate(p, IN, eps["y/a"].identity, eps["y/a"].ip, "TCP", 80).allowed
 
 

@@ -13,13 +13,13 @@ from nodemesh.policy import (
     Direction,
     EndpointPolicy,
     IdentityRule,
-    Verdict,
+    PolicyVerdict,
     evaluate,
     lower_policy,
 )
 
 IN, EG = Direction.INGRESS, Direction.EGRESS
-A, D, R = Verdict.ALLOW, Verdict.DENY, Verdict.REDIRECT
+A, D, R = PolicyVerdict.ALLOW, PolicyVerdict.DENY, PolicyVerdict.REDIRECT
 
 
 def ep(

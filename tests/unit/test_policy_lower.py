@@ -18,8 +18,8 @@ from nodemesh.policy import (
     PolicyCompileError,
     PolicyKey,
     PolicyValue,
+    PolicyVerdict,
     PortRule,
-    Verdict,
     evaluate,
     lower,
     lower_policy,
@@ -27,7 +27,7 @@ from nodemesh.policy import (
 from nodemesh.policy.lower import simplify_rules
 
 IN, EG = Direction.INGRESS, Direction.EGRESS
-A, D, R = Verdict.ALLOW, Verdict.DENY, Verdict.REDIRECT
+A, D, R = PolicyVerdict.ALLOW, PolicyVerdict.DENY, PolicyVerdict.REDIRECT
 TCP, UDP = 6, 17
 
 
@@ -39,12 +39,12 @@ def ep(*rules: IdentityRule | CidrRule, ingress: bool = True, egress: bool = Fal
     )
 
 
-def idr(identity: int, proto: int, lo: int, hi: int, verdict: Verdict = A, pid: int = 1,
+def idr(identity: int, proto: int, lo: int, hi: int, verdict: PolicyVerdict = A, pid: int = 1,
         direction: Direction = IN) -> IdentityRule:
     return IdentityRule(direction, identity, proto, lo, hi, verdict, pid)
 
 
-def cr(cidr: str, proto: int = 0, lo: int = 0, hi: int = 65535, verdict: Verdict = A, pid: int = 1,
+def cr(cidr: str, proto: int = 0, lo: int = 0, hi: int = 65535, verdict: PolicyVerdict = A, pid: int = 1,
        excepts: tuple[str, ...] = (), direction: Direction = EG) -> CidrRule:
     return CidrRule(direction, cidr, excepts, proto, lo, hi, verdict, pid)
 

@@ -13,7 +13,7 @@ from nodemesh.policy import (
     IdentityRule,
     PolicyCompileError,
     PolicyInput,
-    Verdict,
+    PolicyVerdict,
     compile_all,
     compile_endpoint,
     evaluate,
@@ -22,7 +22,7 @@ from nodemesh.policy.networkpolicy import policy_types
 from tests.netpol_cases import MODEL_IPS, State, netpol, policy_input, port, sel
 
 IN, EG = Direction.INGRESS, Direction.EGRESS
-ALLOW = Verdict.ALLOW
+ALLOW = PolicyVerdict.ALLOW
 
 
 def model(*policies: dict) -> tuple[PolicyInput, dict[str, Endpoint]]:

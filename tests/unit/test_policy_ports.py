@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from nodemesh.datapath.layout import port_blocks
 from nodemesh.policy.ports import (
     NamedPort,
     PortRange,
@@ -14,7 +15,6 @@ from nodemesh.policy.ports import (
     cidr_contains,
     ip_in_cidr,
     parse_port_number,
-    port_blocks,
     protocol_number,
     resolve_named,
 )
