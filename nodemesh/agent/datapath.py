@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from nodemesh.agent.informer import RESYNC_SECONDS, SyncedRevision
 from nodemesh.cluster.config import NODE_DNS_IP, POD_GATEWAY, ClusterConfig
 from nodemesh.cluster.controllers import is_deleting, pod_ready
-from nodemesh.cluster.sandbox import Sandbox
 from nodemesh.datapath import layout as L
 from nodemesh.datapath import libbpf
 from nodemesh.datapath.lb import LbService, LbState, compile_lb
 from nodemesh.datapath.loader import Datapath, mount_bpffs
+from nodemesh.host.sandbox import Sandbox
 from nodemesh.identity import allocate_identity, security_labels
 from nodemesh.mtls.tunnel import DatapathTunnel, datapath_tunnel, mesh_pods
 from nodemesh.observe.flow import (

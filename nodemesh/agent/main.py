@@ -26,10 +26,11 @@ from nodemesh.agent.dns import DnsServer, build_records
 from nodemesh.agent.informer import Informer
 from nodemesh.agent.pods import PodHooks, PodManager
 from nodemesh.agent.proxy import ProxyManager
-from nodemesh.cluster import netns
-from nodemesh.cluster.config import NODE_DNS_IP, ClusterConfig, write_json_atomic
-from nodemesh.cluster.procs import ProcRef
+from nodemesh.cluster.config import NODE_DNS_IP, ClusterConfig
 from nodemesh.errors import NodemeshError
+from nodemesh.host import netns
+from nodemesh.host.files import write_json_atomic
+from nodemesh.host.procs import ProcRef
 from nodemesh.observe.agentevents import AgentEventType, agent_event
 from nodemesh.observe.filters import FlowFilter, matches
 from nodemesh.observe.metrics import AgentCollector, AgentMetrics

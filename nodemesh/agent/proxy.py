@@ -33,12 +33,13 @@ from nodemesh.agent.informer import RESYNC_SECONDS, SyncedRevision
 from nodemesh.agent.l7flows import AccessLogFlow
 from nodemesh.agent.tunnelflows import tunnel_failure
 from nodemesh.certs.spiffe import spiffe_id
-from nodemesh.cluster import netns
-from nodemesh.cluster.config import ClusterConfig, read_json, write_json_atomic
-from nodemesh.cluster.procs import describe_exit, reaped_status
+from nodemesh.cluster.config import ClusterConfig
 from nodemesh.cluster.trust import fingerprint_of
 from nodemesh.datapath.layout import IpcacheFlags
 from nodemesh.errors import NodemeshError
+from nodemesh.host import netns
+from nodemesh.host.files import read_json, write_json_atomic
+from nodemesh.host.procs import describe_exit, reaped_status
 from nodemesh.mtls.tls import ROOTS_SECRET
 from nodemesh.mtls.tunnel import TunnelInput, TunnelPlan, mesh_pods, plan_tunnel
 from nodemesh.observe.agentevents import AgentEventType, agent_event

@@ -25,10 +25,11 @@ from typing import Any
 
 import yaml
 
-from nodemesh.cluster import inventory, procs
-from nodemesh.cluster.config import read_json
+from nodemesh.cluster import inventory
 from nodemesh.cluster.controllers import pod_ready
-from nodemesh.cluster.procs import ProcRef
+from nodemesh.host import procs
+from nodemesh.host.files import read_json
+from nodemesh.host.procs import ProcRef
 
 NAMESPACE = "default"  # where everything the benchmark applies lives (the CLI's default)
 

@@ -13,16 +13,17 @@ import time
 from nodemesh import __version__
 from nodemesh.cli import output
 from nodemesh.cli.selectors import parse_selector
-from nodemesh.cluster import cgroup, images, lifecycle, netns
+from nodemesh.cluster import images, lifecycle
 from nodemesh.cluster.config import (
     ClusterConfig,
     load_cluster,
-    read_json,
     state_dir_from,
 )
 from nodemesh.cluster.controllers import request_delete
-from nodemesh.cluster.procs import ProcRef
 from nodemesh.errors import InvalidManifest, NodemeshError, NotFound
+from nodemesh.host import cgroup, netns
+from nodemesh.host.files import read_json
+from nodemesh.host.procs import ProcRef
 from nodemesh.model.kinds import KINDS, KindInfo, obj_ref, ref, resolve_kind
 from nodemesh.store import Store, open_store
 from nodemesh.store.base import now_rfc3339

@@ -23,9 +23,10 @@ from nodemesh.agent.api import AgentClient
 from nodemesh.cli.commands import apply_objects
 from nodemesh.cli.output import table
 from nodemesh.cluster import lifecycle
-from nodemesh.cluster.config import ClusterConfig, read_json
+from nodemesh.cluster.config import ClusterConfig
 from nodemesh.demo import manifests
 from nodemesh.errors import NodemeshError
+from nodemesh.host.files import read_json
 from nodemesh.model.manifest import load_manifests
 from nodemesh.model.validate import validate_objects
 from nodemesh.store import Store, open_store
