@@ -21,7 +21,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from nodemesh.agent.informer import RESYNC_SECONDS, SyncedRevision
 from nodemesh.cluster.config import NODE_DNS_IP, POD_GATEWAY, ClusterConfig
 from nodemesh.cluster.controllers import is_deleting, pod_ready
 from nodemesh.datapath import layout as L
@@ -29,7 +28,7 @@ from nodemesh.datapath import libbpf
 from nodemesh.datapath.lb import LbService, LbState, compile_lb
 from nodemesh.datapath.loader import Datapath, mount_bpffs
 from nodemesh.host.sandbox import Sandbox
-from nodemesh.identity import allocate_identity, security_labels
+from nodemesh.identity import security_labels
 from nodemesh.mtls.tunnel import DatapathTunnel, datapath_tunnel, mesh_pods
 from nodemesh.observe.flow import (
     RESERVED_IDENTITIES,
@@ -44,6 +43,8 @@ from nodemesh.policy import Compiler, Endpoint, PolicyCompileError, PolicyInput
 from nodemesh.policy.lower import LoweredPolicy, lower_policy
 from nodemesh.route.inputs import PROXY_IP
 from nodemesh.store import Store
+from nodemesh.store.identities import allocate_identity
+from nodemesh.store.informer import RESYNC_SECONDS, SyncedRevision
 
 log = logging.getLogger("nodemesh.datapath")
 EVENTS_NICE = 10  # the flow-event reader's nice, relative to the agent's

@@ -23,10 +23,9 @@ from typing import Any
 from nodemesh.agent.api import ApiError, ApiServer
 from nodemesh.agent.datapath import DatapathSync
 from nodemesh.agent.dns import DnsServer, build_records
-from nodemesh.agent.informer import Informer
-from nodemesh.agent.pods import PodHooks, PodManager
 from nodemesh.agent.proxy import ProxyManager
 from nodemesh.cluster.config import NODE_DNS_IP, ClusterConfig
+from nodemesh.cluster.pods import PodHooks, PodManager
 from nodemesh.errors import NodemeshError
 from nodemesh.host import netns
 from nodemesh.host.files import write_json_atomic
@@ -39,6 +38,7 @@ from nodemesh.proxy.envoy import HotRestart
 from nodemesh.route import PROXY_IP
 from nodemesh.store import open_store
 from nodemesh.store.base import now_rfc3339
+from nodemesh.store.informer import Informer
 
 log = logging.getLogger("nodemesh.agent")
 HEARTBEAT_SECONDS = 5.0

@@ -29,7 +29,6 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from nodemesh.agent.certs import CertManager
 from nodemesh.agent.certs import state_file as certs_state_file
-from nodemesh.agent.informer import RESYNC_SECONDS, SyncedRevision
 from nodemesh.agent.l7flows import AccessLogFlow
 from nodemesh.agent.tunnelflows import tunnel_failure
 from nodemesh.certs.spiffe import spiffe_id
@@ -71,6 +70,7 @@ from nodemesh.route.protos import LISTENER_TYPE
 from nodemesh.route.visibility import visibility_routes
 from nodemesh.store import Store
 from nodemesh.store.base import now_rfc3339
+from nodemesh.store.informer import RESYNC_SECONDS, SyncedRevision
 
 log = logging.getLogger("nodemesh.proxy")
 WATCHED = {"Pod", "Service", "Namespace", "HTTPRoute", "GRPCRoute", "CiliumNetworkPolicy",

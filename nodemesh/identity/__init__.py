@@ -1,21 +1,11 @@
-"""Identities: security label sets and the cluster-wide numbers allocated to them.
+"""Identities: security label sets and the fixed numbers of non-pod peers (pure).
 
 - `labels`: which labels define a pod's identity, and how selector keys find them;
-- `reserved`: the fixed identities of non-pod peers (host, world, remote-node ...);
-- `allocator`: label set → number, through the store, the same on every node.
+- `reserved`: the fixed identities of non-pod peers (host, world, remote-node ...).
+
+Allocating a number to a label set goes through the store: `nodemesh.store.identities`.
 """
 
-from nodemesh.identity.allocator import (
-    IDENTITY_API_VERSION,
-    IDENTITY_KIND,
-    MAX_IDENTITY,
-    IdentitiesExhausted,
-    allocate_identity,
-    find_identity,
-    identity_object,
-    list_identities,
-    release_unused,
-)
 from nodemesh.identity.labels import (
     NAMESPACE_LABEL,
     NAMESPACE_LABELS_PREFIX,
@@ -45,10 +35,7 @@ __all__ = [
     "ANY",
     "HEALTH",
     "HOST",
-    "IDENTITY_API_VERSION",
-    "IDENTITY_KIND",
     "INIT",
-    "MAX_IDENTITY",
     "MIN_POD_IDENTITY",
     "NAMESPACE_LABEL",
     "NAMESPACE_LABELS_PREFIX",
@@ -60,14 +47,8 @@ __all__ = [
     "UNMANAGED",
     "VOLATILE_LABELS",
     "WORLD",
-    "IdentitiesExhausted",
-    "allocate_identity",
-    "find_identity",
-    "identity_object",
     "is_reserved",
     "label_value",
-    "list_identities",
-    "release_unused",
     "reserved_labels",
     "security_labels",
     "security_labels_from",

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from nodemesh.agent.informer import Informer
 from nodemesh.cluster import images, ipam
 from nodemesh.cluster.config import CLUSTER_DOMAIN, NODE_DNS_IP, POD_GATEWAY, ClusterConfig
 from nodemesh.cluster.controllers import is_deleting
@@ -30,6 +29,7 @@ from nodemesh.host.procs import ProcRef
 from nodemesh.model.kinds import obj_ref
 from nodemesh.store import Store
 from nodemesh.store.base import now_rfc3339
+from nodemesh.store.informer import Informer
 
 log = logging.getLogger("nodemesh.pods")
 
