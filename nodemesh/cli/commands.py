@@ -491,7 +491,7 @@ def cmd_observe(args: argparse.Namespace) -> int:
     import threading
 
     from nodemesh.agent.api import AgentClient
-    from nodemesh.observe import printer
+    from nodemesh.cli import printer
 
     cfg = _cluster(args)
     flt = _flow_filter(args)
