@@ -275,7 +275,7 @@ MODEL_IPS: dict[str, str] = {pod: f"10.244.{i // 3 + 1}.{10 + i}" for i, pod in 
 
 class Allocator:
     """Label set → identity in memory (from 256, first come first served), standing in for
-    `nodemesh.identity.allocate_identity` and its store."""
+    `nodemesh.store.identities.allocate_identity` and its store."""
 
     def __init__(self) -> None:
         self.numbers: dict[tuple[tuple[str, str], ...], int] = {}

@@ -24,7 +24,7 @@ from nodemesh.certs import pem
 from nodemesh.certs.authority import CaError
 from nodemesh.certs.client import CaClient, CaUnavailable
 from nodemesh.certs.leaf import Leaf, leaf_from, make_csr, new_key
-from nodemesh.cluster.config import read_json, write_json_atomic
+from nodemesh.host.files import read_json, write_json_atomic
 
 log = logging.getLogger("nodemesh.certs")
 RETRY_SECONDS = 1.0  # after a failed signing request

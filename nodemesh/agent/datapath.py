@@ -19,18 +19,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from nodemesh.agent.informer import SyncedRevision
 from nodemesh.cluster.config import NODE_DNS_IP, ClusterConfig
-from nodemesh.cluster.sandbox import Sandbox
 from nodemesh.datapath import layout as L
 from nodemesh.datapath import libbpf
 from nodemesh.datapath.lb import LbState
 from nodemesh.datapath.loader import Datapath, mount_bpffs
+from nodemesh.host.sandbox import Sandbox
 from nodemesh.node.snapshot import AttachedPod, NodeSnapshot, Redirects
 from nodemesh.observe.flow import RESERVED_IDENTITIES, RawEvent, StaticContext
 from nodemesh.observe.ring import FlowRing
 from nodemesh.policy.lower import LoweredPolicy
 from nodemesh.route.inputs import RedirectKey
+from nodemesh.store.informer import SyncedRevision
 
 log = logging.getLogger("nodemesh.datapath")
 EVENTS_NICE = 10  # the flow-event reader's nice, relative to the agent's

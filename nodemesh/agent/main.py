@@ -23,14 +23,14 @@ from typing import Any
 from nodemesh.agent.api import ApiError, ApiServer
 from nodemesh.agent.datapath import DatapathSync
 from nodemesh.agent.dns import DnsServer, build_records
-from nodemesh.agent.informer import Informer
-from nodemesh.agent.pods import PodHooks, PodManager
 from nodemesh.agent.proxy import ProxyManager
 from nodemesh.agent.reconcile import NodeReconciler
-from nodemesh.cluster import netns
-from nodemesh.cluster.config import NODE_DNS_IP, ClusterConfig, write_json_atomic
-from nodemesh.cluster.procs import ProcRef
+from nodemesh.cluster.config import NODE_DNS_IP, ClusterConfig
+from nodemesh.cluster.pods import PodHooks, PodManager
 from nodemesh.errors import NodemeshError
+from nodemesh.host import netns
+from nodemesh.host.files import write_json_atomic
+from nodemesh.host.procs import ProcRef
 from nodemesh.observe.agentevents import AgentEventType, agent_event
 from nodemesh.observe.filters import FlowFilter, matches
 from nodemesh.observe.metrics import AgentCollector, AgentMetrics
@@ -39,6 +39,7 @@ from nodemesh.proxy.envoy import HotRestart
 from nodemesh.route import PROXY_IP
 from nodemesh.store import open_store
 from nodemesh.store.base import now_rfc3339
+from nodemesh.store.informer import Informer
 
 log = logging.getLogger("nodemesh.agent")
 HEARTBEAT_SECONDS = 5.0

@@ -27,15 +27,15 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 
 from nodemesh.agent.certs import CertManager
 from nodemesh.agent.certs import state_file as certs_state_file
-from nodemesh.agent.informer import SyncedRevision
 from nodemesh.agent.l7flows import AccessLogFlow
 from nodemesh.agent.tunnelflows import tunnel_failure
 from nodemesh.certs.spiffe import spiffe_id
-from nodemesh.cluster import netns
-from nodemesh.cluster.config import ClusterConfig, read_json, write_json_atomic
-from nodemesh.cluster.procs import describe_exit, reaped_status
+from nodemesh.cluster.config import ClusterConfig
 from nodemesh.cluster.trust import fingerprint_of
 from nodemesh.errors import NodemeshError
+from nodemesh.host import netns
+from nodemesh.host.files import read_json, write_json_atomic
+from nodemesh.host.procs import describe_exit, reaped_status
 from nodemesh.mtls.tunnel import TunnelPlan
 from nodemesh.node.snapshot import Certificates, EnvoyPart, NodeInputs, trust_roots, wanted_certificates
 from nodemesh.observe.agentevents import AgentEventType, agent_event
@@ -55,6 +55,7 @@ from nodemesh.route import PROXY_IP, RedirectKey, RouteKey, stamp_transition_tim
 from nodemesh.route.protos import LISTENER_TYPE
 from nodemesh.store import Store
 from nodemesh.store.base import now_rfc3339
+from nodemesh.store.informer import SyncedRevision
 
 log = logging.getLogger("nodemesh.proxy")
 ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")

@@ -27,11 +27,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from nodemesh.agent.datapath import DatapathSync
-from nodemesh.agent.informer import RESYNC_SECONDS
 from nodemesh.agent.proxy import ProxyManager
 from nodemesh.cluster.config import ClusterConfig
-from nodemesh.cluster.sandbox import Sandbox
-from nodemesh.identity import allocate_identity
+from nodemesh.host.sandbox import Sandbox
 from nodemesh.node.snapshot import (
     KINDS,
     NodeInputs,
@@ -42,6 +40,8 @@ from nodemesh.node.snapshot import (
     missing_identities,
 )
 from nodemesh.store import Store
+from nodemesh.store.identities import allocate_identity
+from nodemesh.store.informer import RESYNC_SECONDS
 
 log = logging.getLogger("nodemesh.reconcile")
 DATAPATH_KINDS = {"Pod", "Service", "Namespace", "NetworkPolicy", "CiliumNetworkPolicy",

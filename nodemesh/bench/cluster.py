@@ -2,17 +2,16 @@
 processes of the mesh, CPU pinning, `down`, and a check that nothing of it is left behind.
 
 Everything goes through the real CLI (`python -m nodemesh --state-dir DIR ...`) as a user would,
-except `apply_timed`, which runs the CLI's apply in this process so that the change-latency test
-measures the apply and not the interpreter's start-up, and `get`, which reads what
-`nodemesh get KIND -o json` prints straight from the cluster's store (`nodemesh.store`): waiting
-for pods polls it several times a second, and an interpreter per poll would keep a good part of
-this 2-CPU machine busy while the pods start.
+except `apply_timed`, which runs `nodemesh apply`'s code (`nodemesh.store.apply`) in this
+process so that the change-latency test measures the apply and not the interpreter's start-up,
+and `get`, which reads what `nodemesh get KIND -o json` prints straight from the cluster's store
+(`nodemesh.store`): waiting for pods polls it several times a second, and an interpreter per poll
+would keep a good part of this 2-CPU machine busy while the pods start.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import subprocess
@@ -25,10 +24,11 @@ from typing import Any
 
 import yaml
 
-from nodemesh.cluster import inventory, procs
-from nodemesh.cluster.config import read_json
+from nodemesh.cluster import inventory
 from nodemesh.cluster.controllers import pod_ready
-from nodemesh.cluster.procs import ProcRef
+from nodemesh.host import procs
+from nodemesh.host.files import read_json
+from nodemesh.host.procs import ProcRef
 
 NAMESPACE = "default"  # where everything the benchmark applies lives (the CLI's default)
 
@@ -97,25 +97,24 @@ class BenchCluster:
         self.cli("apply", "-f", "-", input=yaml.safe_dump_all(objs))
 
     def apply_timed(self, objs: list[dict[str, Any]]) -> tuple[int, int]:
-        """Apply in this process, exactly as `nodemesh apply -f FILE` does; returns the
-        CLOCK_MONOTONIC nanoseconds at the start and at the end of the apply."""
-        from argparse import Namespace
-
-        from nodemesh.cli.commands import cmd_apply
+        """Apply in this process, as `nodemesh apply -f FILE` does (read and validate the file,
+        open the store, store the objects in one transaction); returns the CLOCK_MONOTONIC
+        nanoseconds at the start and at the end of the apply. Invalid objects raise the
+        `NodemeshError` the CLI would print."""
+        from nodemesh.cluster.config import load_cluster
+        from nodemesh.store import open_store
+        from nodemesh.store.apply import apply_objects, load_and_validate
 
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
             f.write(yaml.safe_dump_all(objs))
             path = f.name
         try:
-            sink = io.StringIO()
             t0 = time.monotonic_ns()
-            with contextlib.redirect_stdout(sink):
-                rc = cmd_apply(Namespace(filename=[path], namespace=None, state_dir=self.state_dir))
+            found = load_and_validate([path], None)
+            apply_objects(open_store(load_cluster(self.state_dir).state_dir), found)
             t1 = time.monotonic_ns()
         finally:
             os.unlink(path)
-        if rc != 0:
-            raise RuntimeError(f"apply failed: {sink.getvalue()}")
         return t0, t1
 
     def get(self, kind: str, name: str | None = None) -> Any:

@@ -44,7 +44,7 @@ from nodemesh.bench.cluster import BenchCluster
 from nodemesh.bench.loadgen import WRK_LUA, cpu_busy_seconds, proc_cpu_seconds
 from nodemesh.bench.stats import median, percentile
 from nodemesh.bench.workload import MODES, MTLS_MODES, Workload
-from nodemesh.cluster.procs import reap_children, set_child_subreaper
+from nodemesh.host.procs import reap_children, set_child_subreaper
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOADGEN_CPU = 1

@@ -13,18 +13,20 @@ import time
 from nodemesh import __version__
 from nodemesh.cli import output
 from nodemesh.cli.selectors import parse_selector
-from nodemesh.cluster import cgroup, images, lifecycle, netns
+from nodemesh.cluster import lifecycle
 from nodemesh.cluster.config import (
     ClusterConfig,
     load_cluster,
-    read_json,
     state_dir_from,
 )
 from nodemesh.cluster.controllers import request_delete
-from nodemesh.cluster.procs import ProcRef
-from nodemesh.errors import InvalidManifest, NodemeshError, NotFound
-from nodemesh.model.kinds import KINDS, KindInfo, obj_ref, ref, resolve_kind
+from nodemesh.errors import NodemeshError, NotFound
+from nodemesh.host import cgroup, netns
+from nodemesh.host.files import read_json
+from nodemesh.host.procs import ProcRef
+from nodemesh.model.kinds import KINDS, KindInfo, ref, resolve_kind
 from nodemesh.store import Store, open_store
+from nodemesh.store.apply import apply_objects, load_and_validate
 from nodemesh.store.base import now_rfc3339
 
 
@@ -168,78 +170,11 @@ def _envoy_exit_text(envoy: dict) -> str:
 
 
 # ---- apply / delete ------------------------------------------------------------------------
-def load_and_validate(paths: list[str], namespace: str | None) -> list[dict]:
-    """Every object of every file, validated and defaulted; all errors of all files at once."""
-    from nodemesh.model.manifest import load_manifests, read_manifest_paths
-    from nodemesh.model.validate import validate_objects
-
-    errors: list[str] = []
-    objs: list[dict] = []
-    seen: dict[tuple[str, str, str], str] = {}
-    for source, text in read_manifest_paths(paths):
-        try:
-            docs = load_manifests(text, source)
-            valid = validate_objects(docs, source, default_namespace=namespace or "default",
-                                     enforce_namespace=namespace is not None)
-        except InvalidManifest as e:
-            errors.extend(e.errors)
-            continue
-        for o in valid:
-            key = (o["kind"], o["metadata"].get("namespace") or "", o["metadata"]["name"])
-            if key in seen:
-                errors.append(f"{obj_ref(o)}: metadata.name: defined twice ({seen[key]} and "
-                              f"{source})")
-            seen[key] = source
-            errors.extend(_check_images(o))
-            objs.append(o)
-    if errors:
-        raise InvalidManifest(errors)
-    if not objs:
-        raise NodemeshError(f"no objects in {', '.join(paths)}", 2)
-    return objs
-
-
-def _check_images(obj: dict) -> list[str]:
-    if obj["kind"] == "Pod":
-        spec, path = obj["spec"], "spec"
-    elif obj["kind"] == "Deployment":
-        spec, path = obj["spec"]["template"]["spec"], "spec.template.spec"
-    else:
-        return []
-    errors = []
-    for i, c in enumerate(spec.get("containers") or []):
-        try:
-            images.resolve(obj_ref(obj), c)
-        except NodemeshError:
-            errors.append(f"{obj_ref(obj)}: {path}.containers[{i}].image: {c.get('image')!r} is "
-                          f"not in nodemesh's image table and the container has no command "
-                          f"(known images: {', '.join(sorted(images.IMAGE_TABLE))})")
-    return errors
-
-
 def cmd_apply(args: argparse.Namespace) -> int:
     objs = load_and_validate(args.filename, args.namespace)
     _, store = _store(args)
     print("\n".join(apply_objects(store, objs)))
     return 0
-
-
-def apply_objects(store: Store, objs: list[dict]) -> list[str]:
-    """Admit and store validated objects in one transaction; kubectl-style result lines."""
-    from nodemesh.model.admission import admit
-
-    results = []
-    with store.transaction() as t:
-        admitted = admit(objs, lambda kind, ns: t.list(kind, ns))
-        for o in admitted:
-            meta = o["metadata"]
-            before = t.get(o["kind"], meta.get("namespace") or "", meta["name"])
-            after = t.put(o)
-            verb = "created" if before is None else (
-                "unchanged" if before["metadata"]["resourceVersion"] ==
-                after["metadata"]["resourceVersion"] else "configured")
-            results.append(f"{o['kind'].lower()}/{meta['name']} {verb}")
-    return results
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -556,7 +491,7 @@ def cmd_observe(args: argparse.Namespace) -> int:
     import threading
 
     from nodemesh.agent.api import AgentClient
-    from nodemesh.observe import printer
+    from nodemesh.cli import printer
 
     cfg = _cluster(args)
     flt = _flow_filter(args)

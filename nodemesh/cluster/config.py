@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 
 from nodemesh.errors import NoCluster, NodemeshError
+from nodemesh.host.files import write_json_atomic
+from nodemesh.host.sandbox import Sandbox
 from nodemesh.node.addresses import NODE_DNS_IP, POD_GATEWAY  # noqa: F401 - re-exported
 
 DEFAULT_STATE_DIR = "/var/lib/nodemesh"
@@ -85,6 +87,11 @@ class ClusterConfig:
 
     def pod_cgroup(self, node: str, uid: str) -> str:
         return os.path.join(self.node_cgroup(node), f"pod-{uid}")
+
+    def pod_sandbox(self, node: str, uid: str, ip: str) -> Sandbox:
+        """The names of pod `uid`'s sandbox on `node`, with address `ip`."""
+        return Sandbox(uid=uid, netns=self.pod_netns(uid), host_ifname=self.pod_host_ifname(uid),
+                       ip=ip, cgroup=self.pod_cgroup(node, uid))
 
     def proxy_cgroup(self, node: str) -> str:
         # Envoy lives beside the pods, not under them: the socket programs on the node's pod
@@ -214,19 +221,3 @@ def load_cluster(state_dir: str) -> ClusterConfig:
     except FileNotFoundError:
         raise NoCluster(state_dir) from None
 
-
-def write_json_atomic(path: str, data: object, mode: int = 0o600) -> None:
-    """Write JSON so that readers see the old or the new file, never half of one."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
-def read_json(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None

@@ -15,12 +15,13 @@ import sys
 import threading
 import time
 
-from nodemesh.agent.informer import Informer
-from nodemesh.cluster import netns, procs
-from nodemesh.cluster.config import NODE_DNS_IP, ClusterConfig, read_json, write_json_atomic
+from nodemesh.cluster.config import NODE_DNS_IP, ClusterConfig
 from nodemesh.cluster.controllers import Controllers
-from nodemesh.cluster.procs import ProcRef
+from nodemesh.host import netns, procs
+from nodemesh.host.files import read_json, write_json_atomic
+from nodemesh.host.procs import ProcRef
 from nodemesh.store import open_store
+from nodemesh.store.informer import Informer
 
 log = logging.getLogger("nodemesh.daemon")
 CONTROLLER_RESYNC_SECONDS = 2.0

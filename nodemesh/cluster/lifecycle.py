@@ -17,17 +17,18 @@ import sys
 import time
 from collections.abc import Callable
 
-from nodemesh.cluster import cgroup, netns, procs, topology
+from nodemesh.cluster import topology
 from nodemesh.cluster.config import (
     DEFAULT_CERT_TTL_SECONDS,
     DEFAULT_TRUST_DOMAIN,
     ClusterConfig,
     load_cluster,
     plan_cluster,
-    read_json,
 )
-from nodemesh.cluster.procs import ProcRef
 from nodemesh.errors import NodemeshError
+from nodemesh.host import cgroup, netns, procs
+from nodemesh.host.files import read_json
+from nodemesh.host.procs import ProcRef
 from nodemesh.store import open_store
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")

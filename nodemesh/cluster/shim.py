@@ -24,9 +24,9 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from nodemesh.cluster import cgroup, netns
-from nodemesh.cluster.config import write_json_atomic
-from nodemesh.cluster.procs import ProcRef
+from nodemesh.host import cgroup, netns
+from nodemesh.host.files import write_json_atomic
+from nodemesh.host.procs import ProcRef
 
 BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 60.0

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from nodemesh.cluster import cgroup, netns
 from nodemesh.cluster.config import NODE_DNS_IP, POD_GATEWAY, UNDERLAY_CIDR, ClusterConfig
+from nodemesh.host import cgroup, netns
 
 BRIDGE = "br0"
 

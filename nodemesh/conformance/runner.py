@@ -40,10 +40,10 @@ import yaml
 
 from nodemesh import __version__
 from nodemesh.cluster.inventory import leftovers as inventory_leftovers
-from nodemesh.cluster.procs import set_child_subreaper
 from nodemesh.conformance import DATA_COMMIT, MANIFESTS, TESTS_DIR
 from nodemesh.conformance.cases import CLIENTS, TESTS, ConformanceTest, TimeoutConfig
 from nodemesh.conformance.report import Outcome, build_report, profiles_of
+from nodemesh.host.procs import set_child_subreaper
 
 if TYPE_CHECKING:
     from nodemesh.store import Store

@@ -20,15 +20,14 @@ from contextlib import contextmanager
 from typing import Any
 
 from nodemesh.agent.api import AgentClient
-from nodemesh.cli.commands import apply_objects
 from nodemesh.cli.output import table
 from nodemesh.cluster import lifecycle
-from nodemesh.cluster.config import ClusterConfig, read_json
+from nodemesh.cluster.config import ClusterConfig
 from nodemesh.demo import manifests
 from nodemesh.errors import NodemeshError
-from nodemesh.model.manifest import load_manifests
-from nodemesh.model.validate import validate_objects
+from nodemesh.host.files import read_json
 from nodemesh.store import Store, open_store
+from nodemesh.store.apply import apply_text
 
 NS = manifests.NAMESPACE
 REQUESTS = 400
@@ -110,7 +109,7 @@ class Progress:
 
 
 def _apply(store: Store, text: str) -> None:
-    apply_objects(store, validate_objects(load_manifests(text, "demo"), "demo"))
+    apply_text(store, text, "demo")
 
 
 def _wait(what: str, ok: Callable[[], bool], timeout: float = 120.0) -> None:

@@ -1,21 +1,11 @@
-"""Identities: security label sets and the cluster-wide numbers allocated to them.
+"""Identities: security label sets and the fixed numbers of non-pod peers (pure).
 
 - `labels`: which labels define a pod's identity, and how selector keys find them;
-- `reserved`: the fixed identities of non-pod peers (host, world, remote-node ...);
-- `allocator`: label set → number, through the store, the same on every node.
+- `reserved`: the fixed identities of non-pod peers (host, world, remote-node ...).
+
+Allocating a number to a label set goes through the store: `nodemesh.store.identities`.
 """
 
-from nodemesh.identity.allocator import (
-    IDENTITY_API_VERSION,
-    IDENTITY_KIND,
-    MAX_IDENTITY,
-    IdentitiesExhausted,
-    allocate_identity,
-    find_identity,
-    identity_object,
-    list_identities,
-    release_unused,
-)
 from nodemesh.identity.labels import (
     NAMESPACE_LABEL,
     NAMESPACE_LABELS_PREFIX,
@@ -37,9 +27,6 @@ from nodemesh.identity.reserved import (
 
 __all__ = [
     "FIRST_POD_IDENTITY",
-    "IDENTITY_API_VERSION",
-    "IDENTITY_KIND",
-    "MAX_IDENTITY",
     "NAMESPACE_LABEL",
     "NAMESPACE_LABELS_PREFIX",
     "RESERVED_BY_NAME",
@@ -47,15 +34,9 @@ __all__ = [
     "RESERVED_NAMES",
     "SERVICE_ACCOUNT_LABEL",
     "VOLATILE_LABELS",
-    "IdentitiesExhausted",
     "Identity",
-    "allocate_identity",
-    "find_identity",
-    "identity_object",
     "is_reserved",
     "label_value",
-    "list_identities",
-    "release_unused",
     "reserved_labels",
     "security_labels",
     "security_labels_from",

@@ -47,7 +47,7 @@ PROTOCOL = Str(enum=("TCP", "UDP"), unsupported={"SCTP": "nodemesh supports TCP 
 
 # -- env -------------------------------------------------------------------------------------
 
-# Downward API fields the pod runtime fills in (nodemesh/agent/pods.py).
+# Downward API fields the pod runtime fills in (nodemesh/cluster/pods.py).
 FIELD_PATHS = ("metadata.name", "metadata.namespace", "metadata.uid", "spec.nodeName",
                "spec.serviceAccountName", "status.podIP", "status.hostIP")
 _KEYED_FIELD = re.compile(r"metadata\.(labels|annotations)\['(.*)'\]")

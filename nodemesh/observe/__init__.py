@@ -1,2 +1,3 @@
 """Observability: flows (from kernel events and Envoy access logs) in Hubble's shape, the flow
-ring each agent keeps, `nodemesh observe` filters and printers, metrics."""
+ring each agent keeps, `nodemesh observe` filters, metrics. (The printers of
+`nodemesh observe` are in `nodemesh.cli.printer`.)"""

@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from nodemesh.cluster import cgroup as cgroups
-from nodemesh.cluster import netns as netnses
-from nodemesh.cluster.config import read_json, write_json_atomic
-from nodemesh.cluster.procs import ProcRef, describe_exit, spawn_detached, zombie_exit_status
 from nodemesh.errors import NodemeshError
+from nodemesh.host import cgroup as cgroups
+from nodemesh.host import netns as netnses
+from nodemesh.host.files import read_json, write_json_atomic
+from nodemesh.host.procs import ProcRef, describe_exit, spawn_detached, zombie_exit_status
 
 XDS_CLUSTER = "xds_cluster"
 _HPO = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"

@@ -4,7 +4,7 @@ tunnel's ALPN, the workload certificate and the trust bundle over SDS, and the S
 peer must present.
 
 Here, below both, so that the route compiler needs nothing of `nodemesh.mtls` (which builds on
-the route's protos); `nodemesh.mtls.tls` names the same things.
+the route's protos).
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ import yaml
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from nodemesh.cli.commands import apply_objects, load_and_validate
 from nodemesh.cli.output import to_yaml
 from nodemesh.errors import InvalidManifest, NodemeshError
 from nodemesh.model.kinds import KINDS, obj_key
+from nodemesh.store.apply import apply_objects, load_and_validate
 from nodemesh.store.sqlite import SqliteStore
 from tests.fuzz.strategies import SEEDS, dump, manifest_texts, mutated
 

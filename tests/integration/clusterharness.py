@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from nodemesh.cluster.procs import set_child_subreaper
+from nodemesh.host.procs import set_child_subreaper
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Orphans of the clusters we start (their daemons) are reparented to the test process, so we

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from nodemesh.cluster.procs import ProcRef
+from nodemesh.host.procs import ProcRef
 from nodemesh.store import open_store
 from tests.integration.clusterharness import Cluster
 from tests.integration.test_datapath_restart import LOAD as L4_LOAD

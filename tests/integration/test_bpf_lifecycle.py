@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from nodemesh.datapath import libbpf
+from nodemesh.datapath.attach import NETNS_PIN
 from nodemesh.datapath.layout import (
     POLICY_KEY_BITS,
     Direction,
@@ -27,7 +28,7 @@ from nodemesh.datapath.layout import (
     u32,
 )
 from nodemesh.datapath.lb import LbService, compile_lb
-from nodemesh.datapath.loader import NETNS_PIN, Datapath, DatapathError
+from nodemesh.datapath.loader import Datapath, DatapathError
 from tests.integration import bpfharness
 from tests.integration.bpfharness import (
     PYTHON,

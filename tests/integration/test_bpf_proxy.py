@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from nodemesh.datapath import libbpf, routing
+from nodemesh.datapath.attach import NETNS_PIN
 from nodemesh.datapath.layout import (
     CT_F_HAIRPIN,
     CT_F_NODE_SOCKET,
@@ -51,7 +52,7 @@ from nodemesh.datapath.layout import (
     u32,
 )
 from nodemesh.datapath.lb import LbService, compile_lb
-from nodemesh.datapath.loader import NETNS_PIN, Datapath, DatapathError
+from nodemesh.datapath.loader import Datapath, DatapathError
 from tests.integration import bpfharness
 from tests.integration.bpfharness import (
     PROXY_IP,
@@ -1002,7 +1003,7 @@ def test_restart_keeps_redirects_and_an_upgrade_recreates_the_map(
     run(["bpftool", "map", "update", "pinned", str(pin), "key", "hex",
          *(f"{b:02x}" for b in old_key), "value", "hex", *(f"{b:02x}" for b in bytes(value))])
 
-    with caplog.at_level(logging.WARNING, logger="nodemesh.datapath.loader"):
+    with caplog.at_level(logging.WARNING, logger="nodemesh.datapath"):
         dp.load()
     assert "nm_l7_redir changed shape" in caplog.text, caplog.text
     assert "1 entries converted" in caplog.text

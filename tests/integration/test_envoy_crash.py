@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from nodemesh.cluster.procs import start_time
+from nodemesh.host.procs import start_time
 from tests.integration.clusterharness import Cluster
 from tests.integration.test_routes import CLIENT, deployment, route, service
 

@@ -473,7 +473,7 @@ def test_node_and_pod_source_ports_never_meet(mesh: Cluster) -> None:
     """The node Envoys' upstream connections carry the client pod's address with a port their
     node picks; the pods pick theirs from another range, so a pod's own connection and one made
     for it can never share addresses and ports (one of them would hang at the destination)."""
-    from nodemesh.cluster.netns import NODE_PORT_RANGE, POD_PORT_RANGE
+    from nodemesh.host.netns import NODE_PORT_RANGE, POD_PORT_RANGE
 
     web, client_ip = ip_of(mesh, "web"), ip_of(mesh, "client")
     held = subprocess.Popen([sys.executable, "-m", "nodemesh", "--state-dir", mesh.state_dir,

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from nodemesh.cluster import cgroup
 from nodemesh.errors import NodemeshError
+from nodemesh.host import cgroup
 from nodemesh.proxy.envoy import AdminClient, EnvoyProcess, bootstrap
 from tests.integration.test_proxy_envoy import NODE, Rig, rig_factory, shares, started
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from nodemesh.cli.printer import as_table, compact
 from nodemesh.observe.agentevents import AgentEventType, agent_event, is_agent_event
 from nodemesh.observe.filters import FlowFilter, matches
 from nodemesh.observe.metrics import AgentMetrics
-from nodemesh.observe.printer import as_table, compact
 
 
 def _ev() -> dict:

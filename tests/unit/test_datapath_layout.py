@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from nodemesh.datapath import layout
+from nodemesh.datapath.build import OBJECTS, REPO_ROOT
 from nodemesh.datapath.elf import BpfElf
 from nodemesh.datapath.layout import (
     MAPS,
@@ -29,7 +30,7 @@ from nodemesh.datapath.layout import (
     Verdict,
     ip4,
 )
-from nodemesh.datapath.loader import OBJECTS, REPO_ROOT, Datapath, DatapathError
+from nodemesh.datapath.loader import Datapath, DatapathError
 
 BPF_LIB = REPO_ROOT / "bpf" / "lib"
 
@@ -270,7 +271,7 @@ def test_netns_entries_encode_as_the_c_side_reads_them() -> None:
 
 
 def test_l7_redir_migration_keeps_old_entries_for_any_client() -> None:
-    from nodemesh.datapath.loader import MIGRATIONS
+    from nodemesh.datapath.pins import MIGRATIONS
 
     old_key = bytes.fromhex("0a4d0002" "1f90" "06" "00")  # before per-client redirects
     old_val = bytes(layout.L7RedirVal(15001, 0, 7))

@@ -7,7 +7,7 @@ import subprocess
 import time
 
 from nodemesh.cli.commands import _envoy_exit_text
-from nodemesh.cluster.procs import ProcRef
+from nodemesh.host.procs import ProcRef
 from nodemesh.proxy.envoy import AdminClient, EnvoyProcess
 
 
@@ -59,7 +59,7 @@ def test_an_exit_is_read_from_a_zombie_when_it_is_not_our_popen() -> None:
 
 
 def test_the_subreaper_records_what_it_reaped(tmp_path) -> None:
-    from nodemesh.cluster.procs import REAPED_KEEP, describe_exit, reaped_status, record_reaped
+    from nodemesh.host.procs import REAPED_KEEP, describe_exit, reaped_status, record_reaped
 
     path = str(tmp_path / "reaped.json")
     t0 = time.time()

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from nodemesh.cli.printer import as_json, as_table, compact
 from nodemesh.errors import NodemeshError
 from nodemesh.observe.filters import FlowFilter, matches, parse_time
 from nodemesh.observe.flow import (
@@ -20,7 +21,6 @@ from nodemesh.observe.flow import (
     flow_from_event,
     labels_of,
 )
-from nodemesh.observe.printer import as_json, as_table, compact
 from nodemesh.observe.ring import FlowRing
 
 CLIENT = Endpoint(identity=300, namespace="shop", pod_name="client",

@@ -1,6 +1,6 @@
 """SyncedRevision: what ``syncedRevision`` may claim around syncs and unrelated changes."""
 
-from nodemesh.agent.informer import SyncedRevision
+from nodemesh.store.informer import SyncedRevision
 
 
 def test_unrelated_change_while_idle_moves_the_mark() -> None:

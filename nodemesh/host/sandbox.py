@@ -1,7 +1,7 @@
 """One pod's sandbox: its network namespace, the veth to its node, its address and its cgroup.
 
 Runs in the node's network namespace (the agent's). The pod gets `eth0` with its /32 address and
-a default route through the node's gateway address; the node gets `lxc…` with a /32 route to the
+a default route through the gateway address the caller names; the node gets `lxc…` with a /32 route to the
 pod. Creation is idempotent (an agent that died half-way finishes the job), and removal takes
 whatever is left.
 """
@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nodemesh.cluster import cgroup, netns
-from nodemesh.cluster.config import POD_GATEWAY, ClusterConfig
+from nodemesh.host import cgroup, netns
 
 
 @dataclass(frozen=True)
@@ -31,13 +30,9 @@ class Sandbox:
         return cls(d["uid"], d["netns"], d["hostInterface"], d["ip"], d["cgroup"])
 
 
-def plan(cfg: ClusterConfig, node: str, uid: str, ip: str) -> Sandbox:
-    return Sandbox(uid=uid, netns=cfg.pod_netns(uid), host_ifname=cfg.pod_host_ifname(uid),
-                   ip=ip, cgroup=cfg.pod_cgroup(node, uid))
-
-
-def create(sb: Sandbox) -> None:
-    """Create the sandbox; the caller must be in the node's network namespace."""
+def create(sb: Sandbox, gateway: str) -> None:
+    """Create the sandbox with its default route via `gateway`; the caller must be in the node's
+    network namespace."""
     netns.add_netns(sb.netns)
     if not netns.link_exists(sb.host_ifname):
         if netns.link_exists("eth0", sb.netns):  # a half-made pod from an earlier attempt
@@ -47,8 +42,8 @@ def create(sb: Sandbox) -> None:
         "link set lo up",
         f"addr replace {sb.ip}/32 dev eth0",
         "link set eth0 up",
-        f"route replace {POD_GATEWAY} dev eth0 scope link",
-        f"route replace default via {POD_GATEWAY} dev eth0",
+        f"route replace {gateway} dev eth0 scope link",
+        f"route replace default via {gateway} dev eth0",
     ], sb.netns)
     netns.ip_batch([
         f"link set {sb.host_ifname} up",

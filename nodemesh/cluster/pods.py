@@ -19,21 +19,17 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from nodemesh.agent.informer import Informer
-from nodemesh.cluster import cgroup, images, ipam, procs, sandbox
-from nodemesh.cluster.config import (
-    CLUSTER_DOMAIN,
-    NODE_DNS_IP,
-    ClusterConfig,
-    read_json,
-    write_json_atomic,
-)
+from nodemesh.cluster import images, ipam
+from nodemesh.cluster.config import CLUSTER_DOMAIN, NODE_DNS_IP, POD_GATEWAY, ClusterConfig
 from nodemesh.cluster.controllers import is_deleting
-from nodemesh.cluster.procs import ProcRef
 from nodemesh.errors import NodemeshError
+from nodemesh.host import cgroup, procs, sandbox
+from nodemesh.host.files import read_json, write_json_atomic
+from nodemesh.host.procs import ProcRef
 from nodemesh.model.kinds import obj_ref
 from nodemesh.store import Store
 from nodemesh.store.base import now_rfc3339
+from nodemesh.store.informer import Informer
 
 log = logging.getLogger("nodemesh.pods")
 
@@ -206,14 +202,14 @@ class PodManager:
         t0 = time.monotonic()
         argvs = [images.resolve(obj_ref(pod), c) for c in pod["spec"]["containers"]]
         ip = self._allocate_ip(pod)
-        sb = sandbox.plan(self.cfg, self.node.name, uid, ip)
+        sb = self.cfg.pod_sandbox(self.node.name, uid, ip)
         pod_dir = self.cfg.pod_dir(uid)
         os.makedirs(os.path.join(pod_dir, "logs"), exist_ok=True)
         lp = LocalPod(uid, meta["namespace"], meta["name"], sb, now_rfc3339())
         # Record first: if we die half-way, the next agent knows what to finish or remove.
         write_json_atomic(os.path.join(pod_dir, "runtime.json"), lp.to_json(self.node.name))
         self.local[uid] = lp
-        sandbox.create(sb)
+        sandbox.create(sb, POD_GATEWAY)
         # Publish the address at once: other nodes learn it (and the pod's identity) while
         # the containers start.
         self._publish_pending(pod, lp)
@@ -275,7 +271,7 @@ class PodManager:
         deadline = time.monotonic() + 5
         while cgroup.procs(lp.sandbox.cgroup) and time.monotonic() < deadline:
             time.sleep(0.02)
-        sandbox.create(lp.sandbox)  # idempotent: completes whatever is missing
+        sandbox.create(lp.sandbox, POD_GATEWAY)  # idempotent: completes whatever is missing
         for hook in self.hooks.sandbox_ready:
             hook(pod, lp.sandbox)
         argvs = [images.resolve(obj_ref(pod), c) for c in pod["spec"]["containers"]]

@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 
 from nodemesh.errors import Conflict
-from nodemesh.identity import (
-    FIRST_POD_IDENTITY,
+from nodemesh.identity import FIRST_POD_IDENTITY
+from nodemesh.store import identities as alloc_mod
+from nodemesh.store.base import Store
+from nodemesh.store.identities import (
     IDENTITY_KIND,
     allocate_identity,
     find_identity,
     list_identities,
     release_unused,
 )
-from nodemesh.identity import allocator as alloc_mod
-from nodemesh.store.base import Store
 from nodemesh.store.sqlite import SqliteStore
 
 WEB = {"app": "web", "io.kubernetes.pod.namespace": "prod"}

@@ -1,6 +1,6 @@
 """Flow-rate load test: N new flows per second through one node; does the agent stay bounded?
 
-`python -m nodemesh.observe.loadtest [--rate 5000] [--seconds 20]` brings up a 1-node cluster in
+`python -m nodemesh.bench.loadtest [--rate 5000] [--seconds 20]` brings up a 1-node cluster in
 a private state dir, runs a UDP client that opens a new flow (a new source port) for every
 datagram to a server pod at a fixed rate (each flow is two datapath events: the client's egress
 and the server's ingress), and samples the node agent's CPU time, RSS, flow-ring fill and lost
@@ -124,7 +124,7 @@ def run(rate: float, seconds: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m nodemesh.observe.loadtest")
+    ap = argparse.ArgumentParser(prog="python -m nodemesh.bench.loadtest")
     ap.add_argument("--rate", type=float, default=2500.0,
                     help="new UDP flows per second (each is two flow records)")
     ap.add_argument("--seconds", type=float, default=20.0)

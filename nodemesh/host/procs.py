@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nodemesh.cluster.config import read_json, write_json_atomic
+from nodemesh.host.files import read_json, write_json_atomic
 
 
 def _stat(pid: int) -> list[str] | None:
