@@ -2,7 +2,7 @@
 
 Small on purpose: a route table of async handlers that return JSON-able data, or an async
 iterator of JSON-able items for streams (sent as JSON lines, chunked, until the client goes).
-`AgentClient` is the CLI's side.
+`nodemesh.cluster.agentclient.AgentClient` is the other side (the CLI's, the daemon's).
 """
 
 from __future__ import annotations
@@ -13,12 +13,9 @@ import http.client
 import json
 import logging
 import os
-import socket
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
-
-from nodemesh.errors import NodemeshError
 
 log = logging.getLogger("nodemesh.api")
 Handler = Callable[[dict[str, list[str]], bytes], Awaitable[Any]]
@@ -114,58 +111,3 @@ class ApiServer:
         finally:
             with contextlib.suppress(Exception):
                 await items.aclose()  # type: ignore[attr-defined]
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float | None) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self.unix_path)
-        self.sock = s
-
-
-class AgentClient:
-    """Talks to one node's agent over its unix socket."""
-
-    def __init__(self, path: str, node: str, timeout: float | None = 10.0) -> None:
-        self.path = path
-        self.node = node
-        self.timeout = timeout
-
-    def _request(self, method: str, path: str, query: dict | None = None,
-                 body: Any = None) -> http.client.HTTPResponse:
-        target = path + ("?" + urllib.parse.urlencode(query, doseq=True) if query else "")
-        conn = _UnixConnection(self.path, self.timeout)
-        try:
-            data = json.dumps(body).encode() if body is not None else None
-            conn.request(method, target, body=data,
-                         headers={"Content-Type": "application/json"} if data else {})
-            return conn.getresponse()
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            raise NodemeshError(f"the agent of node {self.node} is not running ({self.path}: "
-                                f"{e.strerror}); `nodemesh status` shows the cluster, "
-                                f"`nodemesh up` restarts it") from None
-
-    def get(self, path: str, query: dict | None = None) -> Any:
-        return self._decode(self._request("GET", path, query))
-
-    def post(self, path: str, body: Any = None) -> Any:
-        return self._decode(self._request("POST", path, None, body))
-
-    def _decode(self, resp: http.client.HTTPResponse) -> Any:
-        data = json.loads(resp.read() or b"null")
-        if resp.status != 200:
-            raise NodemeshError(f"node {self.node}: {data.get('error') if data else resp.status}")
-        return data
-
-    def stream(self, path: str, query: dict | None = None) -> Iterator[Any]:
-        resp = self._request("GET", path, query)
-        if resp.status != 200:
-            self._decode(resp)
-        for line in resp:
-            if line.strip():
-                yield json.loads(line)

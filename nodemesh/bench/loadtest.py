@@ -18,7 +18,7 @@ import tempfile
 import time
 import uuid
 
-from nodemesh.agent.api import AgentClient
+from nodemesh.cluster.agentclient import AgentClient
 
 CLIENT = r"""
 import socket, sys, time

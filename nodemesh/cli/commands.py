@@ -94,7 +94,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from nodemesh.agent.api import AgentClient
+    from nodemesh.cluster.agentclient import AgentClient
 
     cfg, store = _store(args)
     daemon = lifecycle.daemon_ref(cfg)
@@ -251,7 +251,7 @@ CERT_KINDS = ("certificates", "certificate", "certs", "cert")
 
 def _node_certificates(cfg: ClusterConfig) -> list[dict]:
     """What every node's agent holds: {node, mtls, certificates: [...]} (down agents: error)."""
-    from nodemesh.agent.api import AgentClient
+    from nodemesh.cluster.agentclient import AgentClient
 
     out = []
     for n in cfg.nodes:
@@ -339,8 +339,8 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
 def _pod_mesh(cfg: ClusterConfig, pod: dict) -> dict | None:
     """A pod's workload identity and the certificate its node holds for it."""
-    from nodemesh.agent.api import AgentClient
     from nodemesh.certs.spiffe import spiffe_id
+    from nodemesh.cluster.agentclient import AgentClient
 
     if not cfg.mtls:
         return {"mtls": False}
@@ -490,8 +490,8 @@ def cmd_observe(args: argparse.Namespace) -> int:
     import queue
     import threading
 
-    from nodemesh.agent.api import AgentClient
     from nodemesh.cli import printer
+    from nodemesh.cluster.agentclient import AgentClient
 
     cfg = _cluster(args)
     flt = _flow_filter(args)
@@ -673,7 +673,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_proxy(args: argparse.Namespace) -> int:
     import json
 
-    from nodemesh.agent.api import AgentClient
+    from nodemesh.cluster.agentclient import AgentClient
 
     cfg = _cluster(args)
     nodes = [n.name for n in cfg.nodes if args.node in (None, n.name)]

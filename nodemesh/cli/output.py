@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import yaml
+
+from nodemesh.text import table
 
 
 def age(ts: str | None, now: datetime | None = None) -> str:
@@ -30,16 +32,6 @@ def duration_text(seconds: float) -> str:
     if s < 86400:
         return f"{s // 3600}h" + (f"{(s % 3600) // 60}m" if s < 36000 and s % 3600 >= 60 else "")
     return f"{s // 86400}d"
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [len(h) for h in headers]
-    for r in rows:
-        for i, c in enumerate(r):
-            widths[i] = max(widths[i], len(str(c)))
-    lines = ["   ".join(str(c).ljust(widths[i]) for i, c in enumerate(r)).rstrip()
-             for r in [list(headers), *rows]]
-    return "\n".join(lines)
 
 
 def to_yaml(obj: object) -> str:

@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
-from nodemesh.cli.output import table
+from nodemesh.text import table
 
 COLOURS = {"FORWARDED": "\033[32m", "DROPPED": "\033[31m", "REDIRECTED": "\033[33m",
            "TRANSLATED": "\033[36m"}

@@ -123,7 +123,7 @@ def _start_daemon(cfg: ClusterConfig) -> None:
 
 
 def _wait_agents(cfg: ClusterConfig, timeout: float) -> None:
-    from nodemesh.agent.api import AgentClient
+    from nodemesh.cluster.agentclient import AgentClient
 
     deadline = time.monotonic() + timeout
     pending = {n.name for n in cfg.nodes}

@@ -19,13 +19,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from nodemesh.cluster import images, ipam
+from nodemesh.cluster import ipam
 from nodemesh.cluster.config import CLUSTER_DOMAIN, NODE_DNS_IP, POD_GATEWAY, ClusterConfig
 from nodemesh.cluster.controllers import is_deleting
 from nodemesh.errors import NodemeshError
 from nodemesh.host import cgroup, procs, sandbox
 from nodemesh.host.files import read_json, write_json_atomic
 from nodemesh.host.procs import ProcRef
+from nodemesh.model import images
 from nodemesh.model.kinds import obj_ref
 from nodemesh.store import Store
 from nodemesh.store.base import now_rfc3339

@@ -174,7 +174,7 @@ class Runner:
 
     def synced(self) -> tuple[bool, str]:
         """Has every node's agent (datapath and proxy) caught up with the store?"""
-        from nodemesh.agent.api import AgentClient
+        from nodemesh.cluster.agentclient import AgentClient
 
         target = self.store.revision()
         for i in range(1, self.nodes + 1):

@@ -19,15 +19,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from nodemesh.agent.api import AgentClient
-from nodemesh.cli.output import table
 from nodemesh.cluster import lifecycle
+from nodemesh.cluster.agentclient import AgentClient
 from nodemesh.cluster.config import ClusterConfig
 from nodemesh.demo import manifests
 from nodemesh.errors import NodemeshError
 from nodemesh.host.files import read_json
 from nodemesh.store import Store, open_store
 from nodemesh.store.apply import apply_text
+from nodemesh.text import table
 
 NS = manifests.NAMESPACE
 REQUESTS = 400

@@ -12,8 +12,8 @@ What `nodemesh apply` does, below the CLI so the demo and the benchmark apply th
 
 from __future__ import annotations
 
-from nodemesh.cluster import images
 from nodemesh.errors import InvalidManifest, NodemeshError
+from nodemesh.model import images
 from nodemesh.model.kinds import obj_ref
 from nodemesh.store.base import Store
 

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from nodemesh.agent.api import AgentClient
+from nodemesh.cluster.agentclient import AgentClient
 from nodemesh.cluster.config import ClusterConfig
 from nodemesh.store import Store
 from nodemesh.ui.graph import (

@@ -91,7 +91,7 @@ class Cluster:
             time.sleep(0.2)
 
     def agent(self, node: str, path: str = "/status") -> dict:
-        from nodemesh.agent.api import AgentClient
+        from nodemesh.cluster.agentclient import AgentClient
 
         return AgentClient(os.path.join(self.state_dir, "nodes", node, "agent.sock"), node).get(path)
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from nodemesh.cluster import images, ipam, scheduler
+from nodemesh.cluster import ipam, scheduler
 from nodemesh.cluster.config import plan_cluster
 from nodemesh.cluster.controllers import (
     HASH_LABEL,
@@ -15,6 +15,7 @@ from nodemesh.cluster.controllers import (
     template_hash,
 )
 from nodemesh.errors import NodemeshError
+from nodemesh.model import images
 
 
 # ---- IPAM ------------------------------------------------------------------------------------
