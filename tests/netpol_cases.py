@@ -78,7 +78,7 @@ def port_name(port: int, protocol: str) -> str:
 
 
 def named_ports(server_ports: Sequence[int] = DEFAULT_SERVER_PORTS) -> dict[str, tuple[tuple[str, int], ...]]:
-    """A model pod's named ports, in `nodemesh.policy.Endpoint.named_ports` form."""
+    """A model pod's named ports, in `nodemesh.policy.PolicyPod.named_ports` form."""
     return {port_name(p, proto): ((proto, p),) for p in server_ports for proto in SERVER_PROTOCOLS}
 
 
@@ -288,7 +288,7 @@ class Allocator:
 def policy_input(state: State, ips: Mapping[str, str] = MODEL_IPS, alloc: Allocator | None = None) -> Any:
     """The model at `state` as a `nodemesh.policy.PolicyInput` (identities from `alloc`)."""
     from nodemesh.identity import security_labels
-    from nodemesh.policy import Endpoint, PolicyInput
+    from nodemesh.policy import PolicyInput, PolicyPod
 
     alloc = alloc or Allocator()
     endpoints, identities = [], {}
@@ -298,7 +298,7 @@ def policy_input(state: State, ips: Mapping[str, str] = MODEL_IPS, alloc: Alloca
         num = alloc(labels)
         identities[num] = labels
         endpoints.append(
-            Endpoint(ns, name, dict(state.pods[pod]), ips[pod], num, named_ports(state.server_ports))
+            PolicyPod(ns, name, dict(state.pods[pod]), ips[pod], num, named_ports(state.server_ports))
         )
     return PolicyInput(
         endpoints=endpoints,

@@ -25,8 +25,9 @@ from nodemesh.datapath import libbpf
 from nodemesh.datapath.lb import LbState
 from nodemesh.datapath.loader import Datapath, mount_bpffs
 from nodemesh.host.sandbox import Sandbox
-from nodemesh.node.snapshot import AttachedPod, NodeSnapshot, Redirects
+from nodemesh.node.snapshot import Endpoint, NodeSnapshot, Redirects
 from nodemesh.observe.flow import RESERVED_IDENTITIES, RawEvent, StaticContext
+from nodemesh.observe.metrics import PROTOCOL_LABELS
 from nodemesh.observe.ring import FlowRing
 from nodemesh.policy.lower import LoweredPolicy
 from nodemesh.route.inputs import RedirectKey
@@ -47,8 +48,8 @@ class LocalEndpoint:
     programmed: bool = False  # its nm_endpoints entry exists
     netns_cookie: int = 0  # what socket-LB events carry instead of a source address
 
-    def attached(self) -> AttachedPod:
-        return AttachedPod(self.uid, self.namespace, self.name, self.sandbox.ip, self.ifindex,
+    def attached(self) -> Endpoint:
+        return Endpoint(self.uid, self.namespace, self.name, self.sandbox.ip, self.ifindex,
                            self.netns_cookie)
 
 
@@ -148,7 +149,7 @@ class DatapathSync:
     def detach(self, sb: Sandbox) -> None:
         self.dp.detach_endpoint(sb.host_ifname)
 
-    def attached(self) -> dict[str, AttachedPod]:
+    def attached(self) -> dict[str, Endpoint]:
         with self._lock:
             return {uid: ep.attached() for uid, ep in self.endpoints.items()}
 
@@ -222,16 +223,15 @@ class DatapathSync:
         """Keep the redirects into the node Envoy that a previous agent programmed until this
         agent's node Envoy has taken its own: until then the services with routes and the pod
         ports with L7 policy must stay behind the proxy."""
-        protos = {int(L.Proto.TCP): "TCP", int(L.Proto.UDP): "UDP"}
         service: dict[RedirectKey, int] = {}
         pod: dict[RedirectKey, int] = {}
         identities: dict[RedirectKey, set[int]] = {}
         for k, v in self.dp.services.items():
             if k.backend_slot == 0 and v.flags & L.ServiceFlags.L7 and v.l7_proxy_port:
-                key = RedirectKey(L.ip4_str(k.address), k.dport, protos.get(k.protocol, "TCP"))
+                key = RedirectKey(L.ip4_str(k.address), k.dport, _proto_name(k.protocol))
                 service[key] = v.l7_proxy_port
         for k, v in self.dp.l7_redir.items():
-            key = RedirectKey(L.ip4_str(k.addr), k.port, protos.get(k.protocol, "TCP"))
+            key = RedirectKey(L.ip4_str(k.addr), k.port, _proto_name(k.protocol))
             pod[key] = v.proxy_port
             identities.setdefault(key, set()).add(k.identity)
         self.applied = Redirects(service, pod, {k: frozenset(v) for k, v in identities.items()})
@@ -335,7 +335,7 @@ class DatapathSync:
         for k, c in self.dp.read_flow_counters().items():
             sns, sw = names.get(k.src_identity, ("", f"identity-{k.src_identity}"))
             dns, dw = names.get(k.dst_identity, ("", f"identity-{k.dst_identity}"))
-            proto = {6: "tcp", 17: "udp", 1: "icmp"}.get(k.protocol, str(k.protocol))
+            proto = PROTOCOL_LABELS.get(k.protocol, str(k.protocol))
             verdict = getattr(k.verdict, "name", str(k.verdict))
             direction = getattr(k.direction, "name", str(k.direction)).lower()
             t = totals.setdefault((sns, sw, dns, dw, proto, verdict, direction), [0, 0])
@@ -352,6 +352,11 @@ class DatapathSync:
                 "lastSyncSeconds": round(self.stats.last_seconds, 4),
                 "policyErrors": self.stats.errors,
                 "services": len(self.lb_state.rev_nat) if self.lb_state else 0}
+
+
+def _proto_name(number: int) -> str:
+    """A redirect key's protocol as Kubernetes spells it (TCP unless UDP)."""
+    return "UDP" if number == L.Proto.UDP else "TCP"
 
 
 def _cookie(sb: Sandbox) -> int:

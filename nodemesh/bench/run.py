@@ -219,7 +219,7 @@ class ForeignMeter:
 
 # ---- the benchmark ------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Endpoint:
+class LoadTarget:
     """Where a mode's load starts and goes, and what to count around it."""
 
     cluster: BenchCluster
@@ -512,7 +512,7 @@ print(json.dumps(out))
             self.gate_spent += 1.0
 
     # ---- traffic --------------------------------------------------------------------------
-    def endpoint(self, mode: str, server: str, mtls: bool = False) -> Endpoint:
+    def endpoint(self, mode: str, server: str, mtls: bool = False) -> LoadTarget:
         """Client, targets and counters of `mode` for `server`'s workload: in the single-node
         clusters, or (`mtls`) in the mTLS section's, where the modes carry a "-mtls" suffix."""
         plain, mesh = (self.plain2, self.mesh2) if mtls else (self.plain, self.mesh)
@@ -520,20 +520,20 @@ print(json.dumps(out))
         tunnel = workload.SERVER_NODE if mtls else None
         kind = mode.removesuffix("-mtls")
         if kind == "loopback":
-            return Endpoint(plain, "calib", None, [f"127.0.0.1:{workload.SERVER_PORT}"], "localhost")
+            return LoadTarget(plain, "calib", None, [f"127.0.0.1:{workload.SERVER_PORT}"], "localhost")
         if kind == "nomesh":
-            return Endpoint(plain, "client", None,
+            return LoadTarget(plain, "client", None,
                             [f"{ip}:{workload.SERVER_PORT}" for ip in t["plain"][server]], server)
         vip = [f"{t[kind][server]}:{workload.SERVICE_PORT}"]
         if kind == "sidecar":
-            return Endpoint(plain, "sc-client", "app", vip, f"sc-{server}", plain.sidecar_roles(),
+            return LoadTarget(plain, "sc-client", "app", vip, f"sc-{server}", plain.sidecar_roles(),
                             stats_url=workload.SIDECAR_TLS_STATS_URL if mtls else None)
         if kind == "l7":
-            return Endpoint(mesh, "client-l7", None, vip, f"{server}-l7", mesh.mesh_roles(),
+            return LoadTarget(mesh, "client-l7", None, vip, f"{server}-l7", mesh.mesh_roles(),
                             l7_node=workload.CLIENT_NODE, tunnel_node=tunnel)
-        return Endpoint(mesh, "client", None, vip, server, mesh.mesh_roles(), tunnel_node=tunnel)
+        return LoadTarget(mesh, "client", None, vip, server, mesh.mesh_roles(), tunnel_node=tunnel)
 
-    def traffic_cell(self, ep: Endpoint, mode: str, w: Workload, run: int,
+    def traffic_cell(self, ep: LoadTarget, mode: str, w: Workload, run: int,
                      rates: tuple[int, ...] | None = None) -> dict[str, Any]:
         p = self.plan
         rates = p.rates if rates is None else rates

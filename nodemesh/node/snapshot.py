@@ -43,9 +43,8 @@ from nodemesh.mtls.tunnel import (
 )
 from nodemesh.node.addresses import NODE_DNS_IP, POD_GATEWAY
 from nodemesh.node.services import ServiceNames, lb_services, named_ports
-from nodemesh.observe.flow import Endpoint as FlowEndpoint
-from nodemesh.observe.flow import StaticContext, labels_of, workloads_of
-from nodemesh.policy import Compiler, Endpoint, PolicyCompileError, PolicyInput
+from nodemesh.observe.flow import FlowEndpoint, StaticContext, labels_of, workloads_of
+from nodemesh.policy import Compiler, PolicyCompileError, PolicyInput, PolicyPod
 from nodemesh.policy.lower import LoweredPolicy, lower_policy
 from nodemesh.proxy.snapshot import CLUSTER, LISTENER, SECRET, Snapshot
 from nodemesh.route import (
@@ -57,7 +56,7 @@ from nodemesh.route import (
     translate,
 )
 from nodemesh.route.inputs import PROXY_IP, MtlsView
-from nodemesh.route.snapshot import ProxySnapshotResult
+from nodemesh.route.snapshot import Translation
 from nodemesh.route.tls import ROOTS_SECRET
 from nodemesh.route.visibility import visibility_routes
 
@@ -67,8 +66,10 @@ LabelKey = tuple[tuple[str, str], ...]  # a security label set, sorted
 
 
 @dataclass(frozen=True)
-class AttachedPod:
-    """A pod whose veth this node's datapath has attached its programs to."""
+class Endpoint:
+    """An endpoint: a pod on this node whose veth the datapath manages (its ``nm_endpoints``
+    entry), as Cilium uses the word. (A policy's view of any pod is a `PolicyPod`, a side of a
+    flow a `FlowEndpoint`, a service's pod a backend.)"""
 
     uid: str
     namespace: str
@@ -128,7 +129,7 @@ class NodeInputs:
     node_ip: str
     node_ips: Mapping[str, str]  # every node's underlay address, by node name
     objects: Mapping[str, Sequence[Mapping[str, Any]]]  # KINDS -> objects
-    attached: Mapping[str, AttachedPod] = field(default_factory=dict)  # uid -> pod
+    attached: Mapping[str, Endpoint] = field(default_factory=dict)  # uid -> pod
     # Pods this node is starting, whose address the store may not have yet: (pod, ip) by uid.
     starting: Mapping[str, tuple[Mapping[str, Any], str]] = field(default_factory=dict)
     covering: Mapping[str, tuple[Mapping[str, Any], str]] = field(default_factory=dict)  # for the tunnel
@@ -150,7 +151,7 @@ class EnvoyPart:
     """The node Envoy's part of the snapshot."""
 
     snapshot: Snapshot  # what the xDS server serves
-    result: ProxySnapshotResult  # translate's output (route statuses, owners, ports)
+    result: Translation  # translate's output (route statuses, owners, ports)
     tunnel: TunnelPlan | None
     has_secrets: bool
     listener_targets: dict[int, RedirectKey]  # listener port -> what it stands for
@@ -438,7 +439,7 @@ def build_node_snapshot(inp: NodeInputs) -> NodeSnapshot:
     namespaces = {n["metadata"]["name"]: dict(n["metadata"].get("labels") or {})
                   for n in k.get("Namespace", ())}
     pinput = PolicyInput(
-        endpoints=[Endpoint(p["metadata"]["namespace"], p["metadata"]["name"],
+        endpoints=[PolicyPod(p["metadata"]["namespace"], p["metadata"]["name"],
                             dict(p["metadata"].get("labels") or {}), ip, identity_of[uid],
                             named_ports(p)) for uid, (p, ip) in pods.items()],
         namespaces=namespaces, identities=ident_labels,

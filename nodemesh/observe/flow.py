@@ -40,7 +40,7 @@ TCP_FLAG_NAMES = (("FIN", 0x01), ("SYN", 0x02), ("RST", 0x04), ("PSH", 0x08), ("
 RESERVED_IDENTITIES = {num: label for num, labels in RESERVED_LABELS.items() for label in labels}
 
 @dataclass(frozen=True)
-class Endpoint:
+class FlowEndpoint:
     """What a flow says about one side: Hubble's `Endpoint` message."""
 
     identity: int = 0
@@ -68,9 +68,9 @@ class Endpoint:
 class FlowContext(Protocol):
     node_name: str
 
-    def endpoint_by_ip(self, ip: str) -> Endpoint | None: ...
+    def endpoint_by_ip(self, ip: str) -> FlowEndpoint | None: ...
 
-    def endpoint_by_identity(self, identity: int) -> Endpoint: ...
+    def endpoint_by_identity(self, identity: int) -> FlowEndpoint: ...
 
     def service_by_revnat(self, index: int) -> tuple[str, str] | None: ...
 
@@ -88,23 +88,23 @@ class StaticContext:
     """A FlowContext over plain tables (the agent keeps one current; tests build one by hand)."""
 
     node_name: str = ""
-    by_ip: Mapping[str, Endpoint] = field(default_factory=dict)
-    by_identity: Mapping[int, Endpoint] = field(default_factory=dict)
+    by_ip: Mapping[str, FlowEndpoint] = field(default_factory=dict)
+    by_identity: Mapping[int, FlowEndpoint] = field(default_factory=dict)
     services_by_revnat: Mapping[int, tuple[str, str]] = field(default_factory=dict)
     services_by_address: Mapping[tuple[str, int], tuple[str, str]] = field(default_factory=dict)
     policies: Mapping[int, str] = field(default_factory=dict)
     boot_offset_ns: int = 0  # wall clock ns minus CLOCK_MONOTONIC ns
     spiffe_ids: Mapping[str, str] = field(default_factory=dict)  # pod IP -> workload identity
 
-    def endpoint_by_ip(self, ip: str) -> Endpoint | None:
+    def endpoint_by_ip(self, ip: str) -> FlowEndpoint | None:
         return self.by_ip.get(ip)
 
-    def endpoint_by_identity(self, identity: int) -> Endpoint:
+    def endpoint_by_identity(self, identity: int) -> FlowEndpoint:
         ep = self.by_identity.get(identity)
         if ep is not None:
             return ep
         label = RESERVED_IDENTITIES.get(identity)
-        return Endpoint(identity=identity, labels=(label,) if label else ())
+        return FlowEndpoint(identity=identity, labels=(label,) if label else ())
 
     def service_by_revnat(self, index: int) -> tuple[str, str] | None:
         return self.services_by_revnat.get(index)
@@ -166,10 +166,10 @@ def _summary_l4(proto: str, flags: Mapping[str, bool]) -> str:
     return proto
 
 
-def _side(ctx: FlowContext, ip: str, identity: int) -> Endpoint:
+def _side(ctx: FlowContext, ip: str, identity: int) -> FlowEndpoint:
     ep = ctx.endpoint_by_ip(ip)
     if ep is not None:
-        return ep if ep.identity == identity or not identity else Endpoint(
+        return ep if ep.identity == identity or not identity else FlowEndpoint(
             identity=identity, namespace=ep.namespace, pod_name=ep.pod_name, labels=ep.labels,
             workloads=ep.workloads, id=ep.id)
     return ctx.endpoint_by_identity(identity)
@@ -236,7 +236,7 @@ def flow_from_event(ev: Mapping, ctx: FlowContext) -> dict:
     ev_flags = int(ev.get("flags", 0))
     # Into the tunnel at the source, or out of it at the destination (authenticated by a socket
     # of the node Envoy for a source of another node: it proved its identity in mutual TLS).
-    src_remote = not (ctx.endpoint_by_ip(ev["saddr"]) or Endpoint()).id
+    src_remote = not (ctx.endpoint_by_ip(ev["saddr"]) or FlowEndpoint()).id
     if (ev_flags & FLOW_F_TUNNEL) or ((ev_flags & FLOW_F_AUTH) and src_remote):
         mutual_tls(flow, ctx, ev["saddr"], ev["daddr"])
     return {k: v for k, v in flow.items() if v != []}

@@ -37,12 +37,12 @@ from nodemesh.policy.lower import (
 from nodemesh.policy.types import (
     CidrRule,
     Direction,
-    Endpoint,
     EndpointPolicy,
     IdentityRule,
     L7Rule,
     PolicyCompileError,
     PolicyInput,
+    PolicyPod,
     PolicyVerdict,
 )
 
@@ -59,7 +59,6 @@ __all__ = [
     "Compiler",
     "Decision",
     "Direction",
-    "Endpoint",
     "EndpointPolicy",
     "IdentityRule",
     "L7Rule",
@@ -67,6 +66,7 @@ __all__ = [
     "PolicyCompileError",
     "PolicyInput",
     "PolicyKey",
+    "PolicyPod",
     "PolicyValue",
     "PolicyVerdict",
     "PortRule",

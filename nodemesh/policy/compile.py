@@ -9,7 +9,7 @@ from __future__ import annotations
 from nodemesh.policy.ciliumpolicy import compile_cilium_policy
 from nodemesh.policy.context import Builder, Context
 from nodemesh.policy.networkpolicy import compile_network_policy
-from nodemesh.policy.types import Endpoint, EndpointPolicy, PolicyInput
+from nodemesh.policy.types import EndpointPolicy, PolicyInput, PolicyPod
 
 
 class Compiler:
@@ -18,7 +18,7 @@ class Compiler:
     def __init__(self, inp: PolicyInput) -> None:
         self.ctx = Context(inp)
 
-    def compile(self, ep: Endpoint) -> EndpointPolicy:
+    def compile(self, ep: PolicyPod) -> EndpointPolicy:
         b = Builder(self.ctx, ep)
         for policy in self.ctx.inp.network_policies:
             compile_network_policy(self.ctx, policy, b)
@@ -27,7 +27,7 @@ class Compiler:
         return b.finish()
 
 
-def compile_endpoint(ep: Endpoint, inp: PolicyInput) -> EndpointPolicy:
+def compile_endpoint(ep: PolicyPod, inp: PolicyInput) -> EndpointPolicy:
     """The compiled policy of one endpoint (see `nodemesh.policy` for the semantics)."""
     return Compiler(inp).compile(ep)
 

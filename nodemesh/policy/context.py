@@ -29,12 +29,12 @@ from nodemesh.policy.ports import (
 from nodemesh.policy.types import (
     CidrRule,
     Direction,
-    Endpoint,
     EndpointPolicy,
     IdentityRule,
     L7Rule,
     PolicyCompileError,
     PolicyInput,
+    PolicyPod,
     PolicyVerdict,
 )
 
@@ -88,7 +88,7 @@ class Context:
             num: dict(lbls) for num, lbls in RESERVED_LABELS.items()
         }
         self.identities.update({int(k): dict(v) for k, v in inp.identities.items()})
-        self.endpoints_by_identity: dict[int, list[Endpoint]] = defaultdict(list)
+        self.endpoints_by_identity: dict[int, list[PolicyPod]] = defaultdict(list)
         for ep in inp.endpoints:
             self.endpoints_by_identity[ep.identity].append(ep)
             if ep.identity not in self.identities and ep.identity != _ANY:
@@ -98,10 +98,10 @@ class Context:
         ] + [policy_ref(CILIUM_NETWORK_POLICY, *policy_namespace_name(p)) for p in inp.cilium_policies]
         self.policy_ids = assign_policy_ids(refs)
 
-    def rebuild_labels(self, ep: Endpoint) -> dict[str, str]:
+    def rebuild_labels(self, ep: PolicyPod) -> dict[str, str]:
         return security_labels_from(ep.labels, ep.namespace, self.namespaces.get(ep.namespace))
 
-    def subject_labels(self, ep: Endpoint) -> Mapping[str, str]:
+    def subject_labels(self, ep: PolicyPod) -> Mapping[str, str]:
         """The security labels of the endpoint being compiled (what ``endpointSelector`` sees)."""
         labels = self.identities.get(ep.identity)
         if labels is None or namespace_of(labels) != ep.namespace:
@@ -123,7 +123,7 @@ class Context:
             if ns is not None:
                 yield num, labels, ns
 
-    def endpoints_in(self, cidr: CidrPeer) -> list[Endpoint]:
+    def endpoints_in(self, cidr: CidrPeer) -> list[PolicyPod]:
         """The endpoints whose IP is in a CIDR and not in its excepts."""
         net, excepts = cidr
         out = []
@@ -148,7 +148,7 @@ class Builder:
     """Collects the rules of one endpoint; `emit` is where peers x ports become rules."""
 
     ctx: Context
-    ep: Endpoint
+    ep: PolicyPod
     ingress_enforced: bool = False
     egress_enforced: bool = False
     identity_rules: set[IdentityRule] = field(default_factory=set)
@@ -163,7 +163,7 @@ class Builder:
             self.egress_enforced = True
 
     def _ports_for(
-        self, spec: PortSpec, direction: Direction, peer_eps: Sequence[Endpoint]
+        self, spec: PortSpec, direction: Direction, peer_eps: Sequence[PolicyPod]
     ) -> list[PortRange]:
         """Concrete ports of a port spec. A named port means a port of the pod that receives the
         traffic: this endpoint for ingress, the peer pods for egress."""

@@ -40,7 +40,7 @@ from nodemesh.policy.ports import (
     protocol_number,
 )
 from nodemesh.policy.selectors import matches
-from nodemesh.policy.types import Direction, Endpoint, PolicyCompileError, PolicyVerdict
+from nodemesh.policy.types import Direction, PolicyCompileError, PolicyPod, PolicyVerdict
 
 
 def policy_types(spec: Mapping[str, Any]) -> list[str]:
@@ -51,7 +51,7 @@ def policy_types(spec: Mapping[str, Any]) -> list[str]:
     return ["Ingress", "Egress"] if spec.get("egress") else ["Ingress"]
 
 
-def selects(policy: Mapping[str, Any], ep: Endpoint) -> bool:
+def selects(policy: Mapping[str, Any], ep: PolicyPod) -> bool:
     ns, _ = policy_namespace_name(policy)
     spec = policy.get("spec") or {}
     # podSelector is required by the API; {} (all pods of the namespace) when a caller left it out

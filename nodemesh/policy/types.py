@@ -1,4 +1,4 @@
-"""The compiler's plain data: what goes in (`Endpoint`, `PolicyInput`) and what comes out
+"""The compiler's plain data: what goes in (`PolicyPod`, `PolicyInput`) and what comes out
 (`EndpointPolicy` with identity, CIDR and L7 rules).
 
 Everything here is immutable plain data with no behaviour beyond small conveniences, so the
@@ -31,7 +31,7 @@ class PolicyCompileError(NodemeshError):
 
 
 @dataclass(frozen=True)
-class Endpoint:
+class PolicyPod:
     """A pod as policy sees it."""
 
     namespace: str
@@ -51,7 +51,7 @@ class Endpoint:
 class PolicyInput:
     """Everything the compiler may look at; no store, no I/O."""
 
-    endpoints: Sequence[Endpoint]  # every pod in the cluster (selectors, named ports, identities)
+    endpoints: Sequence[PolicyPod]  # every pod in the cluster (selectors, named ports, identities)
     namespaces: Mapping[str, Mapping[str, str]]  # namespace -> its labels
     identities: Mapping[int, Mapping[str, str]]  # every known identity -> security labels
     network_policies: Sequence[dict] = ()

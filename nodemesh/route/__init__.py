@@ -1,7 +1,7 @@
 """Gateway API mesh routes (GAMMA) and L7 policy → Envoy resources, as pure functions.
 
 `translate(L7Input, previous_ports)` turns one node's view of the cluster (services, pods,
-HTTPRoutes/GRPCRoutes, L7 policy of pod ports) into a `ProxySnapshotResult`: the Envoy
+HTTPRoutes/GRPCRoutes, L7 policy of pod ports) into a `Translation`: the Envoy
 listeners, route configurations, clusters and endpoints (one content-hash version), the
 redirect entries for the BPF maps, and every route's ``status``. `with_nack` folds an Envoy
 NACK into a route status; `validate.envoy_validate` checks a snapshot with
@@ -29,7 +29,7 @@ from nodemesh.route.inputs import (
     l7_policies_from_compiled,
 )
 from nodemesh.route.ports import PortsExhausted, allocate_listener_ports
-from nodemesh.route.snapshot import ProxySnapshot, ProxySnapshotResult
+from nodemesh.route.snapshot import EnvoyResources, Translation
 from nodemesh.route.status import stamp_transition_times, with_nack
 from nodemesh.route.translate import translate
 
@@ -38,17 +38,17 @@ __all__ = [
     "CONTROLLER_NAME",
     "FIRST_LISTENER_PORT",
     "PROXY_IP",
+    "EnvoyResources",
     "L7Input",
     "L7Policy",
     "L7PolicyRule",
     "Pod",
     "PortsExhausted",
-    "ProxySnapshot",
-    "ProxySnapshotResult",
     "RedirectKey",
     "RouteKey",
     "Service",
     "ServicePort",
+    "Translation",
     "allocate_listener_ports",
     "l7_policies_from_compiled",
     "stamp_transition_times",

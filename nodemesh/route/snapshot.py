@@ -1,6 +1,6 @@
-"""The translation's output types: a versioned Envoy snapshot, redirects and route statuses.
+"""The translation's output types: versioned Envoy resources, redirects and route statuses.
 
-`ProxySnapshot.version` is a content hash: the same resources give the same version on every
+`EnvoyResources.version` is a content hash: the same resources give the same version on every
 run and every node, so the xDS server can skip pushes that change nothing, and per-type
 versions (`type_versions`) let it push only the types that changed.
 """
@@ -41,7 +41,7 @@ def resource_name(msg: message.Message) -> str:
 
 
 @dataclass(frozen=True)
-class ProxySnapshot:
+class EnvoyResources:
     """One consistent set of Envoy resources for one node, sorted by name."""
 
     listeners: tuple[Listener, ...] = ()
@@ -70,7 +70,7 @@ class ProxySnapshot:
 
 
 @dataclass(frozen=True)
-class ProxySnapshotResult:
+class Translation:
     """Everything `translate` produces for one node.
 
     - `snapshot`: the Envoy resources;
@@ -83,7 +83,7 @@ class ProxySnapshotResult:
       resource into conditions on the right routes.
     """
 
-    snapshot: ProxySnapshot
+    snapshot: EnvoyResources
     service_redirects: Mapping[RedirectKey, int]
     pod_redirects: Mapping[RedirectKey, int]
     ports: Mapping[RedirectKey, int]

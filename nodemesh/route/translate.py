@@ -49,7 +49,7 @@ from nodemesh.route.protos import (
 )
 from nodemesh.route.rbac import rbac_rules
 from nodemesh.route.resources import cluster, filter_chain, listener, load_assignment, metadata
-from nodemesh.route.snapshot import ProxySnapshot, ProxySnapshotResult
+from nodemesh.route.snapshot import EnvoyResources, Translation
 
 MAX_SPLIT_WEIGHT_TOTAL = 1_000_000  # weighted clusters scaled for per-pod splits stay below
 NO_BACKEND_STATUS = 500  # HTTPRouteRule.backendRefs: no valid backend → 500
@@ -368,7 +368,7 @@ def _merge_policies(policies: Sequence[L7Policy]) -> list[L7Policy]:
 
 
 def translate(inp: L7Input,
-              previous_ports: Mapping[RedirectKey, int] | None = None) -> ProxySnapshotResult:
+              previous_ports: Mapping[RedirectKey, int] | None = None) -> Translation:
     """The Envoy snapshot, BPF redirects and route statuses of one node."""
     att = resolve(inp)
     b = _Builder(inp, att)
@@ -407,14 +407,14 @@ def translate(inp: L7Input,
         sockets = (mtls.clients, sorted(set(tunnel.values()))) if mtls is not None else None
         clusters.append(parse(cluster(c.name, c.h2, c.meta, c.rbac, sockets), Cluster))
         endpoints.append(parse(load_assignment(c.name, c.endpoints, tunnel), ClusterLoadAssignment))
-    snapshot = ProxySnapshot(
+    snapshot = EnvoyResources(
         listeners=tuple(sorted(listeners, key=lambda m: m.name)),
         routes=tuple(sorted(routes, key=lambda m: m.name)),
         clusters=tuple(clusters),
         endpoints=tuple(endpoints),
     )
     svc_keys = {p.key for p in svc_plans}
-    return ProxySnapshotResult(
+    return Translation(
         snapshot=snapshot,
         service_redirects={k: v for k, v in ports.items() if k in svc_keys},
         pod_redirects={k: v for k, v in ports.items() if k not in svc_keys},

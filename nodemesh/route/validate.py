@@ -22,7 +22,7 @@ from typing import Any
 from nodemesh.model.regex import ENVOY_MAX_PROGRAM_SIZE, re2_problem  # noqa: F401 (the limit re-exported)
 from nodemesh.route.protos import HCM_TYPE, to_dict
 from nodemesh.route.resources import XDS_CLUSTER
-from nodemesh.route.snapshot import ProxySnapshot
+from nodemesh.route.snapshot import EnvoyResources
 
 VALIDATE_TIMEOUT_S = 30
 
@@ -56,7 +56,7 @@ def _xds_cluster() -> dict[str, Any]:
     }
 
 
-def render_bootstrap(snapshot: ProxySnapshot, node: str = "validate") -> dict[str, Any]:
+def render_bootstrap(snapshot: EnvoyResources, node: str = "validate") -> dict[str, Any]:
     """A static Envoy bootstrap holding every resource of `snapshot`."""
     routes = {r.name: to_dict(r) for r in snapshot.routes}
     endpoints = {e.cluster_name: to_dict(e) for e in snapshot.endpoints}
@@ -100,7 +100,7 @@ def validate_bootstrap(bootstrap: dict[str, Any]) -> Validation:
     return Validation(False, _envoy_reason(out), out)
 
 
-def envoy_validate(snapshot: ProxySnapshot) -> Validation:
+def envoy_validate(snapshot: EnvoyResources) -> Validation:
     return validate_bootstrap(render_bootstrap(snapshot))
 
 

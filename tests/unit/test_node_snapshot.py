@@ -9,7 +9,7 @@ import pytest
 from nodemesh.datapath import layout as L
 from nodemesh.node.services import lb_services, named_ports, resolve_target_port
 from nodemesh.node.snapshot import (
-    AttachedPod,
+    Endpoint,
     NodeInputs,
     Redirects,
     build_node_snapshot,
@@ -116,7 +116,7 @@ def test_pods_with_address_overlays_attached_and_starting():
     stored = pod("a", None)
     inp = NodeInputs(node="node1", node_ip="172.30.0.1", node_ips={}, objects=objects(
         Pod=[stored, pod("b", "10.244.2.2", node="node2"), pod("gone", "10.244.1.8", deleting=True)]),
-        attached={"uid-a": AttachedPod("uid-a", "default", "a", "10.244.1.2", 7)},
+        attached={"uid-a": Endpoint("uid-a", "default", "a", "10.244.1.2", 7)},
         starting={"uid-c": (pod("c", None), "10.244.1.3")})
     got = {uid: ip for uid, (_, ip) in pods_with_address(inp).items()}
     assert got == {"uid-a": "10.244.1.2", "uid-b": "10.244.2.2", "uid-c": "10.244.1.3"}
@@ -156,7 +156,7 @@ def test_snapshot_programs_attached_pods_only_and_names_services():
     objs = objects(Pod=[pod("a", "10.244.1.2", labels={"app": "web"}),
                         pod("b", "10.244.2.2", node="node2", labels={"app": "web"})],
                    Service=[service("web", "10.96.0.10", {"app": "web"}, [{"port": 80}])])
-    inp = inputs(objs, attached={"uid-a": AttachedPod("uid-a", "default", "a", "10.244.1.2", 7,
+    inp = inputs(objs, attached={"uid-a": Endpoint("uid-a", "default", "a", "10.244.1.2", 7,
                                                       netns_cookie=99)})
     snap = build_node_snapshot(inp)
     assert snap.programmed == {"uid-a"}
@@ -171,7 +171,7 @@ def test_snapshot_programs_attached_pods_only_and_names_services():
 
 
 def test_policy_that_does_not_compile_keeps_the_previous_one():
-    a = AttachedPod("uid-a", "default", "a", "10.244.1.2", 7)
+    a = Endpoint("uid-a", "default", "a", "10.244.1.2", 7)
     objs = objects(Pod=[pod("a", "10.244.1.2")])
     first = build_node_snapshot(inputs(objs, attached={"uid-a": a}))
     bad = {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",

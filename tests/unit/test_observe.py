@@ -15,7 +15,7 @@ from nodemesh.observe.flow import (
     EV_DROP,
     EV_SOCK,
     EV_TRACE,
-    Endpoint,
+    FlowEndpoint,
     StaticContext,
     flow_from_access_log,
     flow_from_event,
@@ -23,9 +23,9 @@ from nodemesh.observe.flow import (
 )
 from nodemesh.observe.ring import FlowRing
 
-CLIENT = Endpoint(identity=300, namespace="shop", pod_name="client",
+CLIENT = FlowEndpoint(identity=300, namespace="shop", pod_name="client",
                   labels=labels_of({"app": "client"}, "shop"), id=7)
-WEB = Endpoint(identity=301, namespace="shop", pod_name="web-abc-1",
+WEB = FlowEndpoint(identity=301, namespace="shop", pod_name="web-abc-1",
                labels=labels_of({"app": "web"}, "shop"), workloads=(("Deployment", "web"),))
 CTX = StaticContext(node_name="node1",
                     by_ip={"10.244.1.2": CLIENT, "10.244.2.3": WEB},

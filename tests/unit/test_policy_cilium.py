@@ -9,12 +9,12 @@ import pytest
 from nodemesh.identity import Identity
 from nodemesh.policy import (
     Direction,
-    Endpoint,
     EndpointPolicy,
     IdentityRule,
     L7Rule,
     PolicyCompileError,
     PolicyInput,
+    PolicyPod,
     PolicyVerdict,
     compile_endpoint,
     evaluate,
@@ -28,7 +28,7 @@ NS = "k8s:io.kubernetes.pod.namespace"
 POD_A = sel(pod="a")
 
 
-def model(*policies: dict) -> tuple[PolicyInput, dict[str, Endpoint]]:
+def model(*policies: dict) -> tuple[PolicyInput, dict[str, PolicyPod]]:
     state = State()
     for p in policies:
         state.policies[(p["kind"], p["metadata"]["namespace"], p["metadata"]["name"])] = p
@@ -36,12 +36,12 @@ def model(*policies: dict) -> tuple[PolicyInput, dict[str, Endpoint]]:
     return inp, {f"{e.namespace}/{e.name}": e for e in inp.endpoints}
 
 
-def compile_xa(spec: dict[str, Any] | None = None, **kw: Any) -> tuple[EndpointPolicy, dict[str, Endpoint]]:
+def compile_xa(spec: dict[str, Any] | None = None, **kw: Any) -> tuple[EndpointPolicy, dict[str, PolicyPod]]:
     inp, eps = model(cnp("p", spec, **kw))
     return compile_endpoint(eps["x/a"], inp), eps
 
 
-def ids(eps: dict[str, Endpoint], *pods: str) -> set[int]:
+def ids(eps: dict[str, PolicyPod], *pods: str) -> set[int]:
     return {eps[p].identity for p in pods}
 
 
@@ -203,8 +203,8 @@ def test_cidr_peers() -> None:
 
 
 def test_service_account_selector() -> None:
-    web = Endpoint("x", "web", {"app": "web"}, "10.0.0.1", 300, {})
-    cli = Endpoint("x", "cli", {"app": "cli"}, "10.0.0.2", 301, {})
+    web = PolicyPod("x", "web", {"app": "web"}, "10.0.0.1", 300, {})
+    cli = PolicyPod("x", "cli", {"app": "cli"}, "10.0.0.2", 301, {})
     from nodemesh.identity import security_labels_from
 
     inp = PolicyInput([web, cli], {"x": {}}, {

@@ -9,10 +9,10 @@ from nodemesh.policy import (
     CidrRule,
     Compiler,
     Direction,
-    Endpoint,
     IdentityRule,
     PolicyCompileError,
     PolicyInput,
+    PolicyPod,
     PolicyVerdict,
     compile_all,
     compile_endpoint,
@@ -25,7 +25,7 @@ IN, EG = Direction.INGRESS, Direction.EGRESS
 ALLOW = PolicyVerdict.ALLOW
 
 
-def model(*policies: dict) -> tuple[PolicyInput, dict[str, Endpoint]]:
+def model(*policies: dict) -> tuple[PolicyInput, dict[str, PolicyPod]]:
     state = State()
     for p in policies:
         state.policies[(p["kind"], p["metadata"]["namespace"], p["metadata"]["name"])] = p
@@ -33,7 +33,7 @@ def model(*policies: dict) -> tuple[PolicyInput, dict[str, Endpoint]]:
     return inp, {f"{e.namespace}/{e.name}": e for e in inp.endpoints}
 
 
-def ids(eps: dict[str, Endpoint], *pods: str) -> set[int]:
+def ids(eps: dict[str, PolicyPod], *pods: str) -> set[int]:
     return {eps[p].identity for p in pods}
 
 
@@ -119,11 +119,11 @@ def test_bad_protocol_names_the_field() -> None:
 
 def _endpoint(
     ns: str, name: str, ip: str, identity: int, ports: dict, labels: dict | None = None
-) -> Endpoint:
-    return Endpoint(ns, name, labels or {"app": name}, ip, identity, ports)
+) -> PolicyPod:
+    return PolicyPod(ns, name, labels or {"app": name}, ip, identity, ports)
 
 
-def _custom_input(*policies: dict) -> tuple[PolicyInput, dict[str, Endpoint]]:
+def _custom_input(*policies: dict) -> tuple[PolicyInput, dict[str, PolicyPod]]:
     """web (named port http=8080), api (http=9090, and UDP dns), two replicas of api."""
     eps = [
         _endpoint("x", "web", "10.0.0.1", 300, {"http": (("TCP", 8080),)}),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nodemesh.agent.tunnelflows import tunnel_failure
 from nodemesh.mtls.tunnel import INBOUND_LISTENER, OUTBOUND_LISTENER
-from nodemesh.observe.flow import Endpoint, StaticContext, flow_from_event
+from nodemesh.observe.flow import FlowEndpoint, StaticContext, flow_from_event
 
 CLIENT = "spiffe://cluster.local/ns/default/sa/client"
 SERVER = "spiffe://cluster.local/ns/default/sa/default"
@@ -13,9 +13,9 @@ SERVER = "spiffe://cluster.local/ns/default/sa/default"
 def ctx(node: str = "node1") -> StaticContext:
     return StaticContext(
         node_name=node,
-        by_ip={"10.244.1.5": Endpoint(identity=300, namespace="default", pod_name="client",
+        by_ip={"10.244.1.5": FlowEndpoint(identity=300, namespace="default", pod_name="client",
                                       id=7 if node == "node1" else 0),
-               "10.244.2.5": Endpoint(identity=301, namespace="default", pod_name="web",
+               "10.244.2.5": FlowEndpoint(identity=301, namespace="default", pod_name="web",
                                       id=9 if node == "node2" else 0)},
         spiffe_ids={"10.244.1.5": CLIENT, "10.244.2.5": SERVER})
 

@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl
 from nodemesh.conformance import DATA_DIR, TESTS_DIR
 from nodemesh.model.manifest import load_manifests
 from nodemesh.model.validate import validate_objects
-from nodemesh.route import L7Input, Pod, ProxySnapshotResult, Service
+from nodemesh.route import L7Input, Pod, Service, Translation
 from nodemesh.route.protos import to_dict
 
 GAMMA = DATA_DIR
@@ -103,12 +103,12 @@ def service_ip(services: Iterable[Service], namespace: str, name: str) -> str:
 # -- the emulator ----------------------------------------------------------------------------
 
 
-def route_config(result: ProxySnapshotResult, name: str) -> dict[str, Any]:
+def route_config(result: Translation, name: str) -> dict[str, Any]:
     return to_dict(result.snapshot.resources(
         "type.googleapis.com/envoy.config.route.v3.RouteConfiguration")[name])
 
 
-def routes_of(result: ProxySnapshotResult, name: str) -> list[dict[str, Any]]:
+def routes_of(result: Translation, name: str) -> list[dict[str, Any]]:
     return route_config(result, name)["virtual_hosts"][0].get("routes", [])
 
 
