@@ -163,20 +163,42 @@ def thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
-def _ns_id(path: str) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
+def _ns_id(path: str) -> int:
+    """The inode of a namespace: from the link's text under /proc (readable without ptrace
+    rights over the process, unlike stat through it), from the file for a /run/netns mount."""
+    if path.startswith("/proc/"):
+        return int(os.readlink(path).partition("[")[2].rstrip("]"))
+    return os.stat(path).st_ino
 
 
-def current_netns_id() -> tuple[int, int]:
+def current_netns_id() -> int:
     """The network namespace of the calling thread (not the process's main thread)."""
     return _ns_id(f"/proc/self/task/{threading.get_native_id()}/ns/net")
 
 
-def in_host_netns() -> bool:
-    """True when the calling thread is in PID 1's network namespace (the host's, whose routes
-    lead off the machine)."""
-    return current_netns_id() == _ns_id("/proc/1/ns/net")
+def has_route_to(ip: str) -> bool:
+    """Whether the calling thread's namespace has a route to `ip` other than a default route
+    (main table): where only the default route leads, traffic to it leaves the machine (the
+    host's namespace), or goes nowhere."""
+    import ipaddress
+    import struct
+
+    addr = int(ipaddress.IPv4Address(ip))
+    if ipaddress.IPv4Address(ip).is_loopback:
+        return True
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/net/route") as f:
+            lines = f.read().splitlines()[1:]
+    except FileNotFoundError:
+        return False
+    for line in lines:
+        fields = line.split()
+        # (addresses in hex, as the kernel holds them: network order read as a native int)
+        dest, mask = (int.from_bytes(struct.pack("=I", int(h, 16)), "big")
+                      for h in (fields[1], fields[7]))
+        if mask and addr & mask == dest:
+            return True
+    return False
 
 
 def enter_process_netns(name: str) -> None:
@@ -248,12 +270,15 @@ def enter_for_store(store: dict | None) -> None:
 
 
 def check_store_netns(store: dict | None) -> None:
-    """Refuse to connect to the local cluster's etcd from the host's namespace: there its
-    addresses (172.30.0.x) would follow the host's default route off the machine. A store
-    client calls this before it opens a connection (agents are in their node's namespace, the
-    daemon and the CLI in the store's access namespace: both pass)."""
+    """Refuse to connect to the local cluster's etcd from a namespace without a route to its
+    members, such as the host's: there their addresses (172.30.0.x) would follow the default
+    route off the machine. A store client calls this before it opens a connection (agents are
+    in their node's namespace, the daemon and the CLI in the underlay's: both pass)."""
     s = store or {}
-    if s.get("type") == "etcd" and s.get("access_netns") and in_host_netns():
+    if s.get("type") != "etcd" or not s.get("access_netns"):
+        return
+    hosts = [u.partition("://")[2].rsplit(":", 1)[0] for u in s.get("endpoints") or []]
+    if not all(has_route_to(h) for h in hosts):
         raise NodemeshError(
             "refusing to connect to the cluster's etcd from the host's network namespace "
             f"(its members are reachable only on the underlay): call "
