@@ -219,8 +219,10 @@ def test_status_shows_the_store_and_its_members(cluster: Cluster) -> None:
     assert [r[0] for r in rows] == ["etcd1", "etcd2", "etcd3"]
     assert all("healthy" in r for r in rows), out
     assert sum(r[6] == "yes" for r in rows) == 1, out  # one leader
-    # And the store-using commands work from there.
+    # And the store-using commands work from there, and the harness's own reads.
     assert cluster.get("nodes", namespace="")["items"]
+    assert cluster.store_revision() > 0
+    cluster.wait_synced(timeout=30)
 
 
 def test_the_ui_listens_on_the_host_loopback(cluster: Cluster) -> None:
@@ -262,6 +264,25 @@ def test_a_killed_member_comes_back(cluster: Cluster) -> None:
     rows = [line.split() for line in cluster.run("status").out.splitlines()
             if line.startswith("etcd2")]
     assert rows[0][-1] == "1", rows  # RESTARTS
+
+
+def test_a_new_daemon_adopts_the_running_members(cluster: Cluster) -> None:
+    pids = [_pid(cluster, m["name"]) for m in _store(cluster)["members"]]
+    daemon = cluster.daemon_pid()
+    assert daemon
+    os.kill(daemon, signal.SIGKILL)
+    reap(daemon)
+    cluster.up()  # recovers: a new daemon, which finds the members running
+    deadline = time.monotonic() + 15
+    while cluster.daemon_pid() == daemon:  # (it records itself once it runs)
+        assert time.monotonic() < deadline, "no new daemon"
+        time.sleep(0.1)
+    new = cluster.daemon_pid()
+    ident = subprocess.run(["ip", "netns", "identify", str(new)], capture_output=True,
+                           text=True).stdout.strip()
+    assert ident == f"{cluster.name}-underlay"
+    assert [_pid(cluster, m["name"]) for m in _store(cluster)["members"]] == pids
+    _wait_healthy(cluster)
 
 
 def test_down_removes_the_members_and_their_data(cluster: Cluster) -> None:
