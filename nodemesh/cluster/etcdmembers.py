@@ -265,15 +265,38 @@ def etcdctl_argv(store: dict, *args: str, endpoints: list[str] | None = None) ->
             "--dial-timeout", "2s", "--command-timeout", "3s", *args]
 
 
+def _etcdctl_command(store: dict, *args: str, endpoints: list[str] | None = None) -> list[str]:
+    argv = etcdctl_argv(store, *args, endpoints=endpoints)
+    if store.get("access_netns"):
+        argv = ["ip", "netns", "exec", store["access_netns"], *argv]
+    return argv
+
+
+_ETCDCTL_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "ETCDCTL_API": "3"}
+
+
 def etcdctl(store: dict, *args: str, endpoints: list[str] | None = None,
             timeout: float = 10) -> subprocess.CompletedProcess:
     """etcdctl with the cluster's client certificate, run where the store is reached: in the
     underlay's namespace for the cluster's own members (never from the host's)."""
-    argv = etcdctl_argv(store, *args, endpoints=endpoints)
-    if store.get("access_netns"):
-        argv = ["ip", "netns", "exec", store["access_netns"], *argv]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "ETCDCTL_API": "3"})
+    return subprocess.run(_etcdctl_command(store, *args, endpoints=endpoints),
+                          capture_output=True, text=True, timeout=timeout, env=_ETCDCTL_ENV)
+
+
+def _etcdctl_both(store: dict, *commands: tuple[str, ...],
+                  timeout: float = 10) -> list[subprocess.CompletedProcess]:
+    """Several etcdctl commands at once (an unreachable member costs one timeout, not one each)."""
+    ps = [subprocess.Popen(_etcdctl_command(store, *c), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=_ETCDCTL_ENV) for c in commands]
+    out = []
+    for c, p in zip(commands, ps, strict=True):
+        try:
+            so, se = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            so, se = p.communicate()
+        out.append(subprocess.CompletedProcess(list(c), p.returncode, so, se))
+    return out
 
 
 def health(store: dict) -> list[dict]:
@@ -284,14 +307,14 @@ def health(store: dict) -> list[dict]:
     out = {e: {"endpoint": e, "healthy": False, "leader": False, "error": "", **by_ep.get(e, {})}
            for e in eps}
     try:
-        h = etcdctl(store, "endpoint", "health", "-w", "json")
+        h, status_p = _etcdctl_both(store, ("endpoint", "health", "-w", "json"),
+                               ("endpoint", "status", "-w", "json"))
         for item in json.loads(h.stdout or "[]"):
             e = out.get(item.get("endpoint"))
             if e is not None:
                 e["healthy"] = bool(item.get("health"))
                 e["error"] = item.get("error") or ""
-        s = etcdctl(store, "endpoint", "status", "-w", "json")
-        for item in json.loads(s.stdout or "[]"):
+        for item in json.loads(status_p.stdout or "[]"):
             e = out.get(item.get("Endpoint"))
             st = item.get("Status") or {}
             if e is not None and st:

@@ -223,6 +223,10 @@ def test_status_shows_the_store_and_its_members(cluster: Cluster) -> None:
     assert cluster.get("nodes", namespace="")["items"]
     assert cluster.store_revision() > 0
     cluster.wait_synced(timeout=30)
+    # None of it left a TCP connection (or its TIME_WAIT) to the underlay in the host's
+    # namespace, where it would have gone off the machine.
+    ss = subprocess.run(["ss", "-tan"], capture_output=True, text=True).stdout
+    assert "172.30.0." not in ss, ss
 
 
 def test_the_ui_listens_on_the_host_loopback(cluster: Cluster) -> None:
@@ -242,6 +246,23 @@ def test_the_ui_listens_on_the_host_loopback(cluster: Cluster) -> None:
     finally:
         ui.send_signal(signal.SIGTERM)
         ui.wait(10)
+
+
+def test_status_names_an_unhealthy_member(cluster: Cluster) -> None:
+    pid = _pid(cluster, "etcd3")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        out = cluster.run("status").out
+        took = time.monotonic() - t0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    rows = {r[0]: r for r in (line.split() for line in out.splitlines()) if r and
+            r[0].startswith("etcd")}
+    assert rows["etcd3"][5] == "unhealthy", out  # (PROCESS is two words: pid N)
+    assert rows["etcd1"][5] == rows["etcd2"][5] == "healthy", out
+    assert took < 10, took
+    _wait_healthy(cluster)
 
 
 def test_a_killed_member_comes_back(cluster: Cluster) -> None:
