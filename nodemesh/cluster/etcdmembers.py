@@ -98,6 +98,13 @@ def _plan_external(endpoints: str, ca: str | None, cert: str | None, key: str | 
             "cert": paths["--etcd-cert"], "key": paths["--etcd-key"], "members": []}
 
 
+def check_installed() -> None:
+    missing = [p for p in (ETCD, ETCDCTL) if not os.access(p, os.X_OK)]
+    if missing:
+        raise NodemeshError(f"--store etcd runs etcd members, but {', '.join(missing)} is missing: "
+                            "install Debian's etcd-server and etcd-client (`make setup`)")
+
+
 # ---- certificates --------------------------------------------------------------------------
 def ensure_pki(cfg: ClusterConfig) -> bool:
     """The etcd CA, one certificate per member (server and peer, for its address) and the

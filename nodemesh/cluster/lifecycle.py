@@ -56,15 +56,15 @@ def up(state_dir: str, nodes: int, name: str, progress: Progress = print,
                             "starting with a letter", 2)
     if os.path.exists(os.path.join(state_dir, "cluster.json")):
         cfg = load_cluster(state_dir)
+        if store is not None and store.get("type") != cfg.store_type:
+            raise NodemeshError(f"cluster {cfg.name}'s store is {cfg.store_type}, not "
+                                f"{store.get('type')}; `nodemesh down` first to change --store", 2)
         if daemon_ref(cfg) is not None:
             if nodes != len(cfg.nodes):
                 raise NodemeshError(f"cluster {cfg.name} is already up with {len(cfg.nodes)} "
                                     f"nodes; `nodemesh down` first to change --nodes", 2)
             progress(f"cluster {cfg.name} is already up ({len(cfg.nodes)} nodes)")
             return cfg
-        if store is not None and store.get("type") != cfg.store_type:
-            raise NodemeshError(f"cluster {cfg.name}'s store is {cfg.store_type}, not "
-                                f"{store.get('type')}; `nodemesh down` first to change --store", 2)
         progress(f"recovering cluster {cfg.name} from {state_dir} (its daemon was not running)")
     else:
         taken = netns.list_netns(f"{name}-")
@@ -73,6 +73,8 @@ def up(state_dir: str, nodes: int, name: str, progress: Progress = print,
                 f"a cluster named {name!r} already exists on this machine (network namespaces "
                 f"{', '.join(taken[:3])}...) with its state elsewhere; pick another --name, or "
                 f"remove it with `nodemesh down --state-dir <its state dir>`", 1)
+        if (store or {}).get("members"):
+            etcdmembers.check_installed()
         cfg = plan_cluster(name, state_dir, nodes, cgroup.find_cgroup2_root(), datapath,
                            mtls=mtls, trust_domain=trust_domain,
                            cert_ttl_seconds=cert_ttl_seconds, store=store)

@@ -150,24 +150,20 @@ def test_enter_for_store_is_a_noop_for_sqlite_and_external_etcd() -> None:
     assert netns.current_netns_id() == before
 
 
-def test_a_process_with_threads_is_not_moved() -> None:
+def test_a_process_with_threads_is_not_moved(tmp_path, monkeypatch) -> None:
+    target = tmp_path / "somewhere-else"
+    target.write_text("")
+    monkeypatch.setattr(netns, "netns_path", lambda name: str(target))
+    monkeypatch.setattr(netns, "setns_path", lambda *a: pytest.fail("setns with threads"))
     stop = threading.Event()
     t = threading.Thread(target=stop.wait)
     t.start()
     try:
         with pytest.raises(NodemeshError, match="threads"):
-            # (/run/netns/<anything> that exists; the check on threads comes first after it)
-            netns.enter_process_netns(_any_netns())
+            netns.enter_process_netns("somewhere-else")
     finally:
         stop.set()
         t.join()
-
-
-def _any_netns() -> str:
-    names = netns.list_netns("")
-    if not names:
-        pytest.skip("no named network namespace on this machine")
-    return names[0]
 
 
 def test_check_store_netns_refuses_a_namespace_without_a_route() -> None:
@@ -179,3 +175,24 @@ def test_check_store_netns_refuses_a_namespace_without_a_route() -> None:
     with pytest.raises(NodemeshError, match="host's network namespace"):
         netns.check_store_netns(store)
     netns.check_store_netns({"type": "sqlite"})
+
+
+def test_up_refuses_to_change_the_store_of_a_cluster(tmp_path) -> None:
+    from nodemesh.cluster import lifecycle
+
+    plan_cluster("nmx", str(tmp_path), 1, "/cg").save()  # a SQLite cluster
+    with pytest.raises(NodemeshError, match="--store") as e:
+        lifecycle.up(str(tmp_path), 1, "nmx", progress=lambda _: None,
+                     store=plan_store("nmx", str(tmp_path), "etcd", 3))
+    assert e.value.exit_code == 2
+
+
+def test_up_without_etcd_installed_says_so_and_creates_nothing(tmp_path, monkeypatch) -> None:
+    from nodemesh.cluster import etcdmembers, lifecycle
+
+    monkeypatch.setattr(etcdmembers, "ETCD", str(tmp_path / "no-etcd"))
+    state = tmp_path / "s"
+    with pytest.raises(NodemeshError, match="etcd-server"):
+        lifecycle.up(str(state), 1, "nmx", progress=lambda _: None,
+                     store=plan_store("nmx", str(state), "etcd", 1))
+    assert not state.exists()
