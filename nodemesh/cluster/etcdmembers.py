@@ -105,6 +105,27 @@ def check_installed() -> None:
                             "install Debian's etcd-server and etcd-client (`make setup`)")
 
 
+def external_warnings(store: dict) -> list[str]:
+    """What an etcd the user runs cannot do for a local cluster: agents run in their nodes'
+    namespaces, whose loopback is their own and which have no uplink."""
+    import ipaddress as ip
+
+    out = []
+    for u in store.get("endpoints") or []:
+        host = u.partition("://")[2].rsplit(":", 1)[0].strip("[]")
+        try:
+            addr = ip.ip_address(host)
+        except ValueError:
+            addr = None
+        if (addr is not None and addr.is_loopback) or host == "localhost":
+            out.append(f"{u} is on the host's loopback: the nodes' agents (in their own network "
+                       "namespaces) cannot reach it, only the daemon and the CLI can")
+        elif addr is None or addr not in ip.ip_network(UNDERLAY_CIDR):
+            out.append(f"{u}: the local cluster's nodes have no uplink, so their agents reach "
+                       "only addresses on the underlay")
+    return out
+
+
 # ---- certificates --------------------------------------------------------------------------
 def ensure_pki(cfg: ClusterConfig) -> bool:
     """The etcd CA, one certificate per member (server and peer, for its address) and the

@@ -81,6 +81,9 @@ def up(state_dir: str, nodes: int, name: str, progress: Progress = print,
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         cfg.save()
         progress(f"creating cluster {name} with {nodes} node(s) in {state_dir}")
+        if cfg.store_type == "etcd" and not cfg.store_members:
+            for w in etcdmembers.external_warnings(cfg.store):
+                progress(f"warning: {w}")
     if cfg.mtls:
         _ensure_ca(cfg, progress)
     if cfg.store_members and etcdmembers.ensure_pki(cfg):

@@ -381,6 +381,9 @@ def loopback_etcd(tmp_path) -> Iterator[dict]:
 
 def test_an_etcd_the_user_runs(loopback_etcd: dict) -> None:
     e = loopback_etcd
+    # What this checks: the flags, the record, status and down. The agents of this cluster
+    # cannot reach an etcd on the host's loopback (their loopback is their node's), and `up`
+    # says so; an etcd the user runs is for agents on hosts of their own (docs/store.md).
     c = new_cluster(1, "--etcd-endpoints", e["endpoint"], "--etcd-ca", e["ca"], "--etcd-cert",
                     e["cert"], "--etcd-key", e["key"], "--mtls", "off")
     try:

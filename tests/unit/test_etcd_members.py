@@ -196,3 +196,12 @@ def test_up_without_etcd_installed_says_so_and_creates_nothing(tmp_path, monkeyp
         lifecycle.up(str(state), 1, "nmx", progress=lambda _: None,
                      store=plan_store("nmx", str(state), "etcd", 1))
     assert not state.exists()
+
+
+def test_external_etcd_warnings() -> None:
+    from nodemesh.cluster.etcdmembers import external_warnings
+
+    w = external_warnings({"endpoints": ["https://127.0.0.1:2379", "https://10.0.0.5:2379",
+                                         "https://172.30.0.40:2379"]})
+    assert len(w) == 2
+    assert "loopback" in w[0] and "no uplink" in w[1]
