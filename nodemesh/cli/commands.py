@@ -41,6 +41,10 @@ def _cluster(args: argparse.Namespace) -> ClusterConfig:
 
 def _store(args: argparse.Namespace) -> tuple[ClusterConfig, Store]:
     cfg = _cluster(args)
+    # An etcd on the cluster's underlay is reached from the underlay's namespace: the whole
+    # process moves there before it opens any connection (and before any thread starts).
+    # Unix sockets (agents, the CA) and files work from any namespace.
+    netns.enter_for_store(cfg.store)
     return cfg, open_store(cfg.state_dir)
 
 
@@ -64,11 +68,18 @@ def _namespace(args: argparse.Namespace) -> str:
 
 # ---- up / down / status ------------------------------------------------------------------
 def cmd_up(args: argparse.Namespace) -> int:
+    from nodemesh.cluster.etcdmembers import plan_store
+
+    # The store flags are checked before anything is created (exit 2, naming the flag).
+    store = plan_store(args.name, _state_dir(args),
+                       args.store or ("etcd" if args.etcd_endpoints else "sqlite"), args.store_members,
+                       args.etcd_endpoints, args.etcd_ca, args.etcd_cert, args.etcd_key)
+    ttl = parse_ttl(args.cert_ttl, "--cert-ttl")
     _require_root("nodemesh up")
     t0 = time.monotonic()
     cfg = lifecycle.up(_state_dir(args), args.nodes, args.name, datapath=args.datapath,
-                       mtls=args.mtls, trust_domain=args.trust_domain,
-                       cert_ttl_seconds=parse_ttl(args.cert_ttl, "--cert-ttl"))
+                       mtls=args.mtls, trust_domain=args.trust_domain, cert_ttl_seconds=ttl,
+                       store=store if (args.store or args.etcd_endpoints) else None)
     print(f"cluster {cfg.name} is up in {time.monotonic() - t0:.1f}s; "
           f"try `nodemesh get nodes` and `nodemesh apply -f app.yaml`")
     return 0
@@ -102,7 +113,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"state:      {cfg.state_dir}")
     running = f"running, pid {daemon.pid}" if daemon else "NOT RUNNING (run `nodemesh up`)"
     print(f"daemon:     {running}")
-    print(f"store:      revision {store.revision()}")
+    print(f"store:      {_store_line(cfg)}, revision {store.revision()}")
+    if cfg.store_type == "etcd":
+        _print_store_members(cfg)
     pods = store.list("Pod")
     rows = []
     for n in cfg.nodes:
@@ -155,6 +168,39 @@ def cmd_status(args: argparse.Namespace) -> int:
                   + "".join(f", pid {p} draining" for p in envoy.get("draining") or [])
                   + _envoy_exit_text(envoy))
     return 0
+
+
+def _store_line(cfg: ClusterConfig) -> str:
+    if cfg.store_type == "sqlite":
+        return f"sqlite ({os.path.join(cfg.state_dir, 'store.db')})"
+    if cfg.store_members:
+        return (f"etcd, {len(cfg.store_members)} member(s) on the underlay, TLS "
+                f"(client certificate {cfg.store['cert']})")
+    return f"etcd at {', '.join(cfg.store['endpoints'])} (run by you), TLS"
+
+
+def _print_store_members(cfg: ClusterConfig) -> None:
+    """The etcd endpoints' health and leader, asked with etcdctl from the underlay's namespace
+    (the cluster's own members) or from here (an etcd the user runs)."""
+    from nodemesh.cluster.etcdmembers import health, member_ref
+
+    rows = []
+    for e in health(cfg.store):
+        name = e.get("name")
+        if name:
+            ref = member_ref(cfg, name)
+            rec = read_json(os.path.join(cfg.etcd_dir, name, "member.json")) or {}
+            pid = f"pid {ref.pid}" if ref else "not running"
+            restarts = str(rec.get("restarts", 0))
+        else:
+            pid, restarts = "-", "-"
+        rows.append([name or "-", e["endpoint"], e.get("netns", "-"), pid,
+                     "healthy" if e["healthy"] else "unhealthy" + (f" ({e['error']})" if e["error"]
+                                                                    else ""),
+                     "yes" if e["leader"] else "no", restarts])
+    print()
+    print(output.table(["MEMBER", "ENDPOINT", "NETNS", "PROCESS", "HEALTH", "LEADER",
+                        "RESTARTS"], rows))
 
 
 def _envoy_exit_text(envoy: dict) -> str:

@@ -52,6 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cert-ttl", default="24h",
                     help="lifetime of workload certificates, renewed at half of it: 24h "
                          "(default), 90m, 10s ...")
+    sp.add_argument("--store", choices=["sqlite", "etcd"], default=None,
+                    help="where desired state lives: sqlite (default, one file) or etcd (a "
+                         "real etcd cluster on the underlay, or the one --etcd-endpoints names)")
+    sp.add_argument("--store-members", type=int, default=None, metavar="N",
+                    help="--store etcd: how many etcd members the cluster runs, 1, 3 (default) "
+                         "or 5, each in a network namespace of its own")
+    sp.add_argument("--etcd-endpoints", default=None, metavar="URL,...",
+                    help="--store etcd: use an etcd you run (https://HOST:PORT,...) instead of "
+                         "starting members; needs --etcd-ca, --etcd-cert and --etcd-key")
+    sp.add_argument("--etcd-ca", default=None, help="CA certificate of --etcd-endpoints (PEM)")
+    sp.add_argument("--etcd-cert", default=None, help="client certificate for --etcd-endpoints")
+    sp.add_argument("--etcd-key", default=None, help="client key for --etcd-endpoints")
 
     sp = cmd("down", c.cmd_down, "remove the local cluster and everything it created")
     sp.add_argument("--keep-state", action="store_true",

@@ -21,6 +21,10 @@ from nodemesh.node.addresses import NODE_DNS_IP, POD_GATEWAY  # noqa: F401 - re-
 DEFAULT_STATE_DIR = "/var/lib/nodemesh"
 DEFAULT_CLUSTER_NAME = "nodemesh"
 UNDERLAY_CIDR = "172.30.0.0/24"
+# Addresses on the underlay besides the nodes' (.1-.16): the local etcd's members (.21-.25), and
+# the underlay namespace's own (on its bridge), from which the daemon and the CLI reach them.
+ETCD_MEMBER_BASE = 21
+STORE_ACCESS_IP = "172.30.0.254"
 POD_CIDR_FORMAT = "10.244.{index}.0/24"
 SERVICE_CIDR = "10.96.0.0/16"
 CLUSTER_DOMAIN = "cluster.local"
@@ -55,6 +59,9 @@ class ClusterConfig:
     service_cidr: str = SERVICE_CIDR
     cgroup_root: str = ""  # the cgroup v2 mount this cluster's cgroups live under
     extra: dict = field(default_factory=dict)
+    # Where desired state lives (docs/store.md): {"type": "sqlite"}, or {"type": "etcd",
+    # "endpoints", "ca", "cert", "key", "members": [{"name", "ip", "netns"}], "access_netns"}.
+    store: dict = field(default_factory=lambda: {"type": "sqlite"})
 
     # ---- naming -------------------------------------------------------------------------
     def node(self, name: str) -> NodeConfig:
@@ -70,6 +77,24 @@ class ClusterConfig:
     @property
     def underlay_netns(self) -> str:
         return f"{self.name}-underlay"
+
+    def member_netns(self, member: str) -> str:
+        """The network namespace of etcd member `member` (etcd1 ...) of the cluster's store."""
+        return f"{self.name}-{member}"
+
+    @property
+    def store_type(self) -> str:
+        return str(self.store.get("type", "sqlite"))
+
+    @property
+    def store_members(self) -> list[dict]:
+        """The etcd members this cluster runs ([] for SQLite or an etcd the user runs)."""
+        return list(self.store.get("members") or [])
+
+    @property
+    def etcd_dir(self) -> str:
+        """The etcd members' data (<member>/data), logs and PIDs, and their PKI (pki/)."""
+        return os.path.join(self.state_dir, "etcd")
 
     def pod_netns(self, uid: str) -> str:
         return f"{self.name}-pod-{uid[:8]}"
@@ -169,6 +194,7 @@ class ClusterConfig:
             name=d["name"], state_dir=d["state_dir"], nodes=nodes,
             service_cidr=d.get("service_cidr", SERVICE_CIDR),
             cgroup_root=d.get("cgroup_root", ""), extra=d.get("extra", {}),
+            store=d.get("store") or {"type": "sqlite"},
         )
 
     def save(self) -> None:
@@ -182,8 +208,10 @@ DATAPATHS = ("bpf", "none")
 def plan_cluster(name: str, state_dir: str, node_count: int, cgroup_root: str,
                  datapath: str = "bpf", mtls: str = "on",
                  trust_domain: str = DEFAULT_TRUST_DOMAIN,
-                 cert_ttl_seconds: float = DEFAULT_CERT_TTL_SECONDS) -> ClusterConfig:
-    """The addresses and names of a new cluster of `node_count` nodes (pure)."""
+                 cert_ttl_seconds: float = DEFAULT_CERT_TTL_SECONDS,
+                 store: dict | None = None) -> ClusterConfig:
+    """The addresses and names of a new cluster of `node_count` nodes (pure); `store` is what
+    `etcdmembers.plan_store` planned (default: SQLite)."""
     if not 1 <= node_count <= 16:
         raise NodemeshError(f"--nodes must be 1-16, not {node_count}", 2)
     underlay = list(ipaddress.ip_network(UNDERLAY_CIDR).hosts())
@@ -209,7 +237,7 @@ def plan_cluster(name: str, state_dir: str, node_count: int, cgroup_root: str,
     extra: dict = {"datapath": datapath, "mtls": mtls if datapath == "bpf" else "off",
                    "trust_domain": trust_domain, "cert_ttl_seconds": cert_ttl_seconds}
     return ClusterConfig(name=name, state_dir=state_dir, nodes=nodes, cgroup_root=cgroup_root,
-                         extra=extra)
+                         extra=extra, store=dict(store or {"type": "sqlite"}))
 
 
 

@@ -17,6 +17,7 @@ import time
 
 from nodemesh.cluster.config import NODE_DNS_IP, ClusterConfig
 from nodemesh.cluster.controllers import Controllers
+from nodemesh.cluster.etcdmembers import MemberSupervisor
 from nodemesh.host import netns, procs
 from nodemesh.host.files import read_json, write_json_atomic
 from nodemesh.host.procs import ProcRef
@@ -117,8 +118,12 @@ class AgentSupervisor:
                # handlers then crash the child now and then. The children exec at once and
                # need none of gRPC's state.
                "GRPC_ENABLE_FORK_SUPPORT": "false"}
-        pid = os.posix_spawn(sys.executable, agent_argv(self.cfg, self.node), env,
-                             file_actions=actions, setsid=True)
+        # From the host's namespace (where this process started), even when the daemon moved
+        # to the store's: the agent binds its metrics on the host's loopback before it enters
+        # its node.
+        pid = netns.in_original_netns(os.posix_spawn, sys.executable,
+                                      agent_argv(self.cfg, self.node), env,
+                                      file_actions=actions, setsid=True)
         os.close(fd)
         self.ref = ProcRef.of(pid)
         log.info("started agent of %s (pid %d)", self.node, pid)
@@ -127,7 +132,32 @@ class AgentSupervisor:
         procs.stop(self.ref, grace=10)
 
 
+def _wait_store(cfg: ClusterConfig, members: list[MemberSupervisor],
+                stopping: threading.Event) -> None:
+    """Start the etcd members and wait until they are healthy, then seed the store."""
+    from nodemesh.cluster.etcdmembers import health
+    from nodemesh.cluster.lifecycle import seed_store
+
+    last_log = time.monotonic()
+    while members and not stopping.is_set():
+        procs.record_reaped(cfg.reaped_file, procs.reap_children())
+        for m in members:
+            m.check(time.monotonic())
+        h = health(cfg.store)
+        if all(e["healthy"] for e in h) and any(e["leader"] for e in h):
+            break
+        if time.monotonic() - last_log > 10:
+            last_log = time.monotonic()
+            log.warning("waiting for the etcd members: %s",
+                        ", ".join(f"{e.get('name')} {e['error'] or 'unhealthy'}" for e in h))
+        stopping.wait(0.3)
+    seed_store(cfg)
+
+
 def run_daemon(cfg: ClusterConfig) -> int:
+    # First, while this process has one thread: into the namespace the store is reached from
+    # (the underlay's, for the cluster's own etcd); every thread started later is there too.
+    netns.enter_for_store(cfg.store)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     procs.set_child_subreaper()
@@ -138,6 +168,9 @@ def run_daemon(cfg: ClusterConfig) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
 
+    members = [MemberSupervisor(cfg, m) for m in cfg.store_members]
+    if cfg.store_type == "etcd":
+        _wait_store(cfg, members, stopping)
     store = open_store(cfg.state_dir)
     changed = threading.Event()
     informer = Informer(store)
@@ -159,6 +192,8 @@ def run_daemon(cfg: ClusterConfig) -> int:
     while not stopping.is_set():
         procs.record_reaped(cfg.reaped_file, procs.reap_children())
         now = time.monotonic()
+        for m in members:
+            m.check(now)
         for a in agents:
             a.check(now)
         if changed.is_set() or now - last_sync > CONTROLLER_RESYNC_SECONDS:

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from nodemesh.cluster import topology
+from nodemesh.cluster import etcdmembers, topology
 from nodemesh.cluster.config import (
     DEFAULT_CERT_TTL_SECONDS,
     DEFAULT_TRUST_DOMAIN,
@@ -47,12 +47,18 @@ def _nodemesh_argv(state_dir: str, *args: str) -> list[str]:
 def up(state_dir: str, nodes: int, name: str, progress: Progress = print,
        wait: float = 60.0, datapath: str = "bpf", mtls: str = "on",
        trust_domain: str = DEFAULT_TRUST_DOMAIN,
-       cert_ttl_seconds: float = DEFAULT_CERT_TTL_SECONDS) -> ClusterConfig:
+       cert_ttl_seconds: float = DEFAULT_CERT_TTL_SECONDS,
+       store: dict | None = None) -> ClusterConfig:
+    """`store`: what `etcdmembers.plan_store` made of the --store flags (None: SQLite, or
+    whatever a cluster being recovered has)."""
     if not NAME_RE.match(name):
         raise NodemeshError(f"--name {name!r}: must be 1-12 lowercase letters and digits, "
                             "starting with a letter", 2)
     if os.path.exists(os.path.join(state_dir, "cluster.json")):
         cfg = load_cluster(state_dir)
+        if store is not None and store.get("type") != cfg.store_type:
+            raise NodemeshError(f"cluster {cfg.name}'s store is {cfg.store_type}, not "
+                                f"{store.get('type')}; `nodemesh down` first to change --store", 2)
         if daemon_ref(cfg) is not None:
             if nodes != len(cfg.nodes):
                 raise NodemeshError(f"cluster {cfg.name} is already up with {len(cfg.nodes)} "
@@ -62,23 +68,35 @@ def up(state_dir: str, nodes: int, name: str, progress: Progress = print,
         progress(f"recovering cluster {cfg.name} from {state_dir} (its daemon was not running)")
     else:
         taken = netns.list_netns(f"{name}-")
-        if any(re.match(rf"^{name}-(node\d+|underlay|pod-[0-9a-f]{{8}})$", n) for n in taken):
+        if any(re.match(rf"^{name}-(node\d+|etcd\d+|underlay|pod-[0-9a-f]{{8}})$", n) for n in taken):
             raise NodemeshError(
                 f"a cluster named {name!r} already exists on this machine (network namespaces "
                 f"{', '.join(taken[:3])}...) with its state elsewhere; pick another --name, or "
                 f"remove it with `nodemesh down --state-dir <its state dir>`", 1)
+        if (store or {}).get("members"):
+            etcdmembers.check_installed()
         cfg = plan_cluster(name, state_dir, nodes, cgroup.find_cgroup2_root(), datapath,
                            mtls=mtls, trust_domain=trust_domain,
-                           cert_ttl_seconds=cert_ttl_seconds)
+                           cert_ttl_seconds=cert_ttl_seconds, store=store)
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         cfg.save()
         progress(f"creating cluster {name} with {nodes} node(s) in {state_dir}")
+        if cfg.store_type == "etcd" and not cfg.store_members:
+            for w in etcdmembers.external_warnings(cfg.store):
+                progress(f"warning: {w}")
     if cfg.mtls:
         _ensure_ca(cfg, progress)
-    _seed_store(cfg)
+    if cfg.store_members and etcdmembers.ensure_pki(cfg):
+        progress(f"etcd certificates created in {os.path.join(cfg.etcd_dir, 'pki')}")
+    if cfg.store_type == "sqlite":
+        seed_store(cfg)  # (an etcd store is seeded by the daemon, once it answers)
     topology.create_cluster_network(cfg)
     progress("nodes: " + ", ".join(f"{n.name} ({n.ip}, pods {n.pod_cidr})" for n in cfg.nodes))
     _start_daemon(cfg)
+    if cfg.store_members:
+        etcdmembers.wait_healthy(cfg, wait)
+        progress(f"store: etcd, {len(cfg.store_members)} member(s) healthy: "
+                 + ", ".join(f"{m['name']} ({m['ip']})" for m in cfg.store_members))
     _wait_agents(cfg, wait)
     progress("agents ready")
     return cfg
@@ -96,7 +114,8 @@ def _ensure_ca(cfg: ClusterConfig, progress: Progress) -> None:
              f"(root {root['fingerprint'][:16]}, valid until {root['notAfter']})")
 
 
-def _seed_store(cfg: ClusterConfig) -> None:
+def seed_store(cfg: ClusterConfig) -> None:
+    """The namespaces and Node objects every cluster starts with (idempotent)."""
     store = open_store(cfg.state_dir)
     with store.transaction() as t:
         for ns in ("default", "kube-system"):
@@ -168,6 +187,7 @@ def down(state_dir: str, keep_state: bool = False, progress: Progress = print) -
     for n in cfg.nodes:  # agents that outlived the daemon
         procs.stop(ProcRef.from_json(read_json(os.path.join(cfg.node_dir(n.name), "agent.json"))),
                    grace=5)
+    etcdmembers.stop_members(cfg)  # after the agents and the daemon, their clients
     _remove_bpffs(cfg.bpffs)
     topology.remove_cluster_network(cfg)  # kills what is left in the cgroups, waits for it
     from nodemesh.proxy.envoy import base_id_path, remove_shared_memory

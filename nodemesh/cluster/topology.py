@@ -66,9 +66,34 @@ def _node_sysctls(ns: str) -> None:
                    *netns.NODE_PORT_RANGE)])
 
 
+def member_port(index: int) -> str:
+    return f"e{index}"
+
+
+def create_store_members(cfg: ClusterConfig) -> None:
+    """The etcd members' namespaces on the underlay (one `eth0` each, no other route), and the
+    underlay namespace's own address on the bridge, from which the daemon and the CLI reach
+    them (docs/store.md)."""
+    prefix = ipaddress.ip_network(UNDERLAY_CIDR).prefixlen
+    access_ip = cfg.store.get("access_ip")
+    if access_ip:
+        netns.ip_batch([f"addr replace {access_ip}/{prefix} dev {BRIDGE}"], cfg.underlay_netns)
+    for i, m in enumerate(cfg.store_members, start=1):
+        ns = m["netns"]
+        netns.add_netns(ns)
+        port = member_port(i)
+        if not netns.link_exists("eth0", ns):
+            netns.ip_batch([f"link add {port} type veth peer name eth0 netns {ns}",
+                            f"link set {port} master {BRIDGE}", f"link set {port} up"],
+                           cfg.underlay_netns)
+        netns.ip_batch(["link set lo up", f"addr replace {m['ip']}/{prefix} dev eth0",
+                        "link set eth0 up"], ns)
+
+
 def create_cluster_network(cfg: ClusterConfig) -> None:
     cgroup.create(cfg.cgroup_dir)
     create_underlay(cfg)
+    create_store_members(cfg)
     for node in cfg.nodes:
         create_node(cfg, node.name)
 

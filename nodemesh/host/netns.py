@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import os
 import subprocess
+import threading
 
 from nodemesh.errors import NodemeshError
 
@@ -144,3 +145,141 @@ def write_sysctl(key: str, value: str) -> None:
     """Set a sysctl of the calling thread's network namespace (/proc/sys/net is per netns)."""
     with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
         f.write(value)
+
+
+# ---- a whole process in a namespace, for clients of a networked store --------------------------
+# setns(2) moves one thread. A thread created afterwards inherits its creator's namespace, so a
+# process that moves while it has only one thread moves for good: every thread it starts later
+# (gRPC's pollers, resolvers, executors included) makes its sockets there. A process that already
+# runs threads cannot be moved as a whole; `enter_process_netns` refuses it rather than leave some
+# threads behind. `in_netns_thread` runs one call in a fresh thread of another namespace (a socket
+# created there stays there, and a child started there starts there), which is how such a process
+# still reaches its original namespace (the host's loopback, agents that bind metrics on it).
+
+_original_netns_fd: int | None = None
+
+
+def thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _ns_id(path: str) -> int:
+    """The inode of a namespace: from the link's text under /proc (readable without ptrace
+    rights over the process, unlike stat through it), from the file for a /run/netns mount."""
+    if path.startswith("/proc/"):
+        return int(os.readlink(path).partition("[")[2].rstrip("]"))
+    return os.stat(path).st_ino
+
+
+def current_netns_id() -> int:
+    """The network namespace of the calling thread (not the process's main thread)."""
+    return _ns_id(f"/proc/self/task/{threading.get_native_id()}/ns/net")
+
+
+def has_route_to(ip: str) -> bool:
+    """Whether the calling thread's namespace has a route to `ip` other than a default route
+    (main table): where only the default route leads, traffic to it leaves the machine (the
+    host's namespace), or goes nowhere."""
+    import ipaddress
+    import struct
+
+    addr = int(ipaddress.IPv4Address(ip))
+    if ipaddress.IPv4Address(ip).is_loopback:
+        return True
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/net/route") as f:
+            lines = f.read().splitlines()[1:]
+    except FileNotFoundError:
+        return False
+    for line in lines:
+        fields = line.split()
+        # (addresses in hex, as the kernel holds them: network order read as a native int)
+        dest, mask = (int.from_bytes(struct.pack("=I", int(h, 16)), "big")
+                      for h in (fields[1], fields[7]))
+        if mask and addr & mask == dest:
+            return True
+    return False
+
+
+def enter_process_netns(name: str) -> None:
+    """Move this whole process into network namespace `name`, once, before any thread runs.
+
+    The namespace the process came from stays reachable through `in_original_netns`. A no-op
+    when the process is there already."""
+    global _original_netns_fd
+    target = netns_path(name)
+    if not os.path.exists(target):
+        raise NodemeshError(f"network namespace {name} does not exist (is the cluster up? "
+                            "`nodemesh up` creates it)")
+    if current_netns_id() == _ns_id(target):
+        return
+    if thread_count() != 1:
+        raise NodemeshError(f"cannot move into network namespace {name}: the process already "
+                            f"runs {thread_count()} threads (enter it before starting any)")
+    fd = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    setns_path(target, CLONE_NEWNET)
+    if _original_netns_fd is None:
+        _original_netns_fd = fd
+    else:
+        os.close(fd)
+
+
+def in_netns_thread(path: str | int, fn, *args, **kwargs):
+    """Call fn(*args, **kwargs) in a new thread that first enters the network namespace at
+    `path` (a file, or an open fd of one); return its result or raise its exception."""
+    result: list = []
+
+    def run() -> None:
+        try:
+            if isinstance(path, int):
+                _check(_libc.setns(path, CLONE_NEWNET), "setns")
+            else:
+                setns_path(path, CLONE_NEWNET)
+            result.append((True, fn(*args, **kwargs)))
+        except BaseException as e:
+            result.append((False, e))
+
+    t = threading.Thread(target=run, name="netns-call")
+    t.start()
+    t.join()
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
+
+
+def in_original_netns(fn, *args, **kwargs):
+    """fn(...) in the namespace the process was in before `enter_process_netns` (directly when
+    it never moved)."""
+    if _original_netns_fd is None:
+        return fn(*args, **kwargs)
+    return in_netns_thread(_original_netns_fd, fn, *args, **kwargs)
+
+
+def enter_for_store(store: dict | None) -> None:
+    """Put this process where it can reach the cluster's store over the network.
+
+    `store` is cluster.json's ``store``: an etcd on the local cluster's underlay names the
+    namespace its clients outside the nodes use (``access_netns``, the underlay's, which holds
+    an address on the bridge); the process moves there as a whole (call it before any thread
+    starts). SQLite, or an etcd the user runs (reached from where the caller is): nothing to do.
+    """
+    ns = (store or {}).get("access_netns")
+    if (store or {}).get("type") == "etcd" and ns:
+        enter_process_netns(ns)
+
+
+def check_store_netns(store: dict | None) -> None:
+    """Refuse to connect to the local cluster's etcd from a namespace without a route to its
+    members, such as the host's: there their addresses (172.30.0.x) would follow the default
+    route off the machine. A store client calls this before it opens a connection (agents are
+    in their node's namespace, the daemon and the CLI in the underlay's: both pass)."""
+    s = store or {}
+    if s.get("type") != "etcd" or not s.get("access_netns"):
+        return
+    hosts = [u.partition("://")[2].rsplit(":", 1)[0] for u in s.get("endpoints") or []]
+    if not all(has_route_to(h) for h in hosts):
+        raise NodemeshError(
+            "refusing to connect to the cluster's etcd from the host's network namespace "
+            f"(its members are reachable only on the underlay): call "
+            f"nodemesh.host.netns.enter_for_store() first, or run inside {s['access_netns']}")

@@ -30,6 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from nodemesh.cluster.config import load_cluster, state_dir_from
 from nodemesh.errors import NodemeshError
+from nodemesh.host import netns
 from nodemesh.store import open_store
 from nodemesh.ui.collector import Collector
 
@@ -190,12 +191,16 @@ def serve(args: argparse.Namespace) -> int:
         raise NodemeshError(f"--window {args.window:g}: must be 1-3600 seconds", 2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_cluster(state_dir_from(args.state_dir))
+    netns.enter_for_store(cfg.store)  # (an etcd on the underlay: before any thread starts)
     if os.geteuid() != 0:
         print("warning: agent sockets are root-only; run `nodemesh ui` as root to see flows",
               file=sys.stderr)
     collector = Collector(cfg, open_store(cfg.state_dir), args.window)
     try:
-        server = ThreadingHTTPServer((args.address, args.port), make_handler(collector))
+        # The listener on the host's loopback, even when the process reaches its store from
+        # the underlay's namespace: a socket stays in the namespace it was made in.
+        server = netns.in_original_netns(ThreadingHTTPServer, (args.address, args.port),
+                                         make_handler(collector))
     except OSError as e:
         raise NodemeshError(f"cannot listen on {args.address}:{args.port}: {e.strerror}") from None
     server.daemon_threads = True

@@ -105,11 +105,32 @@ class Cluster:
         except NodemeshError:
             return -1
 
-    def wait_synced(self, timeout: float = 10.0) -> float:
-        """Wait until every agent's datapath reflects the store as it is now; returns seconds."""
+    def store_revision(self) -> int:
+        """The store's revision now. An etcd on the cluster's underlay is reached from the
+        underlay's namespace, by a process that moves there before it connects (this one runs
+        threads and stays in the host's, which has no route to the members)."""
         from nodemesh.store import open_store
 
-        target = open_store(self.state_dir).revision()
+        with open(os.path.join(self.state_dir, "cluster.json")) as f:
+            store = json.load(f).get("store") or {}
+        if not store.get("access_netns"):
+            return open_store(self.state_dir).revision()
+        code = ("import sys\n"
+                "from nodemesh.cluster.config import load_cluster\n"
+                "from nodemesh.host import netns\n"
+                "from nodemesh.store import open_store\n"
+                "cfg = load_cluster(sys.argv[1])\n"
+                "netns.enter_for_store(cfg.store)\n"
+                "print(open_store(cfg.state_dir).revision())\n")
+        p = subprocess.run([sys.executable, "-c", code, self.state_dir], capture_output=True,
+                           text=True, timeout=30, env={**os.environ, **self.env})
+        if p.returncode != 0:
+            raise AssertionError(f"store revision: {p.stderr}")
+        return int(p.stdout)
+
+    def wait_synced(self, timeout: float = 10.0) -> float:
+        """Wait until every agent's datapath reflects the store as it is now; returns seconds."""
+        target = self.store_revision()
         t0 = time.monotonic()
         pending = [f"node{i}" for i in range(1, self.nodes + 1)]
         while pending:
