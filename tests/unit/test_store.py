@@ -1,10 +1,14 @@
 """The store contract: what `nodemesh.store.base.Store` promises, run against every backend.
 
-Each backend is one entry of `BACKENDS` (today SQLite); the `backend` fixture runs every contract
-test against each. A new backend (etcd, Kubernetes) adds one `Backend`: how to open a store at a
+Each backend is one entry of `BACKENDS` (SQLite, etcd); the `backend` fixture runs every contract
+test against each. A new backend (Kubernetes) adds one `Backend`: how to open a store at a
 location (a picklable callable: the concurrency test opens it in other processes), a fresh
-location per test, and how to make it compact its event history early. Tests of one backend's own
-details (SQLite's numbering, file mode) follow the contract, at the end.
+location per test, how to make it compact its event history early, and a location of its own for
+the tests that compact. Tests of one backend's own details (SQLite's numbering and file mode,
+etcd's revisions and watch streams) follow the contract, at the end.
+
+The etcd backend runs against a real etcd (Debian's, `make setup`) on 127.0.0.1, started here and
+stopped by PID; a missing etcd fails these tests, it does not skip them.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import multiprocessing
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +26,21 @@ import pytest
 
 from nodemesh.errors import Conflict
 from nodemesh.store.base import ADDED, DELETED, MODIFIED, Compacted, Store
+from nodemesh.store.etcd import open_url
 from nodemesh.store.sqlite import SqliteStore
+from tests.etcdserver import EtcdServer
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str
     open: Callable[[str], Store]  # a store at a location; picklable (used in child processes)
-    location: Callable[[Path], str]  # a fresh, empty location under a test's tmp_path
+    # A fresh, empty location for one test (its tmp_path; the request, for fixtures it needs).
+    location: Callable[[Path, pytest.FixtureRequest], str]
     # Make the backend compact its events early: after about 20 writes it keeps about 10.
     compact_early: Callable[[pytest.MonkeyPatch], None]
+    # A location whose compaction no other test sees (etcd compacts the whole server at once).
+    isolated: Callable[[Path, pytest.FixtureRequest], str]
 
 
 def _sqlite_compact_early(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -40,9 +50,40 @@ def _sqlite_compact_early(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mod, "COMPACT_EVERY", 20)
 
 
+def _sqlite_location(tmp: Path, request: pytest.FixtureRequest) -> str:
+    return str(tmp / "store.db")
+
+
+def _etcd_compact_early(monkeypatch: pytest.MonkeyPatch) -> None:
+    import nodemesh.store.etcd as mod
+
+    monkeypatch.setattr(mod, "KEEP_REVISIONS", 10)
+    monkeypatch.setattr(mod, "COMPACT_EVERY", 20)
+
+
+def _etcd_location(tmp: Path, request: pytest.FixtureRequest) -> str:
+    # One server for the session; each test its own prefix, so no test sees another's keys.
+    server: EtcdServer = request.getfixturevalue("etcd_server")
+    return server.location(f"/test/{uuid.uuid4().hex}/")
+
+
+def _etcd_isolated(tmp: Path, request: pytest.FixtureRequest) -> str:
+    server = EtcdServer()
+    request.addfinalizer(server.stop)
+    return server.location("/nodemesh/")
+
+
 BACKENDS = [
-    Backend("sqlite", SqliteStore, lambda tmp: str(tmp / "store.db"), _sqlite_compact_early),
+    Backend("sqlite", SqliteStore, _sqlite_location, _sqlite_compact_early, _sqlite_location),
+    Backend("etcd", open_url, _etcd_location, _etcd_compact_early, _etcd_isolated),
 ]
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[EtcdServer]:
+    server = EtcdServer()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(params=BACKENDS, ids=[b.name for b in BACKENDS])
@@ -51,8 +92,8 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 
 
 @pytest.fixture
-def location(backend: Backend, tmp_path: Path) -> str:
-    return backend.location(tmp_path)
+def location(backend: Backend, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    return backend.location(tmp_path, request)
 
 
 @pytest.fixture
@@ -90,9 +131,14 @@ def test_put_assigns_bookkeeping_and_bumps_generation_on_spec_change(store: Stor
 
 
 def test_every_write_gets_a_new_store_wide_revision(store: Store) -> None:
+    # Each transaction's writes get a revision after every earlier one. Within one transaction
+    # the writes' revisions never go down; SQLite gives each its own, etcd gives them the
+    # transaction's one (see the backends' own tests at the end).
     with store.transaction() as t:
         a = t.put(svc("a"))
+    with store.transaction() as t:
         b = t.put(svc("b", ns="other"))
+    with store.transaction() as t:
         c = t.put_status("Service", "default", "a", {"ok": True})
     d = store.get("Service", "other", "b")
     with store.transaction() as t:
@@ -262,11 +308,11 @@ def test_delete_returns_the_object_at_its_deletion_revision(store: Store) -> Non
 
 def test_watch_reports_every_change_in_order(store: Store) -> None:
     start = store.revision()
-    with store.transaction() as t:
-        t.put(svc("a"))
-        t.put(svc("a", 81))
-        t.put_status("Service", "default", "a", {"ok": True})
-        t.delete("Service", "default", "a")
+    for change in (lambda t: t.put(svc("a")), lambda t: t.put(svc("a", 81)),
+                   lambda t: t.put_status("Service", "default", "a", {"ok": True}),
+                   lambda t: t.delete("Service", "default", "a")):
+        with store.transaction() as t:
+            change(t)
     evs = store.events_since(start)
     assert [e.type for e in evs] == [ADDED, MODIFIED, MODIFIED, DELETED]
     assert [e.revision for e in evs] == sorted({e.revision for e in evs})
@@ -311,12 +357,14 @@ def test_stream_yields_events_in_order(store: Store) -> None:
     assert (ev.type, ev.object["metadata"]["name"]) == (DELETED, "s1")
 
 
-def test_compaction_makes_old_watchers_relist(backend: Backend, location: str,
+def test_compaction_makes_old_watchers_relist(backend: Backend, tmp_path: Path,
+                                              request: pytest.FixtureRequest,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    location = backend.isolated(tmp_path, request)
     backend.compact_early(monkeypatch)
     store = backend.open(location)
-    with store.transaction() as t:
-        for i in range(25):
+    for i in range(25):
+        with store.transaction() as t:
             t.put(svc("a", 1000 + i))
     with pytest.raises(Compacted):
         store.events_since(0)
