@@ -246,6 +246,8 @@ class _WatchStream:
     def close(self) -> None:
         self._requests.put(None)
         self._call.cancel()
+        with self._store._lock:
+            self._store._streams.discard(self)
 
 
 class _EtcdTxn(Txn):

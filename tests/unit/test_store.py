@@ -261,6 +261,28 @@ def test_a_conflict_undoes_the_whole_transaction(store: Store) -> None:
     assert store.revision() == rev
 
 
+def test_retrying_runs_a_body_until_it_commits(store: Store) -> None:
+    runs = 0
+    for attempt in store.retrying():
+        with attempt as t:
+            runs += 1
+            t.put(svc("a"))
+    assert runs == 1 and store.get("Service", "default", "a") is not None
+    with pytest.raises(RuntimeError):  # anything but a Conflict is no reason to try again
+        for attempt in store.retrying():
+            with attempt as t:
+                t.put(svc("b"))
+                raise RuntimeError("boom")
+    assert store.get("Service", "default", "b") is None
+    runs = 0
+    with pytest.raises(Conflict, match="already exists"):
+        for attempt in store.retrying(attempts=2):
+            with attempt as t:
+                runs += 1
+                t.create(svc("a"))
+    assert runs == 2
+
+
 def test_two_handles_racing_on_expect_rv_let_one_win(backend: Backend, location: str) -> None:
     one, two = backend.open(location), backend.open(location)
     with one.transaction() as t:
@@ -668,6 +690,49 @@ def test_etcd_many_reads_compare_the_prefix_revision_instead(
         t.put(svc("s0", 82))
     assert etcd.get("Service", "default", "s0")["spec"]["ports"] == [{"port": 81}]
     other.close()
+
+
+def test_etcd_retrying_runs_the_body_again_after_a_lost_race(
+        etcd: EtcdStore, etcd_server: EtcdServer) -> None:
+    other = open_url(f"{etcd_server.endpoint}|{etcd._prefix.decode()}")
+
+    def counter(n: int) -> dict:
+        return {"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "counter", "namespace": "default"}, "data": {"n": str(n)}}
+
+    with etcd.transaction() as t:
+        t.put(counter(0))
+    runs = 0
+    for attempt in etcd.retrying():
+        with attempt as t:
+            runs += 1
+            n = int(t.get("ConfigMap", "default", "counter")["data"]["n"])
+            if runs == 1:
+                with other.transaction() as o:  # the first attempt loses to this one
+                    o.put(counter(n + 10))
+            t.put(counter(n + 1))
+    assert runs == 2
+    assert etcd.get("ConfigMap", "default", "counter")["data"] == {"n": "11"}
+    runs = 0
+    with pytest.raises(Conflict):  # always losing: the last attempt's Conflict reaches us
+        for attempt in etcd.retrying(attempts=3):
+            with attempt as t:
+                runs += 1
+                n = int(t.get("ConfigMap", "default", "counter")["data"]["n"])
+                with other.transaction() as o:
+                    o.put(counter(n + 100))
+                t.put(counter(n + 1))
+    assert runs == 3
+    other.close()
+
+
+def test_etcd_too_big_a_transaction_is_a_clear_error(etcd: EtcdStore) -> None:
+    # etcd's --max-txn-ops (128 by default) bounds the writes of one transaction.
+    with pytest.raises(NodemeshError, match=r"etcd refused the transaction.*too many operations"), \
+            etcd.transaction() as t:
+        for i in range(130):
+            t.put(svc(f"s{i}"))
+    assert etcd.list("Service") == []
 
 
 def _wait(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
