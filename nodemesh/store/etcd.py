@@ -90,6 +90,15 @@ def _decode(value: bytes, revision: int) -> dict:
     return obj
 
 
+class EtcdError(NodemeshError):
+    """etcd answered a call with an error (not "unavailable"): `code` is the gRPC status."""
+
+    def __init__(self, method: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"store: etcd {method}: {code.name.lower()}: {details}")
+        self.code = code
+        self.details = details
+
+
 class _Client:
     """Channels to the endpoints, in order; a call that finds one unreachable tries the next."""
 
@@ -143,15 +152,18 @@ class _Client:
             try:
                 resp = fn(request, timeout=timeout)
             except grpc.RpcError as e:
-                code = e.code()
+                code, details = e.code(), e.details() or ""
                 if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    raise
-                errors.append(f"{self.endpoints[i]}: {code.name.lower()}: {e.details()}")
-                if not idempotent and code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    break  # it may have been applied: do not send it again
+                    raise EtcdError(method, code, details) from None
+                errors.append(f"{self.endpoints[i]}: {code.name.lower()}: {details}")
+                self.rotate(i)
+                if not idempotent and "failed to connect" not in details:
+                    # It may have reached etcd and been applied: sending it again could apply
+                    # it twice (or fail its compares and look like a lost race).
+                    raise NodemeshError(f"store unavailable: etcd did not confirm the "
+                                        f"transaction, which may or may not have been applied "
+                                        f"({errors[-1]})") from None
                 continue
-            with self._lock:
-                self._current = i
             return resp
         raise NodemeshError("store unavailable: etcd did not answer within "
                             f"{STORE_TIMEOUT:.0f} s ({'; '.join(errors) or 'no time left'})")
@@ -161,9 +173,11 @@ class _Client:
             i = self._current
         return self._channels[i], self.endpoints[i]
 
-    def rotate(self) -> None:
+    def rotate(self, failed: int | None = None) -> None:
+        """Use the next endpoint from now on (unless another call moved on already)."""
         with self._lock:
-            self._current = (self._current + 1) % len(self._channels)
+            if failed is None or failed == self._current:
+                self._current = (self._current + 1) % len(self._channels)
 
     def close(self) -> None:
         for ch in self._channels:
@@ -186,7 +200,9 @@ class _WatchStream:
             key=store._prefix, range_end=_range_end(store._prefix),
             start_revision=since + 1, prev_kv=True)))
         self._created = False
-        self._call = watch(iter(self._requests.get, None))
+        # "hasleader": etcd ends the stream when this member loses the leader (clientv3's
+        # WithRequireLeader), so a watcher on a member cut off from quorum moves on.
+        self._call = watch(iter(self._requests.get, None), metadata=(("hasleader", "true"),))
         self._thread = threading.Thread(target=self._read, name="etcd-watch", daemon=True)
         self._thread.start()
 
@@ -265,9 +281,9 @@ class _EtcdTxn(Txn):
         req = rpc_pb2.RangeRequest(key=key, range_end=range_end, revision=self.rev or 0)
         try:
             resp = self._s._client.call("KV/Range", req)
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.OUT_OF_RANGE:  # our read revision was compacted
-                raise Conflict(f"store: transaction outlived compaction ({e.details()}); retry") from e
+        except EtcdError as e:
+            if e.code == grpc.StatusCode.OUT_OF_RANGE:  # our read revision was compacted
+                raise Conflict(f"store: transaction outlived compaction ({e.details}); retry") from e
             raise
         if self.rev is None:
             self.rev = resp.header.revision
@@ -359,10 +375,10 @@ class _EtcdTxn(Txn):
             success=ops)
         try:
             resp = s._client.call("KV/Txn", req, idempotent=False)
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        except EtcdError as e:
+            if e.code == grpc.StatusCode.INVALID_ARGUMENT:
                 raise NodemeshError(f"store: etcd refused the transaction ({len(ops)} writes): "
-                                    f"{e.details()}") from e
+                                    f"{e.details}") from e
             raise
         if not resp.succeeded:
             raise Conflict("store: modified concurrently (an object this transaction read changed "
@@ -466,6 +482,7 @@ class EtcdStore(Store):
             ws.close()
             ws = None
         if ws is None:
+            self._latest()  # finds an endpoint that answers (a stream does not fail over)
             ws = _WatchStream(self, since)
             self._local.stream = ws
             with self._lock:
@@ -479,6 +496,7 @@ class EtcdStore(Store):
 
     def stream(self, since: int, poll_interval: float = 0.02) -> Iterator[Event]:
         """Events after `since`, forever, from one etcd watch stream of its own."""
+        self._latest()  # finds an endpoint that answers (a stream does not fail over)
         ws = _WatchStream(self, since)
         with self._lock:
             self._streams.add(ws)
@@ -494,8 +512,8 @@ class EtcdStore(Store):
         try:
             self._client.call("KV/Compact", rpc_pb2.CompactionRequest(revision=revision,
                                                                        physical=True))
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.OUT_OF_RANGE:  # compacted there already
+        except EtcdError as e:
+            if e.code != grpc.StatusCode.OUT_OF_RANGE:  # compacted there already
                 raise
 
     def _committed(self, read_rev: int, rev: int) -> None:

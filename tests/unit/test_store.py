@@ -816,6 +816,21 @@ def test_etcd_unreachable_is_store_unavailable_within_10_s() -> None:
     s.close()
 
 
+def test_etcd_fails_over_to_the_next_endpoint(etcd_server: EtcdServer) -> None:
+    from tests.etcdserver import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    s = open_url(f"{dead},{etcd_server.endpoint}|/test/{uuid.uuid4().hex}/")
+    t0 = time.monotonic()
+    start = s.revision()
+    with s.transaction() as t:
+        t.put(svc("a"))
+    assert [e.object["metadata"]["name"] for e in s.watch(start, timeout=5)] == ["a"]
+    assert [e.object["metadata"]["name"] for e in s.events_since(start)] == ["a"]
+    assert time.monotonic() - t0 < 10.0
+    s.close()
+
+
 def test_etcd_stopped_server_is_store_unavailable_within_10_s_and_back_after(
         tmp_path: Path, request: pytest.FixtureRequest) -> None:
     server = EtcdServer()
