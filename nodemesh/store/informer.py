@@ -40,6 +40,12 @@ class Informer:
     def stop(self) -> None:
         self._stop.set()
 
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the follow loop to end after `stop` (within one watch timeout, 1 s)."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def wait_synced(self, timeout: float = 30.0) -> bool:
         return self._synced.wait(timeout)
 

@@ -35,6 +35,7 @@ from nodemesh.store.etcd import EtcdStore, open_url
 from nodemesh.store.informer import Informer
 from nodemesh.store.sqlite import SqliteStore
 from tests.etcdserver import EtcdServer
+from tests.storeworkers import _incrementer, _racer, _writer
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,12 @@ def store(backend: Backend, location: str) -> Iterator[Store]:
     s = backend.open(location)
     yield s
     s.close()
+
+
+# Other processes start fresh ("spawn"): a forked child inherits gRPC's state (channels, threads,
+# epoll) from a parent that has used it, and gRPC does not survive that ("Wrong file descriptor
+# generation"). The store's own callers fork only to exec at once (host.procs), which is fine.
+MP = multiprocessing.get_context("spawn")
 
 
 def svc(name: str, port: int = 80, ns: str = "default") -> dict:
@@ -405,17 +412,9 @@ def test_compaction_makes_old_watchers_relist(backend: Backend, tmp_path: Path,
 
 # ---- several processes, durability -----------------------------------------------------------
 
-def _writer(open_store: Callable[[str], Store], location: str, n: int, tag: str) -> None:
-    s = open_store(location)
-    for i in range(n):
-        with s.transaction() as t:
-            t.put(svc(f"{tag}{i}"))
-    s.close()
-
-
 def test_concurrent_writers_in_processes_lose_nothing(backend: Backend, location: str) -> None:
     backend.open(location).close()
-    ps = [multiprocessing.Process(target=_writer, args=(backend.open, location, 30, tag))
+    ps = [MP.Process(target=_writer, args=(backend.open, location, 30, tag))
           for tag in "xyz"]
     for p in ps:
         p.start()
@@ -429,28 +428,12 @@ def test_concurrent_writers_in_processes_lose_nothing(backend: Backend, location
     s.close()
 
 
-def _racer(open_store: Callable[[str], Store], location: str, rounds: int, tag: str,
-           barrier: multiprocessing.synchronize.Barrier, wins: multiprocessing.Queue) -> None:
-    s = open_store(location)
-    for r in range(rounds):
-        barrier.wait(30)
-        obj = svc(f"round{r}")
-        obj["metadata"]["labels"] = {"writer": tag}
-        try:
-            with s.transaction() as t:
-                t.create(obj)
-        except Conflict:
-            continue
-        wins.put((r, tag))
-    s.close()
-
-
 def test_processes_racing_to_create_one_key_let_exactly_one_win_each_round(
         backend: Backend, location: str) -> None:
     backend.open(location).close()
     rounds, tags = 10, "abcd"
-    barrier, wins = multiprocessing.Barrier(len(tags)), multiprocessing.Queue()
-    ps = [multiprocessing.Process(target=_racer, args=(backend.open, location, rounds, tag,
+    barrier, wins = MP.Barrier(len(tags)), MP.Queue()
+    ps = [MP.Process(target=_racer, args=(backend.open, location, rounds, tag,
                                                        barrier, wins)) for tag in tags]
     for p in ps:
         p.start()
@@ -468,24 +451,6 @@ def test_processes_racing_to_create_one_key_let_exactly_one_win_each_round(
     s.close()
 
 
-def _incrementer(open_store: Callable[[str], Store], location: str, n: int,
-                 barrier: multiprocessing.synchronize.Barrier) -> None:
-    s = open_store(location)
-    barrier.wait(30)
-    done = 0
-    while done < n:
-        try:
-            with s.transaction() as t:  # read-modify-write, retried when it loses a race
-                cur = t.get("ConfigMap", "default", "counter")
-                obj = {k: v for k, v in cur.items() if k != "status"}
-                obj["data"] = {"n": str(int(cur["data"]["n"]) + 1)}
-                t.put(obj)
-        except Conflict:
-            continue
-        done += 1
-    s.close()
-
-
 def test_read_modify_write_from_processes_loses_no_update(backend: Backend, location: str) -> None:
     s = backend.open(location)
     with s.transaction() as t:
@@ -493,8 +458,8 @@ def test_read_modify_write_from_processes_loses_no_update(backend: Backend, loca
                "metadata": {"name": "counter", "namespace": "default"}, "data": {"n": "0"}})
     start = s.revision()
     procs, each = 4, 15
-    barrier = multiprocessing.Barrier(procs)
-    ps = [multiprocessing.Process(target=_incrementer, args=(backend.open, location, each, barrier))
+    barrier = MP.Barrier(procs)
+    ps = [MP.Process(target=_incrementer, args=(backend.open, location, each, barrier))
           for _ in range(procs)]
     for p in ps:
         p.start()
@@ -512,7 +477,7 @@ def test_a_watcher_sees_every_write_of_several_processes_once_in_order(
         backend: Backend, location: str) -> None:
     s = backend.open(location)
     since = start = s.revision()
-    ps = [multiprocessing.Process(target=_writer, args=(backend.open, location, 20, tag))
+    ps = [MP.Process(target=_writer, args=(backend.open, location, 20, tag))
           for tag in "pqr"]
     for p in ps:
         p.start()
@@ -759,6 +724,7 @@ def test_etcd_informer_follows_the_watch_stream(etcd: EtcdStore) -> None:
         assert inf.revision == etcd.revision()
     finally:
         inf.stop()
+        assert inf.join(5)
 
 
 def test_etcd_compacted_watch_makes_the_informer_relist_and_converge(
@@ -797,6 +763,7 @@ def test_etcd_compacted_watch_makes_the_informer_relist_and_converge(
         assert _wait(lambda: inf.get("Service", "default", "after") is not None)
     finally:
         inf.stop()
+        assert inf.join(5)
         store.close()
 
 
