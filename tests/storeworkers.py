@@ -57,3 +57,12 @@ def _incrementer(open_store: Callable[[str], Store], location: str, n: int,
             continue
         done += 1
     s.close()
+
+
+def _allocator(location: str, labels_list: list[dict[str, str]], out: multiprocessing.Queue) -> None:
+    from nodemesh.store.etcd import open_url
+    from nodemesh.store.identities import allocate_identity
+
+    s = open_url(location)
+    out.put([allocate_identity(s, labels) for labels in labels_list])
+    s.close()

@@ -86,13 +86,6 @@ BACKENDS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def etcd_server() -> Iterator[EtcdServer]:
-    server = EtcdServer()
-    yield server
-    server.stop()
-
-
 @pytest.fixture(params=BACKENDS, ids=[b.name for b in BACKENDS])
 def backend(request: pytest.FixtureRequest) -> Backend:
     return request.param
