@@ -165,8 +165,8 @@ class _Client:
                                         f"({errors[-1]})") from None
                 continue
             return resp
-        raise NodemeshError("store unavailable: etcd did not answer within "
-                            f"{STORE_TIMEOUT:.0f} s ({'; '.join(errors) or 'no time left'})")
+        raise NodemeshError("store unavailable: no etcd endpoint answered "
+                            f"({'; '.join(errors) or f'none within {STORE_TIMEOUT:.0f} s'})")
 
     def watch_channel(self) -> tuple[grpc.Channel, str]:
         with self._lock:
