@@ -94,10 +94,20 @@ class EtcdServer:
             args += ["--cert-file", os.path.join(self.dir, "server.pem"),
                      "--key-file", os.path.join(self.dir, "server-key.pem"),
                      "--trusted-ca-file", self.ca, "--client-cert-auth"]
-        self._log = open(os.path.join(self.dir, "etcd.log"), "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
+        self._args = args
+        self._log = open(os.path.join(self.dir, "etcd.log"), "ab")  # noqa: SIM115
+        self._start()
+
+    def _start(self) -> None:
+        self.proc = subprocess.Popen(self._args, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
         self._wait_ready()
+
+    def restart(self) -> None:
+        """Stop the member (by PID) and start it again on the same ports and data."""
+        self.proc.terminate()
+        self.proc.wait(10)
+        self._start()
 
     @property
     def url(self) -> str:

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
+from nodemesh.errors import NodemeshError
 from nodemesh.store import Compacted, Store
 from nodemesh.store.base import DELETED
 
@@ -110,6 +111,9 @@ class Informer:
                     self._notify(changed)
             except Compacted:
                 log.warning("watch fell behind compaction; listing again")
+            except NodemeshError as e:  # the store is unavailable: no traceback every 0.5 s
+                log.warning("store watch failed (%s); retrying", e)
+                time.sleep(0.5)
             except Exception:
                 log.exception("store watch failed; retrying")
                 time.sleep(0.5)

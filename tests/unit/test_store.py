@@ -761,6 +761,29 @@ def test_etcd_compacted_watch_makes_the_informer_relist_and_converge(
         store.close()
 
 
+def test_etcd_informer_resumes_after_etcd_restarts(request: pytest.FixtureRequest) -> None:
+    server = EtcdServer()
+    request.addfinalizer(server.stop)
+    store = open_url(server.location("/nodemesh/"))
+    with store.transaction() as t:
+        t.put(svc("a"))
+    inf = Informer(store)
+    inf.start()
+    try:
+        assert inf.wait_synced(10)
+        server.restart()  # the watch stream breaks; the informer lists and watches again
+        with store.transaction() as t:
+            t.put(svc("b"))
+        assert _wait(lambda: inf.get("Service", "default", "b") is not None)
+        with store.transaction() as t:
+            t.delete("Service", "default", "a")
+        assert _wait(lambda: [o["metadata"]["name"] for o in inf.list("Service")] == ["b"])
+    finally:
+        inf.stop()
+        assert inf.join(5)
+        store.close()
+
+
 def test_etcd_unreachable_is_store_unavailable_within_10_s() -> None:
     from tests.etcdserver import free_port
 
