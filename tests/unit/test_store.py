@@ -933,22 +933,24 @@ def test_open_store_follows_cluster_json(tmp_path: Path, etcd_server: EtcdServer
 # ---- both backends agree (property) ------------------------------------------------------------
 
 _NAMES = st.sampled_from(["a", "b", "c"])
-_OPS = st.lists(st.one_of(
+_OP = st.one_of(
     st.tuples(st.just("put"), _NAMES, st.integers(1, 3)),
     st.tuples(st.just("status"), _NAMES, st.integers(1, 3)),
     st.tuples(st.just("delete"), _NAMES, st.just(0)),
-), min_size=1, max_size=12)
+)
+_TXNS = st.lists(st.lists(_OP, min_size=1, max_size=4), min_size=1, max_size=8)
 
 
-def _apply_ops(s: Store, ops: list[tuple[str, str, int]]) -> list[dict]:
-    for op, name, n in ops:
+def _apply_ops(s: Store, txns: list[list[tuple[str, str, int]]]) -> list[dict]:
+    for ops in txns:
         with s.transaction() as t:
-            if op == "put":
-                t.put(svc(name, 80 + n))
-            elif op == "status":
-                t.put_status("Service", "default", name, {"n": n})
-            else:
-                t.delete("Service", "default", name)
+            for op, name, n in ops:
+                if op == "put":
+                    t.put(svc(name, 80 + n))
+                elif op == "status":
+                    t.put_status("Service", "default", name, {"n": n})
+                else:
+                    t.delete("Service", "default", name)
     return s.list()
 
 
@@ -959,16 +961,18 @@ def _comparable(objs: list[dict]) -> list[dict]:
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=_OPS)
+@given(ops=_TXNS)
 def test_sqlite_and_etcd_end_in_the_same_state_and_history_replays_to_it(
-        ops: list[tuple[str, str, int]], tmp_path: Path, etcd_server: EtcdServer) -> None:
+        ops: list[list[tuple[str, str, int]]], tmp_path: Path, etcd_server: EtcdServer) -> None:
     sqlite = SqliteStore(str(tmp_path / f"{uuid.uuid4().hex}.db"))
     etcd = open_url(etcd_server.location(f"/test/{uuid.uuid4().hex}/"))
     try:
         final = _apply_ops(etcd, ops)
         assert _comparable(final) == _comparable(_apply_ops(sqlite, ops))
         replayed: dict[str, dict] = {}
-        for ev in etcd.events_since(0):
+        history = etcd.events_since(0)
+        assert [e.revision for e in history] == sorted(e.revision for e in history)
+        for ev in history:
             if ev.type == DELETED:
                 replayed.pop(ev.object["metadata"]["name"])
             else:
