@@ -8,13 +8,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 curl wrk nginx-light iptables \
-	nghttp2-client procps python3-venv chromium chromium-driver tcpdump
+	nghttp2-client procps python3-venv chromium chromium-driver tcpdump etcd-server etcd-client
 BPF_SOURCES := $(wildcard bpf/*.bpf.c)
 BPF_HEADERS := $(wildcard bpf/lib/*.h)
 BPF_OBJECTS := $(patsubst bpf/%.bpf.c,build/bpf/%.bpf.o,$(BPF_SOURCES))
 BPF_CFLAGS := -O2 -g -target bpf -mcpu=v3 -Wall -Werror -I/usr/include/x86_64-linux-gnu -Ibpf
 
-.PHONY: setup apt venv bpf test test-unit test-integration demo lint bench bench-quick clean fuzz
+.PHONY: setup apt venv bpf test test-unit test-integration demo lint bench bench-quick clean fuzz etcd-protos
 
 setup: apt venv bpf
 
@@ -74,6 +74,16 @@ bench-quick: setup
 
 clean:
 	rm -rf build
+
+# etcd's gRPC API for nodemesh/store/etcd.py: protoc's Python for the checked-in protos
+# (nodemesh/store/etcdrpc/README.md), from the grpcio-tools that goes with the pinned protobuf,
+# in a throwaway venv: grpcio-tools is no runtime dependency.
+etcd-protos:
+	rm -rf build/protoc-venv && $(PYTHON) -m venv build/protoc-venv
+	build/protoc-venv/bin/pip install -q grpcio-tools==1.85.4 protobuf==7.36.2
+	build/protoc-venv/bin/python -m grpc_tools.protoc -I . --python_out=. \
+	  nodemesh/store/etcdrpc/auth.proto nodemesh/store/etcdrpc/kv.proto nodemesh/store/etcdrpc/rpc.proto
+	rm -rf build/protoc-venv
 
 # The Gateway API mesh conformance suite on a fresh 2-node cluster; writes
 # docs/conformance/report.yaml (docs/conformance/README.md).

@@ -36,6 +36,7 @@ STORE_TYPES = ("sqlite", "etcd")
 MEMBER_COUNTS = (1, 3, 5)
 CLIENT_PORT = 2379
 PEER_PORT = 2380
+MAX_TXN_OPS = 10000  # etcd's default is 128 operations per transaction
 ETCD = "/usr/bin/etcd"
 ETCDCTL = "/usr/bin/etcdctl"
 PKI_VALIDITY_DAYS = 3650
@@ -213,6 +214,8 @@ def member_argv(cfg: ClusterConfig, member: dict) -> list[str]:
         "--peer-cert-file", os.path.join(pki, f"{name}.crt"),
         "--peer-key-file", os.path.join(pki, f"{name}.key"),
         "--peer-trusted-ca-file", os.path.join(pki, "ca.crt"), "--peer-client-cert-auth",
+        # One `nodemesh apply` is one transaction (all or nothing): room for a large manifest.
+        "--max-txn-ops", str(MAX_TXN_OPS),
         "--logger", "zap", "--log-outputs", "stderr",
     ]
 

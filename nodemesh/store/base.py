@@ -1,9 +1,12 @@
 """The store interface: versioned objects, atomic transactions, and a watch by revision.
 
 Every write bumps one store-wide revision counter; an object's ``metadata.resourceVersion`` is the
-revision of its last write. ``generation`` counts changes of everything but ``status`` and
-bookkeeping metadata, as on Kubernetes. Watchers ask for the events after a revision they have seen;
-when the store has compacted those away they get `Compacted` and must list again.
+revision of its last write. The writes of one transaction get revisions after every earlier
+transaction's; within it SQLite gives each write its own, etcd gives them all the transaction's
+one (an etcd Txn is one revision), so a caller relies on neither. ``generation`` counts changes of
+everything but ``status`` and bookkeeping metadata, as on Kubernetes. Watchers ask for the events
+after a revision they have seen; when the store has compacted those away they get `Compacted` and
+must list again.
 """
 
 from __future__ import annotations
@@ -122,7 +125,26 @@ class Store(abc.ABC):
     """A desired-state store. Implementations must be safe to use from several processes."""
 
     @abc.abstractmethod
-    def transaction(self) -> contextlib.AbstractContextManager[Txn]: ...
+    def transaction(self) -> contextlib.AbstractContextManager[Txn]:
+        """One atomic transaction. Its writes never rest on reads that changed meanwhile: SQLite
+        makes other writers wait; etcd commits only when nothing it read changed, and otherwise
+        raises `Conflict` and writes nothing. A caller that may race other writers runs the body
+        again (`retrying`) or gives up."""
+
+    def retrying(self, attempts: int = 8) -> Iterator[_Attempt]:
+        """Attempts to run one transaction body in until one commits::
+
+            for attempt in store.retrying():
+                with attempt as t:
+                    ...
+
+        An attempt that raises `Conflict` (lost a race, or met an object that exists) is
+        followed by another; the last one's `Conflict` reaches the caller."""
+        for i in range(attempts):
+            attempt = _Attempt(self, last=i == attempts - 1)
+            yield attempt
+            if attempt.committed:
+                return
 
     @abc.abstractmethod
     def revision(self) -> int:
@@ -170,6 +192,28 @@ class Store(abc.ABC):
             for ev in self.watch(since, 1.0, poll_interval):
                 since = ev.revision
                 yield ev
+
+
+class _Attempt:
+    def __init__(self, store: Store, last: bool) -> None:
+        self._cm = store.transaction()
+        self._last = last
+        self.committed = False
+
+    def __enter__(self) -> Txn:
+        return self._cm.__enter__()
+
+    def __exit__(self, typ, exc, tb) -> bool:
+        try:
+            suppressed = self._cm.__exit__(typ, exc, tb)
+        except Conflict:  # the commit lost a race
+            if self._last:
+                raise
+            return True
+        if typ is None:
+            self.committed = True
+            return bool(suppressed)
+        return bool(suppressed) or (issubclass(typ, Conflict) and not self._last)
 
 
 def _spec_view(obj: dict) -> dict:

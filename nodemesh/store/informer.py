@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
+from nodemesh.errors import NodemeshError
 from nodemesh.store import Compacted, Store
 from nodemesh.store.base import DELETED
 
@@ -39,6 +40,12 @@ class Informer:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the follow loop to end after `stop` (within one watch timeout, 1 s)."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def wait_synced(self, timeout: float = 30.0) -> bool:
         return self._synced.wait(timeout)
@@ -104,6 +111,9 @@ class Informer:
                     self._notify(changed)
             except Compacted:
                 log.warning("watch fell behind compaction; listing again")
+            except NodemeshError as e:  # the store is unavailable: no traceback every 0.5 s
+                log.warning("store watch failed (%s); retrying", e)
+                time.sleep(0.5)
             except Exception:
                 log.exception("store watch failed; retrying")
                 time.sleep(0.5)

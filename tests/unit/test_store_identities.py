@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+import uuid
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from nodemesh.errors import Conflict
 from nodemesh.identity import FIRST_POD_IDENTITY
 from nodemesh.store import identities as alloc_mod
 from nodemesh.store.base import Store
+from nodemesh.store.etcd import open_url
 from nodemesh.store.identities import (
     IDENTITY_KIND,
     allocate_identity,
@@ -20,6 +22,8 @@ from nodemesh.store.identities import (
     release_unused,
 )
 from nodemesh.store.sqlite import SqliteStore
+from tests.etcdserver import EtcdServer
+from tests.storeworkers import _allocator
 
 WEB = {"app": "web", "io.kubernetes.pod.namespace": "prod"}
 DB = {"app": "db", "io.kubernetes.pod.namespace": "prod"}
@@ -199,3 +203,26 @@ def test_processes_agree(tmp_path: Path) -> None:
     forward = [number_of[x["app"]] for x in sets]
     assert all(nums in (forward, forward[::-1]) for nums in answers)
     assert sorted(answers) == sorted([forward, forward, forward[::-1], forward[::-1]])
+
+
+def test_processes_agree_on_etcd(etcd_server: EtcdServer) -> None:
+    """The same race on etcd, where transactions do not wait but lose with Conflict and retry."""
+    location = etcd_server.location(f"/test/{uuid.uuid4().hex}/")
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    sets = [{"app": str(i % 3)} for i in range(6)]
+    procs = [ctx.Process(target=_allocator, args=(location, sets if i % 2 else sets[::-1], q))
+             for i in range(4)]
+    for p in procs:
+        p.start()
+    answers = [q.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    s = open_url(location)
+    ids = list_identities(s)
+    s.close()
+    assert len(ids) == 3 and sorted(ids) == [256, 257, 258]
+    number_of = {labels["app"]: num for num, labels in ids.items()}
+    forward = [number_of[x["app"]] for x in sets]
+    assert all(nums in (forward, forward[::-1]) for nums in answers)
