@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
-import subprocess
 import sys
 import time
 
@@ -21,7 +19,7 @@ from nodemesh.cluster.config import (
 )
 from nodemesh.cluster.controllers import request_delete
 from nodemesh.errors import NodemeshError, NotFound
-from nodemesh.host import cgroup, netns
+from nodemesh.host import execin, netns
 from nodemesh.host.files import read_json
 from nodemesh.host.procs import ProcRef
 from nodemesh.model.kinds import KINDS, KindInfo, ref, resolve_kind
@@ -444,25 +442,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise NodemeshError(f"Pod {pod['metadata']['namespace']}/{pod['metadata']['name']} is not "
                             f"running (status: {output.pod_status_text(pod)})")
     container = _container(spec, pod, args.container)
-    cg = spec["cgroup"]
-
-    def enter() -> None:
-        cgroup.add_process(cg, os.getpid())
-        for ns, flag in (("net", netns.CLONE_NEWNET), ("uts", netns.CLONE_NEWUTS),
-                         ("mnt", netns.CLONE_NEWNS)):
-            netns.setns_path(f"/proc/{shim.pid}/ns/{ns}", flag)
-        os.chdir(container.get("cwd") or "/")
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-    try:
-        p = subprocess.run(cmd, env=container["env"], preexec_fn=enter)
-    except FileNotFoundError:
-        print(f"error: {cmd[0]}: command not found in the pod", file=sys.stderr)
-        return 127
-    except PermissionError:
-        print(f"error: {cmd[0]}: permission denied", file=sys.stderr)
-        return 126
-    return p.returncode if p.returncode >= 0 else 128 - p.returncode
+    run = {"cmd": cmd, "env": container["env"], "cwd": container.get("cwd") or "/",
+           "cgroup": spec["cgroup"], "shim_pid": shim.pid}
+    if cfg.store.get("type") == "etcd":
+        execin.exec_fresh(run)  # (no fork of a process that has used gRPC)
+    return execin.run(run)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:

@@ -203,6 +203,10 @@ def new_cluster(nodes: int = 2, *up_args: str) -> Cluster:
     become_subreaper()
     name = "nmt" + uuid.uuid4().hex[:6]
     state = tempfile.mkdtemp(prefix=f"nodemesh-{name}-")
+    # NODEMESH_TEST_STORE=etcd runs the cluster on etcd members of its own (`make test` runs
+    # some suites so, tests/integration/test_on_etcd.py).
+    if os.environ.get("NODEMESH_TEST_STORE") == "etcd" and "--store" not in up_args:
+        up_args = (*up_args, "--store", "etcd", "--store-members", "1")
     c = Cluster(name=name, state_dir=state, nodes=nodes, up_args=up_args)
     c.up()
     return c
