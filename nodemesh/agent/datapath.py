@@ -70,7 +70,7 @@ class DatapathSync:
         self.flows = flows
         self.local_pods = local_pods  # uid -> LocalPod (the PodManager's records)
         self.dp = Datapath(node, cfg.bpffs, cfg.node_cgroup(node),
-                           maglev_table_size=maglev_table_size)
+                           maglev_table_size=maglev_table_size, map_sizes=cfg.maps)
         self.endpoints: dict[str, LocalEndpoint] = {}  # uid -> endpoint
         self.lb_state: LbState | None = None
         self.stats = SyncStats()

@@ -17,6 +17,8 @@ from nodemesh.cluster import lifecycle
 from nodemesh.cluster.config import (
     ClusterConfig,
     load_cluster,
+    map_sizes_for_new_cluster,
+    parse_map_sizes,
     state_dir_from,
 )
 from nodemesh.cluster.controllers import request_delete
@@ -66,12 +68,34 @@ def _namespace(args: argparse.Namespace) -> str:
 def cmd_up(args: argparse.Namespace) -> int:
     _require_root("nodemesh up")
     t0 = time.monotonic()
-    cfg = lifecycle.up(_state_dir(args), args.nodes, args.name, datapath=args.datapath,
-                       mtls=args.mtls, trust_domain=args.trust_domain,
-                       cert_ttl_seconds=parse_ttl(args.cert_ttl, "--cert-ttl"))
+    map_sizes = config_map_sizes(_state_dir(args), getattr(args, "map_size", []))
+    with map_sizes_for_new_cluster(map_sizes):
+        cfg = lifecycle.up(_state_dir(args), args.nodes, args.name, datapath=args.datapath,
+                           mtls=args.mtls, trust_domain=args.trust_domain,
+                           cert_ttl_seconds=parse_ttl(args.cert_ttl, "--cert-ttl"))
     print(f"cluster {cfg.name} is up in {time.monotonic() - t0:.1f}s; "
           f"try `nodemesh get nodes` and `nodemesh apply -f app.yaml`")
     return 0
+
+
+def config_map_sizes(state_dir: str, items: list[str]) -> dict[str, int]:
+    """`up --map-size` values, checked before anything is created. A cluster that exists and
+    is stopped (`down --keep-state`) gets them in its cluster.json; one that runs keeps its
+    sizes (its maps are loaded): changing them needs `down --keep-state` first."""
+    import dataclasses
+
+    sizes = parse_map_sizes(items)
+    if not sizes or not os.path.exists(os.path.join(state_dir, "cluster.json")):
+        return sizes
+    cfg = load_cluster(state_dir)
+    if all(cfg.map_sizes.get(k) == v for k, v in sizes.items()):
+        return sizes
+    if lifecycle.daemon_ref(cfg) is not None:
+        raise NodemeshError(f"--map-size: cluster {cfg.name} is up with its maps loaded; "
+                            "`nodemesh down --keep-state` first, then `nodemesh up --map-size "
+                            "...` (the workloads come back)", 2)
+    dataclasses.replace(cfg, maps={**cfg.map_sizes, **sizes}).save()
+    return sizes
 
 
 _TTL_PART = re.compile(r"(\d+(?:\.\d+)?)(d|h|m|s)")

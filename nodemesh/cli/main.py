@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cert-ttl", default="24h",
                     help="lifetime of workload certificates, renewed at half of it: 24h "
                          "(default), 90m, 10s ...")
+    # BPF map sizes (cluster.json "maps"; docs/reliability.md "Exhausted tables")
+    sp.add_argument("--map-size", action="append", default=[], metavar="NAME=N",
+                    help="size of a BPF map, e.g. nm_lb4_svc=131072 (repeatable; nm_events in "
+                         "bytes); objects that do not fit are refused and reported")
 
     sp = cmd("down", c.cmd_down, "remove the local cluster and everything it created")
     sp.add_argument("--keep-state", action="store_true",
