@@ -178,7 +178,20 @@ def cmd_status(args: argparse.Namespace) -> int:
                   + (f", hot-restart epoch {envoy['epoch']}" if envoy.get("epoch") else "")
                   + "".join(f", pid {p} draining" for p in envoy.get("draining") or [])
                   + _envoy_exit_text(envoy))
+        print("\n".join(_tables_lines(n.name, st)), end="")
     return 0
+
+
+def _tables_lines(node: str, st: dict) -> list[str]:
+    """Full maps and lost flow events of one node's agent /status, each a line (or none)."""
+    out = [f"  ! {node}: {r['message']}\n"
+           for r in (st.get("datapath") or {}).get("tablesFull") or []]
+    flows = st.get("flows") or {}
+    if flows.get("lostEvents") or flows.get("overwritten"):
+        out.append(f"flows {node}: {flows.get('lostEvents', 0)} events lost (the nm_events ring "
+                   f"buffer was full), {flows.get('overwritten', 0)} overwritten in the agent's "
+                   f"flow ring of {flows.get('capacity')}\n")
+    return out
 
 
 def _envoy_exit_text(envoy: dict) -> str:
