@@ -212,7 +212,7 @@ class Pins:
                         new.put((ctypes.c_uint8 * len(k)).from_buffer_copy(k),
                                 (ctypes.c_uint8 * len(v)).from_buffer_copy(v))
                     except libbpf.BpfError as e:
-                        if e.errno != errno.E2BIG:
+                        if e.errno not in (errno.E2BIG, errno.ENOSPC):  # hash, LPM trie
                             raise
                         # a smaller map (another --map-size): what fits is carried over, the
                         # agent's next sync decides what it holds (and reports what not)

@@ -20,6 +20,7 @@ from tests.integration.test_services import CLIENT, deployment
 pytestmark = pytest.mark.root  # real clusters: namespaces, cgroups, BPF
 
 SVC_MAP_SIZE = 8  # web has 2 backends: a one-port service takes 3 nm_lb4_svc entries
+CT_MAP_SIZE = 256
 
 
 def one_port_service(name: str) -> dict:
@@ -116,7 +117,7 @@ def wait_for(what: str, fn, timeout: float = 20.0):
 @pytest.fixture(scope="module")
 def small() -> Cluster:
     c = new_cluster(1, "--mtls", "off", "--map-size", f"nm_lb4_svc={SVC_MAP_SIZE}",
-                    "--map-size", "nm_events=4096")
+                    "--map-size", "nm_events=4096", "--map-size", f"nm_ct={CT_MAP_SIZE}")
     try:
         c.apply([deployment("web", 2, {"app": "web"}), CLIENT,
                  one_port_service("svc-a"), one_port_service("svc-b")])
@@ -138,7 +139,8 @@ def test_cluster_json_has_the_sizes_and_says_how_to_raise_them(small: Cluster) -
         cfg = json.load(f)
     assert cfg["maps"]["nm_lb4_svc"] == SVC_MAP_SIZE
     assert cfg["maps"]["nm_events"] == 4096
-    assert cfg["maps"]["nm_ct"] == 65536  # the default, written out
+    assert cfg["maps"]["nm_ct"] == CT_MAP_SIZE
+    assert cfg["maps"]["nm_ipcache"] == 65536  # the default, written out
     assert "--map-size" in cfg["maps_help"]
     fill = metrics(small)
     assert metric(fill, "nodemesh_bpf_map_capacity", map="nm_lb4_svc") == SVC_MAP_SIZE
@@ -198,6 +200,22 @@ def test_a_full_events_ring_is_counted_and_shown(small: Cluster) -> None:
     assert lost > before, "a 4 KiB ring buffer lost no event in 2000 connections"
     assert metric(metrics(c), "nodemesh_lost_events_total", source="ringbuf_full") >= lost
     assert "events lost (the nm_events ring buffer was full)" in c.run("status").out
+
+
+def test_a_full_conntrack_evicts_the_least_recently_used_and_new_connections_pass(
+        small: Cluster) -> None:
+    c = small
+    pods = {p["metadata"]["name"] for p in c.pods(selector="app=web")}
+    c.exec("client", sys.executable, "-c", BURST, vip(c, "svc-b"), str(CT_MAP_SIZE), timeout=120)
+    text = metrics(c)
+    entries = metric(text, "nodemesh_bpf_map_entries", map="nm_ct")
+    assert metric(text, "nodemesh_bpf_map_capacity", map="nm_ct") == CT_MAP_SIZE
+    assert entries is not None and entries >= CT_MAP_SIZE * 0.9, entries  # full
+    # an LRU map: a new connection takes the place of the least recently used entry
+    assert set(gets(c, vip(c, "svc-b"), 20)) == pods
+    drops = c.run("observe", "--node", "node1", "--verdict", "DROPPED", "--last", "1000",
+                  "-o", "json").out
+    assert "CT_MAP_INSERTION_FAILED" not in drops
 
 
 @pytest.mark.parametrize("flag", ["nm_nope=5", "nm_lb4_svc=0", "nm_lb4_svc=abc", "nm_lb4_svc",
