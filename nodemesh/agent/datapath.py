@@ -92,6 +92,9 @@ class DatapathSync:
         self._capacities: dict[str, int] = {}  # FIT_MAPS -> max entries, read at load
         self.refusals: dict[str, Refusal] = {}  # map -> what the last snapshot left out
         self.on_refusals = None  # called with the refusals when they change (the Node condition)
+        # pods whose veth was removed while the PodManager still lists them (its hook runs
+        # before it forgets the pod): never adopted again
+        self._removed: set[str] = set()
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -144,11 +147,13 @@ class DatapathSync:
         with self._lock:
             for ep in eps:
                 self.endpoints[ep.uid] = ep
+                self._removed.discard(ep.uid)
 
     def remove_endpoint(self, sb: Sandbox) -> bool:
         """Forget a pod's veth, failing closed first (its endpoint entry goes at once)."""
         with self._lock:
             ep = self.endpoints.pop(sb.uid, None)
+            self._removed.add(sb.uid)
             if ep is None:
                 return False
             self.dp.endpoints.delete(L.u32(ep.ifindex))
@@ -325,8 +330,9 @@ class DatapathSync:
 
     def _adopt_local_endpoints(self) -> None:
         """After an agent restart: pods that run here but that this agent did not create."""
+        self._removed.intersection_update(self.local_pods.keys())  # (gone from the PodManager)
         for uid, lp in list(self.local_pods.items()):
-            if uid in self.endpoints or lp.shim is None:
+            if uid in self.endpoints or lp.shim is None or uid in self._removed:
                 continue
             try:
                 ifindex = self.dp.attach_endpoint(lp.sandbox.host_ifname)
