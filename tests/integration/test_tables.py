@@ -218,6 +218,57 @@ def test_a_full_conntrack_evicts_the_least_recently_used_and_new_connections_pas
     assert "CT_MAP_INSERTION_FAILED" not in drops
 
 
+def echo_pod(name: str, labels: dict[str, str]) -> dict:
+    d = deployment(name, 1, labels)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
+            "spec": d["spec"]["template"]["spec"]}
+
+
+def client_pod(name: str, app: str) -> dict:
+    return {**CLIENT, "metadata": {"name": name, "labels": {"app": app}}}
+
+
+def reach(c: Cluster, client: str, ip: str) -> bool:
+    code = ("import socket,sys\ns=socket.socket(); s.settimeout(1.5)\n"
+            "try:\n s.connect((sys.argv[1], 8080)); print('ok')\n"
+            "except OSError as e: print('no', e)")
+    return c.exec(client, sys.executable, "-c", code, ip, timeout=60).out.startswith("ok")
+
+
+def test_a_pod_whose_policy_does_not_fit_keeps_its_previous_entries() -> None:
+    """nm_policy holds 1 entry, the policy needs 1 per web pod: web-1 (first by age, then name)
+    gets its entries; web-2 keeps its previous ones (none: it stays open, as when a policy does
+    not compile), reported with the map and its size."""
+    c = new_cluster(1, "--mtls", "off", "--map-size", "nm_policy=1")
+    try:
+        c.apply([echo_pod("web-1", {"app": "web"}), echo_pod("web-2", {"app": "web"}),
+                 client_pod("client", "client"), client_pod("intruder", "intruder")])
+        c.wait_pods(count=4)
+        ips = {p["metadata"]["name"]: p["status"]["podIP"] for p in c.pods()}
+        c.apply([{"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                  "metadata": {"name": "web"},
+                  "spec": {"podSelector": {"matchLabels": {"app": "web"}},
+                           "ingress": [{"from": [{"podSelector": {"matchLabels": {
+                               "app": "client"}}}], "ports": [{"port": 8080}]}]}}])
+        c.wait_synced()
+        st = c.agent("node1")["datapath"]
+        assert [(r["map"], r["capacity"], r["needed"], r["objects"])
+                for r in st["tablesFull"]] == [("nm_policy", 1, 2, ["default/web-2"])]
+        assert "keeping its previous entries" in st["policyErrors"]["default/web-2"]
+        assert reach(c, "client", ips["web-1"]) and not reach(c, "intruder", ips["web-1"])
+        assert reach(c, "client", ips["web-2"]) and reach(c, "intruder", ips["web-2"])
+        assert metric(metrics(c), "nodemesh_map_refused", map="nm_policy") == 1
+        # web-1 goes: web-2's policy fits now
+        c.run("delete", "pod", "web-1")
+        wait_for("room", lambda: c.agent("node1")["datapath"]["tablesFull"] == [])
+        assert reach(c, "client", ips["web-2"]) and not reach(c, "intruder", ips["web-2"])
+        assert wait_for("MAP_ROOM", lambda: agent_events(c, "MAP_ROOM"))[-1]["map"] == "nm_policy"
+    finally:
+        c.down()
+        left = c.leftovers()
+        assert not left, f"cluster {c.name} left things behind: {left}"
+
+
 @pytest.mark.parametrize("flag", ["nm_nope=5", "nm_lb4_svc=0", "nm_lb4_svc=abc", "nm_lb4_svc",
                                   "nm_events=5000"])
 def test_a_bad_map_size_is_refused_before_anything_is_created(flag: str) -> None:
