@@ -48,9 +48,11 @@ class Refusal:
     def message(self) -> str:
         shown = ", ".join(self.objects[:5]) + (f" (+{len(self.objects) - 5} more)"
                                                 if len(self.objects) > 5 else "")
+        what = ("whose new policy is not written (its previous entries stay, if they fit)"
+                if self.map in POLICY_MAPS else "left out")
         return (f"map {self.map} is full: {self.needed} entries needed, it holds "
                 f"{self.capacity}; {len(self.objects)} {self.kind.lower()}"
-                f"{'s' if len(self.objects) != 1 else ''} left out: {shown}; raise it with "
+                f"{'s' if len(self.objects) != 1 else ''} {what}: {shown}; raise it with "
                 f"`nodemesh up --map-size {self.map}=N` (cluster.json \"maps\": "
                 f"{{\"{self.map}\": N}})")
 
