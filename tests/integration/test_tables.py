@@ -252,6 +252,18 @@ def test_a_full_flow_ring_is_counted_and_shown(small: Cluster) -> None:
     assert "overwritten in the agent's flow ring of 64" in c.run("status").out
 
 
+def test_up_of_a_running_cluster_keeps_its_sizes(small: Cluster) -> None:
+    c = small
+    same = c.run("up", "--nodes", "1", "--name", c.name, "--map-size",
+                 f"nm_lb4_svc={SVC_MAP_SIZE}", check=False)
+    assert same.code == 0 and "already up" in same.out, same
+    other = c.run("up", "--nodes", "1", "--name", c.name, "--map-size", "nm_lb4_svc=16",
+                  check=False)
+    assert other.code == 2 and "--map-size" in other.err and "down --keep-state" in other.err
+    with open(os.path.join(c.state_dir, "cluster.json")) as f:
+        assert json.load(f)["maps"]["nm_lb4_svc"] == SVC_MAP_SIZE
+
+
 def echo_pod(name: str, labels: dict[str, str]) -> dict:
     d = deployment(name, 1, labels)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
