@@ -25,7 +25,9 @@ from nodemesh.datapath import libbpf
 from nodemesh.datapath.lb import LbState
 from nodemesh.datapath.loader import Datapath, mount_bpffs
 from nodemesh.host.sandbox import Sandbox
+from nodemesh.node.fit import FIT_MAPS, Refusal
 from nodemesh.node.snapshot import Endpoint, NodeSnapshot, Redirects
+from nodemesh.observe.agentevents import AgentEventType, agent_event
 from nodemesh.observe.flow import RESERVED_IDENTITIES, RawEvent, StaticContext
 from nodemesh.observe.metrics import PROTOCOL_LABELS
 from nodemesh.observe.ring import FlowRing
@@ -70,7 +72,7 @@ class DatapathSync:
         self.flows = flows
         self.local_pods = local_pods  # uid -> LocalPod (the PodManager's records)
         self.dp = Datapath(node, cfg.bpffs, cfg.node_cgroup(node),
-                           maglev_table_size=maglev_table_size)
+                           maglev_table_size=maglev_table_size, map_sizes=cfg.maps)
         self.endpoints: dict[str, LocalEndpoint] = {}  # uid -> endpoint
         self.lb_state: LbState | None = None
         self.stats = SyncStats()
@@ -87,12 +89,22 @@ class DatapathSync:
         self.on_local_ips = None  # called with local_ips after each apply (the agent's metrics)
         self._tunnel_socks: dict[int, int] = {}  # nm_tunnel_socks as last written (cookies)
         self._tunnel_up = False  # set_tunnel_up has done its work for the listeners it saw
+        self._capacities: dict[str, int] = {}  # FIT_MAPS -> max entries, read at load
+        self.refusals: dict[str, Refusal] = {}  # map -> what the last snapshot left out
+        self.on_refusals = None  # called with the refusals when they change (the Node condition)
+        # pods whose veth was removed while the PodManager still lists them (its hook runs
+        # before it forgets the pod): never adopted again
+        self._removed: set[str] = set()
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         mount_bpffs(self.cfg.bpffs)
         self.dp.ensure_built()
         self.dp.load()
+        self._capacities = {}
+        for name in FIT_MAPS:
+            with contextlib.suppress(Exception):
+                self._capacities[name] = self.dp.maps.capacity(name)
         # Keep the proxy settings a previous agent made (the node Envoy outlives agents): a
         # moment with proxy_ip 0 would let connections around the proxy.
         current = self.dp.config.get(L.u32(0))
@@ -135,11 +147,13 @@ class DatapathSync:
         with self._lock:
             for ep in eps:
                 self.endpoints[ep.uid] = ep
+                self._removed.discard(ep.uid)
 
     def remove_endpoint(self, sb: Sandbox) -> bool:
         """Forget a pod's veth, failing closed first (its endpoint entry goes at once)."""
         with self._lock:
             ep = self.endpoints.pop(sb.uid, None)
+            self._removed.add(sb.uid)
             if ep is None:
                 return False
             self.dp.endpoints.delete(L.u32(ep.ifindex))
@@ -193,8 +207,52 @@ class DatapathSync:
             self.stats.last_seconds = time.monotonic() - t0
         for ref, msg in snap.policy_errors.items():
             log.error("policy for %s: %s (keeping its previous entries)", ref, msg)
+        try:  # (telling must never stop the datapath's sync)
+            self._report_refusals(snap.refusals)
+        except Exception:
+            log.exception("reporting the full maps failed")
         if self.on_local_ips is not None:
             self.on_local_ips(self.local_ips)
+
+    # ---- exhausted tables --------------------------------------------------------------------
+    def capacities(self) -> dict[str, int]:
+        """The sizes of the maps the node snapshot fits objects into (as the kernel has them)."""
+        return dict(self._capacities)
+
+    def _report_refusals(self, refusals: list[Refusal]) -> None:
+        """A map that had no room: an agent event (MAP_FULL) each time what it left out changes,
+        MAP_ROOM once everything fits again; the log says the same."""
+        new = {r.map: r for r in refusals}
+        old = self.refusals
+        if new == old:
+            return
+        for name, r in sorted(new.items()):
+            if old.get(name) is not None and old[name].objects == r.objects:
+                continue
+            log.warning("%s", r.message())
+            self.flows.add(agent_event(
+                self.node.name, AgentEventType.MAP_FULL, r.message(), map=r.map,
+                size=r.capacity, needed=r.needed, object_kind=r.kind, objects=list(r.objects),
+                raise_with=f"nodemesh up --map-size {r.map}=N",
+                cluster_json=f'"maps": {{"{r.map}": N}}'))
+        for name in sorted(set(old) - set(new)):
+            msg = f"map {name}: every object fits again ({old[name].capacity} entries)"
+            log.info("%s", msg)
+            self.flows.add(agent_event(self.node.name, AgentEventType.MAP_ROOM, msg, map=name,
+                                       size=old[name].capacity))
+        self.refusals = new
+        if self.on_refusals is not None:
+            try:
+                self.on_refusals(list(new.values()))
+            except Exception:
+                log.exception("reporting the full maps failed")
+
+    def refused(self) -> dict[str, int]:
+        """map -> objects the last snapshot left out (0 for a map that fits everything)."""
+        out = dict.fromkeys(self._capacities, 0)
+        for name, r in self.refusals.items():
+            out[name] = len(r.objects)
+        return out
 
     def apply_redirects(self, snap: NodeSnapshot) -> None:
         """The snapshot's redirects into the node Envoy (it has their listeners now)."""
@@ -272,8 +330,9 @@ class DatapathSync:
 
     def _adopt_local_endpoints(self) -> None:
         """After an agent restart: pods that run here but that this agent did not create."""
+        self._removed.intersection_update(self.local_pods.keys())  # (gone from the PodManager)
         for uid, lp in list(self.local_pods.items()):
-            if uid in self.endpoints or lp.shim is None:
+            if uid in self.endpoints or lp.shim is None or uid in self._removed:
                 continue
             try:
                 ifindex = self.dp.attach_endpoint(lp.sandbox.host_ifname)
@@ -351,7 +410,8 @@ class DatapathSync:
                 "syncs": self.stats.runs, "syncedRevision": self.synced.value,
                 "lastSyncSeconds": round(self.stats.last_seconds, 4),
                 "policyErrors": self.stats.errors,
-                "services": len(self.lb_state.rev_nat) if self.lb_state else 0}
+                "services": len(self.lb_state.rev_nat) if self.lb_state else 0,
+                "tablesFull": [r.to_json() for _, r in sorted(self.refusals.items())]}
 
 
 def _proto_name(number: int) -> str:

@@ -67,6 +67,7 @@ class Agent:
             self.datapath = DatapathSync(cfg, node, self.flows, self.pods.local,
                                          int(cfg.extra.get("maglev_table_size", 16381)))
             self.datapath.on_local_ips = lambda ips: setattr(self.metrics, "local_ips", ips)
+            self.datapath.on_refusals = self._on_refusals
             if cfg.extra.get("proxy", True):
                 self.proxy = ProxyManager(cfg, node, self.store, self.flows)
                 self.proxy.timer = self.metrics.reconcile.labels("proxy")
@@ -175,7 +176,7 @@ class Agent:
             maps=dp.map_fill if dp else None,
             l4_bytes=dp.l4_counters if dp else None,
             xds=proxy.xds.stats if proxy else None,
-            lost=lost,
+            lost=lost, refused=dp.refused if dp else None,
             dns=lambda: {"answered": self.dns.answered, "refused": self.dns.refused}))
 
     async def _serve_metrics(self, reader: asyncio.StreamReader,
@@ -245,8 +246,30 @@ class Agent:
             status["conditions"] = [{"type": "Ready", "status": "True",
                                      "lastHeartbeatTime": now_rfc3339(),
                                      "reason": "AgentReady",
-                                     "message": f"agent pid {os.getpid()}"}]
+                                     "message": f"agent pid {os.getpid()}"},
+                                    *self._tables_condition()]
             t.put_status("Node", "", self.node.name, status)
+
+    # ---- exhausted tables: the Node's DatapathTablesFull condition -----------------------------
+    _tables_since = ""
+
+    def _tables_condition(self) -> list[dict]:
+        if self.datapath is None:
+            return []
+        full = [r for _, r in sorted(self.datapath.refusals.items())]
+        if not self._tables_since:
+            self._tables_since = now_rfc3339()
+        return [{"type": "DatapathTablesFull", "status": "True" if full else "False",
+                 "reason": "MapFull" if full else "TablesFit",
+                 "lastTransitionTime": self._tables_since,
+                 "message": " ".join(r.message() for r in full)
+                 or "every object fits in the datapath's maps"}]
+
+    def _on_refusals(self, refusals: list) -> None:
+        """The set of refused objects changed (in the reconcile thread): the Node says so now,
+        not at the next heartbeat."""
+        self._tables_since = now_rfc3339()
+        self._heartbeat()
 
     # ---- API ---------------------------------------------------------------------------------
     def _routes(self) -> None:
@@ -300,7 +323,8 @@ class Agent:
             "proxy": self.proxy.status() if self.proxy else None,
             "flows": {"ring": len(self.flows), "capacity": self.flows.capacity,
                       "total": self.flows.total,
-                      "lostEvents": self.datapath.ring_lost() if self.datapath else 0},
+                      "lostEvents": self.datapath.ring_lost() if self.datapath else 0,
+                      "overwritten": self.flows.overwritten},
         }
 
     def _proxy_admin(self, what: str):

@@ -208,7 +208,8 @@ class NodeReconciler:
             proxy_ports=dict(proxy.ports) if proxy is not None else {},
             applied=dp.applied, previous_lb=dp.lb_state, maglev_m=dp.dp.maglev_m,
             previous_policy=dict(dp.lowered),
-            boot_offset_ns=time.time_ns() - time.monotonic_ns())
+            boot_offset_ns=time.time_ns() - time.monotonic_ns(),
+            capacities=dp.capacities())
         missing = missing_identities(inp)
         if missing:
             ids = dict(inp.identities)

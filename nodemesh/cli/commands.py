@@ -15,6 +15,8 @@ from nodemesh.cluster import lifecycle
 from nodemesh.cluster.config import (
     ClusterConfig,
     load_cluster,
+    map_sizes_for_new_cluster,
+    parse_map_sizes,
     state_dir_from,
 )
 from nodemesh.cluster.controllers import request_delete
@@ -75,12 +77,34 @@ def cmd_up(args: argparse.Namespace) -> int:
     ttl = parse_ttl(args.cert_ttl, "--cert-ttl")
     _require_root("nodemesh up")
     t0 = time.monotonic()
-    cfg = lifecycle.up(_state_dir(args), args.nodes, args.name, datapath=args.datapath,
-                       mtls=args.mtls, trust_domain=args.trust_domain, cert_ttl_seconds=ttl,
-                       store=store if (args.store or args.etcd_endpoints) else None)
+    map_sizes = config_map_sizes(_state_dir(args), getattr(args, "map_size", []))
+    with map_sizes_for_new_cluster(map_sizes):
+        cfg = lifecycle.up(_state_dir(args), args.nodes, args.name, datapath=args.datapath,
+                           mtls=args.mtls, trust_domain=args.trust_domain, cert_ttl_seconds=ttl,
+                           store=store if (args.store or args.etcd_endpoints) else None)
     print(f"cluster {cfg.name} is up in {time.monotonic() - t0:.1f}s; "
           f"try `nodemesh get nodes` and `nodemesh apply -f app.yaml`")
     return 0
+
+
+def config_map_sizes(state_dir: str, items: list[str]) -> dict[str, int]:
+    """`up --map-size` values, checked before anything is created. A cluster that exists and
+    is stopped (`down --keep-state`) gets them in its cluster.json; one that runs keeps its
+    sizes (its maps are loaded): changing them needs `down --keep-state` first."""
+    import dataclasses
+
+    sizes = parse_map_sizes(items)
+    if not sizes or not os.path.exists(os.path.join(state_dir, "cluster.json")):
+        return sizes
+    cfg = load_cluster(state_dir)
+    if all(cfg.map_sizes.get(k) == v for k, v in sizes.items()):
+        return sizes
+    if lifecycle.daemon_ref(cfg) is not None:
+        raise NodemeshError(f"--map-size: cluster {cfg.name} is up with its maps loaded; "
+                            "`nodemesh down --keep-state` first, then `nodemesh up --map-size "
+                            "...` (the workloads come back)", 2)
+    dataclasses.replace(cfg, maps={**cfg.map_sizes, **sizes}).save()
+    return sizes
 
 
 _TTL_PART = re.compile(r"(\d+(?:\.\d+)?)(d|h|m|s)")
@@ -165,6 +189,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                   + (f", hot-restart epoch {envoy['epoch']}" if envoy.get("epoch") else "")
                   + "".join(f", pid {p} draining" for p in envoy.get("draining") or [])
                   + _envoy_exit_text(envoy))
+        print("\n".join(_tables_lines(n.name, st)), end="")
     return 0
 
 
@@ -199,6 +224,18 @@ def _print_store_members(cfg: ClusterConfig) -> None:
     print()
     print(output.table(["MEMBER", "ENDPOINT", "NETNS", "PROCESS", "HEALTH", "LEADER",
                         "RESTARTS"], rows))
+
+
+def _tables_lines(node: str, st: dict) -> list[str]:
+    """Full maps and lost flow events of one node's agent /status, each a line (or none)."""
+    out = [f"  ! {node}: {r['message']}\n"
+           for r in (st.get("datapath") or {}).get("tablesFull") or []]
+    flows = st.get("flows") or {}
+    if flows.get("lostEvents") or flows.get("overwritten"):
+        out.append(f"flows {node}: {flows.get('lostEvents', 0)} events lost (the nm_events ring "
+                   f"buffer was full), {flows.get('overwritten', 0)} overwritten in the agent's "
+                   f"flow ring of {flows.get('capacity')}\n")
+    return out
 
 
 def _envoy_exit_text(envoy: dict) -> str:

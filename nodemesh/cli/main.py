@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--etcd-ca", default=None, help="CA certificate of --etcd-endpoints (PEM)")
     sp.add_argument("--etcd-cert", default=None, help="client certificate for --etcd-endpoints")
     sp.add_argument("--etcd-key", default=None, help="client key for --etcd-endpoints")
+    # BPF map sizes (cluster.json "maps"; docs/reliability.md "Exhausted tables")
+    sp.add_argument("--map-size", action="append", default=[], metavar="NAME=N",
+                    help="size of a BPF map, e.g. nm_lb4_svc=131072 (repeatable; nm_events in "
+                         "bytes); objects that do not fit are refused and reported")
 
     sp = cmd("down", c.cmd_down, "remove the local cluster and everything it created")
     sp.add_argument("--keep-state", action="store_true",

@@ -7,6 +7,8 @@ the cluster gives a kernel object (network namespaces, interfaces, cgroups) deri
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import ipaddress
 import json
@@ -62,6 +64,7 @@ class ClusterConfig:
     # Where desired state lives (docs/store.md): {"type": "sqlite"}, or {"type": "etcd",
     # "endpoints", "ca", "cert", "key", "members": [{"name", "ip", "netns"}], "access_netns"}.
     store: dict = field(default_factory=lambda: {"type": "sqlite"})
+    maps: dict = field(default_factory=dict)  # BPF map sizes (see "Map sizes" below)
 
     # ---- naming -------------------------------------------------------------------------
     def node(self, name: str) -> NodeConfig:
@@ -185,6 +188,8 @@ class ClusterConfig:
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["nodes"] = [dataclasses.asdict(n) for n in self.nodes]
+        if self.maps:
+            d["maps_help"] = MAPS_HELP
         return d
 
     @classmethod
@@ -195,7 +200,14 @@ class ClusterConfig:
             service_cidr=d.get("service_cidr", SERVICE_CIDR),
             cgroup_root=d.get("cgroup_root", ""), extra=d.get("extra", {}),
             store=d.get("store") or {"type": "sqlite"},
+            maps=dict(d.get("maps") or {}),
         )
+
+    @property
+    def map_sizes(self) -> dict[str, int]:
+        """Every sizable BPF map's size: cluster.json's ``maps`` over the defaults."""
+        return {**MAP_SIZE_DEFAULTS, **{k: int(v) for k, v in self.maps.items()
+                                        if k in MAP_SIZE_DEFAULTS}}
 
     def save(self) -> None:
         os.makedirs(self.state_dir, exist_ok=True)
@@ -236,8 +248,9 @@ def plan_cluster(name: str, state_dir: str, node_count: int, cgroup_root: str,
                             f"{MIN_CERT_TTL_SECONDS:g}s and 366 days", 2)
     extra: dict = {"datapath": datapath, "mtls": mtls if datapath == "bpf" else "off",
                    "trust_domain": trust_domain, "cert_ttl_seconds": cert_ttl_seconds}
-    return ClusterConfig(name=name, state_dir=state_dir, nodes=nodes, cgroup_root=cgroup_root,
-                         extra=extra, store=dict(store or {"type": "sqlite"}))
+    return with_planned_maps(ClusterConfig(name=name, state_dir=state_dir, nodes=nodes,
+                                           cgroup_root=cgroup_root, extra=extra,
+                                           store=dict(store or {"type": "sqlite"})))
 
 
 
@@ -249,3 +262,71 @@ def load_cluster(state_dir: str) -> ClusterConfig:
     except FileNotFoundError:
         raise NoCluster(state_dir) from None
 
+
+
+# ---- Map sizes (cluster.json "maps") ------------------------------------------------------------
+# The size of each BPF map a node's datapath loads: max entries (bytes for the nm_events ring
+# buffer). The defaults are bpf/lib/maps.h's; `nodemesh up --map-size NAME=N` (repeatable)
+# writes others into cluster.json, and each agent sets them before it loads the programs. An
+# object that does not fit is refused whole and reported (docs/reliability.md, "Exhausted
+# tables").
+MAP_SIZE_DEFAULTS: dict[str, int] = {
+    "nm_endpoints": 4096, "nm_ipcache": 65536, "nm_policy": 65536, "nm_policy_cidr": 16384,
+    "nm_ct": 65536, "nm_lb4_svc": 65536, "nm_lb4_be": 65536, "nm_lb4_revnat": 65536,
+    "nm_lb4_maglev": 1024, "nm_lb4_affin": 16384, "nm_lb4_rsk": 32768, "nm_events": 1 << 20,
+    "nm_metrics": 1024, "nm_flowcnt": 8192, "nm_l7_redir": 16384, "nm_lxc": 4096,
+    "nm_netns": 4096, "nm_tunnel_port": 4096,
+}
+MAP_SIZE_MAX = 1 << 24  # entries (nm_events: bytes, up to 1 GiB)
+MAP_SIZE_FLAG = "--map-size"
+MAPS_HELP = ("maps: BPF map sizes in entries (nm_events: bytes, a power of 2 >= 4096); "
+             "raise one with `nodemesh down --keep-state && nodemesh up --map-size NAME=N`, "
+             "or edit this block and restart the agents")
+
+
+def parse_map_sizes(items: list[str] | None) -> dict[str, int]:
+    """`--map-size NAME=N` values → {name: N}; a clear error (exit 2) for an unknown map or a
+    bad size."""
+    out: dict[str, int] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep:
+            raise NodemeshError(f"{MAP_SIZE_FLAG} {item!r}: must be NAME=N, e.g. nm_lb4_svc=131072",
+                                2)
+        if name not in MAP_SIZE_DEFAULTS:
+            raise NodemeshError(f"{MAP_SIZE_FLAG} {item!r}: no map {name!r} (maps: "
+                                f"{', '.join(sorted(MAP_SIZE_DEFAULTS))})", 2)
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if name == "nm_events":
+            if not 4096 <= n <= 1 << 30 or n & (n - 1):
+                raise NodemeshError(f"{MAP_SIZE_FLAG} {item!r}: nm_events is a ring buffer; its "
+                                    "size is bytes, a power of 2 from 4096 to 1073741824", 2)
+        elif not 1 <= n <= MAP_SIZE_MAX:
+            raise NodemeshError(f"{MAP_SIZE_FLAG} {item!r}: N must be an integer from 1 to "
+                                f"{MAP_SIZE_MAX}", 2)
+        out[name] = n
+    return out
+
+
+_NEW_CLUSTER_MAPS: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar(
+    "new_cluster_maps", default=None)
+
+
+@contextlib.contextmanager
+def map_sizes_for_new_cluster(sizes: dict[str, int]):
+    """The map sizes `plan_cluster` writes into a new cluster.json while this is entered
+    (`nodemesh up --map-size`)."""
+    token = _NEW_CLUSTER_MAPS.set(dict(sizes))
+    try:
+        yield
+    finally:
+        _NEW_CLUSTER_MAPS.reset(token)
+
+
+def with_planned_maps(cfg: ClusterConfig) -> ClusterConfig:
+    """A planned cluster with its map sizes: the defaults and what `--map-size` asked for."""
+    return dataclasses.replace(cfg, maps={**MAP_SIZE_DEFAULTS, **(_NEW_CLUSTER_MAPS.get() or {})})

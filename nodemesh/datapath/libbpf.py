@@ -178,6 +178,7 @@ _map_value_size = _fn("bpf_map__value_size", _u32, _vp)
 _map_max_entries = _fn("bpf_map__max_entries", _u32, _vp)
 _map_flags = _fn("bpf_map__map_flags", _u32, _vp)
 _map_set_value_size = _fn("bpf_map__set_value_size", _int, _vp, _u32)
+_map_set_max_entries = _fn("bpf_map__set_max_entries", _int, _vp, _u32)
 _map_initial_value = _fn("bpf_map__initial_value", _vp, _vp, ctypes.POINTER(_size))
 _map_is_internal = _fn("bpf_map__is_internal", ctypes.c_bool, _vp)
 _map_pin_path = _fn("bpf_map__pin_path", _str, _vp)
@@ -684,6 +685,10 @@ class MapDef:
 
     def set_value_size(self, size: int) -> None:
         _check(_map_set_value_size(self._ptr, size), f"set value size of {self.name}")
+
+    def set_max_entries(self, n: int) -> None:
+        """The map's size (entries; bytes for a ring buffer), before load."""
+        _check(_map_set_max_entries(self._ptr, n), f"set max entries of {self.name} to {n}")
 
     def initial_value(self) -> ctypes.Array:
         """The writable initial data of a .data/.rodata map (before load)."""

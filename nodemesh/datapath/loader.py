@@ -51,13 +51,16 @@ class Datapath:
 
     def __init__(self, node: str, bpffs_dir: str, cgroup_path: str, obj_dir: str = "build/bpf",
                  maglev_table_size: int = 16381, *, netns: str | None = None,
-                 src_dir: str | None = None) -> None:
+                 src_dir: str | None = None, map_sizes: Mapping[str, int] | None = None) -> None:
         if not node or "/" in node or node.startswith("."):
             raise DatapathError(f"bad node name {node!r}")
         if not is_prime(maglev_table_size):
             raise DatapathError(f"--maglev-table-size {maglev_table_size} is not a prime")
         self.node = node
         self.maglev_m = maglev_table_size
+        # max entries (bytes for a ring buffer) set before load, by map name; a map not named
+        # keeps its size from bpf/lib/maps.h
+        self.map_sizes = dict(map_sizes or {})
         self.netns = libbpf.netns_path(netns) if netns else None
         self._objects: dict[str, libbpf.BpfObject] = {}
         self.build = Build(obj_dir, src_dir)
@@ -98,6 +101,10 @@ class Datapath:
                 self._objects[name] = obj
                 if obj.has_map(MAGLEV_MAP):
                     obj.map(MAGLEV_MAP).set_value_size(4 * self.maglev_m)
+                for m in obj.maps():
+                    size = self.map_sizes.get(m.name)
+                    if size and size != m.max_entries:
+                        m.set_max_entries(size)
                 if name == "bpf_sock":
                     obj.set_rodata("nm_maglev_m", self.maglev_m.to_bytes(4, "little"))
                 self.pins.reconcile_maps(obj)

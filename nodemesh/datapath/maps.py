@@ -291,14 +291,32 @@ class Maps:
         for k in keys:
             m.delete(m.key_type.from_buffer_copy(k))
 
+    def capacity(self, name: str) -> int:
+        """The map's max entries as the kernel has it (bytes for a ring buffer)."""
+        return int(libbpf.map_info(self.map(name).fd).max_entries)
+
+    def _no_room(self, name: str, writes: Mapping[bytes, Any], deletes: list[bytes]) -> bool:
+        """Whether writing before deleting would overflow the map for a moment (a full map
+        whose objects change): then the stale entries go first."""
+        if not deletes or not writes:
+            return False
+        have = {bytes(k) for k in self.map(name).keys()}  # noqa: SIM118 - a BPF map
+        new = sum(1 for k in writes if k not in have)
+        return len(have) + new > self.capacity(name)
+
     def sync_map(self, name: str, desired: Desired) -> tuple[int, int]:
         """Make the map hold exactly `desired`: write the entries that differ, then delete the
-        stale ones. Returns (written, deleted). `desired` is a dict keyed by key bytes (or by
-        hashable ctypes scalars), or an iterable of (key, value) pairs, since ctypes structs
-        are not hashable."""
+        stale ones (stale ones first when the map has no room for both at once: the snapshot
+        never asks for more than it holds). Returns (written, deleted). `desired` is a dict
+        keyed by key bytes (or by hashable ctypes scalars), or an iterable of (key, value)
+        pairs, since ctypes structs are not hashable."""
         writes, deletes = self._diff(name, desired)
-        self._write(name, writes)
-        self._delete(name, deletes)
+        if self._no_room(name, writes, deletes):
+            self._delete(name, deletes)
+            self._write(name, writes)
+        else:
+            self._write(name, writes)
+            self._delete(name, deletes)
         return len(writes), len(deletes)
 
     # -- the service LB ----------------------------------------------------------------------
@@ -312,12 +330,22 @@ class Maps:
                                 f"{self.maglev_m}")
         desired = state.maps()
         plans = {name: self._diff(name, desired[name]) for name in desired}
-        for name in ("nm_lb4_be", "nm_lb4_maglev", "nm_lb4_revnat"):
-            self._write(name, plans[name][0])
-        svc_writes = plans["nm_lb4_svc"][0]
+        out = {name: (len(w), len(d)) for name, (w, d) in plans.items()}
 
         def slot(k: bytes) -> int:
             return Lb4Key.from_buffer_copy(k).backend_slot
+
+        # A full map whose services change: its stale entries go first (a removed service's
+        # entry before its slots), so that the new ones have room.
+        for name in ("nm_lb4_svc", "nm_lb4_be", "nm_lb4_maglev", "nm_lb4_revnat"):
+            if self._no_room(name, *plans[name]):
+                deletes = plans[name][1]
+                self._delete(name, sorted(deletes, key=slot) if name == "nm_lb4_svc"
+                             else deletes)
+                plans[name] = (plans[name][0], [])
+        for name in ("nm_lb4_be", "nm_lb4_maglev", "nm_lb4_revnat"):
+            self._write(name, plans[name][0])
+        svc_writes = plans["nm_lb4_svc"][0]
 
         self._write("nm_lb4_svc", {k: v for k, v in svc_writes.items() if slot(k) > 0})
         self._write("nm_lb4_svc", {k: v for k, v in svc_writes.items() if slot(k) == 0})
@@ -333,7 +361,6 @@ class Maps:
                 stale.append(bytes(k))
         for k in stale:
             self.affinity.delete(Lb4AffinityKey.from_buffer_copy(k))
-        out = {name: (len(w), len(d)) for name, (w, d) in plans.items()}
         out["nm_lb4_affin"] = (0, len(stale))
         return out
 

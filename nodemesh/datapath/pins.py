@@ -152,7 +152,15 @@ class Pins:
             have = (info.type, info.key_size, info.value_size, info.max_entries, info.map_flags)
             if want != have:
                 carried = self._read_for_migration(m.name, pin, info, m.type)
-                if carried is None:
+                resized = want[:3] + want[4:] == have[:3] + have[4:]
+                if resized:  # cluster.json's "maps" (`up --map-size`) gives it another size
+                    log.warning("map %s resized %d -> %d (cluster.json maps): recreating it%s",
+                                pin, info.max_entries, m.max_entries,
+                                " empty" if carried is None else
+                                f" with its {len(carried)} entries copied")
+                    if carried is not None:
+                        self._migrated[m.name] = carried
+                elif carried is None:
                     log.warning("map %s changed shape %s -> %s: recreating it empty (the "
                                 "agent's next sync refills the maps it writes)", pin, have, want)
                 else:
@@ -197,10 +205,22 @@ class Pins:
                 os.close(fd)
             new = libbpf.Map.from_pin(pin, ctypes.c_uint8 * info.key_size,
                                       ctypes.c_uint8 * info.value_size)
+            kept = 0
             try:
                 for k, v in entries:
-                    new.put((ctypes.c_uint8 * len(k)).from_buffer_copy(k),
-                            (ctypes.c_uint8 * len(v)).from_buffer_copy(v))
+                    try:
+                        new.put((ctypes.c_uint8 * len(k)).from_buffer_copy(k),
+                                (ctypes.c_uint8 * len(v)).from_buffer_copy(v))
+                    except libbpf.BpfError as e:
+                        if e.errno not in (errno.E2BIG, errno.ENOSPC):  # hash, LPM trie
+                            raise
+                        # a smaller map (another --map-size): what fits is carried over, the
+                        # agent's next sync decides what it holds (and reports what not)
+                        log.warning("map %s is smaller now (%d entries): %d of its %d old "
+                                    "entries carried over", pin, info.max_entries, kept,
+                                    len(entries))
+                        break
+                    kept += 1
             finally:
                 new.close()
 

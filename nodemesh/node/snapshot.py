@@ -42,6 +42,7 @@ from nodemesh.mtls.tunnel import (
     plan_tunnel,
 )
 from nodemesh.node.addresses import NODE_DNS_IP, POD_GATEWAY
+from nodemesh.node.fit import Refusal, age_key, fit_ipcache, fit_policy, fit_services
 from nodemesh.node.services import ServiceNames, lb_services, named_ports
 from nodemesh.observe.flow import FlowEndpoint, StaticContext, labels_of, workloads_of
 from nodemesh.policy import Compiler, PolicyCompileError, PolicyInput, PolicyPod
@@ -144,6 +145,9 @@ class NodeInputs:
     maglev_m: int = L.MAGLEV_DEFAULT_M
     previous_policy: Mapping[int, LoweredPolicy] = field(default_factory=dict)  # ifindex -> last good
     boot_offset_ns: int = 0  # wall clock minus monotonic clock, for flow timestamps
+    # map name -> max entries (the kernel's); objects past a map's capacity are left out whole
+    # (`nodemesh.node.fit`). Empty: no limit is checked.
+    capacities: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -186,6 +190,7 @@ class NodeSnapshot:
     identity_workloads: dict[int, tuple[str, str]]
     cookie_ips: dict[int, str]
     local_ips: frozenset[bytes]
+    refusals: list[Refusal] = field(default_factory=list)  # maps that had no room, and for what
 
     def policy_entries(self) -> tuple[list[tuple[Any, Any]], list[tuple[Any, Any]]]:
         """``nm_policy`` and ``nm_policy_cidr`` entries."""
@@ -431,7 +436,15 @@ def build_node_snapshot(inp: NodeInputs) -> NodeSnapshot:
         tunnel = datapath_tunnel(
             mesh_pods([_with_address(p, ip) for p, ip in pods.values()],
                       k.get("PeerAuthentication", ())), inp.node)
-    ipcache = ipcache_entries(inp.node, inp.node_ip, inp.node_ips, pods, identity_of,
+    # The ipcache: the fixed entries, then local pods, then the others, oldest first.
+    local_uids = set(inp.attached)
+    ipcache_order = sorted(pods, key=lambda u: (u not in local_uids, age_key(pods[u][0]), u))
+    in_ipcache, refusals = fit_ipcache(
+        1 + len(inp.node_ips) + 3,
+        [(u, f"{pods[u][0]['metadata']['namespace']}/{pods[u][0]['metadata']['name']}")
+         for u in ipcache_order], inp.capacities)
+    ipcache = ipcache_entries(inp.node, inp.node_ip, inp.node_ips,
+                              {u: v for u, v in pods.items() if u in in_ipcache}, identity_of,
                               tunnel.ipcache_flags)
     tunnel_ports = [L.tunnel_port_entry(ip, port, t) for ip, port, t in tunnel.port_overrides]
 
@@ -458,8 +471,7 @@ def build_node_snapshot(inp: NodeInputs) -> NodeSnapshot:
                 errors[ref] = e.message
         return compiled.get(ref)
 
-    live = {a.ifindex for a in inp.attached.values()}
-    lowered = {i: low for i, low in inp.previous_policy.items() if i in live}
+    new_lowered: dict[int, LoweredPolicy] = {}
     policy_names: dict[int, str] = {}
     for a in inp.attached.values():
         ref = f"{a.namespace}/{a.name}"
@@ -469,11 +481,22 @@ def build_node_snapshot(inp: NodeInputs) -> NodeSnapshot:
         if c is None:
             continue
         try:
-            lowered[a.ifindex] = lower_policy(c, a.ifindex)
+            new_lowered[a.ifindex] = lower_policy(c, a.ifindex)
         except PolicyCompileError as e:  # (more rules than the datapath's maps hold)
             errors[ref] = e.message
             continue
         policy_names.update(c.policy_names)
+    # What fits in the policy maps: the oldest pods first; one that does not keep its previous.
+    by_uid = {p["metadata"]["uid"]: p for p in k.get("Pod", ())}
+    policy_order = sorted(inp.attached.values(), key=lambda a: (
+        age_key(by_uid.get(a.uid) or {"metadata": {"namespace": a.namespace, "name": a.name}}),
+        a.ifindex))
+    fitted = fit_policy([(a.ifindex, f"{a.namespace}/{a.name}") for a in policy_order],
+                        new_lowered, inp.previous_policy, inp.capacities)
+    lowered = fitted.chosen
+    for ref, msg in fitted.errors.items():
+        errors.setdefault(ref, msg)
+    refusals += fitted.refusals
 
     # The node Envoy: routes, L7 policy (of every pod: a client's node enforces it), tunnel.
     envoy = None
@@ -492,11 +515,21 @@ def build_node_snapshot(inp: NodeInputs) -> NodeSnapshot:
     svc_objs = k.get("Service", ())
     pod_objs = [p for p, _ in pods.values()]
     svcs, names = lb_services(svc_objs, pod_objs, interim.service)
-    lb_interim = compile_lb(svcs, inp.previous_lb, inp.maglev_m)
+    # What fits in the LB maps: whole services, the oldest first.
+    admitted, svc_refusals = fit_services(
+        svcs, names, {(s["metadata"]["namespace"], s["metadata"]["name"]): age_key(s)
+                      for s in svc_objs}, inp.capacities)
+    refusals += svc_refusals
+
+    def fitting(ports: list[Any]) -> list[Any]:
+        return ports if not svc_refusals else [p for p in ports
+                                               if names.get((p.vip, p.port)) in admitted]
+
+    lb_interim = compile_lb(fitting(svcs), inp.previous_lb, inp.maglev_m)
     lb = lb_interim
     if redirects.service != interim.service:
-        lb = compile_lb(lb_services(svc_objs, pod_objs, redirects.service)[0], lb_interim,
-                        inp.maglev_m)
+        lb = compile_lb(fitting(lb_services(svc_objs, pod_objs, redirects.service)[0]),
+                        lb_interim, inp.maglev_m)
 
     # Endpoints: a pod's veth passes traffic only once its policy and identity are there.
     endpoints, lxc, netns = [], [], []
@@ -504,7 +537,7 @@ def build_node_snapshot(inp: NodeInputs) -> NodeSnapshot:
     for a in inp.attached.values():
         low = lowered.get(a.ifindex)
         ident = identity_of.get(a.uid, 0)
-        if low is None or not ident:
+        if low is None or not ident or a.uid not in in_ipcache:
             continue
         flags = low.flags
         if a.ip in tunnel.inbound_pods:
@@ -525,7 +558,8 @@ def build_node_snapshot(inp: NodeInputs) -> NodeSnapshot:
         redirects_interim=interim, redirects=redirects, envoy=envoy, context=context,
         identity_workloads=workloads,
         cookie_ips={a.netns_cookie: a.ip for a in inp.attached.values() if a.netns_cookie},
-        local_ips=frozenset(socket.inet_aton(a.ip) for a in inp.attached.values()))
+        local_ips=frozenset(socket.inet_aton(a.ip) for a in inp.attached.values()),
+        refusals=refusals)
 
 
 def errors_of_attached(errors: Mapping[str, str], inp: NodeInputs) -> dict[str, str]:

@@ -174,11 +174,13 @@ class AgentCollector(Collector):
                  l4_bytes: Callable[[], Iterable[tuple[dict[str, str], int, int]]] | None = None,
                  xds: Callable[[], Mapping[str, Any]] | None = None,
                  lost: Callable[[], Mapping[str, int]] | None = None,
+                 refused: Callable[[], Mapping[str, int]] | None = None,
                  dns: Callable[[], Mapping[str, int]] | None = None) -> None:
         self.node = node
         self.metrics, self.workloads = metrics, workloads
         self.maps, self.l4_bytes, self.xds, self.lost = maps, l4_bytes, xds, lost
         self.dns = dns
+        self.refused = refused
 
     def collect(self) -> Iterable[Any]:
         if self.metrics is not None:
@@ -249,6 +251,15 @@ class AgentCollector(Collector):
             for source, n in self.lost().items():
                 lost.add_metric([source], n)
             yield lost
+        if self.refused:
+            refused = GaugeMetricFamily(
+                "nodemesh_map_refused",
+                "Objects left out of a datapath map that had no room for them (services, "
+                "pods); raise the map's size with `nodemesh up --map-size MAP=N`.",
+                labels=["map"])
+            for name, n in sorted(self.refused().items()):
+                refused.add_metric([name], n)
+            yield refused
         if self.dns:
             dns = CounterMetricFamily("nodemesh_dns_queries",
                                       "Queries to the node-local DNS: answered, or refused because "

@@ -265,3 +265,29 @@ def test_map_operations(topo: Topology, dp: Datapath) -> None:
     assert inside == libbpf.netns_cookie(f"/run/netns/{p.netns}")
     assert ctypes.sizeof(u32) == 4
     assert EventType.SOCK == 3
+
+
+def test_a_map_size_from_cluster_json_recreates_the_pin_with_what_fits(
+        topo: Topology, dp: Datapath) -> None:
+    """cluster.json's maps (`up --map-size`) give a pinned map another size: the next load
+    recreates it at that size with its entries copied (as many as fit), and a connection
+    tracked in the old conntrack table goes on."""
+    p1, p2 = topo.pods[:2]
+    p2.server("tcp", 8080)
+    dp.apply_lb(compile_lb([LbService(f"10.96.0.{30 + i}", 80, "TCP", [(p2.ip, 8080)])
+                            for i in range(3)], maglev_m=dp.maglev_m))
+    chat = Chat(topo, p1, "10.96.0.30", 80)
+    assert chat.say("before") == "pod2:8080 before"
+    assert libbpf.map_info(dp.ct.fd).max_entries == 65536
+    ct_before = len(list(dp.ct.keys()))
+    dp.close()
+    resized = topo.datapath(map_sizes={"nm_lb4_svc": 4, "nm_ct": 131072})
+    resized.load()
+    try:
+        assert libbpf.map_info(resized.services.fd).max_entries == 4
+        assert len(list(resized.services.keys())) == 4  # 6 did not fit: what fits is copied
+        assert libbpf.map_info(resized.ct.fd).max_entries == 131072
+        assert len(list(resized.ct.keys())) >= ct_before > 0
+        assert chat.say("after") == "pod2:8080 after"
+    finally:
+        resized.close()  # (the fixture's teardown destroys what is pinned)

@@ -53,6 +53,9 @@ class Datapath:
     def attached(self) -> dict:
         return {}
 
+    def capacities(self) -> dict:
+        return {}
+
     def apply(self, snap) -> None:
         if self.fail:
             raise OSError("map write failed")
