@@ -58,9 +58,11 @@ print(json.dumps(out))
 
 # Runs in the client pod: a burst of short connections (each makes several flow events).
 BURST = r"""
-import socket, struct, sys
+import socket, struct, sys, time
 host, n = sys.argv[1], int(sys.argv[2])
+pause = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
 for i in range(n):
+    time.sleep(pause)
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     s.settimeout(1)
@@ -244,7 +246,9 @@ def test_a_full_flow_ring_is_counted_and_shown(small: Cluster) -> None:
         return st if st["pid"] != old else None
 
     assert wait_for("a new agent", new_agent, 30)["flows"]["capacity"] == 64
-    c.exec("client", sys.executable, "-c", BURST, vip(c, "svc-b"), "100", timeout=120)
+    # Paced, so that this cluster's tiny nm_events ring buffer (4 KiB) does not lose the events
+    # first: the agent's ring of 64 flows is what must overflow here.
+    c.exec("client", sys.executable, "-c", BURST, vip(c, "svc-b"), "300", "0.005", timeout=120)
     flows = wait_for("overwritten flows",
                      lambda: (f := c.agent("node1")["flows"])["overwritten"] > 0 and f)
     assert metric(metrics(c), "nodemesh_lost_events_total",
