@@ -154,19 +154,11 @@ class Attachments:
         lxc = self._objects["bpf_lxc"]
 
         def attach() -> int:
-            try:
-                ifindex = socket.if_nametoindex(ifname)
-            except OSError:
-                raise DatapathError(f"no interface {ifname} in the node's network namespace") \
-                    from None
+            ifindex = _ifindex(ifname)
             for suffix, (prog_name, attach_type) in TC_PROGRAMS.items():
                 prog = lxc.program(prog_name)
-
-                def ok(info: libbpf.LinkInfo, t: int = attach_type) -> bool:
-                    return (info.type == libbpf.BPF_LINK_TYPE_TCX and info.tcx_ifindex == ifindex
-                            and info.tcx_attach_type == t)
-
-                self.pins.adopt_link(f"tcx-{ifname}-{suffix}", prog, ok,
+                self.pins.adopt_link(f"tcx-{ifname}-{suffix}", prog,
+                                     _tcx_link(ifindex, attach_type),
                                      lambda p=prog, s=suffix: p.attach_tcx(ifindex, s == "ingress"))
             return ifindex
 
@@ -187,17 +179,9 @@ class Attachments:
         prog = self._objects["bpf_host"].program(NETDEV_PROGRAM)
 
         def attach() -> int:
-            try:
-                ifindex = socket.if_nametoindex(ifname)
-            except OSError:
-                raise DatapathError(f"no interface {ifname} in the node's network namespace") \
-                    from None
-
-            def ok(info: libbpf.LinkInfo) -> bool:
-                return (info.type == libbpf.BPF_LINK_TYPE_TCX and info.tcx_ifindex == ifindex
-                        and info.tcx_attach_type == libbpf.BPF_TCX_INGRESS)
-
-            self.pins.adopt_link(f"{NETDEV_PIN_PREFIX}{ifname}-ingress", prog, ok,
+            ifindex = _ifindex(ifname)
+            self.pins.adopt_link(f"{NETDEV_PIN_PREFIX}{ifname}-ingress", prog,
+                                 _tcx_link(ifindex, libbpf.BPF_TCX_INGRESS),
                                  lambda: prog.attach_tcx(ifindex, True))
             return ifindex
 
@@ -244,3 +228,19 @@ class Attachments:
     def remove_proxy_routing(self) -> None:
         """routing.remove_proxy_routing in this node's namespace (clear the flag first)."""
         routing.remove_proxy_routing(self.netns)
+
+
+def _ifindex(ifname: str) -> int:
+    """The index of a device of the node's namespace (the caller is in it)."""
+    try:
+        return socket.if_nametoindex(ifname)
+    except OSError:
+        raise DatapathError(f"no interface {ifname} in the node's network namespace") from None
+
+
+def _tcx_link(ifindex: int, attach_type: int):
+    """Whether a pinned link is the tcx link of that device and direction (to adopt it)."""
+    def ok(info: libbpf.LinkInfo) -> bool:
+        return (info.type == libbpf.BPF_LINK_TYPE_TCX and info.tcx_ifindex == ifindex
+                and info.tcx_attach_type == attach_type)
+    return ok
