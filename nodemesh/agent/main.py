@@ -2,7 +2,7 @@
 
 Started (and restarted) by the cluster daemon in the host's namespaces; it moves itself into its
 node's network namespace before any thread exists (setns is per thread), then: follows the store,
-runs the node's pods, serves the node-local DNS and the local API, and reports the node's health.
+runs the node's pods, serves the local API, and reports the node's health.
 SIGTERM stops the agent only: pods, and everything programmed in the kernel, keep running.
 """
 
@@ -22,10 +22,10 @@ from typing import Any
 
 from nodemesh.agent.api import ApiError, ApiServer
 from nodemesh.agent.datapath import DatapathSync
-from nodemesh.agent.dns import DnsServer, build_records
 from nodemesh.agent.proxy import ProxyManager
 from nodemesh.agent.reconcile import NodeReconciler
 from nodemesh.cluster.config import NODE_DNS_IP, ClusterConfig
+from nodemesh.cluster.dns import read_counters
 from nodemesh.cluster.pods import PodHooks, PodManager
 from nodemesh.errors import NodemeshError
 from nodemesh.host import netns
@@ -80,17 +80,13 @@ class Agent:
             self.reconciler.timer = self.metrics.timed
             hooks.sandbox_ready.append(self.reconciler.sandbox_ready)
             hooks.sandbox_removed.append(self.reconciler.sandbox_removed)
-        self.dns = DnsServer(NODE_DNS_IP)
         self.api = ApiServer(cfg.agent_socket(node))
         self.started = time.time()
         self._wake: asyncio.Event | None = None
-        self._dns_dirty = True
         self._stopping = False
 
     # ---- wiring ------------------------------------------------------------------------------
     def _on_change(self, kinds: set[str]) -> None:
-        if kinds & {"Service", "Pod", "*"}:
-            self._dns_dirty = True
         loop, wake = self._loop, self._wake
         if wake is not None:
             loop.call_soon_threadsafe(wake.set)
@@ -103,12 +99,6 @@ class Agent:
         self.informer.add_listener(self._on_change)
         self.informer.start()
         await asyncio.to_thread(self.informer.wait_synced)
-        # DNS first (it needs only the store): records first, so queries queued while no agent
-        # ran are answered as soon as we listen.
-        k = self.informer.kinds(("Service", "Pod"))
-        self.dns.records = build_records(k["Service"], k["Pod"])
-        self._dns_dirty = False
-        await self.dns.start()
         # The datapath adopts what the previous agent left pinned, then catches up.
         if self.datapath is not None and self.reconciler is not None:
             await asyncio.to_thread(self.datapath.start)
@@ -149,7 +139,6 @@ class Agent:
         if self.proxy is not None:
             await self.proxy.stop()
         self.api.close()
-        self.dns.close()
         self.pods.shutdown()
         if self.reconciler is not None:
             self.reconciler.stop()
@@ -177,7 +166,12 @@ class Agent:
             l4_bytes=dp.l4_counters if dp else None,
             xds=proxy.xds.stats if proxy else None,
             lost=lost, refused=dp.refused if dp else None,
-            dns=lambda: {"answered": self.dns.answered, "refused": self.dns.refused}))
+            dns=self._dns_queries))
+
+    def _dns_queries(self) -> dict[str, int]:
+        """This node's DNS queries by result, as the cluster daemon that serves them counts."""
+        got = read_counters(self.cfg.dns_counters_file(self.node.name))
+        return {"answered": got["answered"], "refused": got["refused"]}
 
     async def _serve_metrics(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
@@ -210,10 +204,6 @@ class Agent:
         while True:
             self._wake.clear()
             with self.metrics.timed("pods"):
-                if self._dns_dirty:
-                    self._dns_dirty = False
-                    k = self.informer.kinds(("Service", "Pod"))
-                    self.dns.records = build_records(k["Service"], k["Pod"])
                 self.pods.reconcile()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
@@ -318,7 +308,8 @@ class Agent:
             "node": self.node.name, "ip": self.node.ip, "podCIDR": self.node.pod_cidr,
             "pid": os.getpid(), "uptimeSeconds": round(time.time() - self.started, 1),
             "pods": len(self.pods.local), "storeRevision": self.informer.revision,
-            "dns": {"address": NODE_DNS_IP, "records": len(self.dns.records.a)},
+            "dns": {"address": NODE_DNS_IP, "servedBy": "cluster daemon",
+                    **read_counters(self.cfg.dns_counters_file(self.node.name))},
             "datapath": self.datapath.status() if self.datapath else {"mode": "none"},
             "proxy": self.proxy.status() if self.proxy else None,
             "flows": {"ring": len(self.flows), "capacity": self.flows.capacity,

@@ -170,6 +170,10 @@ class ClusterConfig:
     def node_dir(self, node: str) -> str:
         return os.path.join(self.state_dir, "nodes", node)
 
+    def dns_counters_file(self, node: str) -> str:
+        """The node's DNS counters, written by the cluster daemon that serves its DNS."""
+        return os.path.join(self.node_dir(node), "dns.json")
+
     def agent_ready_file(self, node: str) -> str:
         """Written by an agent once it serves: the daemon restarts a ready agent at once and
         backs off only for one that dies before it is ready (a crash loop)."""
