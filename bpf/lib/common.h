@@ -149,6 +149,12 @@ struct tunnel_port_val {
 	__u8 pad[3];
 };
 
+/* nm_dns_limit value: one pod's budget for queries to the node-local DNS (lib/dnslimit.h). */
+struct dns_bucket {
+	__u64 tat;     /* GCRA's theoretical arrival time (ns, bpf_ktime_get_ns) */
+	__u64 dropped; /* queries dropped so far */
+};
+
 /* Policy verdicts (nm_policy, nm_policy_cidr, ct_entry.verdict). */
 #define POLICY_NONE     0 /* no entry matched */
 #define POLICY_ALLOW    1

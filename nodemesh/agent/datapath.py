@@ -247,6 +247,18 @@ class DatapathSync:
             except Exception:
                 log.exception("reporting the full maps failed")
 
+    def drops(self) -> dict[tuple[str, str], int]:
+        """nm_metrics' dropped packets: (Hubble drop reason, direction) -> packets."""
+        out: dict[tuple[str, str], int] = {}
+        for k, c in self.dp.read_metrics().items():
+            if k.verdict != L.Verdict.DROPPED:
+                continue
+            reason = (k.reason.hubble_name if isinstance(k.reason, L.DropReason)
+                      else str(k.reason))
+            key = (reason, k.direction.name.lower())
+            out[key] = out.get(key, 0) + c.packets
+        return out
+
     def refused(self) -> dict[str, int]:
         """map -> objects the last snapshot left out (0 for a map that fits everything)."""
         out = dict.fromkeys(self._capacities, 0)

@@ -165,7 +165,7 @@ class Agent:
             maps=dp.map_fill if dp else None,
             l4_bytes=dp.l4_counters if dp else None,
             xds=proxy.xds.stats if proxy else None,
-            lost=lost, refused=dp.refused if dp else None,
+            lost=lost, refused=dp.refused if dp else None, drops=dp.drops if dp else None,
             dns=self._dns_queries))
 
     def _dns_queries(self) -> dict[str, int]:
