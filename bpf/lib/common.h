@@ -149,10 +149,10 @@ struct tunnel_port_val {
 	__u8 pad[3];
 };
 
-/* nm_dns_limit value: one pod's budget for queries to the node-local DNS (lib/dnslimit.h). */
-struct dns_bucket {
-	__u64 tat;     /* GCRA's theoretical arrival time (ns, bpf_ktime_get_ns) */
-	__u64 dropped; /* queries dropped so far */
+/* nm_dns_limit and nm_event_budget values: one budget (lib/budget.h). */
+struct rate_bucket {
+	__u64 tat;  /* GCRA's theoretical arrival time (ns, bpf_ktime_get_ns) */
+	__u64 over; /* what was over the budget so far (dropped queries, suppressed events) */
 };
 
 /* Policy verdicts (nm_policy, nm_policy_cidr, ct_entry.verdict). */

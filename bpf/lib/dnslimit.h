@@ -3,8 +3,9 @@
  * docs/reliability.md): a pod that floods the DNS address has its queries over the budget
  * dropped on its own veth, before they reach the DNS server's socket queue, so the other pods'
  * lookups are not stuck behind the flood. The budget is a GCRA token bucket per veth
- * (nm_dns_limit, struct dns_bucket): NM_DNS_QPS queries a second, bursts of NM_DNS_BURST. It is twice the DNS
- * server's own per-client budget (nodemesh/cluster/dns.py), so a pod a little over it still gets
+ * (nm_dns_limit, lib/budget.h): nm_dns_qps queries a second, bursts of nm_dns_burst (set by
+ * the loader from cluster.json "limits"; 0: no budget). By default it is twice the DNS server's
+ * own per-client budget (nodemesh/cluster/dns.py), so a pod a little over it still gets
  * REFUSED answers from the server and only a flood is cut here. Drops are counted in nm_metrics
  * (reason DROP_RATE_LIMITED); one in NM_DNS_EVENT_EVERY gets a flow event, so the flood cannot
  * flood the events ring and the agent either. */
@@ -12,12 +13,11 @@
 
 #include "common.h"
 #include "maps.h"
+#include "budget.h"
 
-#define NM_DNS_QPS         2000
-#define NM_DNS_BURST       4000
 #define NM_DNS_EVENT_EVERY 256
-#define NM_DNS_COST_NS     (1000000000ULL / NM_DNS_QPS)
-#define NM_DNS_TOLERANCE_NS (NM_DNS_COST_NS * NM_DNS_BURST)
+const volatile __u64 nm_dns_qps = 2000;
+const volatile __u64 nm_dns_burst = 4000;
 
 static __always_inline int is_dns_query(const struct nm_pkt *p, const struct node_config *cfg)
 {
@@ -25,27 +25,17 @@ static __always_inline int is_dns_query(const struct nm_pkt *p, const struct nod
 	       p->dport == bpf_htons(53);
 }
 
-/* 0: within the budget; 1: over it, drop (and *event says whether this drop gets an event).
- * Updates race between CPUs; the budget is then a little loose, never tighter. */
+/* 0: within the budget; 1: over it, drop (and *event says whether this drop gets an event). */
 static __always_inline int dns_over_budget(__u32 ifindex, __u64 now, int *event)
 {
-	struct dns_bucket *b = bpf_map_lookup_elem(&nm_dns_limit, &ifindex);
+	__u64 over = 0, qps = nm_dns_qps;
 
 	*event = 0;
-	if (!b) {
-		struct dns_bucket init = { .tat = now + NM_DNS_COST_NS };
-
-		bpf_map_update_elem(&nm_dns_limit, &ifindex, &init, BPF_ANY);
+	if (!qps)
 		return 0;
-	}
-	__u64 tat = b->tat > now ? b->tat : now;
+	__u64 cost = 1000000000ULL / qps;
+	int r = budget_over(&nm_dns_limit, &ifindex, now, cost, cost * nm_dns_burst, &over);
 
-	if (tat - now > NM_DNS_TOLERANCE_NS) {
-		__u64 n = __sync_fetch_and_add(&b->dropped, 1);
-
-		*event = n % NM_DNS_EVENT_EVERY == 0;
-		return 1;
-	}
-	b->tat = tat + NM_DNS_COST_NS;
-	return 0;
+	*event = r && over % NM_DNS_EVENT_EVERY == 0;
+	return r;
 }

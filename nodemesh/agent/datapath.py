@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from nodemesh.cluster.config import NODE_DNS_IP, ClusterConfig
+from nodemesh.cluster.config import LIMIT_RODATA, NODE_DNS_IP, ClusterConfig
 from nodemesh.datapath import layout as L
 from nodemesh.datapath import libbpf
 from nodemesh.datapath.lb import LbState
@@ -72,7 +72,8 @@ class DatapathSync:
         self.flows = flows
         self.local_pods = local_pods  # uid -> LocalPod (the PodManager's records)
         self.dp = Datapath(node, cfg.bpffs, cfg.node_cgroup(node),
-                           maglev_table_size=maglev_table_size, map_sizes=cfg.maps)
+                           maglev_table_size=maglev_table_size, map_sizes=cfg.maps,
+                           rodata={LIMIT_RODATA[k]: v for k, v in cfg.datapath_limits.items()})
         self.endpoints: dict[str, LocalEndpoint] = {}  # uid -> endpoint
         self.lb_state: LbState | None = None
         self.stats = SyncStats()
@@ -368,6 +369,13 @@ class DatapathSync:
             return found
         reserved = RESERVED_IDENTITIES.get(identity)
         return "", reserved.split(":", 1)[1] if reserved else f"identity-{identity}"
+
+    def events_suppressed(self) -> int:
+        """Flow events over their source's budget (nm_event_budget; lib/events.h), not sent."""
+        try:
+            return int(sum(v.over for _, v in self.dp.map("nm_event_budget").items()))
+        except Exception:
+            return 0
 
     def ring_lost(self) -> int:
         """Events the kernel could not put in the ring buffer (nm_lost, summed over CPUs)."""

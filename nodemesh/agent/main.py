@@ -155,6 +155,7 @@ class Agent:
                    "flow_ring_overwritten": self.flows.overwritten}
             if dp is not None:
                 out["ringbuf_full"] = dp.ring_lost()
+                out["event_budget"] = dp.events_suppressed()
             if proxy is not None:
                 out["access_logs"] = int(proxy.als.dropped)
             return out
@@ -315,6 +316,8 @@ class Agent:
             "flows": {"ring": len(self.flows), "capacity": self.flows.capacity,
                       "total": self.flows.total,
                       "lostEvents": self.datapath.ring_lost() if self.datapath else 0,
+                      "suppressedEvents": (self.datapath.events_suppressed()
+                                           if self.datapath else 0),
                       "overwritten": self.flows.overwritten},
         }
 

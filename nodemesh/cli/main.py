@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--map-size", action="append", default=[], metavar="NAME=N",
                     help="size of a BPF map, e.g. nm_lb4_svc=131072 (repeatable; nm_events in "
                          "bytes); objects that do not fit are refused and reported")
+    sp.add_argument("--limit", action="append", default=[], metavar="NAME=N",
+                    help="a datapath budget per source, e.g. events_per_second=50000 "
+                         "(repeatable; events_per_second, event_burst, dns_queries_per_second, "
+                         "dns_burst; 0 = none; cluster.json \"limits\")")
 
     sp = cmd("down", c.cmd_down, "remove the local cluster and everything it created")
     sp.add_argument("--keep-state", action="store_true",

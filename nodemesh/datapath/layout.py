@@ -276,10 +276,10 @@ class TunnelPortVal(ctypes.Structure):
     _fields_ = [("tunnel", u8), ("pad", u8 * 3)]
 
 
-class DnsBucket(ctypes.Structure):
-    """nm_dns_limit value: a pod's node-local DNS budget (GCRA time, drops so far)."""
+class RateBucket(ctypes.Structure):
+    """nm_dns_limit / nm_event_budget value: a budget (GCRA time) and what was over it."""
 
-    _fields_ = [("tat", u64), ("dropped", u64)]
+    _fields_ = [("tat", u64), ("over", u64)]
 
 
 # The five policy-map structs: the ctypes layout here, the plain value the compiler produces
@@ -486,7 +486,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "ipcache_entry": IpcacheEntry,
     "tunnel_port_key": TunnelPortKey,
     "tunnel_port_val": TunnelPortVal,
-    "dns_bucket": DnsBucket,
+    "rate_bucket": RateBucket,
     "policy_key": PolicyKeyStruct,
     "policy_entry": PolicyEntryStruct,
     "policy_cidr_key": PolicyCidrKeyStruct,
@@ -516,7 +516,8 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
 # maglev_table_type); nm_events is a ring buffer of FlowEvent records.
 MAPS: dict[str, tuple[type, type | None]] = {
     "nm_config": (u32, NodeConfig),
-    "nm_dns_limit": (u32, DnsBucket),
+    "nm_dns_limit": (u32, RateBucket),
+    "nm_event_budget": (u64, RateBucket),
     "nm_endpoints": (u32, EndpointInfo),
     "nm_ipcache": (IpcacheKey, IpcacheEntry),
     "nm_policy": (PolicyKeyStruct, PolicyEntryStruct),

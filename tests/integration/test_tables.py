@@ -319,16 +319,19 @@ def test_a_pod_whose_policy_does_not_fit_keeps_its_previous_entries() -> None:
         assert not left, f"cluster {c.name} left things behind: {left}"
 
 
-@pytest.mark.parametrize("flag", ["nm_nope=5", "nm_lb4_svc=0", "nm_lb4_svc=abc", "nm_lb4_svc",
-                                  "nm_events=5000"])
-def test_a_bad_map_size_is_refused_before_anything_is_created(flag: str) -> None:
+@pytest.mark.parametrize(("option", "flag"), [
+    ("--map-size", "nm_nope=5"), ("--map-size", "nm_lb4_svc=0"), ("--map-size", "nm_lb4_svc=abc"),
+    ("--map-size", "nm_lb4_svc"), ("--map-size", "nm_events=5000"),
+    ("--limit", "events_per_second=-1"), ("--limit", "nope=5"), ("--limit", "dns_burst")])
+def test_a_bad_map_size_or_limit_is_refused_before_anything_is_created(option: str,
+                                                                       flag: str) -> None:
     state = tempfile.mkdtemp(prefix="nodemesh-badmap-")
     try:
         p = subprocess.run([sys.executable, "-m", "nodemesh", "--state-dir", state, "up",
-                            "--nodes", "1", "--name", "nmbadmap", "--map-size", flag],
+                            "--nodes", "1", "--name", "nmbadmap", option, flag],
                            capture_output=True, text=True, timeout=60)
         assert p.returncode == 2, (p.stdout, p.stderr)
-        assert "--map-size" in p.stderr and flag.split("=")[0] in p.stderr
+        assert option in p.stderr and flag.split("=")[0] in p.stderr
         assert os.listdir(state) == []
         assert not [n for n in os.listdir("/run/netns") if n.startswith("nmbadmap")] \
             if os.path.isdir("/run/netns") else True

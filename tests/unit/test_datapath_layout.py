@@ -55,6 +55,7 @@ DOC_MAP_TYPES = {
     "nm_lxc": 1,
     "nm_netns": 1,
     "nm_dns_limit": 9,
+    "nm_event_budget": 9,
 }
 
 # Hubble's flow.proto DropReason, for the values the datapath uses
