@@ -68,6 +68,9 @@ STATUS_ATTEMPTS = 5
 HISTORY = 20000
 # How long `list_with_revision` waits for every reflector's first LIST.
 SYNC_TIMEOUT = 60.0
+# A kind the cluster does not serve (its CRD is not installed: no Cilium, no Gateway API, no
+# Istio) lists as empty; its reflector looks again this often.
+ABSENT_RECHECK = 60.0
 
 
 @dataclass(frozen=True)
@@ -131,10 +134,6 @@ class ApiError(NodemeshError):
         super().__init__(f"kubernetes API: {what + ': ' if what else ''}{code} {reason}: {message}")
         self.code = code
         self.reason = reason
-
-    @property
-    def retriable(self) -> bool:
-        return self.code >= 500 or self.code == 429
 
 
 class Gone(ApiError):
@@ -276,6 +275,7 @@ class Reflector:
         self.synced = threading.Event()
         self.backoff = Backoff(jitter=store.jitter)
         self.lists = 0  # LISTs done (the first, and one after each 410)
+        self.absent = False  # the cluster answered 404: the kind's CRD is not installed
         self._thread = threading.Thread(target=self.run, name=f"kube-{ak.plural}", daemon=True)
 
     def start(self) -> None:
@@ -298,6 +298,7 @@ class Reflector:
                 break
             params["continue"] = meta["continue"]
         self.lists += 1
+        self.absent = False
         self._replace(items, meta.get("resourceVersion") or "")
 
     def _replace(self, items: list[dict], rv: str) -> None:
@@ -354,10 +355,23 @@ class Reflector:
                     self.list()
                     self.backoff.reset()
                 self.watch()
-            except Gone as e:
-                log.info("%s: %s; listing again", self.ak.plural, e)
-                self.resource_version = None
-            except (ApiError, Unavailable, ValueError) as e:
+            except ApiError as e:
+                if e.code == 410:
+                    log.info("%s: %s; listing again", self.ak.plural, e)
+                    self.resource_version = None
+                elif e.code == 404 and self.resource_version is None:
+                    if not self.absent:
+                        log.warning("%s: not served by this cluster (is its CRD installed?); "
+                                    "following it as empty", self.ak.plural)
+                    self.absent = True
+                    self._replace([], "")
+                    self.resource_version = None
+                    self.store.sleep(ABSENT_RECHECK)
+                else:
+                    delay = self.backoff.next()
+                    log.warning("%s: %s; retrying in %.1f s", self.ak.plural, e, delay)
+                    self.store.sleep(delay)
+            except (Unavailable, ValueError) as e:
                 delay = self.backoff.next()
                 log.warning("%s: %s; retrying in %.1f s", self.ak.plural, e, delay)
                 self.store.sleep(delay)
@@ -428,8 +442,13 @@ class _KubeTxn(Txn):
 
     def put_status(self, kind: str, namespace: str, name: str, status: dict) -> dict | None:
         """The status through the /status subresource; a 409 Conflict (another writer got in
-        between) reads the object again and writes again, up to `STATUS_ATTEMPTS` times."""
+        between) reads the object again and writes again, up to `STATUS_ATTEMPTS` times.
+
+        A Node's status belongs to its kubelet: a write there is not sent (the agent's own
+        reports stay in its local API), and the Node is returned as it is."""
         ak = api_kind(kind)
+        if kind == "Node":
+            return self.get(kind, namespace, name)
         last: ApiError | None = None
         for _ in range(STATUS_ATTEMPTS):
             cur = self.get(kind, namespace, name)

@@ -170,3 +170,26 @@ def test_bad_kubeconfig_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(NodemeshError, match=f"kubernetes: can not use {missing}") as e:
         connect(str(missing))
     assert e.value.exit_code == 2
+
+
+def test_kind_without_its_crd_follows_as_empty_and_looks_again(tmp_path: Path, closing) -> None:
+    replay = Replay("crd_absent")
+    slept: list[float] = []
+    store = _store(tmp_path, replay, ("CiliumNetworkPolicy",), sleep=slept.append)
+    closing.append((store, replay))
+    assert store.wait_synced(10)  # a 404 is an answer: the agent does not wait for the CRD
+    _until(lambda: not replay.remaining())
+    _until(lambda: len(store.list_with_revision()[0]) == 1)
+    assert slept == [60.0] and replay.unexpected == []
+    assert [(e.type, e.object["metadata"]["name"]) for e in store.events_since(0)] == [
+        (ADDED, "allow-web")]
+
+
+def test_node_status_is_left_to_the_kubelet(tmp_path: Path, closing) -> None:
+    replay = Replay("node_get")
+    store = _store(tmp_path, replay)
+    closing.append((store, replay))
+    with store.transaction() as t:
+        node = t.put_status("Node", "", "node1", {"conditions": []})
+    assert node is not None and node["status"]["conditions"][0]["type"] == "Ready"
+    assert [m for m, *_ in replay.requests] == ["GET"] and replay.unexpected == []
