@@ -37,7 +37,7 @@ from nodemesh.observe.metrics import AgentCollector, AgentMetrics
 from nodemesh.observe.ring import FlowRing, as_flow
 from nodemesh.proxy.envoy import HotRestart
 from nodemesh.route import PROXY_IP
-from nodemesh.store import open_store
+from nodemesh.store import Store, open_store
 from nodemesh.store.base import now_rfc3339
 from nodemesh.store.informer import Informer
 
@@ -45,21 +45,41 @@ log = logging.getLogger("nodemesh.agent")
 HEARTBEAT_SECONDS = 5.0
 
 
+class NoPods:
+    """Kubernetes mode: the kubelet runs the pods. The sandboxes the datapath manages (`local`)
+    come from nodemesh-cni instead; there is nothing to start, stop or report here."""
+
+    def __init__(self) -> None:
+        self.local: dict = {}
+
+    def reconcile(self) -> None:
+        pass
+
+    def report_status(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
 class Agent:
     def __init__(self, cfg: ClusterConfig, node: str,
-                 metrics_socket: socket.socket | None = None) -> None:
+                 metrics_socket: socket.socket | None = None, *, store: Store | None = None,
+                 run_pods: bool = True) -> None:
         self.cfg = cfg
         self.metrics_socket = metrics_socket
         self.metrics = AgentMetrics(node)
         self.node = cfg.node(node)
-        self.store = open_store(cfg.state_dir)
+        self.store = store if store is not None else open_store(cfg.state_dir)
         self.informer = Informer(self.store)
         self.flows = FlowRing(int(cfg.extra.get("flow_ring_size", 16384)),
                               on_add=self.metrics.observe)
         hooks = PodHooks()
         # Pods created together wait together (for the node Envoy's push and the datapath's
         # sync, each shared by all the pods waiting): enough workers that a batch is large.
-        self.pods = PodManager(cfg, node, self.store, self.informer, hooks, workers=16)
+        self.pods: PodManager | NoPods = (
+            PodManager(cfg, node, self.store, self.informer, hooks, workers=16) if run_pods
+            else NoPods())
         self.datapath: DatapathSync | None = None
         self.proxy: ProxyManager | None = None
         self.reconciler: NodeReconciler | None = None

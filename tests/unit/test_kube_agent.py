@@ -1,0 +1,123 @@
+"""`nodemesh agent --kubernetes`: its configuration from the Node and the ConfigMap, its errors,
+and its probes. (The agent's run against a real API server is not tested here: none can be
+installed on these machines; docs/kubernetes.md says what was and was not run.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nodemesh.agent.api import ApiError, ApiServer
+from nodemesh.agent.kubernetes import cluster_config, node_config, open_kubernetes
+from nodemesh.agent.probe import agent_socket, probe
+from nodemesh.errors import NodemeshError
+from nodemesh.store.kubernetes import AGENT_KINDS
+from tests.unit.kubereplay import DATA, KUBECONFIG, Replay
+
+NODE = json.loads((DATA / "node_get.json").read_text())["exchanges"][0]["response"]["body"]
+SETTINGS = {"name": "prod", "extra": {"proxy": False, "mtls": "off"}, "maps": {"nm_ct": 131072}}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_node_config_from_the_node_object() -> None:
+    n = node_config(NODE)
+    assert (n.name, n.ip, n.pod_cidr) == ("node1", "192.0.2.11", "10.244.1.0/24")
+    cfg = cluster_config(SETTINGS, NODE, "/var/run/nodemesh")
+    assert cfg.node("node1") == n and cfg.name == "prod"
+    assert cfg.map_sizes["nm_ct"] == 131072 and not cfg.mtls
+    assert cfg.agent_socket("node1") == agent_socket("/var/run/nodemesh", "node1")
+
+
+def test_bad_node_or_settings_name_the_field() -> None:
+    no_cidr = {**NODE, "spec": {}}
+    with pytest.raises(NodemeshError, match=r"Node node1: spec.podCIDR: not set"):
+        node_config(no_cidr)
+    with pytest.raises(NodemeshError, match=r"Node node1: status.addresses: no IPv4 InternalIP"):
+        node_config({**NODE, "status": {"addresses": [{"type": "Hostname", "address": "n"}]}})
+    with pytest.raises(NodemeshError, match=r"cluster.json: nodes: unknown setting"):
+        cluster_config({**SETTINGS, "nodes": []}, NODE, "/s")
+    with pytest.raises(NodemeshError, match=r"cluster.json: extra: want a JSON dict"):
+        cluster_config({"extra": []}, NODE, "/s")
+
+
+def _files(tmp_path: Path) -> tuple[str, str]:
+    kc, settings = tmp_path / "kubeconfig", tmp_path / "cluster.json"
+    kc.write_text(KUBECONFIG)
+    settings.write_text(json.dumps(SETTINGS))
+    return str(kc), str(settings)
+
+
+def test_open_kubernetes_reads_the_node_then_follows_the_agents_kinds(tmp_path: Path) -> None:
+    kc, settings = _files(tmp_path)
+    replay = Replay("node_get")
+    cfg, store = open_kubernetes("node1", settings, str(tmp_path), kc, pods="node",
+                                 transport=replay.transport())
+    try:
+        assert cfg.node("node1").ip == "192.0.2.11"
+        assert store.kinds == AGENT_KINDS
+        assert store.field_selectors == {"Pod": "spec.nodeName=node1"}
+        assert replay.remaining() == [] and replay.unexpected == []
+    finally:
+        replay.done.set()
+        store.close()
+
+
+def test_open_kubernetes_refuses_an_unknown_node(tmp_path: Path) -> None:
+    kc, settings = _files(tmp_path)
+    replay = Replay("node_missing")
+    with pytest.raises(NodemeshError, match=r"Node node9: not found in the cluster") as e:
+        open_kubernetes("node9", settings, str(tmp_path), kc, transport=replay.transport())
+    assert e.value.exit_code == 2
+
+
+def test_cli_kubernetes_agent_with_a_missing_kubeconfig_exits_2(tmp_path: Path) -> None:
+    _, settings = _files(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    r = subprocess.run([sys.executable, "-m", "nodemesh", "agent", "--kubernetes", "--node",
+                        "node1", "--config", settings, "--kubeconfig", str(tmp_path / "nope"),
+                        "--state-dir", str(tmp_path / "state")],
+                       capture_output=True, text=True, env=env, timeout=60)
+    if os.geteuid() != 0:
+        pytest.skip("nodemesh agent refuses to run without root before it reads anything")
+    assert r.returncode == 2, r.stderr
+    assert f"kubernetes: can not use {tmp_path / 'nope'}" in r.stderr
+    assert not (tmp_path / "state").exists()  # nothing was created
+
+
+def test_probe_asks_the_agent_on_its_socket(tmp_path: Path) -> None:
+    sock = agent_socket(str(tmp_path), "node1")
+    os.makedirs(os.path.dirname(sock))
+    stopping = {"yes": False}
+
+    async def healthz(q, body):
+        return {"ok": True}
+
+    async def status(q, body):
+        if stopping["yes"]:
+            raise ApiError(503, "agent is stopping")
+        return {"node": "node1"}
+
+    async def main() -> None:
+        api = ApiServer(sock)
+        api.route("GET", "/healthz", healthz)
+        api.route("GET", "/status", status)
+        await api.start()
+        try:
+            assert await asyncio.to_thread(probe, str(tmp_path), "node1", "live") is None
+            assert await asyncio.to_thread(probe, str(tmp_path), "node1", "ready") is None
+            stopping["yes"] = True
+            why = await asyncio.to_thread(probe, str(tmp_path), "node1", "ready")
+            assert why is not None and "stopping" in why
+        finally:
+            api.close()
+
+    asyncio.run(main())
+    why = probe(str(tmp_path), "node1", "live")
+    assert why is not None and "not running" in why
