@@ -96,5 +96,5 @@ def run_kubernetes_agent(node: str | None, config_path: str, state_dir: str,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg, store = open_kubernetes(node, config_path, state_dir, kubeconfig, pods)
     os.makedirs(cfg.node_dir(node), exist_ok=True)
-    asyncio.run(Agent(cfg, node, bind_metrics(cfg, node), store=store, run_pods=False).run())
+    asyncio.run(Agent(cfg, node, bind_metrics(cfg, node), store=store, kubernetes=True).run())
     return 0

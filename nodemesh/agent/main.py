@@ -65,7 +65,10 @@ class NoPods:
 class Agent:
     def __init__(self, cfg: ClusterConfig, node: str,
                  metrics_socket: socket.socket | None = None, *, store: Store | None = None,
-                 run_pods: bool = True) -> None:
+                 kubernetes: bool = False) -> None:
+        # Kubernetes mode (nodemesh/agent/kubernetes.py): `store` is the API server's, the
+        # kubelet runs the pods and owns the Node's status.
+        self.kubernetes = kubernetes
         self.cfg = cfg
         self.metrics_socket = metrics_socket
         self.metrics = AgentMetrics(node)
@@ -78,8 +81,8 @@ class Agent:
         # Pods created together wait together (for the node Envoy's push and the datapath's
         # sync, each shared by all the pods waiting): enough workers that a batch is large.
         self.pods: PodManager | NoPods = (
-            PodManager(cfg, node, self.store, self.informer, hooks, workers=16) if run_pods
-            else NoPods())
+            NoPods() if kubernetes
+            else PodManager(cfg, node, self.store, self.informer, hooks, workers=16))
         self.datapath: DatapathSync | None = None
         self.proxy: ProxyManager | None = None
         self.reconciler: NodeReconciler | None = None
@@ -258,6 +261,8 @@ class Agent:
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
     def _heartbeat(self) -> None:
+        if self.kubernetes:  # the kubelet reports the Node; the agent's own state is in /status
+            return
         with self.store.transaction() as t:
             node = t.get("Node", "", self.node.name)
             if node is None:

@@ -203,8 +203,12 @@ class KubeApi:
         self.client.close()
 
 
+SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
 def connect(kubeconfig: str | None = None, context: str | None = None,
-            transport: httpx2.BaseTransport | None = None) -> KubeApi:
+            transport: httpx2.BaseTransport | None = None,
+            service_account: str = SERVICE_ACCOUNT) -> KubeApi:
     """A client for the cluster: `kubeconfig` (a path) when given, else the pod's service
     account (``KUBERNETES_SERVICE_HOST`` and the mounted token), else ``$KUBECONFIG`` or
     ``~/.kube/config``. Bad or missing configuration raises `NodemeshError` naming it."""
@@ -216,7 +220,9 @@ def connect(kubeconfig: str | None = None, context: str | None = None,
         if kubeconfig:
             cfg = KubeConfig.from_file(kubeconfig)
         elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-            cfg = KubeConfig.from_service_account()
+            # The token is read from its file again when the server answers 401: the kubelet
+            # rotates projected service account tokens.
+            cfg = KubeConfig.from_service_account(service_account)
         else:
             cfg = KubeConfig.from_env()
         single = cfg.get(context)

@@ -121,3 +121,22 @@ def test_probe_asks_the_agent_on_its_socket(tmp_path: Path) -> None:
     asyncio.run(main())
     why = probe(str(tmp_path), "node1", "live")
     assert why is not None and "not running" in why
+
+
+def test_agent_in_kubernetes_mode_runs_no_pods_and_leaves_the_node_to_the_kubelet(
+        tmp_path: Path) -> None:
+    from nodemesh.agent.main import Agent, NoPods
+    from nodemesh.store.kubernetes import KubeStore, connect
+
+    kc, _ = _files(tmp_path)
+    replay = Replay("node_get")
+    store = KubeStore(connect(kc, transport=replay.transport()), kinds=())
+    cfg = cluster_config({"extra": {"datapath": "none"}}, NODE, str(tmp_path))
+    try:
+        agent = Agent(cfg, "node1", store=store, kubernetes=True)
+        assert isinstance(agent.pods, NoPods) and agent.store is store
+        agent._heartbeat()
+        assert replay.requests == []  # no Node read or write every 5 s from every node
+    finally:
+        replay.done.set()
+        store.close()

@@ -193,3 +193,56 @@ def test_node_status_is_left_to_the_kubelet(tmp_path: Path, closing) -> None:
         node = t.put_status("Node", "", "node1", {"conditions": []})
     assert node is not None and node["status"]["conditions"][0]["type"] == "Ready"
     assert [m for m, *_ in replay.requests] == ["GET"] and replay.unexpected == []
+
+
+def test_in_cluster_service_account_and_token_rotation(tmp_path: Path, monkeypatch,
+                                                      closing) -> None:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubernetes")])
+    now = datetime.datetime.now(datetime.UTC)
+    ca = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+          .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(key, hashes.SHA256()))
+    sa = tmp_path / "serviceaccount"
+    sa.mkdir()
+    (sa / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (sa / "namespace").write_text("nodemesh-system")
+    (sa / "token").write_text("token-1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    replay = Replay("token_rotated")
+    store = KubeStore(connect(transport=replay.transport(), service_account=str(sa)), kinds=())
+    closing.append((store, replay))
+    assert store.get("Node", "", "node1") is not None
+    (sa / "token").write_text("token-2")  # the kubelet rotated it
+    assert store.get("Node", "", "node1") is not None  # 401 with the old one, then the new
+    assert replay.remaining() == [] and replay.unexpected == []
+    assert [h["authorization"] for h in replay.headers] == [
+        "Bearer token-1", "Bearer token-1", "Bearer token-2"]
+    assert all(h["host"] == "10.96.0.1" for h in replay.headers)
+
+
+def test_a_watcher_behind_the_local_history_gets_compacted(tmp_path: Path, monkeypatch,
+                                                           closing) -> None:
+    import nodemesh.store.kubernetes as mod
+    from nodemesh.store.base import Compacted
+
+    monkeypatch.setattr(mod, "HISTORY", 3)
+    replay = Replay("node_get")
+    store = _store(tmp_path, replay)
+    closing.append((store, replay))
+    store._emit([(ADDED, {"kind": "Pod", "metadata": {"name": f"p{i}", "namespace": "a"}})
+                 for i in range(5)])
+    with pytest.raises(Compacted):
+        store.events_since(1)
+    assert [e.revision for e in store.events_since(2)] == [3, 4, 5]
+    assert store.watch(5, 0.05) == []
