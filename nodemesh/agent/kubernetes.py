@@ -20,6 +20,22 @@ log = logging.getLogger("nodemesh.agent")
 SETTINGS_KEYS = {"name", "service_cidr", "extra", "maps"}
 
 
+def _internal_ipv4(node: dict) -> list[str]:
+    return [a.get("address") for a in (node.get("status") or {}).get("addresses") or []
+            if a.get("type") == "InternalIP" and ":" not in (a.get("address") or ":")]
+
+
+def node_addresses(nodes: list[dict]) -> dict[str, str]:
+    """Every Node's IPv4 InternalIP by name (the ipcache's remote-node entries and the hosts of
+    remote pods); a Node without one is left out."""
+    out = {}
+    for n in nodes:
+        ips = _internal_ipv4(n)
+        if ips:
+            out[n["metadata"]["name"]] = ips[0]
+    return out
+
+
 def node_config(node: dict) -> NodeConfig:
     """The agent's node from its Node object: spec.podCIDR and the InternalIP address."""
     name = (node.get("metadata") or {}).get("name") or ""
@@ -27,8 +43,7 @@ def node_config(node: dict) -> NodeConfig:
     if not cidr:
         raise NodemeshError(f"Node {name}: spec.podCIDR: not set (nodemesh needs the "
                             "controller manager's --allocate-node-cidrs, or a CIDR per node)", 2)
-    ips = [a.get("address") for a in (node.get("status") or {}).get("addresses") or []
-           if a.get("type") == "InternalIP" and ":" not in (a.get("address") or ":")]
+    ips = _internal_ipv4(node)
     if not ips:
         raise NodemeshError(f"Node {name}: status.addresses: no IPv4 InternalIP", 2)
     return NodeConfig(name=name, index=1, ip=ips[0], pod_cidr=cidr)

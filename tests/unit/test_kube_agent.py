@@ -140,3 +140,30 @@ def test_agent_in_kubernetes_mode_runs_no_pods_and_leaves_the_node_to_the_kubele
     finally:
         replay.done.set()
         store.close()
+
+
+def test_node_addresses_from_the_nodes() -> None:
+    from nodemesh.agent.kubernetes import node_addresses
+
+    other = {"metadata": {"name": "node2"}, "status": {"addresses": [
+        {"type": "InternalIP", "address": "fd00::2"}, {"type": "InternalIP", "address": "192.0.2.12"}]}}
+    bare = {"metadata": {"name": "node3"}, "status": {}}
+    assert node_addresses([NODE, other, bare]) == {"node1": "192.0.2.11", "node2": "192.0.2.12"}
+
+
+def test_reconciler_in_kubernetes_mode_knows_every_node_and_wakes_on_nodes() -> None:
+    from types import SimpleNamespace
+
+    from nodemesh.agent.reconcile import NodeReconciler
+    from nodemesh.store.informer import SyncedRevision
+
+    other = {"metadata": {"name": "node2"},
+             "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.12"}]}}
+    informer = SimpleNamespace(list=lambda kind: [NODE, other] if kind == "Node" else [],
+                               revision=7)
+    datapath = SimpleNamespace(synced=SyncedRevision())
+    cfg = cluster_config(SETTINGS, NODE, "/var/run/nodemesh")
+    rec = NodeReconciler(cfg, "node1", None, informer, datapath)  # type: ignore[arg-type]
+    assert rec._node_ips() == {"node1": "192.0.2.11", "node2": "192.0.2.12"}
+    rec._on_store_change({"Node"})
+    assert rec._dirty.is_set()
