@@ -203,3 +203,25 @@ def test_install_cni_chains_after_the_primary_plugin(tmp_path: Path) -> None:
     empty.mkdir()
     with pytest.raises(SystemExit, match=r"no \*\.conflist"):
         mod.install(str(binary), str(bin_dir), str(empty), "/x")
+
+
+def test_readme_install_steps_name_what_the_manifests_define() -> None:
+    """The README's kubectl steps cannot run here (no API server): at least every name in them
+    is one the manifests define."""
+    readme = (DEPLOY.parents[1] / "README.md").read_text()
+    section = readme.split("### On Kubernetes", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```sh", 1)[1].split("```", 1)[0]
+    commands = [ln.strip() for ln in block.splitlines() if ln.strip().startswith("kubectl")]
+    assert commands == ["kubectl apply -f deploy/kubernetes/",
+                        "kubectl -n nodemesh-system rollout status daemonset/nodemesh-agent",
+                        "kubectl get identities"]
+    assert DEPLOY.is_dir()
+    ds = _one("DaemonSet", "nodemesh-agent")
+    assert ds["metadata"]["namespace"] == "nodemesh-system"
+    assert _one("Namespace", "nodemesh-system")
+    assert _one("CustomResourceDefinition", "identities.nodemesh.io")["spec"]["names"]["plural"] \
+        == "identities"
+    # kubectl applies a directory's files in name order: the namespace and the CRD first.
+    names = [f for f, _ in DOCS]
+    assert names == sorted(names) and names[0] == "00-namespace.yaml"
+    assert [f for f, d in DOCS if d["kind"] == "CustomResourceDefinition"] == ["01-crds.yaml"]

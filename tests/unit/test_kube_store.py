@@ -246,3 +246,18 @@ def test_a_watcher_behind_the_local_history_gets_compacted(tmp_path: Path, monke
         store.events_since(1)
     assert [e.revision for e in store.events_since(2)] == [3, 4, 5]
     assert store.watch(5, 0.05) == []
+
+
+def test_forbidden_is_logged_with_the_servers_words_and_retried(tmp_path: Path, closing,
+                                                                caplog) -> None:
+    replay = Replay("forbidden")
+    slept: list[float] = []
+    store = _store(tmp_path, replay, ("NetworkPolicy",), sleep=slept.append, jitter=lambda: 0.0)
+    closing.append((store, replay))
+    with caplog.at_level("WARNING", logger="nodemesh.store.kubernetes"):
+        assert store.wait_synced(10)
+    assert slept == [0.2] and replay.unexpected == []
+    assert ("networkpolicies: kubernetes API: GET /apis/networking.k8s.io/v1/networkpolicies: "
+            "403 Forbidden: networkpolicies.networking.k8s.io is forbidden: User "
+            "\"system:serviceaccount:nodemesh-system:nodemesh-agent\" cannot list"
+            ) in caplog.text
