@@ -78,14 +78,21 @@ def test_list_watch_bookmark_410_relist(tmp_path: Path, closing) -> None:
     inf.stop()
 
 
-def test_errors_back_off_and_resume_then_gone_relists(tmp_path: Path, closing) -> None:
+def test_errors_back_off_and_resume_then_gone_relists(tmp_path: Path, closing, caplog) -> None:
     replay = Replay("services_backoff")
     slept: list[float] = []
     store = _store(tmp_path, replay, ("Service",), sleep=slept.append, jitter=lambda: 0.0)
     closing.append((store, replay))
-    store.start()
-    assert store.wait_synced(10)
-    _until(lambda: not replay.remaining() and len(replay.requests) >= 8)
+    with caplog.at_level("INFO", logger="nodemesh.store.kubernetes"):
+        store.start()
+        assert store.wait_synced(10)
+        _until(lambda: not replay.remaining() and len(replay.requests) >= 8)
+    assert ("services: kubernetes API: GET /api/v1/services (watch): 503 ServiceUnavailable: "
+            "the server is currently unable to handle the request; retrying in 0.2 s") in caplog.text
+    assert ("services: store unavailable: kubernetes API: GET /api/v1/services (watch): "
+            "[Errno 111] Connection refused; retrying in 0.4 s") in caplog.text
+    assert ("services: kubernetes API: GET /api/v1/services (watch): 410 Gone: too old resource "
+            "version: 510 (700); listing again") in caplog.text
     assert replay.unexpected == []
     # 503, connection refused, 500: 0.2 s, 0.4 s, 0.8 s, each resuming from the same version
     # (no relist); then the event, and 410 Gone on the watch request: a relist, no wait.
