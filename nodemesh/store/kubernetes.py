@@ -264,6 +264,20 @@ def _with_type(obj: dict, ak: ApiKind) -> dict:
     return obj
 
 
+_LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def _trim(obj: dict) -> dict:
+    """What the reflectors keep of an object: without ``managedFields`` and kubectl's
+    last-applied copy, which nodemesh never reads (often half of an object's size)."""
+    meta = obj.get("metadata") or {}
+    meta.pop("managedFields", None)
+    ann = meta.get("annotations")
+    if ann and _LAST_APPLIED in ann:
+        meta["annotations"] = {k: v for k, v in ann.items() if k != _LAST_APPLIED}
+    return obj
+
+
 def _key(obj: dict) -> tuple[str, str]:
     meta = obj["metadata"]
     return meta.get("namespace") or "", meta["name"]
@@ -298,7 +312,7 @@ class Reflector:
         params = {**self._params(), "limit": str(PAGE_SIZE)}
         while True:
             page = self.store.api.request("GET", self.ak.path(), params)
-            items.extend(_with_type(o, self.ak) for o in page.get("items") or [])
+            items.extend(_trim(_with_type(o, self.ak)) for o in page.get("items") or [])
             meta = page.get("metadata") or {}
             if not meta.get("continue"):
                 break
@@ -345,7 +359,7 @@ class Reflector:
                 if typ not in (ADDED, MODIFIED, DELETED):
                     log.warning("watch %s: unknown event type %r ignored", self.ak.plural, typ)
                     continue
-                obj = _with_type(obj, self.ak)
+                obj = _trim(_with_type(obj, self.ak))
                 if typ == DELETED:
                     self.objects.pop(_key(obj), None)
                 else:

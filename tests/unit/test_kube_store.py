@@ -69,6 +69,9 @@ def test_list_watch_bookmark_410_relist(tmp_path: Path, closing) -> None:
     assert set(pods) == {"web-1"}
     assert pods["web-1"]["metadata"]["labels"] == {"app": "web", "tier": "front"}
     assert pods["web-1"]["kind"] == "Pod" and pods["web-1"]["apiVersion"] == "v1"
+    first = store.events_since(0)[0].object  # web-1 as listed: trimmed of what is never read
+    assert "managedFields" not in first["metadata"]
+    assert first["metadata"]["annotations"] == {"example.com/owner": "team-a"}
     events = [(e.type, e.object["metadata"]["name"]) for e in store.events_since(0)]
     assert events == [(ADDED, "web-1"), (ADDED, "web-2"),           # the paginated list
                       (ADDED, "client"), (MODIFIED, "web-1"),        # the first watch
