@@ -200,12 +200,14 @@ class NodeSnapshot:
 # ---- the parts --------------------------------------------------------------------------------
 def pods_with_address(inp: NodeInputs) -> dict[str, tuple[Mapping[str, Any], str]]:
     """Every pod with an address, by uid: from the store (not terminating), an attached pod
-    the store has no address for yet, and pods being started here."""
+    the store has no address for yet, and pods being started here. Pods in their node's network
+    (``hostNetwork``, on Kubernetes) are not among them: their address is the node's, which the
+    ipcache maps to the node."""
     pods: dict[str, tuple[Mapping[str, Any], str]] = {}
     by_uid = {p["metadata"]["uid"]: p for p in inp.objects.get("Pod", ())}
     for uid, p in by_uid.items():
         ip = (p.get("status") or {}).get("podIP")
-        if ip and not is_deleting(p):
+        if ip and not is_deleting(p) and not (p.get("spec") or {}).get("hostNetwork"):
             pods[uid] = (p, ip)
     for uid, a in inp.attached.items():
         if uid not in pods and uid in by_uid:

@@ -167,3 +167,25 @@ def test_reconciler_in_kubernetes_mode_knows_every_node_and_wakes_on_nodes() -> 
     assert rec._node_ips() == {"node1": "192.0.2.11", "node2": "192.0.2.12"}
     rec._on_store_change({"Node"})
     assert rec._dirty.is_set()
+
+
+def test_host_network_pods_are_the_node_not_endpoints() -> None:
+    """On Kubernetes, hostNetwork pods (kube-proxy, the agent itself) carry the node's address:
+    they get no pod identity, so the node's ipcache entry stays the node's."""
+    from nodemesh.datapath import layout as L
+    from nodemesh.node.snapshot import NodeInputs, ipcache_entries, pods_with_address
+
+    def pod(name: str, ip: str, host: bool) -> dict:
+        return {"kind": "Pod", "metadata": {"name": name, "namespace": "kube-system",
+                                            "uid": f"uid-{name}", "labels": {"app": name}},
+                "spec": {"nodeName": "node1", "hostNetwork": host, "containers": []},
+                "status": {"podIP": ip}}
+
+    inp = NodeInputs(node="node1", node_ip="192.0.2.11", node_ips={"node1": "192.0.2.11"},
+                     objects={"Pod": [pod("kube-proxy", "192.0.2.11", True),
+                                      pod("dns", "10.244.1.5", False)]}, proxy=False)
+    pods = pods_with_address(inp)
+    assert set(pods) == {"uid-dns"}
+    entries = ipcache_entries("node1", "192.0.2.11", inp.node_ips, pods, {"uid-dns": 300}, {})
+    by = {(L.ip4_str(k.addr), k.prefixlen): v.identity for k, v in entries}
+    assert by[("192.0.2.11", 32)] == L.Identity.HOST
