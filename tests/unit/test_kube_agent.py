@@ -189,3 +189,21 @@ def test_host_network_pods_are_the_node_not_endpoints() -> None:
     entries = ipcache_entries("node1", "192.0.2.11", inp.node_ips, pods, {"uid-dns": 300}, {})
     by = {(L.ip4_str(k.addr), k.prefixlen): v.identity for k, v in entries}
     assert by[("192.0.2.11", 32)] == L.Identity.HOST
+
+
+def test_a_finished_pods_address_goes_to_the_next_pod() -> None:
+    from nodemesh.node.snapshot import Endpoint, NodeInputs, pods_with_address
+
+    def pod(name: str, node: str, phase: str) -> dict:
+        return {"kind": "Pod", "metadata": {"name": name, "namespace": "prod", "uid": f"uid-{name}"},
+                "spec": {"nodeName": node, "containers": []},
+                "status": {"phase": phase, "podIP": "10.244.2.7"}}
+
+    objs = {"Pod": [pod("job-1", "node2", "Succeeded"), pod("web", "node2", "Running"),
+                    pod("local-done", "node1", "Failed")]}
+    inp = NodeInputs(node="node1", node_ip="192.0.2.11", node_ips={}, objects=objs, proxy=False,
+                     attached={"uid-local-done": Endpoint("uid-local-done", "prod", "local-done",
+                                                          "10.244.1.9", 7)})
+    got = {uid: ip for uid, (_, ip) in pods_with_address(inp).items()}
+    # The local cluster keeps a finished pod's veth: it stays while attached.
+    assert got == {"uid-web": "10.244.2.7", "uid-local-done": "10.244.1.9"}
