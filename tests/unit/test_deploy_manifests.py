@@ -80,6 +80,16 @@ def test_identity_crd_accepts_what_the_allocator_writes() -> None:
     assert "status" in crd["spec"]["versions"][0]["subresources"]
     schema = _crd_schema()
     jsonschema.Draft7Validator.check_schema(schema)
+
+    def structural(node: dict, where: str) -> None:  # the API server's "structural schema" rule
+        assert "type" in node, f"{where}: every schema node needs a type"
+        assert not ("properties" in node and "additionalProperties" in node), where
+        for k, sub in (node.get("properties") or {}).items():
+            structural(sub, f"{where}.{k}")
+        if isinstance(node.get("additionalProperties"), dict):
+            structural(node["additionalProperties"], f"{where}.*")
+
+    structural(schema, "openAPIV3Schema")
     obj = identity_object(300, {"app": "web", "io.kubernetes.pod.namespace": "prod"})
     obj["status"] = {"lastUsed": "2026-12-07T12:00:00Z"}
     jsonschema.validate(obj, schema)
