@@ -128,10 +128,12 @@ class Agent:
         await asyncio.to_thread(self.informer.wait_synced)
         # DNS first (it needs only the store): records first, so queries queued while no agent
         # ran are answered as soon as we listen.
-        k = self.informer.kinds(("Service", "Pod"))
-        self.dns.records = build_records(k["Service"], k["Pod"])
+        # (Kubernetes mode: the cluster's DNS answers the pods; the agent serves none.)
+        if not self.kubernetes:
+            k = self.informer.kinds(("Service", "Pod"))
+            self.dns.records = build_records(k["Service"], k["Pod"])
+            await self.dns.start()
         self._dns_dirty = False
-        await self.dns.start()
         # The datapath adopts what the previous agent left pinned, then catches up.
         if self.datapath is not None and self.reconciler is not None:
             await asyncio.to_thread(self.datapath.start)
@@ -233,7 +235,7 @@ class Agent:
         while True:
             self._wake.clear()
             with self.metrics.timed("pods"):
-                if self._dns_dirty:
+                if self._dns_dirty and not self.kubernetes:
                     self._dns_dirty = False
                     k = self.informer.kinds(("Service", "Pod"))
                     self.dns.records = build_records(k["Service"], k["Pod"])

@@ -207,3 +207,45 @@ def test_a_finished_pods_address_goes_to_the_next_pod() -> None:
     got = {uid: ip for uid, (_, ip) in pods_with_address(inp).items()}
     # The local cluster keeps a finished pod's veth: it stays while attached.
     assert got == {"uid-web": "10.244.2.7", "uid-local-done": "10.244.1.9"}
+
+
+def test_agent_in_kubernetes_mode_follows_the_api_and_answers_its_probes(tmp_path: Path) -> None:
+    """The agent's run in Kubernetes mode, without the datapath (that needs root and a node):
+    it follows the recorded API, serves no DNS, answers its probes, and stops on request."""
+    from nodemesh.agent.main import Agent
+    from nodemesh.store.kubernetes import KubeStore, connect
+
+    kc, _ = _files(tmp_path)
+    replay = Replay("agent_start")
+    store = KubeStore(connect(kc, transport=replay.transport()), kinds=("Pod",),
+                      field_selectors={"Pod": "spec.nodeName=node1"})
+    cfg = cluster_config({"extra": {"datapath": "none"}}, NODE, str(tmp_path))
+    os.makedirs(cfg.node_dir("node1"))
+    agent = Agent(cfg, "node1", store=store, kubernetes=True)
+
+    async def main() -> dict:
+        run = asyncio.create_task(agent.run())
+        try:
+            for _ in range(200):
+                if await asyncio.to_thread(probe, str(tmp_path), "node1", "ready") is None:
+                    break
+                await asyncio.sleep(0.05)
+            from nodemesh.cluster.agentclient import AgentClient
+
+            st = await asyncio.to_thread(
+                AgentClient(cfg.agent_socket("node1"), "node1").get, "/status")
+            assert agent.informer.get("Pod", "prod", "web-1") is not None
+            return st
+        finally:
+            agent._request_stop()
+            await asyncio.wait_for(run, 10)
+
+    try:
+        st = asyncio.run(main())
+    finally:
+        replay.done.set()
+        store.close()
+    assert st["node"] == "node1" and st["podCIDR"] == "10.244.1.0/24" and st["pods"] == 0
+    assert st["storeRevision"] == 1  # one event: the listed pod
+    assert agent.dns._udp is None  # no DNS server on the node
+    assert replay.unexpected == []
