@@ -134,6 +134,14 @@ def test_agent_has_host_access_and_envoy_is_apart() -> None:
     assert [v["hostPath"]["path"] for v in espec["volumes"]] == [hostpaths["run"]]
     assert espec["automountServiceAccountToken"] is False
     assert "privileged" not in espec["containers"][0]["securityContext"]
+    # The agent adopts the Envoy the launcher records: both see the node's PIDs, and the
+    # launcher's directory is the agent's Envoy directory for that node.
+    assert agent["hostPID"] is True and espec["hostPID"] is True
+    launcher = " ".join(espec["containers"][0]["command"] + espec["containers"][0]["args"])
+    assert "python3 -m nodemesh.proxy.external \"/var/run/nodemesh/nodes/$NODE_NAME/envoy\"" \
+        in launcher
+    settings = json.loads(_one("ConfigMap", "nodemesh-config")["data"]["cluster.json"])
+    assert settings["extra"]["proxy"] == "external"
 
 
 # What the Kubernetes store does per kind: follows it (list, watch), reads it before a status
@@ -185,6 +193,12 @@ def test_configmap_cluster_json_is_kubernetes_mode_settings() -> None:
             "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.11"}]}}
     cfg = cluster_config(settings, node, "/var/run/nodemesh")
     assert cfg.node("node1").pod_cidr == "10.244.1.0/24"
+    # The Envoy DaemonSet's launcher directory is the agent's Envoy directory.
+    from nodemesh.agent.proxy import ProxyManager
+    from nodemesh.observe.ring import FlowRing
+
+    pm = ProxyManager(cfg, "node1", None, FlowRing(16))  # type: ignore[arg-type]
+    assert pm.envoy_dir == "/var/run/nodemesh/nodes/node1/envoy" and pm.external
 
 
 def test_install_cni_chains_after_the_primary_plugin(tmp_path: Path) -> None:

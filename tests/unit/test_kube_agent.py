@@ -249,3 +249,30 @@ def test_agent_in_kubernetes_mode_follows_the_api_and_answers_its_probes(tmp_pat
     assert st["storeRevision"] == 1  # one event: the listed pod
     assert agent.dns._udp is None  # no DNS server on the node
     assert replay.unexpected == []
+
+
+def test_proxy_external_mode_writes_the_bootstrap_and_starts_no_envoy(tmp_path: Path,
+                                                                      caplog) -> None:
+    """"proxy": "external": the agent writes the node Envoy's bootstrap and waits for the Envoy
+    the nodemesh-envoy DaemonSet starts from it (tests/integration/test_proxy_external.py runs
+    that half with a real Envoy); it never starts one, and refuses a planned restart."""
+    from nodemesh.agent.proxy import ProxyManager
+    from nodemesh.observe.ring import FlowRing
+    from nodemesh.proxy.external import BOOTSTRAP
+
+    cfg = cluster_config({"extra": {"proxy": "external", "mtls": "off"}}, NODE, str(tmp_path))
+    pm = ProxyManager(cfg, "node1", None, FlowRing(16))  # type: ignore[arg-type]
+    assert pm.external
+    with caplog.at_level("WARNING", logger="nodemesh.proxy"):
+        pm._ensure_envoy()
+        pm._ensure_envoy()
+    assert pm.envoy is None
+    written = json.loads((Path(pm.envoy_dir) / BOOTSTRAP).read_text())
+    assert written["node"]["id"] == "node1"
+    assert written["admin"]["address"]["pipe"]["path"] == os.path.join(pm.envoy_dir, "admin.sock")
+    ep = written["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]
+    assert ep["lb_endpoints"][0]["endpoint"]["address"]["pipe"]["path"] == pm.socket
+    assert caplog.text.count("waiting for the node Envoy (nodemesh-envoy)") == 1
+    assert not os.path.exists(os.path.join(pm.envoy_dir, "envoy.json"))  # nothing started
+    with pytest.raises(NodemeshError, match="not the agent's to restart"):
+        asyncio.run(pm.restart_envoy())
