@@ -112,9 +112,19 @@ def test_probe_asks_the_agent_on_its_socket(tmp_path: Path) -> None:
         try:
             assert await asyncio.to_thread(probe, str(tmp_path), "node1", "live") is None
             assert await asyncio.to_thread(probe, str(tmp_path), "node1", "ready") is None
+            # As the DaemonSet's exec probe runs it: the node and state dir from the env.
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "NODE_NAME": "node1",
+                   "NODEMESH_STATE_DIR": str(tmp_path)}
+            cmd = [sys.executable, "-m", "nodemesh.agent.probe", "ready"]
+            ok = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True,
+                                         text=True, timeout=30)
+            assert ok.returncode == 0, ok.stderr
             stopping["yes"] = True
             why = await asyncio.to_thread(probe, str(tmp_path), "node1", "ready")
             assert why is not None and "stopping" in why
+            bad = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True,
+                                          text=True, timeout=30)
+            assert bad.returncode == 1 and "probe ready: " in bad.stderr and "stopping" in bad.stderr
         finally:
             api.close()
 
