@@ -286,3 +286,16 @@ def test_proxy_external_mode_writes_the_bootstrap_and_starts_no_envoy(tmp_path: 
     assert not os.path.exists(os.path.join(pm.envoy_dir, "envoy.json"))  # nothing started
     with pytest.raises(NodemeshError, match="not the agent's to restart"):
         asyncio.run(pm.restart_envoy())
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "nodemesh agent: --node is required (without --kubernetes)"),
+    (["--kubernetes", "--node", "node1", "--config", "/nonexistent/cluster.json"],
+     "/nonexistent/cluster.json: can not read the cluster's settings"),
+])
+def test_cli_agent_argument_errors(args: list[str], message: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "nodemesh", "agent", *args], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    if os.geteuid() != 0 and args:
+        pytest.skip("nodemesh agent --kubernetes refuses to run without root first")
+    assert r.returncode == 2 and message in r.stderr, r.stderr
