@@ -37,7 +37,7 @@ from nodemesh.observe.metrics import AgentCollector, AgentMetrics
 from nodemesh.observe.ring import FlowRing, as_flow
 from nodemesh.proxy.envoy import HotRestart
 from nodemesh.route import PROXY_IP
-from nodemesh.store import open_store
+from nodemesh.store import Store, open_store
 from nodemesh.store.base import now_rfc3339
 from nodemesh.store.informer import Informer
 
@@ -45,21 +45,44 @@ log = logging.getLogger("nodemesh.agent")
 HEARTBEAT_SECONDS = 5.0
 
 
+class NoPods:
+    """Kubernetes mode: the kubelet runs the pods. The sandboxes the datapath manages (`local`)
+    come from nodemesh-cni instead; there is nothing to start, stop or report here."""
+
+    def __init__(self) -> None:
+        self.local: dict = {}
+
+    def reconcile(self) -> None:
+        pass
+
+    def report_status(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
 class Agent:
     def __init__(self, cfg: ClusterConfig, node: str,
-                 metrics_socket: socket.socket | None = None) -> None:
+                 metrics_socket: socket.socket | None = None, *, store: Store | None = None,
+                 kubernetes: bool = False) -> None:
+        # Kubernetes mode (nodemesh/agent/kubernetes.py): `store` is the API server's, the
+        # kubelet runs the pods and owns the Node's status.
+        self.kubernetes = kubernetes
         self.cfg = cfg
         self.metrics_socket = metrics_socket
         self.metrics = AgentMetrics(node)
         self.node = cfg.node(node)
-        self.store = open_store(cfg.state_dir)
+        self.store = store if store is not None else open_store(cfg.state_dir)
         self.informer = Informer(self.store)
         self.flows = FlowRing(int(cfg.extra.get("flow_ring_size", 16384)),
                               on_add=self.metrics.observe)
         hooks = PodHooks()
         # Pods created together wait together (for the node Envoy's push and the datapath's
         # sync, each shared by all the pods waiting): enough workers that a batch is large.
-        self.pods = PodManager(cfg, node, self.store, self.informer, hooks, workers=16)
+        self.pods: PodManager | NoPods = (
+            NoPods() if kubernetes
+            else PodManager(cfg, node, self.store, self.informer, hooks, workers=16))
         self.datapath: DatapathSync | None = None
         self.proxy: ProxyManager | None = None
         self.reconciler: NodeReconciler | None = None
@@ -167,7 +190,7 @@ class Agent:
             l4_bytes=dp.l4_counters if dp else None,
             xds=proxy.xds.stats if proxy else None,
             lost=lost, refused=dp.refused if dp else None, drops=dp.drops if dp else None,
-            dns=self._dns_queries))
+            dns=None if self.kubernetes else self._dns_queries))
 
     def _dns_queries(self) -> dict[str, int]:
         """This node's DNS queries by result, as the cluster daemon that serves them counts."""
@@ -229,6 +252,8 @@ class Agent:
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
     def _heartbeat(self) -> None:
+        if self.kubernetes:  # the kubelet reports the Node; the agent's own state is in /status
+            return
         with self.store.transaction() as t:
             node = t.get("Node", "", self.node.name)
             if node is None:
@@ -309,8 +334,9 @@ class Agent:
             "node": self.node.name, "ip": self.node.ip, "podCIDR": self.node.pod_cidr,
             "pid": os.getpid(), "uptimeSeconds": round(time.time() - self.started, 1),
             "pods": len(self.pods.local), "storeRevision": self.informer.revision,
-            "dns": {"address": NODE_DNS_IP, "servedBy": "cluster daemon",
-                    **read_counters(self.cfg.dns_counters_file(self.node.name))},
+            "dns": ({"servedBy": "the cluster's DNS (Kubernetes mode)"} if self.kubernetes else
+                    {"address": NODE_DNS_IP, "servedBy": "cluster daemon",
+                     **read_counters(self.cfg.dns_counters_file(self.node.name))}),
             "datapath": self.datapath.status() if self.datapath else {"mode": "none"},
             "proxy": self.proxy.status() if self.proxy else None,
             "flows": {"ring": len(self.flows), "capacity": self.flows.capacity,

@@ -546,6 +546,15 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_agent(args: argparse.Namespace) -> int:
     from nodemesh.agent.main import run_agent
 
+    if args.kubernetes:
+        from nodemesh.agent.kubernetes import run_kubernetes_agent
+        from nodemesh.cluster.config import state_dir_from
+
+        _require_root("nodemesh agent --kubernetes")
+        return run_kubernetes_agent(args.node, args.config, state_dir_from(args.state_dir),
+                                    args.kubeconfig, args.pods)
+    if not args.node:
+        raise NodemeshError("nodemesh agent: --node is required (without --kubernetes)", 2)
     _require_root("nodemesh agent")
     return run_agent(_cluster(args), args.node)
 

@@ -190,8 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("bench_args", nargs=argparse.REMAINDER,
                     help="options of the benchmark (--quick, --out DIR; see --help there)")
 
-    sp = cmd("agent", c.cmd_agent, "run a node's agent (started by the cluster daemon)")
-    sp.add_argument("--node", required=True)
+    sp = cmd("agent", c.cmd_agent, "run a node's agent (started by the cluster daemon, or by "
+             "the nodemesh-agent DaemonSet with --kubernetes)")
+    sp.add_argument("--node", help="the node (with --kubernetes: default $NODE_NAME)")
+    sp.add_argument("--kubernetes", action="store_true",
+                    help="Kubernetes mode: the API server is the store, the kubelet runs the pods")
+    sp.add_argument("--kubeconfig", help="with --kubernetes: a kubeconfig (default: the pod's "
+                    "service account, else $KUBECONFIG)")
+    sp.add_argument("--config", default="/etc/nodemesh/cluster.json",
+                    help="with --kubernetes: the cluster's settings (the ConfigMap's cluster.json)")
+    sp.add_argument("--pods", choices=("all", "node"), default="all",
+                    help="with --kubernetes: follow every Pod (default) or only this node's "
+                    "(a spec.nodeName field selector)")
     cmd("daemon", c.cmd_daemon, "run the cluster daemon (started by `nodemesh up`)")
     cmd("version", c.cmd_version, "print the version")
     return p

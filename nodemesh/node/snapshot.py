@@ -201,12 +201,17 @@ class NodeSnapshot:
 # ---- the parts --------------------------------------------------------------------------------
 def pods_with_address(inp: NodeInputs) -> dict[str, tuple[Mapping[str, Any], str]]:
     """Every pod with an address, by uid: from the store (not terminating), an attached pod
-    the store has no address for yet, and pods being started here."""
+    the store has no address for yet, and pods being started here. Pods in their node's network
+    (``hostNetwork``, on Kubernetes) are not among them: their address is the node's, which the
+    ipcache maps to the node. Nor are finished pods (Succeeded, Failed) unless their veth is still
+    attached here: Kubernetes gives a finished pod's address to the next pod."""
     pods: dict[str, tuple[Mapping[str, Any], str]] = {}
     by_uid = {p["metadata"]["uid"]: p for p in inp.objects.get("Pod", ())}
     for uid, p in by_uid.items():
-        ip = (p.get("status") or {}).get("podIP")
-        if ip and not is_deleting(p):
+        status = p.get("status") or {}
+        ip = status.get("podIP")
+        if ip and not is_deleting(p) and not (p.get("spec") or {}).get("hostNetwork") \
+                and status.get("phase") not in ("Succeeded", "Failed"):
             pods[uid] = (p, ip)
     for uid, a in inp.attached.items():
         if uid not in pods and uid in by_uid:
