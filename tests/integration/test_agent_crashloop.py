@@ -24,7 +24,9 @@ from tests.integration.test_datapath_restart import SERVER, client
 from tests.integration.test_envoy_crash import POLICY as L7_POLICY  # GET /public/.* on alpha
 from tests.integration.test_routes import CLIENT, deployment, route, service
 
-pytestmark = pytest.mark.root  # real clusters: namespaces, cgroups, BPF
+# real clusters; serial: its figures (rates, recovery times, load it must carry) need the CPUs
+# to itself, so `make test` runs it after the parallel part, alone
+pytestmark = [pytest.mark.root, pytest.mark.serial]
 
 LOOP_SECONDS = 60.0
 KILL_EVERY = 2.0
