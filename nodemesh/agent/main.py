@@ -297,6 +297,7 @@ class Agent:
         self.api.route("GET", "/proxy/config", self._proxy_admin("config"))
         self.api.route("GET", "/certificates", self._certificates)
         self.api.route("POST", "/proxy/restart", self._proxy_restart)
+        self.api.route("GET", "/debug/memory", self._debug_memory)
 
     async def _proxy_restart(self, q: dict, body: bytes) -> Any:
         """A planned restart of the node Envoy (hot restart): {drainSeconds,
@@ -323,6 +324,33 @@ class Agent:
         if st is None:
             return {"node": self.node.name, "mtls": False, "certificates": []}
         return {"node": self.node.name, "mtls": True, **st}
+
+    async def _debug_memory(self, q: dict, body: bytes) -> Any:
+        """Where the agent's memory is: its smaps_rollup figures and, when the agent was started
+        with PYTHONTRACEMALLOC=N, the largest allocations by file and line (`?top=K`)."""
+        import tracemalloc
+
+        roll = {}
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 3 and parts[2] == "kB":
+                    roll[parts[0].rstrip(":")] = int(parts[1])
+        out: dict[str, Any] = {"smaps_rollup_kib": roll, "tracing": tracemalloc.is_tracing()}
+        if tracemalloc.is_tracing():
+            top = int((q.get("top") or ["30"])[0])
+            snap = await asyncio.to_thread(tracemalloc.take_snapshot)
+            stats = snap.statistics("lineno")
+            out["traced_kib"] = round(sum(s.size for s in stats) / 1024)
+            out["top"] = [{"where": f"{s.traceback[0].filename}:{s.traceback[0].lineno}",
+                           "kib": round(s.size / 1024, 1), "count": s.count}
+                          for s in stats[:top]]
+            by_file: dict[str, int] = {}
+            for s in stats:
+                by_file[s.traceback[0].filename] = by_file.get(s.traceback[0].filename, 0) + s.size
+            out["top_files"] = [{"file": f, "kib": round(n / 1024, 1)} for f, n in
+                                sorted(by_file.items(), key=lambda x: -x[1])[:top]]
+        return out
 
     async def _healthz(self, q: dict, body: bytes) -> Any:
         return {"ok": True}
