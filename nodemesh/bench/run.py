@@ -44,6 +44,7 @@ from typing import Any
 
 from nodemesh.bench import memory, workload
 from nodemesh.bench.cluster import BenchCluster
+from nodemesh.bench.hostile import DNS_FLOOD, LOOKUPS
 from nodemesh.bench.loadgen import WRK_LUA, cpu_busy_seconds, proc_cpu_seconds
 from nodemesh.bench.stats import median, percentile
 from nodemesh.bench.workload import MODES, MTLS_MODES, Workload
@@ -51,51 +52,6 @@ from nodemesh.host.procs import reap_children, set_child_subreaper
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# The hostile section's programs, run in pods: the victim's sequential lookups (1 s timeout each;
-# prints p50/p99 ms and how many were lost) and a DNS flood that never awaits its answers.
-HOSTILE_LOOKUPS = r"""
-import json, socket, struct, sys, time
-name, n = sys.argv[1], int(sys.argv[2])
-q = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\x00\x00\x01\x00\x01"
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.connect(("169.254.20.10", 53))
-s.settimeout(1)
-ms, lost = [], 0
-for i in range(n):
-    t = time.perf_counter()
-    s.send(struct.pack("!HHHHHH", i, 0x0100, 1, 0, 0, 0) + q)
-    try:
-        while struct.unpack("!H", s.recv(512)[:2])[0] != i:
-            pass
-        ms.append((time.perf_counter() - t) * 1000)
-    except socket.timeout:
-        lost += 1
-    time.sleep(0.005)
-ms.sort()
-pct = lambda p: round(ms[min(len(ms) - 1, int(p * len(ms)))], 3) if ms else None
-print(json.dumps({"n": n, "lost": lost, "p50_ms": pct(0.5), "p99_ms": pct(0.99)}))
-"""
-HOSTILE_DNS_FLOOD = r"""
-import socket, struct, sys, time
-end = time.monotonic() + float(sys.argv[1])
-q = b"\x03foo\x07default\x03svc\x07cluster\x05local\x00\x00\x01\x00\x01"
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.connect(("169.254.20.10", 53))
-s.setblocking(False)
-n = 0
-while time.monotonic() < end:
-    for _ in range(100):
-        try:
-            s.send(struct.pack("!HHHHHH", n & 0xFFFF, 0x0100, 1, 0, 0, 0) + q); n += 1
-        except BlockingIOError:
-            pass
-    try:
-        while True:
-            s.recv(512)
-    except BlockingIOError:
-        pass
-print(n)
-"""
 LOADGEN_CPU = 1
 SERVER_CPU = 0
 BENCH_NICE = -10  # every process of the benchmark: other work on a shared VM disturbs it less
@@ -885,7 +841,7 @@ print(json.dumps(out))
         """The victim's view, from the client pod: sequential DNS lookups, then new TCP
         connections (nmrr crr) to the rr service, then a Service applied and synced."""
         r = self.mesh.exec("client", ["taskset", "-c", str(LOADGEN_CPU), self.python, "-c",
-                                      HOSTILE_LOOKUPS, workload.HOSTILE_NAME,
+                                      LOOKUPS, workload.HOSTILE_NAME,
                                       str(self.plan.hostile_lookups)], timeout=120, check=False)
         out: dict[str, Any] = {"dns": json.loads(r.out) if r.code == 0 else {"error": r.err[-300:]}}
         r = self.mesh.exec("client", ["taskset", "-c", str(LOADGEN_CPU), self.nmrr, "crr",
@@ -919,7 +875,7 @@ print(json.dumps(out))
         secs = self.plan.hostile_seconds
         floods: dict[str, list[str] | None] = {
             "none": None,
-            "dns": [self.python, "-c", HOSTILE_DNS_FLOOD, str(secs * 3)],
+            "dns": [self.python, "-c", DNS_FLOOD, str(secs * 3)],
             "connections": [self.nmrr, "flood", self.targets["rr_mesh"], "9", str(secs * 3)]}
         names = list(floods)
         cells: list[dict[str, Any]] = []

@@ -14,7 +14,6 @@ from nodemesh.cli.selectors import parse_selector
 from nodemesh.cluster import lifecycle
 from nodemesh.cluster.config import (
     ClusterConfig,
-    limits_for_new_cluster,
     load_cluster,
     map_sizes_for_new_cluster,
     parse_limits,
@@ -79,9 +78,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     ttl = parse_ttl(args.cert_ttl, "--cert-ttl")
     _require_root("nodemesh up")
     t0 = time.monotonic()
-    map_sizes = config_map_sizes(_state_dir(args), getattr(args, "map_size", []))
-    limits = config_limits(_state_dir(args), getattr(args, "limit", []))
-    with map_sizes_for_new_cluster(map_sizes), limits_for_new_cluster(limits):
+    map_sizes = _stopped_cluster_setting(_state_dir(args), "--map-size",
+                                         parse_map_sizes(getattr(args, "map_size", [])), "maps")
+    limits = _stopped_cluster_setting(_state_dir(args), "--limit",
+                                      parse_limits(getattr(args, "limit", [])), "limits")
+    with map_sizes_for_new_cluster(map_sizes, limits):
         cfg = lifecycle.up(_state_dir(args), args.nodes, args.name, datapath=args.datapath,
                            mtls=args.mtls, trust_domain=args.trust_domain, cert_ttl_seconds=ttl,
                            store=store if (args.store or args.etcd_endpoints) else None)
@@ -90,43 +91,25 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def config_map_sizes(state_dir: str, items: list[str]) -> dict[str, int]:
-    """`up --map-size` values, checked before anything is created. A cluster that exists and
-    is stopped (`down --keep-state`) gets them in its cluster.json; one that runs keeps its
-    sizes (its maps are loaded): changing them needs `down --keep-state` first."""
+def _stopped_cluster_setting(state_dir: str, flag: str, values: dict[str, int],
+                             field: str) -> dict[str, int]:
+    """`up FLAG` values for an existing cluster: a stopped one (`down --keep-state`) gets them
+    in its cluster.json (`field`); one that runs keeps what it has loaded, so changing them
+    needs `down --keep-state` first. No cluster yet: they go into the new one's plan."""
     import dataclasses
 
-    sizes = parse_map_sizes(items)
-    if not sizes or not os.path.exists(os.path.join(state_dir, "cluster.json")):
-        return sizes
+    if not values or not os.path.exists(os.path.join(state_dir, "cluster.json")):
+        return values
     cfg = load_cluster(state_dir)
-    if all(cfg.map_sizes.get(k) == v for k, v in sizes.items()):
-        return sizes
+    have = getattr(cfg, {"maps": "map_sizes", "limits": "datapath_limits"}[field])
+    if all(have.get(k) == v for k, v in values.items()):
+        return values
     if lifecycle.daemon_ref(cfg) is not None:
-        raise NodemeshError(f"--map-size: cluster {cfg.name} is up with its maps loaded; "
-                            "`nodemesh down --keep-state` first, then `nodemesh up --map-size "
-                            "...` (the workloads come back)", 2)
-    dataclasses.replace(cfg, maps={**cfg.map_sizes, **sizes}).save()
-    return sizes
-
-
-def config_limits(state_dir: str, items: list[str]) -> dict[str, int]:
-    """`up --limit` values, checked before anything is created; like --map-size, a stopped
-    cluster gets them in its cluster.json and a running one must be stopped first (the agents
-    set them when they load the programs)."""
-    import dataclasses
-
-    limits = parse_limits(items)
-    if not limits or not os.path.exists(os.path.join(state_dir, "cluster.json")):
-        return limits
-    cfg = load_cluster(state_dir)
-    if all(cfg.datapath_limits.get(k) == v for k, v in limits.items()):
-        return limits
-    if lifecycle.daemon_ref(cfg) is not None:
-        raise NodemeshError(f"--limit: cluster {cfg.name} is up; `nodemesh down --keep-state` "
-                            "first, then `nodemesh up --limit ...` (the workloads come back)", 2)
-    dataclasses.replace(cfg, limits={**cfg.datapath_limits, **limits}).save()
-    return limits
+        raise NodemeshError(f"{flag}: cluster {cfg.name} is up with its programs and maps "
+                            f"loaded; `nodemesh down --keep-state` first, then `nodemesh up "
+                            f"{flag} ...` (the workloads come back)", 2)
+    dataclasses.replace(cfg, **{field: {**have, **values}}).save()
+    return values
 
 
 _TTL_PART = re.compile(r"(\d+(?:\.\d+)?)(d|h|m|s)")

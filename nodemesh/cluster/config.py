@@ -13,6 +13,7 @@ import dataclasses
 import ipaddress
 import json
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from nodemesh.errors import NoCluster, NodemeshError
@@ -298,54 +299,62 @@ MAPS_HELP = ("maps: BPF map sizes in entries (nm_events: bytes, a power of 2 >= 
              "or edit this block and restart the agents")
 
 
-def parse_map_sizes(items: list[str] | None) -> dict[str, int]:
-    """`--map-size NAME=N` values → {name: N}; a clear error (exit 2) for an unknown map or a
-    bad size."""
-    out: dict[str, int] = {}
+def _named_values(items: list[str] | None, flag: str, what: str, known: Mapping[str, int],
+                  example: str) -> Iterator[tuple[str, str, int | None]]:
+    """`FLAG NAME=N` items → (item, name, N or None when not an integer); a clear error (exit 2)
+    for an item that is not NAME=N or names no known `what`."""
     for item in items or []:
         name, sep, value = item.partition("=")
         name = name.strip()
         if not sep:
-            raise NodemeshError(f"{MAP_SIZE_FLAG} {item!r}: must be NAME=N, e.g. nm_lb4_svc=131072",
-                                2)
-        if name not in MAP_SIZE_DEFAULTS:
-            raise NodemeshError(f"{MAP_SIZE_FLAG} {item!r}: no map {name!r} (maps: "
-                                f"{', '.join(sorted(MAP_SIZE_DEFAULTS))})", 2)
+            raise NodemeshError(f"{flag} {item!r}: must be NAME=N, e.g. {example}", 2)
+        if name not in known:
+            raise NodemeshError(f"{flag} {item!r}: no {what} {name!r} ({what}s: "
+                                f"{', '.join(sorted(known))})", 2)
         try:
-            n = int(value)
+            yield item, name, int(value)
         except ValueError:
-            n = 0
+            yield item, name, None
+
+
+def parse_map_sizes(items: list[str] | None) -> dict[str, int]:
+    """`--map-size NAME=N` values → {name: N}; a clear error (exit 2) for an unknown map or a
+    bad size."""
+    out: dict[str, int] = {}
+    for item, name, n in _named_values(items, MAP_SIZE_FLAG, "map", MAP_SIZE_DEFAULTS,
+                                       "nm_lb4_svc=131072"):
         if name == "nm_events":
-            if not 4096 <= n <= 1 << 30 or n & (n - 1):
+            if n is None or not 4096 <= n <= 1 << 30 or n & (n - 1):
                 raise NodemeshError(f"{MAP_SIZE_FLAG} {item!r}: nm_events is a ring buffer; its "
                                     "size is bytes, a power of 2 from 4096 to 1073741824", 2)
-        elif not 1 <= n <= MAP_SIZE_MAX:
+        elif n is None or not 1 <= n <= MAP_SIZE_MAX:
             raise NodemeshError(f"{MAP_SIZE_FLAG} {item!r}: N must be an integer from 1 to "
                                 f"{MAP_SIZE_MAX}", 2)
         out[name] = n
     return out
 
 
-_NEW_CLUSTER_MAPS: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar(
-    "new_cluster_maps", default=None)
+_NEW_CLUSTER: contextvars.ContextVar[dict[str, dict[str, int]] | None] = contextvars.ContextVar(
+    "new_cluster_settings", default=None)
 
 
 @contextlib.contextmanager
-def map_sizes_for_new_cluster(sizes: dict[str, int]):
-    """The map sizes `plan_cluster` writes into a new cluster.json while this is entered
-    (`nodemesh up --map-size`)."""
-    token = _NEW_CLUSTER_MAPS.set(dict(sizes))
+def map_sizes_for_new_cluster(sizes: dict[str, int], limits: dict[str, int] | None = None):
+    """The map sizes (and limits) `plan_cluster` writes into a new cluster.json while this is
+    entered (`nodemesh up --map-size`, `--limit`)."""
+    token = _NEW_CLUSTER.set({"maps": dict(sizes), "limits": dict(limits or {})})
     try:
         yield
     finally:
-        _NEW_CLUSTER_MAPS.reset(token)
+        _NEW_CLUSTER.reset(token)
 
 
 def with_planned_maps(cfg: ClusterConfig) -> ClusterConfig:
     """A planned cluster with its map sizes and limits: the defaults and what `--map-size` and
     `--limit` asked for."""
-    return dataclasses.replace(cfg, maps={**MAP_SIZE_DEFAULTS, **(_NEW_CLUSTER_MAPS.get() or {})},
-                               limits={**LIMIT_DEFAULTS, **(_NEW_CLUSTER_LIMITS.get() or {})})
+    asked = _NEW_CLUSTER.get() or {}
+    return dataclasses.replace(cfg, maps={**MAP_SIZE_DEFAULTS, **asked.get("maps", {})},
+                               limits={**LIMIT_DEFAULTS, **asked.get("limits", {})})
 
 
 # ---- Limits (cluster.json "limits") -------------------------------------------------------------
@@ -371,34 +380,10 @@ LIMIT_RODATA = {"events_per_second": "nm_event_rate", "event_burst": "nm_event_b
 def parse_limits(items: list[str] | None) -> dict[str, int]:
     """`--limit NAME=N` values, checked (exit 2 naming the flag and the problem)."""
     out: dict[str, int] = {}
-    for item in items or []:
-        name, eq, value = item.partition("=")
-        if not eq:
-            raise NodemeshError(f"{LIMIT_FLAG} {item!r}: must be NAME=N, e.g. "
-                                "events_per_second=50000", 2)
-        if name not in LIMIT_DEFAULTS:
-            raise NodemeshError(f"{LIMIT_FLAG} {item!r}: no limit {name!r} (limits: "
-                                f"{', '.join(sorted(LIMIT_DEFAULTS))})", 2)
-        try:
-            n = int(value)
-        except ValueError:
-            n = -1
-        if not 0 <= n <= LIMIT_MAX:
+    for item, name, n in _named_values(items, LIMIT_FLAG, "limit", LIMIT_DEFAULTS,
+                                       "events_per_second=50000"):
+        if n is None or not 0 <= n <= LIMIT_MAX:
             raise NodemeshError(f"{LIMIT_FLAG} {item!r}: N must be an integer from 0 (no "
                                 f"budget) to {LIMIT_MAX}", 2)
         out[name] = n
     return out
-
-
-_NEW_CLUSTER_LIMITS: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar(
-    "new_cluster_limits", default=None)
-
-
-@contextlib.contextmanager
-def limits_for_new_cluster(limits: dict[str, int]):
-    """The limits `plan_cluster` writes into a new cluster.json while this is entered."""
-    token = _NEW_CLUSTER_LIMITS.set(dict(limits))
-    try:
-        yield
-    finally:
-        _NEW_CLUSTER_LIMITS.reset(token)
