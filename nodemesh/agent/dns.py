@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from nodemesh.cluster.config import CLUSTER_DOMAIN
 from nodemesh.model.labels import service_selects
+from nodemesh.model.nodes import unreachable_nodes
 
 log = logging.getLogger("nodemesh.dns")
 TTL = 5
@@ -48,8 +49,10 @@ def _ready(pod: dict) -> bool:
 
 
 def build_records(services: Iterable[dict], pods: Iterable[dict],
-                  domain: str = CLUSTER_DOMAIN) -> Records:
+                  domain: str = CLUSTER_DOMAIN, nodes: Iterable[dict] = ()) -> Records:
+    """`nodes`: a headless service's name leaves out pods on an unreachable node."""
     pods = list(pods)
+    out_of_service = unreachable_nodes(nodes)
     rec = Records()
     for p in pods:
         ip = (p.get("status") or {}).get("podIP")
@@ -66,6 +69,7 @@ def build_records(services: Iterable[dict], pods: Iterable[dict],
             rec.a[fqdn] = sorted(
                 p["status"]["podIP"] for p in pods
                 if p["metadata"]["namespace"] == meta["namespace"] and _ready(p)
+                and (p.get("spec") or {}).get("nodeName") not in out_of_service
                 and (p.get("status") or {}).get("podIP")
                 and service_selects(spec.get("selector"), p["metadata"].get("labels") or {}))
         for port in spec.get("ports") or []:

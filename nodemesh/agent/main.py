@@ -31,6 +31,7 @@ from nodemesh.errors import NodemeshError
 from nodemesh.host import netns
 from nodemesh.host.files import write_json_atomic
 from nodemesh.host.procs import ProcRef
+from nodemesh.model.nodes import lease_object
 from nodemesh.observe.agentevents import AgentEventType, agent_event
 from nodemesh.observe.filters import FlowFilter, matches
 from nodemesh.observe.metrics import AgentCollector, AgentMetrics
@@ -38,11 +39,10 @@ from nodemesh.observe.ring import FlowRing, as_flow
 from nodemesh.proxy.envoy import HotRestart
 from nodemesh.route import PROXY_IP
 from nodemesh.store import open_store
-from nodemesh.store.base import now_rfc3339
+from nodemesh.store.base import now_micro, now_rfc3339
 from nodemesh.store.informer import Informer
 
 log = logging.getLogger("nodemesh.agent")
-HEARTBEAT_SECONDS = 5.0
 
 
 class Agent:
@@ -86,10 +86,13 @@ class Agent:
         self._wake: asyncio.Event | None = None
         self._dns_dirty = True
         self._stopping = False
+        self._lease_acquired = ""
 
     # ---- wiring ------------------------------------------------------------------------------
     def _on_change(self, kinds: set[str]) -> None:
-        if kinds & {"Service", "Pod", "*"}:
+        if kinds <= {"Lease"}:
+            return  # (leases renewed: nothing this node runs depends on them)
+        if kinds & {"Service", "Pod", "Node", "*"}:
             self._dns_dirty = True
         loop, wake = self._loop, self._wake
         if wake is not None:
@@ -105,8 +108,8 @@ class Agent:
         await asyncio.to_thread(self.informer.wait_synced)
         # DNS first (it needs only the store): records first, so queries queued while no agent
         # ran are answered as soon as we listen.
-        k = self.informer.kinds(("Service", "Pod"))
-        self.dns.records = build_records(k["Service"], k["Pod"])
+        k = self.informer.kinds(("Service", "Pod", "Node"))
+        self.dns.records = build_records(k["Service"], k["Pod"], nodes=k["Node"])
         self._dns_dirty = False
         await self.dns.start()
         # The datapath adopts what the previous agent left pinned, then catches up.
@@ -212,8 +215,8 @@ class Agent:
             with self.metrics.timed("pods"):
                 if self._dns_dirty:
                     self._dns_dirty = False
-                    k = self.informer.kinds(("Service", "Pod"))
-                    self.dns.records = build_records(k["Service"], k["Pod"])
+                    k = self.informer.kinds(("Service", "Pod", "Node"))
+                    self.dns.records = build_records(k["Service"], k["Pod"], nodes=k["Node"])
                 self.pods.reconcile()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
@@ -227,27 +230,43 @@ class Agent:
             await asyncio.sleep(0.2)
 
     async def _heartbeat_loop(self) -> None:
+        """Renew the node's lease every third of its duration (Kubernetes' kubelet renews at a
+        quarter): the node lifecycle controller takes the node out of service when it lapses."""
+        await asyncio.to_thread(self._heartbeat)
+        period = self.cfg.node_lease_seconds / 3
         while True:
+            started = time.monotonic()
             try:
-                await asyncio.to_thread(self._heartbeat)
+                await asyncio.to_thread(self._renew_lease)
             except Exception:
-                log.exception("heartbeat failed")
+                log.exception("lease renewal failed")
             # glibc keeps freed memory of C extensions (protobuf, gRPC) in its heaps; give it
             # back, the agent's footprint is part of what the mesh costs a node.
             _malloc_trim()
-            await asyncio.sleep(HEARTBEAT_SECONDS)
+            await asyncio.sleep(max(0.0, period - (time.monotonic() - started)))
+
+    def _renew_lease(self) -> None:
+        now = now_micro()
+        if not self._lease_acquired:
+            self._lease_acquired = now
+        lease = lease_object(self.node.name, self.node.name, self.cfg.node_lease_seconds, now,
+                             self._lease_acquired)
+        for attempt in self.store.retrying():
+            with attempt as t:
+                t.put(lease)
 
     def _heartbeat(self) -> None:
+        """The Node's conditions the agent owns (DatapathTablesFull); Ready is the node
+        lifecycle controller's, from the lease."""
         with self.store.transaction() as t:
             node = t.get("Node", "", self.node.name)
             if node is None:
                 return
             status = dict(node.get("status") or {})
-            status["conditions"] = [{"type": "Ready", "status": "True",
-                                     "lastHeartbeatTime": now_rfc3339(),
-                                     "reason": "AgentReady",
-                                     "message": f"agent pid {os.getpid()}"},
-                                    *self._tables_condition()]
+            own = self._tables_condition()
+            kept = [c for c in status.get("conditions") or []
+                    if c.get("type") not in {o["type"] for o in own}]
+            status["conditions"] = [*kept, *own]
             t.put_status("Node", "", self.node.name, status)
 
     # ---- exhausted tables: the Node's DatapathTablesFull condition -----------------------------

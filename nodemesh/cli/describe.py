@@ -131,7 +131,9 @@ def describe(obj: dict, store: Store, mesh: dict | None = None) -> str:
     elif kind == "Node":
         lines += _kv([("Pod CIDR", spec.get("podCIDR")),
                       ("Addresses", ", ".join(f"{a['type']}={a['address']}"
-                                              for a in status.get("addresses") or []))])
+                                              for a in status.get("addresses") or [])),
+                      ("Taints", ", ".join(f"{t['key']}:{t.get('effect', '')}"
+                                           for t in spec.get("taints") or []) or "<none>")])
         lines.append("Conditions:")
         lines += _conditions(status.get("conditions"))
     if kind in ("HTTPRoute", "GRPCRoute") or "parents" in status:

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--etcd-ca", default=None, help="CA certificate of --etcd-endpoints (PEM)")
     sp.add_argument("--etcd-cert", default=None, help="client certificate for --etcd-endpoints")
     sp.add_argument("--etcd-key", default=None, help="client key for --etcd-endpoints")
+    sp.add_argument("--node-lease-seconds", type=int, default=15, metavar="N",
+                    help="a node whose agent has not renewed its lease for N seconds goes "
+                         "NotReady and its pods leave every service (default 15, 2-3600)")
     # BPF map sizes (cluster.json "maps"; docs/reliability.md "Exhausted tables")
     sp.add_argument("--map-size", action="append", default=[], metavar="NAME=N",
                     help="size of a BPF map, e.g. nm_lb4_svc=131072 (repeatable; nm_events in "
@@ -186,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("bench_args", nargs=argparse.REMAINDER,
                     help="options of the benchmark (--quick, --out DIR; see --help there)")
 
-    sp = cmd("agent", c.cmd_agent, "run a node's agent (started by the cluster daemon)")
+    sp = cmd("agent", c.cmd_agent, "run a node's agent (started by the cluster daemon); "
+             "hold: the daemon does not start it again when it exits; release: it does")
+    sp.add_argument("action", nargs="?", choices=["hold", "release"], default=None)
     sp.add_argument("--node", required=True)
     cmd("daemon", c.cmd_daemon, "run the cluster daemon (started by `nodemesh up`)")
     cmd("version", c.cmd_version, "print the version")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from nodemesh.model.endpointslice import selects_pods, slice_backends
 from nodemesh.model.labels import service_selects
 
 PROXY_IP = "169.254.42.1"
@@ -74,15 +75,31 @@ class ServicePort:
 
 
 @dataclass(frozen=True)
+class SliceEndpoint:
+    """A backend of a Service without a selector, from its EndpointSlices: address, number
+    (the slice port's), and the pod it names ("namespace/name", or the address) and its node."""
+
+    ip: str
+    port: int
+    ref: str
+    node: str = ""
+
+
+@dataclass(frozen=True)
 class Service:
     namespace: str
     name: str
     cluster_ip: str | None  # None: headless (or not allocated yet): no frontend to intercept
     ports: tuple[ServicePort, ...]
     selector: Mapping[str, str] = field(default_factory=dict)  # empty: selects no pod
+    # A Service without a selector: its ready EndpointSlice endpoints per (port name,
+    # protocol); None for a Service whose endpoints are the pods it selects.
+    slice_endpoints: Mapping[tuple[str, str], tuple[SliceEndpoint, ...]] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "selector", _frozen_map(self.selector))
+        if self.slice_endpoints is not None:
+            object.__setattr__(self, "slice_endpoints", MappingProxyType(dict(self.slice_endpoints)))
 
     @property
     def ref(self) -> str:
@@ -97,7 +114,10 @@ class Service:
         return pod.namespace == self.namespace and service_selects(self.selector, pod.labels)
 
     @classmethod
-    def from_object(cls, obj: Mapping[str, Any]) -> Service:
+    def from_object(cls, obj: Mapping[str, Any], slices: Iterable[Mapping[str, Any]] = (),
+                    unreachable: frozenset[str] = frozenset()) -> Service:
+        """`slices`: the Service's own EndpointSlices (used only when it has no selector);
+        `unreachable`: nodes whose endpoints are no backend."""
         meta, spec = obj["metadata"], obj.get("spec") or {}
         ip = spec.get("clusterIP")
         ports = tuple(
@@ -105,9 +125,22 @@ class Service:
                         name=p.get("name") or "", protocol=p.get("protocol") or "TCP",
                         app_protocol=p.get("appProtocol"))
             for p in spec.get("ports") or [])
-        return cls(namespace=meta.get("namespace") or "default", name=meta["name"],
+        namespace = meta.get("namespace") or "default"
+        from_slices = None
+        if not selects_pods(obj):
+            slices = list(slices)
+            from_slices = {}
+            for p in ports:
+                eps = []
+                for addr, number, ep in slice_backends(slices, p.name, p.protocol, unreachable):
+                    target = ep.get("targetRef") or {}
+                    ref = (f"{target.get('namespace') or namespace}/{target['name']}"
+                           if target.get("kind", "Pod") == "Pod" and target.get("name") else addr)
+                    eps.append(SliceEndpoint(addr, number, ref, ep.get("nodeName") or ""))
+                from_slices[(p.name, p.protocol)] = tuple(eps)
+        return cls(namespace=namespace, name=meta["name"],
                    cluster_ip=ip if ip and ip != "None" else None, ports=ports,
-                   selector=spec.get("selector") or {})
+                   selector=spec.get("selector") or {}, slice_endpoints=from_slices)
 
 
 @dataclass(frozen=True)
