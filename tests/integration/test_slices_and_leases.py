@@ -171,8 +171,9 @@ def _wait(what: str, fn, timeout: float) -> float:
 def test_a_node_whose_agent_is_killed_goes_not_ready_and_its_pods_leave_every_service(
         cluster: Cluster, capsys) -> None:
     c = cluster
-    leases = c.run("get", "leases", "-n", "kube-node-lease").out
-    assert "node1" in leases and "node2" in leases and "HOLDER" in leases
+    leases = c.run("get", "leases", "-n", "kube-node-lease", "-o", "wide").out
+    assert "node1" in leases and "node2" in leases and "HOLDER" in leases and "RENEWED" in leases
+    assert f"{LEASE}s" in leases
     assert _node_status(c, "node2") == "Ready"
     assert set(pods_hit(c, "web")) == {"srv1", "srv2"}
 
