@@ -92,14 +92,25 @@ class Service:
     cluster_ip: str | None  # None: headless (or not allocated yet): no frontend to intercept
     ports: tuple[ServicePort, ...]
     selector: Mapping[str, str] = field(default_factory=dict)  # empty: selects no pod
-    # A Service without a selector: its ready EndpointSlice endpoints per (port name,
-    # protocol); None for a Service whose endpoints are the pods it selects.
-    slice_endpoints: Mapping[tuple[str, str], tuple[SliceEndpoint, ...]] | None = None
+    # A Service without a selector: its EndpointSlices (None for a Service whose endpoints
+    # are the pods it selects), and the nodes whose endpoints are no backend.
+    slices: tuple[Mapping[str, Any], ...] | None = None
+    unreachable: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "selector", _frozen_map(self.selector))
-        if self.slice_endpoints is not None:
-            object.__setattr__(self, "slice_endpoints", MappingProxyType(dict(self.slice_endpoints)))
+
+    def slice_endpoints(self, port: ServicePort) -> tuple[SliceEndpoint, ...]:
+        """The ready endpoints of the Service's slices for `port` (by name and protocol, as
+        kube-proxy matches them); computed when a route needs them, not for every Service."""
+        out = []
+        for addr, number, ep in slice_backends(self.slices or (), port.name, port.protocol,
+                                               self.unreachable):
+            target = ep.get("targetRef") or {}
+            ref = (f"{target.get('namespace') or self.namespace}/{target['name']}"
+                   if target.get("kind", "Pod") == "Pod" and target.get("name") else addr)
+            out.append(SliceEndpoint(addr, number, ref, ep.get("nodeName") or ""))
+        return tuple(out)
 
     @property
     def ref(self) -> str:
@@ -125,22 +136,10 @@ class Service:
                         name=p.get("name") or "", protocol=p.get("protocol") or "TCP",
                         app_protocol=p.get("appProtocol"))
             for p in spec.get("ports") or [])
-        namespace = meta.get("namespace") or "default"
-        from_slices = None
-        if not selects_pods(obj):
-            slices = list(slices)
-            from_slices = {}
-            for p in ports:
-                eps = []
-                for addr, number, ep in slice_backends(slices, p.name, p.protocol, unreachable):
-                    target = ep.get("targetRef") or {}
-                    ref = (f"{target.get('namespace') or namespace}/{target['name']}"
-                           if target.get("kind", "Pod") == "Pod" and target.get("name") else addr)
-                    eps.append(SliceEndpoint(addr, number, ref, ep.get("nodeName") or ""))
-                from_slices[(p.name, p.protocol)] = tuple(eps)
-        return cls(namespace=namespace, name=meta["name"],
+        return cls(namespace=meta.get("namespace") or "default", name=meta["name"],
                    cluster_ip=ip if ip and ip != "None" else None, ports=ports,
-                   selector=spec.get("selector") or {}, slice_endpoints=from_slices)
+                   selector=spec.get("selector") or {},
+                   slices=None if selects_pods(obj) else tuple(slices), unreachable=unreachable)
 
 
 @dataclass(frozen=True)

@@ -110,8 +110,8 @@ class _Builder:
         Service without a selector, the ready endpoints of its EndpointSlices (as pods: the
         pod at that address when there is one, so that L7 policy and names follow it)."""
         out = []
-        if svc.slice_endpoints is not None:
-            for ep in svc.slice_endpoints.get((port.name, port.protocol), ()):
+        if svc.slices is not None:
+            for ep in svc.slice_endpoints(port):
                 pod = self.pods_by_ip.get(ep.ip)
                 if pod is None:
                     ns, _, name = ep.ref.rpartition("/")
