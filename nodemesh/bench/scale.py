@@ -314,6 +314,15 @@ def markdown(sec: dict[str, Any]) -> list[str]:
     return [*L, ""]
 
 
+def _frame(ax: Any, title: str, unit: str) -> None:
+    ax.set_xscale("log")
+    ax.set_xlabel("services (10 endpoints each)")
+    ax.set_ylabel(unit)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+
+
 def plot(plt: Any, sec: dict[str, Any], path: str) -> list[str]:
     pts = sec.get("points") or []
     if not pts:
@@ -323,25 +332,15 @@ def plot(plt: Any, sec: dict[str, Any], path: str) -> list[str]:
     for n in sorted(pts[0]["agent_rss_mb"]):
         a1.plot(xs, [p["agent_rss_mb"].get(n) for p in pts], "o-", label=f"agent RSS, {n}")
     a1.axhline(TARGET_AGENT_RSS_MB, color="grey", ls=":", label="target at 1,000")
-    a1.set_xscale("log")
-    a1.set_xlabel("services (10 endpoints each)")
-    a1.set_ylabel("MB")
-    a1.set_title("Agent memory")
-    a1.legend(fontsize=8)
-    a1.grid(True, which="both", alpha=0.3)
-    a2.plot(xs, [p["change"].get("p99_ms") for p in pts], "o-", label="one change, p99 (ms)")
-    a2.plot(xs, [p["change"].get("p50_ms") for p in pts], "o--", label="one change, p50 (ms)")
-    a2.plot(xs, [(p["converge_s"] or 0) * 1000 for p in pts], "s-", label="convergence of the step (ms)")
+    _frame(a1, "Agent memory", "MB")
+    a2.plot(xs, [p["change"].get("p99_ms") for p in pts], "o-", label="one change, p99")
+    a2.plot(xs, [p["change"].get("p50_ms") for p in pts], "o--", label="one change, p50")
+    a2.plot(xs, [(p["converge_s"] or 0) * 1000 for p in pts], "s-", label="convergence of the step")
     a2.plot(xs, [(p["relist"].get("seconds_max") or 0) * 1000 for p in pts], "^-",
-            label="relist after compaction (ms)")
+            label="relist after compaction")
     a2.axhline(TARGET_CHANGE_P99_MS, color="grey", ls=":", label="100 ms")
-    a2.set_xscale("log")
     a2.set_yscale("log")
-    a2.set_xlabel("services (10 endpoints each)")
-    a2.set_ylabel("ms")
-    a2.set_title("Time to effect on every node")
-    a2.legend(fontsize=8)
-    a2.grid(True, which="both", alpha=0.3)
+    _frame(a2, "Time to effect on every node", "ms")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -117,6 +117,8 @@ def test_a_slice_round_trips_and_lists(cluster: Cluster) -> None:
     assert [e["conditions"]["ready"] for e in got["endpoints"]] == [True, True, False]  # type: ignore[index]
     table = cluster.run("get", "endpointslices", "-o", "wide").out
     assert "ext-1" in table and "IPv4" in table and "8080" in table and "ext" in table
+    described = cluster.run("describe", "endpointslice", "ext-1").out
+    assert "http 8080/TCP" in described and "false" in described and "idle" in described
     again = cluster.run("get", "endpointslice", "ext-1", "-o", "yaml").out
     cluster.run("apply", "-f", "-", input=again)  # what get -o yaml prints applies unchanged
 
