@@ -106,6 +106,9 @@ class Agent:
         self.informer.add_listener(self._on_change)
         self.informer.start()
         await asyncio.to_thread(self.informer.wait_synced)
+        # The lease from now on: the node's datapath keeps serving while an agent restarts, so
+        # an agent that runs and reaches the store holds it (a kubelet, too, renews early).
+        lease_task = asyncio.create_task(self._lease_loop())
         # DNS first (it needs only the store): records first, so queries queued while no agent
         # ran are answered as soon as we listen.
         k = self.informer.kinds(("Service", "Pod", "Node"))
@@ -139,9 +142,9 @@ class Agent:
             f"agent started (pid {os.getpid()}, pods adopted: {len(self.pods.local)})",
             pid=os.getpid(), pods_adopted=len(self.pods.local)))
         self._stopped = asyncio.Event()
-        tasks = [asyncio.create_task(self._reconcile_loop()),
-                 asyncio.create_task(self._status_loop()),
-                 asyncio.create_task(self._heartbeat_loop())]
+        await asyncio.to_thread(self._heartbeat)
+        tasks = [lease_task, asyncio.create_task(self._reconcile_loop()),
+                 asyncio.create_task(self._status_loop())]
         if self.proxy is not None:
             tasks.append(asyncio.create_task(self.proxy.run(self._stopped)))
         while not self._stopping:
@@ -229,10 +232,9 @@ class Agent:
                 log.exception("status report failed")
             await asyncio.sleep(0.2)
 
-    async def _heartbeat_loop(self) -> None:
+    async def _lease_loop(self) -> None:
         """Renew the node's lease every third of its duration (Kubernetes' kubelet renews at a
         quarter): the node lifecycle controller takes the node out of service when it lapses."""
-        await asyncio.to_thread(self._heartbeat)
         period = self.cfg.node_lease_seconds / 3
         while True:
             started = time.monotonic()
