@@ -113,3 +113,30 @@ def test_apply_node_update_sets_the_condition_and_taints_and_keeps_the_rest():
     spec_obj, status = apply_node_update(out, back, T)
     assert [t["key"] for t in spec_obj["spec"]["taints"]] == ["example.com/other"]
     assert node_status_text({**spec_obj, "status": status}) == "Ready"
+
+
+def test_the_informer_says_since_when_it_follows_the_store_without_a_gap(tmp_path):
+    import time
+
+    from nodemesh.store.informer import Informer
+    from nodemesh.store.sqlite import SqliteStore
+
+    inf = Informer(SqliteStore(str(tmp_path / "store.db")))
+    assert inf.following_since() is None  # not started: nothing followed yet
+    inf.start()
+    try:
+        assert inf.wait_synced(5)
+        first = inf.following_since()
+        assert first is not None and first <= time.monotonic()
+        time.sleep(0.1)
+        assert inf.following_since() == first  # still the same unbroken stretch
+        inf._last_answer -= Informer.FOLLOW_GAP_SECONDS + 1  # as if this process had stopped
+        assert inf.following_since() is None
+        deadline = time.monotonic() + 3
+        while inf.following_since() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        again = inf.following_since()
+        assert again is not None and again > first  # a new stretch begins after the gap
+    finally:
+        inf.stop()
+        inf.join(2)
