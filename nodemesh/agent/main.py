@@ -31,6 +31,7 @@ from nodemesh.errors import NodemeshError
 from nodemesh.host import netns
 from nodemesh.host.files import write_json_atomic
 from nodemesh.host.procs import ProcRef
+from nodemesh.model.nodes import lease_object
 from nodemesh.observe.agentevents import AgentEventType, agent_event
 from nodemesh.observe.filters import FlowFilter, matches
 from nodemesh.observe.metrics import AgentCollector, AgentMetrics
@@ -38,11 +39,10 @@ from nodemesh.observe.ring import FlowRing, as_flow
 from nodemesh.proxy.envoy import HotRestart
 from nodemesh.route import PROXY_IP
 from nodemesh.store import Store, open_store
-from nodemesh.store.base import now_rfc3339
+from nodemesh.store.base import now_micro, now_rfc3339
 from nodemesh.store.informer import Informer
 
 log = logging.getLogger("nodemesh.agent")
-HEARTBEAT_SECONDS = 5.0
 
 
 class NoPods:
@@ -107,9 +107,12 @@ class Agent:
         self.started = time.time()
         self._wake: asyncio.Event | None = None
         self._stopping = False
+        self._lease_acquired = ""
 
     # ---- wiring ------------------------------------------------------------------------------
     def _on_change(self, kinds: set[str]) -> None:
+        if kinds <= {"Lease"}:
+            return  # (leases renewed: nothing this node runs depends on them)
         loop, wake = self._loop, self._wake
         if wake is not None:
             loop.call_soon_threadsafe(wake.set)
@@ -122,6 +125,10 @@ class Agent:
         self.informer.add_listener(self._on_change)
         self.informer.start()
         await asyncio.to_thread(self.informer.wait_synced)
+        # The lease from now on: the node's datapath keeps serving while an agent restarts, so
+        # an agent that runs and reaches the store holds it (a kubelet, too, renews early).
+        # (Kubernetes mode: the kubelet holds the node's lease.)
+        lease_task = None if self.kubernetes else asyncio.create_task(self._lease_loop())
         # The datapath adopts what the previous agent left pinned, then catches up.
         if self.datapath is not None and self.reconciler is not None:
             await asyncio.to_thread(self.datapath.start)
@@ -149,9 +156,9 @@ class Agent:
             f"agent started (pid {os.getpid()}, pods adopted: {len(self.pods.local)})",
             pid=os.getpid(), pods_adopted=len(self.pods.local)))
         self._stopped = asyncio.Event()
-        tasks = [asyncio.create_task(self._reconcile_loop()),
-                 asyncio.create_task(self._status_loop()),
-                 asyncio.create_task(self._heartbeat_loop())]
+        await asyncio.to_thread(self._heartbeat)
+        tasks = [*([lease_task] if lease_task else []), asyncio.create_task(self._reconcile_loop()),
+                 asyncio.create_task(self._status_loop())]
         if self.proxy is not None:
             tasks.append(asyncio.create_task(self.proxy.run(self._stopped)))
         while not self._stopping:
@@ -240,18 +247,34 @@ class Agent:
                 log.exception("status report failed")
             await asyncio.sleep(0.2)
 
-    async def _heartbeat_loop(self) -> None:
+    async def _lease_loop(self) -> None:
+        """Renew the node's lease every third of its duration (Kubernetes' kubelet renews at a
+        quarter): the node lifecycle controller takes the node out of service when it lapses."""
+        period = self.cfg.node_lease_seconds / 3
         while True:
+            started = time.monotonic()
             try:
-                await asyncio.to_thread(self._heartbeat)
+                await asyncio.to_thread(self._renew_lease)
             except Exception:
-                log.exception("heartbeat failed")
+                log.exception("lease renewal failed")
             # glibc keeps freed memory of C extensions (protobuf, gRPC) in its heaps; give it
             # back, the agent's footprint is part of what the mesh costs a node.
             _malloc_trim()
-            await asyncio.sleep(HEARTBEAT_SECONDS)
+            await asyncio.sleep(max(0.0, period - (time.monotonic() - started)))
+
+    def _renew_lease(self) -> None:
+        now = now_micro()
+        if not self._lease_acquired:
+            self._lease_acquired = now
+        lease = lease_object(self.node.name, self.node.name, self.cfg.node_lease_seconds, now,
+                             self._lease_acquired)
+        for attempt in self.store.retrying():
+            with attempt as t:
+                t.put(lease)
 
     def _heartbeat(self) -> None:
+        """The Node's conditions the agent owns (DatapathTablesFull); Ready is the node
+        lifecycle controller's, from the lease."""
         if self.kubernetes:  # the kubelet reports the Node; the agent's own state is in /status
             return
         with self.store.transaction() as t:
@@ -259,11 +282,10 @@ class Agent:
             if node is None:
                 return
             status = dict(node.get("status") or {})
-            status["conditions"] = [{"type": "Ready", "status": "True",
-                                     "lastHeartbeatTime": now_rfc3339(),
-                                     "reason": "AgentReady",
-                                     "message": f"agent pid {os.getpid()}"},
-                                    *self._tables_condition()]
+            own = self._tables_condition()
+            kept = [c for c in status.get("conditions") or []
+                    if c.get("type") not in {o["type"] for o in own}]
+            status["conditions"] = [*kept, *own]
             t.put_status("Node", "", self.node.name, status)
 
     # ---- exhausted tables: the Node's DatapathTablesFull condition -----------------------------

@@ -44,10 +44,11 @@ from nodemesh.store.identities import allocate_identity
 from nodemesh.store.informer import RESYNC_SECONDS
 
 log = logging.getLogger("nodemesh.reconcile")
+# (Node: its spec only, the taints of the node lifecycle; its status wakes no one.)
 DATAPATH_KINDS = {"Pod", "Service", "Namespace", "NetworkPolicy", "CiliumNetworkPolicy",
-                  "Identity", "PeerAuthentication", "*"}
+                  "Identity", "PeerAuthentication", "EndpointSlice", "Node", "*"}
 PROXY_KINDS = {"Pod", "Service", "Namespace", "HTTPRoute", "GRPCRoute", "CiliumNetworkPolicy",
-               "Identity", "PeerAuthentication", "TrustBundle", "*"}
+               "Identity", "PeerAuthentication", "TrustBundle", "EndpointSlice", "Node", "*"}
 
 
 class NodeReconciler:

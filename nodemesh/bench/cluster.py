@@ -80,6 +80,7 @@ class BenchCluster:
     datapath: str
     nodes: int = 1
     log: Callable[[str], None] = print
+    up_args: tuple[str, ...] = ()  # more `nodemesh up` flags (the scale section's --store etcd)
     _cfg: Any = field(default=None, repr=False)
 
     # ---- CLI ------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ class BenchCluster:
     # ---- lifecycle ------------------------------------------------------------------------
     def up(self) -> None:
         self.cli("up", "--nodes", str(self.nodes), "--name", self.name,
-                 "--datapath", self.datapath, timeout=180)
+                 "--datapath", self.datapath, *self.up_args, timeout=180)
 
     @property
     def cfg(self) -> Any:

@@ -358,6 +358,8 @@ def problems(res: dict[str, Any]) -> list[str]:
             out.append(f"{c['workload']} l7 run {c['run']}: no request crossed the node Envoy")
     if "mtls" in res:
         out += _mtls_problems(res)
+    if (res.get("scale") or {}).get("error"):
+        out.append(f"scale: {res['scale']['error'][-300:]}")
     return out
 
 
@@ -513,6 +515,10 @@ def markdown(res: dict[str, Any]) -> str:
     L += _memory_tables((res.get("memory") or {}).get("points") or [],
                         "## Memory of the mesh's components (MiB)")
     L += _mtls_tables(res, s)
+    if "scale" in res:
+        from nodemesh.bench import scale
+
+        L += scale.markdown(res["scale"])
     return "\n".join(L) + "\n"
 
 
@@ -897,6 +903,10 @@ def plots(res: dict[str, Any], out_dir: str) -> list[str]:
         if pts:
             written += _memory_plot(plt, pts, os.path.join(out_dir, name), what)
     written += _datapath_plot(plt, s.get("datapath") or {}, os.path.join(out_dir, "datapath.png"))
+    if (res.get("scale") or {}).get("points"):
+        from nodemesh.bench import scale
+
+        written += scale.plot(plt, res["scale"], os.path.join(out_dir, "scale.png"))
     return written
 
 

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from nodemesh.bench import memory, workload
+from nodemesh.bench import memory, scale, workload
 from nodemesh.bench.cluster import BenchCluster
 from nodemesh.bench.hostile import DNS_FLOOD, LOOKUPS
 from nodemesh.bench.loadgen import WRK_LUA, cpu_busy_seconds, proc_cpu_seconds
@@ -59,7 +59,8 @@ QUIET_BUSY_CPUS = 0.45  # busy CPUs (of 2) below which the machine counts as qui
 FOREIGN_MAX_CPUS = 0.25  # other processes' CPU during a cell above which it is repeated
 LAG_MAX_US = 200.0  # generator send lag p99 above which the cell is repeated (it was stalled)
 SINGLE_NODE_SECTIONS = ("traffic", "datapath", "change", "hostile", "memory")
-SECTIONS = (*SINGLE_NODE_SECTIONS, "mtls")
+SECTIONS = (*SINGLE_NODE_SECTIONS, "mtls", "scale")
+QUICK_SECTIONS = (*SINGLE_NODE_SECTIONS, "mtls")  # --quick runs scale only when asked
 ALL_MODES = tuple(dict.fromkeys(MODES + MTLS_MODES))
 SIDECAR_CERT_TTL = 24 * 3600  # nodemesh's default --cert-ttl (and Istio's default)
 
@@ -292,15 +293,19 @@ class Bench:
         os.chmod(self.work, 0o755)
         sfx = uuid.uuid4().hex[:5]
 
-        def cluster(tag: str, datapath: str, nodes: int = 1) -> BenchCluster:
+        def cluster(tag: str, datapath: str, nodes: int = 1,
+                    up_args: tuple[str, ...] = ()) -> BenchCluster:
             name = f"nmb{sfx}{tag}"
             return BenchCluster(name, tempfile.mkdtemp(prefix=f"nodemesh-{name}-"), datapath,
-                                nodes=nodes, log=log)
+                                nodes=nodes, log=log, up_args=up_args)
 
         self.plain, self.mesh = cluster("p", "none"), cluster("m", "bpf")
         # The mTLS section's: 2 nodes each; nodemesh's has mutual TLS on (the default).
         self.plain2, self.mesh2 = cluster("tp", "none", 2), cluster("tm", "bpf", 2)
-        self.clusters = (self.plain, self.mesh, self.plain2, self.mesh2)
+        # The scale section's: 2 nodes on etcd (one member), LB maps for 5,000 services.
+        self.scaled = cluster("s", "bpf", 2, ("--store", "etcd", "--store-members", "1", *(
+            a for k, v in scale.MAP_SIZES.items() for a in ("--map-size", f"{k}={v}"))))
+        self.clusters = (self.plain, self.mesh, self.plain2, self.mesh2, self.scaled)
         self.nmrr = os.path.join(self.work, "nmrr")
         self.lua = os.path.join(self.work, "wrk.lua")
         self.l7: dict[str, Any] = {"available": False, "reason": "not checked"}
@@ -1063,6 +1068,35 @@ print(json.dumps(out))
         out["seconds"] = round(time.monotonic() - t0, 1)
 
     # ---- teardown ---------------------------------------------------------------------------
+    def scale(self) -> None:
+        """Services with EndpointSlices on etcd at 100, 1,000 and 5,000 (nodemesh.bench.scale)."""
+        t0 = time.monotonic()
+        steps = scale.QUICK_STEPS if self.plan.quick else scale.STEPS
+        changes = 20 if self.plan.quick else scale.CHANGES
+        log(f"scale: a 2-node cluster on etcd ({self.scaled.name}); steps {steps}")
+        # A control-plane measurement: the cluster gets every CPU (not the traffic sections'
+        # split between the load generator and the servers).
+        mine = os.sched_getaffinity(0)
+        every = set(range(os.cpu_count() or 1))
+        os.sched_setaffinity(0, every)
+        out = os.path.join(self.work, "scale.json")
+        try:
+            self.scaled.up()
+            p = subprocess.run([self.python, "-m", "nodemesh.bench.scale", self.scaled.state_dir,
+                                ",".join(map(str, steps)), str(changes), out],
+                               capture_output=True, text=True, timeout=3600)
+        finally:
+            os.sched_setaffinity(0, mine)
+        for line in p.stderr.splitlines():
+            log(line)
+        if p.returncode != 0:
+            self.results["scale"] = {"error": p.stderr.strip()[-800:]}
+        else:
+            with open(out) as f:
+                self.results["scale"] = json.load(f)
+        self.results["scale"]["seconds"] = round(time.monotonic() - t0, 1)
+        self.scaled.down()
+
     def teardown(self) -> list[str]:
         left: list[str] = []
         with contextlib.suppress(Exception):  # a failed down shows in the leftovers below
@@ -1122,8 +1156,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"comma-separated subset of {','.join(ALL_MODES)} (the traffic section "
                          f"runs those of {','.join(MODES)}, the mtls section those of "
                          f"{','.join(MTLS_MODES)})")
-    ap.add_argument("--sections", default=",".join(SECTIONS),
-                    help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--sections", default=None,
+                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; with "
+                         f"--quick all but scale)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ap.add_argument("--render", metavar="RESULTS_JSON",
                     help="do not measure: write the summary and plots of an earlier run again")
@@ -1139,7 +1174,8 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 1
     modes = tuple(m for m in args.modes.split(",") if m)
-    sections = tuple(s for s in args.sections.split(",") if s)
+    sections = tuple(s for s in (args.sections or ",".join(
+        QUICK_SECTIONS if args.quick else SECTIONS)).split(",") if s)
     bad = [m for m in modes if m not in ALL_MODES] + [s for s in sections if s not in SECTIONS]
     if bad:
         print(f"error: unknown mode or section: {', '.join(bad)}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -14,6 +15,7 @@ from nodemesh.cli.selectors import parse_selector
 from nodemesh.cluster import lifecycle
 from nodemesh.cluster.config import (
     ClusterConfig,
+    check_node_lease_seconds,
     load_cluster,
     map_sizes_for_new_cluster,
     parse_limits,
@@ -76,6 +78,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                        args.store or ("etcd" if args.etcd_endpoints else "sqlite"), args.store_members,
                        args.etcd_endpoints, args.etcd_ca, args.etcd_cert, args.etcd_key)
     ttl = parse_ttl(args.cert_ttl, "--cert-ttl")
+    check_node_lease_seconds(args.node_lease_seconds)
     _require_root("nodemesh up")
     t0 = time.monotonic()
     map_sizes = _stopped_cluster_setting(_state_dir(args), "--map-size",
@@ -85,7 +88,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     with map_sizes_for_new_cluster(map_sizes, limits):
         cfg = lifecycle.up(_state_dir(args), args.nodes, args.name, datapath=args.datapath,
                            mtls=args.mtls, trust_domain=args.trust_domain, cert_ttl_seconds=ttl,
-                           store=store if (args.store or args.etcd_endpoints) else None)
+                           store=store if (args.store or args.etcd_endpoints) else None,
+                           node_lease_seconds=args.node_lease_seconds)
     print(f"cluster {cfg.name} is up in {time.monotonic() - t0:.1f}s; "
           f"try `nodemesh get nodes` and `nodemesh apply -f app.yaml`")
     return 0
@@ -152,6 +156,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             agent = f"pid {st['pid']}"
         except NodemeshError:
             agent = "not running"
+        if os.path.exists(cfg.agent_hold_file(n.name)):
+            agent += " (held)"
         npods = sum(1 for p in pods if p["spec"].get("nodeName") == n.name)
         m = read_json(os.path.join(cfg.node_dir(n.name), "metrics.json")) or {}
         metrics = f"http://127.0.0.1:{m['port']}/metrics" if m.get("port") else "-"
@@ -527,6 +533,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 # ---- daemons -------------------------------------------------------------------------------
 def cmd_agent(args: argparse.Namespace) -> int:
+    """`agent --node N` runs a node's agent (the daemon does that); `agent hold --node N`
+    keeps the daemon from starting it again when it exits (for taking a node out: kill the
+    agent, and its lease lapses); `agent release --node N` lets the daemon start it."""
     from nodemesh.agent.main import run_agent
 
     if args.kubernetes:
@@ -539,7 +548,22 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if not args.node:
         raise NodemeshError("nodemesh agent: --node is required (without --kubernetes)", 2)
     _require_root("nodemesh agent")
-    return run_agent(_cluster(args), args.node)
+    cfg = _cluster(args)
+    if args.action is None:
+        return run_agent(cfg, args.node)
+    cfg.node(args.node)  # (an unknown node is an error naming the nodes)
+    path = cfg.agent_hold_file(args.node)
+    if args.action == "hold":
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(now_rfc3339() + "\n")
+        print(f"agent of {args.node} held: the daemon does not start it again when it exits "
+              f"(`nodemesh agent release --node {args.node}` lets it)")
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        print(f"agent of {args.node} released: the daemon starts it if it is not running")
+    return 0
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:

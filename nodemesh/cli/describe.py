@@ -131,7 +131,9 @@ def describe(obj: dict, store: Store, mesh: dict | None = None) -> str:
     elif kind == "Node":
         lines += _kv([("Pod CIDR", spec.get("podCIDR")),
                       ("Addresses", ", ".join(f"{a['type']}={a['address']}"
-                                              for a in status.get("addresses") or []))])
+                                              for a in status.get("addresses") or [])),
+                      ("Taints", ", ".join(f"{t['key']}:{t.get('effect', '')}"
+                                           for t in spec.get("taints") or []) or "<none>")])
         lines.append("Conditions:")
         lines += _conditions(status.get("conditions"))
     if kind in ("HTTPRoute", "GRPCRoute") or "parents" in status:
@@ -143,7 +145,20 @@ def describe(obj: dict, store: Store, mesh: dict | None = None) -> str:
             lines += _conditions(p.get("conditions"), 4)
         if not status.get("parents"):
             lines.append("  <not yet processed by an agent>")
-    if kind not in ("Pod", "Service", "Deployment", "Node"):
+    if kind == "EndpointSlice":
+        lines += _kv([("AddressType", obj.get("addressType")),
+                      ("Ports", ", ".join(f"{p.get('name') or '<unset>'} {p.get('port')}/"
+                                          f"{p.get('protocol', 'TCP')}"
+                                          for p in obj.get("ports") or []) or "<unset>")])
+        lines.append("Endpoints:")
+        rows = [[", ".join(e.get("addresses") or []),
+                 "false" if (e.get("conditions") or {}).get("ready") is False else "true",
+                 e.get("nodeName") or "<unset>",
+                 (e.get("targetRef") or {}).get("name") or "<unset>"]
+                for e in obj.get("endpoints") or []]
+        lines += ["  " + line for line in
+                  output.table(["ADDRESSES", "READY", "NODE", "TARGET"], rows).splitlines()]
+    if kind not in ("Pod", "Service", "Deployment", "Node", "EndpointSlice"):
         lines.append("Spec:")
         lines += ["  " + line for line in output.to_yaml(spec).splitlines()]
     if "conditions" in status and kind not in ("Pod", "Node"):

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--etcd-ca", default=None, help="CA certificate of --etcd-endpoints (PEM)")
     sp.add_argument("--etcd-cert", default=None, help="client certificate for --etcd-endpoints")
     sp.add_argument("--etcd-key", default=None, help="client key for --etcd-endpoints")
+    sp.add_argument("--node-lease-seconds", type=int, default=15, metavar="N",
+                    help="a node whose agent has not renewed its lease for N seconds goes "
+                         "NotReady and its pods leave every service (default 15, 2-3600)")
     # BPF map sizes (cluster.json "maps"; docs/reliability.md "Exhausted tables")
     sp.add_argument("--map-size", action="append", default=[], metavar="NAME=N",
                     help="size of a BPF map, e.g. nm_lb4_svc=131072 (repeatable; nm_events in "
@@ -191,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="options of the benchmark (--quick, --out DIR; see --help there)")
 
     sp = cmd("agent", c.cmd_agent, "run a node's agent (started by the cluster daemon, or by "
-             "the nodemesh-agent DaemonSet with --kubernetes)")
+             "the nodemesh-agent DaemonSet with --kubernetes); hold: the daemon does not start "
+             "it again when it exits; release: it does")
+    sp.add_argument("action", nargs="?", choices=["hold", "release"], default=None)
     sp.add_argument("--node", help="the node (with --kubernetes: default $NODE_NAME)")
     sp.add_argument("--kubernetes", action="store_true",
                     help="Kubernetes mode: the API server is the store, the kubelet runs the pods")

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import yaml
 
+from nodemesh.model.nodes import node_status_text
 from nodemesh.text import table
 
 
@@ -86,17 +87,9 @@ def service_ports(svc: dict) -> str:
 
 
 def node_ready(node: dict) -> str:
-    for c in (node.get("status") or {}).get("conditions") or []:
-        if c.get("type") == "Ready":
-            if c.get("status") != "True":
-                return "NotReady"
-            hb = c.get("lastHeartbeatTime")
-            if hb:
-                t = datetime.strptime(hb, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-                if (datetime.now(UTC) - t).total_seconds() > 30:
-                    return "NotReady"
-            return "Ready"
-    return "NotReady"
+    """Ready or NotReady, from the Ready condition the node lifecycle controller keeps (the
+    lease: docs/agent.md, "Node leases")."""
+    return node_status_text(node)
 
 
 def _selector_text(sel: dict | None) -> str:
@@ -157,6 +150,26 @@ def columns(kind: str) -> Columns:
             return "<none>"
         return (["NAME", "STATUS", "AGE"], lambda o: [name(o), node_ready(o), created(o)],
                 ["INTERNAL-IP", "POD-CIDR"], lambda o: [addr(o), o["spec"].get("podCIDR", "")])
+    if kind == "Lease":
+        def renewed(o: dict) -> list[str]:
+            spec = o.get("spec") or {}
+            rt = spec.get("renewTime") or ""
+            return [f"{spec.get('leaseDurationSeconds', '')}s",
+                    age(rt.split(".")[0] + "Z" if "." in rt else rt) + " ago" if rt else "never"]
+        return (["NAME", "HOLDER", "AGE"],
+                lambda o: [name(o), (o.get("spec") or {}).get("holderIdentity") or "<none>",
+                           created(o)],
+                ["DURATION", "RENEWED"], renewed)
+    if kind == "EndpointSlice":
+        def eps(o: dict) -> list[str]:
+            ports = ",".join(str(p.get("port", "<unset>")) for p in o.get("ports") or [])
+            addrs = [e["addresses"][0] for e in o.get("endpoints") or [] if e.get("addresses")]
+            shown = ",".join(addrs[:3]) + (f" + {len(addrs) - 3} more..." if len(addrs) > 3 else "")
+            return [name(o), o.get("addressType", ""), ports or "<unset>", shown or "<unset>",
+                    created(o)]
+        return (["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"], eps,
+                ["SERVICE"], lambda o: [(o["metadata"].get("labels") or {}).get(
+                    "kubernetes.io/service-name", "<none>")])
     if kind == "Namespace":
         return (["NAME", "STATUS", "AGE"], lambda o: [name(o), "Active", created(o)], [],
                 lambda o: [])

@@ -34,6 +34,8 @@ CLUSTER_DOMAIN = "cluster.local"
 METRICS_BASE_PORT = 9962
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 DEFAULT_CERT_TTL_SECONDS = 24 * 3600.0
+DEFAULT_NODE_LEASE_SECONDS = 15  # Kubernetes' leaseDurationSeconds is 40; nodemesh reacts sooner
+NODE_LEASE_RANGE = (2, 3600)
 MIN_CERT_TTL_SECONDS = 2.0  # node i serves metrics on 127.0.0.1:(9962 + i - 1) of the host
 
 
@@ -151,6 +153,16 @@ class ClusterConfig:
         return float(self.extra.get("cert_ttl_seconds", DEFAULT_CERT_TTL_SECONDS))
 
     @property
+    def node_lease_seconds(self) -> int:
+        """How long a node's lease lasts: a node whose agent has not renewed it for this long
+        goes NotReady (renewed every third of it; docs/agent.md, "Node leases")."""
+        return int(self.extra.get("node_lease_seconds", DEFAULT_NODE_LEASE_SECONDS))
+
+    def agent_hold_file(self, node: str) -> str:
+        """Present while `nodemesh agent hold` keeps the daemon from (re)starting the agent."""
+        return os.path.join(self.node_dir(node), "agent-hold")
+
+    @property
     def ca_dir(self) -> str:
         """The built-in certificate authority (its key readable by root only)."""
         return os.path.join(self.state_dir, "ca")
@@ -236,9 +248,11 @@ def plan_cluster(name: str, state_dir: str, node_count: int, cgroup_root: str,
                  datapath: str = "bpf", mtls: str = "on",
                  trust_domain: str = DEFAULT_TRUST_DOMAIN,
                  cert_ttl_seconds: float = DEFAULT_CERT_TTL_SECONDS,
-                 store: dict | None = None) -> ClusterConfig:
+                 store: dict | None = None,
+                 node_lease_seconds: int = DEFAULT_NODE_LEASE_SECONDS) -> ClusterConfig:
     """The addresses and names of a new cluster of `node_count` nodes (pure); `store` is what
     `etcdmembers.plan_store` planned (default: SQLite)."""
+    check_node_lease_seconds(node_lease_seconds)
     if not 1 <= node_count <= 16:
         raise NodemeshError(f"--nodes must be 1-16, not {node_count}", 2)
     underlay = list(ipaddress.ip_network(UNDERLAY_CIDR).hosts())
@@ -262,11 +276,18 @@ def plan_cluster(name: str, state_dir: str, node_count: int, cgroup_root: str,
         raise NodemeshError(f"--cert-ttl {cert_ttl_seconds:g}s: must be between "
                             f"{MIN_CERT_TTL_SECONDS:g}s and 366 days", 2)
     extra: dict = {"datapath": datapath, "mtls": mtls if datapath == "bpf" else "off",
-                   "trust_domain": trust_domain, "cert_ttl_seconds": cert_ttl_seconds}
+                   "trust_domain": trust_domain, "cert_ttl_seconds": cert_ttl_seconds,
+                   "node_lease_seconds": int(node_lease_seconds)}
     return with_planned_maps(ClusterConfig(name=name, state_dir=state_dir, nodes=nodes,
                                            cgroup_root=cgroup_root, extra=extra,
                                            store=dict(store or {"type": "sqlite"})))
 
+
+
+def check_node_lease_seconds(seconds: int) -> None:
+    lo, hi = NODE_LEASE_RANGE
+    if not lo <= seconds <= hi:
+        raise NodemeshError(f"--node-lease-seconds {seconds}: must be {lo}-{hi}", 2)
 
 
 def load_cluster(state_dir: str) -> ClusterConfig:

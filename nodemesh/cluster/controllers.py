@@ -1,4 +1,4 @@
-"""Cluster-level controllers: Deployments → Pods, scheduling, and garbage collection.
+"""Cluster-level controllers: Deployments → Pods, scheduling, garbage collection, node lifecycle.
 
 `plan_*` functions are pure (objects in, decisions out) and unit tested; `Controllers.sync` reads
 the store, applies the decisions in one transaction per object, and is what the cluster daemon
@@ -12,10 +12,19 @@ import hashlib
 import json
 import logging
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from nodemesh.cluster import scheduler
+from nodemesh.model.nodes import (
+    LEASE_NAMESPACE,
+    OUT_OF_SERVICE_TAINTS,
+    UNREACHABLE_TAINT,
+    node_status_text,
+    node_unreachable,
+    unreachable_nodes,
+)
 from nodemesh.model.workloads import is_deleting, pod_ready
 from nodemesh.store import Store
 from nodemesh.store.base import now_rfc3339
@@ -167,10 +176,14 @@ class Controllers:
     def schedule(self) -> None:
         pods = self.store.list("Pod")
         placed = [p for p in pods if p["spec"].get("nodeName")]
+        # Not onto a node the lifecycle took out of service (its unreachable taint): such a
+        # pod stays Pending until a node is back.
+        out = unreachable_nodes(self.store.list("Node"))
+        nodes = [n for n in self.nodes if n not in out]
         for p in pods:
             if p["spec"].get("nodeName") or is_deleting(p):
                 continue
-            node = scheduler.choose_node(p, self.nodes, placed)
+            node = scheduler.choose_node(p, nodes, placed)
             if node is None:
                 continue
             with self.store.transaction() as t:
@@ -193,3 +206,147 @@ class Controllers:
                 for o in doomed:
                     request_delete(t, o)
 
+
+
+# ---- node lifecycle: leases → the Node's Ready condition and unreachable taints ------------------
+@dataclass(frozen=True)
+class LeaseSeen:
+    """What the node lifecycle controller last saw of one node's lease: its renewTime, and when
+    (the controller's monotonic clock) that value was first seen. Expiry is measured on the
+    controller's own clock, as Kubernetes does, so the nodes' clocks do not matter. `renewed`:
+    the lease changed while the controller watched (not only found so when it started)."""
+
+    renew_time: str | None
+    since: float
+    renewed: bool = False
+
+
+@dataclass
+class NodeUpdate:
+    """One Node whose Ready condition and taints change."""
+
+    node: str
+    ready: dict
+    unreachable: bool  # add the node.kubernetes.io/unreachable taints (else remove them)
+
+
+def _lease_spec(lease: dict | None) -> dict:
+    return (lease or {}).get("spec") or {}
+
+
+def plan_node_lifecycle(nodes: Sequence[dict], leases: Sequence[dict],
+                        seen: dict[str, LeaseSeen], now: float, now_text: str,
+                        default_seconds: float, following_since: float | None = None
+                        ) -> tuple[dict[str, LeaseSeen], list[NodeUpdate]]:
+    """The node lifecycle controller's decisions (pure).
+
+    `leases` are the ``kube-node-lease`` Leases; `seen` is the previous call's first result;
+    `now` the controller's monotonic clock (`now_text` the wall clock, for conditions);
+    `following_since` when the controller's view of the store became current again (after the
+    store was unreachable or the controller was stopped): no lease expires sooner than its
+    duration after that, since renewals could not be seen before it.
+
+    A node whose lease has not changed for its ``leaseDurationSeconds`` (`default_seconds`
+    without a lease) gets ``Ready=Unknown`` (reason ``LeaseExpired``) and the unreachable taint;
+    a node whose lease is renewed while it watches gets ``Ready=True`` back. A lease found
+    fresh when the controller starts changes nothing until it is renewed or expires.
+    """
+    by_node = {(lease["metadata"]["name"]): lease for lease in leases
+               if lease["metadata"].get("namespace") == LEASE_NAMESPACE}
+    new_seen: dict[str, LeaseSeen] = {}
+    updates: list[NodeUpdate] = []
+    for node in nodes:
+        name = node["metadata"]["name"]
+        lease = by_node.get(name)
+        spec = _lease_spec(lease)
+        renew_time = spec.get("renewTime")
+        seconds = float(spec.get("leaseDurationSeconds") or default_seconds)
+        prev = seen.get(name)
+        if prev is None:
+            cur = LeaseSeen(renew_time, now)
+        elif renew_time != prev.renew_time:
+            cur = LeaseSeen(renew_time, now, renewed=renew_time is not None)
+        else:
+            cur = prev
+        new_seen[name] = cur
+        since = max(cur.since, following_since) if following_since is not None else cur.since
+        expired = now - since > seconds
+        is_ready = node_status_text(node) == "Ready"
+        tainted = node_unreachable(node)
+        ref = f"{LEASE_NAMESPACE}/{name}"
+        if expired:
+            if tainted and not is_ready:
+                continue
+            last = f"last renewed {renew_time}" if renew_time else "never renewed"
+            updates.append(NodeUpdate(name, {
+                "type": "Ready", "status": "Unknown", "reason": "LeaseExpired",
+                "message": f"the agent has not renewed its lease {ref} for {seconds:g}s "
+                           f"({last}); its pods are no backend of any Service until it does",
+                "lastHeartbeatTime": _rfc3339(renew_time), "lastTransitionTime": now_text},
+                unreachable=True))
+        elif cur.renewed and (tainted or not is_ready):
+            updates.append(NodeUpdate(name, {
+                "type": "Ready", "status": "True", "reason": "AgentReady",
+                "message": f"the agent renews its lease {ref} (lease {seconds:g}s)",
+                "lastHeartbeatTime": _rfc3339(renew_time), "lastTransitionTime": now_text},
+                unreachable=False))
+    return new_seen, updates
+
+
+def _rfc3339(micro_time: str | None) -> str | None:
+    """A Lease's MicroTime (2026-12-07T15:04:05.123456Z) at the seconds of a condition."""
+    return micro_time.split(".")[0] + "Z" if micro_time and "." in micro_time else micro_time
+
+
+def apply_node_update(node: dict, update: NodeUpdate, now_text: str) -> tuple[dict, dict]:
+    """The Node's new spec and status for `update` (pure): the Ready condition replaced, the
+    unreachable taints (NoSchedule and NoExecute, as Kubernetes sets them) added or removed,
+    every other condition and taint kept."""
+    new = copy.deepcopy(node)
+    spec = new.setdefault("spec", {})
+    taints = [t for t in spec.get("taints") or [] if t.get("key") not in OUT_OF_SERVICE_TAINTS]
+    if update.unreachable:
+        taints += [{"key": UNREACHABLE_TAINT, "effect": effect, "timeAdded": now_text}
+                   for effect in ("NoSchedule", "NoExecute")]
+    if taints:
+        spec["taints"] = taints
+    else:
+        spec.pop("taints", None)
+    status = copy.deepcopy(node.get("status") or {})
+    conditions = [c for c in status.get("conditions") or [] if c.get("type") != "Ready"]
+    status["conditions"] = [{k: v for k, v in update.ready.items() if v is not None},
+                            *conditions]
+    new.pop("status", None)
+    return new, status
+
+
+class NodeLifecycle:
+    """Runs `plan_node_lifecycle` against the daemon's informer and writes its decisions."""
+
+    def __init__(self, store: Store, informer, default_seconds: float) -> None:
+        self.store = store
+        self.informer = informer
+        self.default_seconds = default_seconds
+        self.seen: dict[str, LeaseSeen] = {}
+
+    def step(self, now: float | None = None) -> list[NodeUpdate]:
+        following = self.informer.following_since()
+        if following is None:
+            return []  # the store is not followed now: nothing can be judged (or written)
+        now = time.monotonic() if now is None else now
+        now_text = now_rfc3339()
+        self.seen, updates = plan_node_lifecycle(
+            self.informer.list("Node"), self.informer.list("Lease", LEASE_NAMESPACE),
+            self.seen, now, now_text, self.default_seconds, following)
+        for u in updates:
+            for attempt in self.store.retrying():
+                with attempt as t:
+                    cur = t.get("Node", "", u.node)
+                    if cur is None:
+                        continue
+                    spec_obj, status = apply_node_update(cur, u, now_text)
+                    t.put(spec_obj)
+                    t.put_status("Node", "", u.node, status)
+            log.warning("node %s: %s (%s)", u.node,
+                        "NotReady" if u.unreachable else "Ready", u.ready["message"])
+        return updates

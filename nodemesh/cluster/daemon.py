@@ -2,8 +2,10 @@
 
 One per local cluster, started by `nodemesh up`. It is a child subreaper, so pod shims and proxies
 that outlive an agent are reparented to it and reaped here. It restarts an agent that dies (with
-backoff) and reconciles Deployments, scheduling and garbage collection whenever the store changes.
-It serves the cluster's DNS on every node's node-local address, so no lookup depends on an agent.
+backoff; not while `nodemesh agent hold` holds it), reconciles Deployments, scheduling and
+garbage collection whenever the store changes, and runs the node lifecycle: a node whose agent
+stops renewing its lease goes NotReady (`controllers.plan_node_lifecycle`). It serves the
+cluster's DNS on every node's node-local address, so no lookup depends on an agent.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import threading
 import time
 
 from nodemesh.cluster.config import NODE_DNS_IP, ClusterConfig
-from nodemesh.cluster.controllers import Controllers
+from nodemesh.cluster.controllers import Controllers, NodeLifecycle
 from nodemesh.cluster.dns import ClusterDns
 from nodemesh.cluster.etcdmembers import MemberSupervisor
 from nodemesh.host import netns, procs
@@ -28,6 +30,7 @@ from nodemesh.store.informer import Informer
 
 log = logging.getLogger("nodemesh.daemon")
 CONTROLLER_RESYNC_SECONDS = 2.0
+LIFECYCLE_STEP_SECONDS = 0.25  # how often leases are looked at (a node goes NotReady this late)
 
 
 def agent_argv(cfg: ClusterConfig, node: str) -> list[str]:
@@ -92,8 +95,20 @@ class AgentSupervisor:
         self.next_start = 0.0
         self.restarts = 0
 
+    @property
+    def held(self) -> bool:
+        """`nodemesh agent hold --node N`: the agent is not started again until released."""
+        return os.path.exists(self.cfg.agent_hold_file(self.node))
+
     def check(self, now: float) -> None:
         if self.ref is not None and self.ref.alive():
+            return
+        if self.held:
+            if self.ref is not None:
+                log.warning("agent of %s exited; held (`nodemesh agent release --node %s` "
+                            "starts it again)", self.node, self.node)
+                self.ref = None
+                self.restarts += 1
             return
         if self.ref is not None:  # it died
             was_ready = ready_agent(self.cfg, self.node) == self.ref
@@ -191,9 +206,10 @@ def run_daemon(cfg: ClusterConfig) -> int:
         trust.start()
         informer.add_listener(
             lambda kinds: changed.set() if kinds & {"TrustBundle", "Node"} else None)
+    node_lifecycle = NodeLifecycle(store, informer, cfg.node_lease_seconds)
     agents = [AgentSupervisor(cfg, n.name) for n in cfg.nodes]
     log.info("daemon of cluster %s up (pid %d)", cfg.name, os.getpid())
-    last_sync = 0.0
+    last_sync = last_lifecycle = 0.0
     while not stopping.is_set():
         procs.record_reaped(cfg.reaped_file, procs.reap_children())
         now = time.monotonic()
@@ -201,6 +217,13 @@ def run_daemon(cfg: ClusterConfig) -> int:
             m.check(now)
         for a in agents:
             a.check(now)
+        if now - last_lifecycle >= LIFECYCLE_STEP_SECONDS:
+            last_lifecycle = now
+            try:
+                if node_lifecycle.step(now):
+                    changed.set()  # (the scheduler avoids a node out of service)
+            except Exception:
+                log.exception("node lifecycle failed; retrying")
         if changed.is_set() or now - last_sync > CONTROLLER_RESYNC_SECONDS:
             changed.clear()
             last_sync = now

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from nodemesh.cluster.config import CLUSTER_DOMAIN, NODE_DNS_IP
 from nodemesh.host.files import read_json, write_json_atomic
 from nodemesh.model.labels import service_selects
+from nodemesh.model.nodes import unreachable_nodes
 
 log = logging.getLogger("nodemesh.dns")
 TTL = 5
@@ -53,8 +54,10 @@ def _ready(pod: dict) -> bool:
 
 
 def build_records(services: Iterable[dict], pods: Iterable[dict],
-                  domain: str = CLUSTER_DOMAIN) -> Records:
+                  domain: str = CLUSTER_DOMAIN, nodes: Iterable[dict] = ()) -> Records:
+    """`nodes`: a headless service's name leaves out pods on an unreachable node."""
     pods = list(pods)
+    out_of_service = unreachable_nodes(nodes)
     rec = Records()
     for p in pods:
         ip = (p.get("status") or {}).get("podIP")
@@ -71,6 +74,7 @@ def build_records(services: Iterable[dict], pods: Iterable[dict],
             rec.a[fqdn] = sorted(
                 p["status"]["podIP"] for p in pods
                 if p["metadata"]["namespace"] == meta["namespace"] and _ready(p)
+                and (p.get("spec") or {}).get("nodeName") not in out_of_service
                 and (p.get("status") or {}).get("podIP")
                 and service_selects(spec.get("selector"), p["metadata"].get("labels") or {}))
         for port in spec.get("ports") or []:
@@ -277,7 +281,8 @@ class ClusterDns:
     """Every node's DNS server, on one asyncio loop in a thread of the cluster daemon.
 
     The sockets are the daemon's (bound in each node's namespace). The records come from the
-    daemon's informer, rebuilt when Services or Pods change. Each node's counters are written to
+    daemon's informer, rebuilt when Services, Pods or Nodes change (a headless service leaves
+    out the pods of an unreachable node). Each node's counters are written to
     `counters_file(node)` about once a second (`{"answered", "refused", "records"}`), which is
     where that node's agent reads them for its metrics and status.
     """
@@ -312,7 +317,7 @@ class ClusterDns:
             srv.close()
 
     def _on_change(self, kinds: set[str]) -> None:
-        if kinds & {"Service", "Pod", "*"}:
+        if kinds & {"Service", "Pod", "Node", "EndpointSlice", "*"}:
             self._dirty = True
             self._loop.call_soon_threadsafe(self._wake.set)
 
@@ -333,8 +338,9 @@ class ClusterDns:
             if self._dirty:
                 self._dirty = False
                 try:
-                    k = self.informer.kinds(("Service", "Pod"))  # type: ignore[attr-defined]
-                    self.records = build_records(k["Service"], k["Pod"])
+                    k = self.informer.kinds(  # type: ignore[attr-defined]
+                        ("Service", "Pod", "Node"))
+                    self.records = build_records(k["Service"], k["Pod"], nodes=k["Node"])
                     for srv in self.servers.values():
                         srv.records = self.records
                 except Exception:

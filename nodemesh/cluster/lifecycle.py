@@ -20,6 +20,7 @@ from collections.abc import Callable
 from nodemesh.cluster import etcdmembers, topology
 from nodemesh.cluster.config import (
     DEFAULT_CERT_TTL_SECONDS,
+    DEFAULT_NODE_LEASE_SECONDS,
     DEFAULT_TRUST_DOMAIN,
     ClusterConfig,
     load_cluster,
@@ -29,6 +30,7 @@ from nodemesh.errors import NodemeshError
 from nodemesh.host import cgroup, netns, procs
 from nodemesh.host.files import read_json
 from nodemesh.host.procs import ProcRef
+from nodemesh.model.nodes import LEASE_NAMESPACE
 from nodemesh.store import open_store
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
@@ -48,7 +50,8 @@ def up(state_dir: str, nodes: int, name: str, progress: Progress = print,
        wait: float = 60.0, datapath: str = "bpf", mtls: str = "on",
        trust_domain: str = DEFAULT_TRUST_DOMAIN,
        cert_ttl_seconds: float = DEFAULT_CERT_TTL_SECONDS,
-       store: dict | None = None) -> ClusterConfig:
+       store: dict | None = None,
+       node_lease_seconds: int = DEFAULT_NODE_LEASE_SECONDS) -> ClusterConfig:
     """`store`: what `etcdmembers.plan_store` made of the --store flags (None: SQLite, or
     whatever a cluster being recovered has)."""
     if not NAME_RE.match(name):
@@ -77,7 +80,8 @@ def up(state_dir: str, nodes: int, name: str, progress: Progress = print,
             etcdmembers.check_installed()
         cfg = plan_cluster(name, state_dir, nodes, cgroup.find_cgroup2_root(), datapath,
                            mtls=mtls, trust_domain=trust_domain,
-                           cert_ttl_seconds=cert_ttl_seconds, store=store)
+                           cert_ttl_seconds=cert_ttl_seconds, store=store,
+                           node_lease_seconds=node_lease_seconds)
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         cfg.save()
         progress(f"creating cluster {name} with {nodes} node(s) in {state_dir}")
@@ -118,7 +122,7 @@ def seed_store(cfg: ClusterConfig) -> None:
     """The namespaces and Node objects every cluster starts with (idempotent)."""
     store = open_store(cfg.state_dir)
     with store.transaction() as t:
-        for ns in ("default", "kube-system"):
+        for ns in ("default", "kube-system", LEASE_NAMESPACE):
             if t.get("Namespace", "", ns) is None:
                 t.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns},
                        "spec": {}})

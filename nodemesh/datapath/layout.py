@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -35,6 +36,14 @@ be32: type = ctypes.c_uint32.__ctype_be__  # type: ignore[attr-defined]
 
 def ip4(addr: str | int | ipaddress.IPv4Address) -> int:
     """An IPv4 address as the integer a be32 field takes."""
+    if isinstance(addr, str):
+        return _ip4_of_text(addr)
+    return int(ipaddress.IPv4Address(addr))
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _ip4_of_text(addr: str) -> int:
+    # (a node snapshot converts every backend address at every step: parse each text once)
     return int(ipaddress.IPv4Address(addr))
 
 

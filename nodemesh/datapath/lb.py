@@ -16,6 +16,7 @@ Python's salted `hash()`, so every agent computes the same table.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import ipaddress
 from collections.abc import Iterable, Sequence
@@ -103,7 +104,12 @@ class LbService:
 
     @property
     def key(self) -> tuple[str, int, int]:
-        return (str(ipaddress.IPv4Address(self.vip)), self.port, int(Proto.parse(self.proto)))
+        return (_canonical_ip(self.vip), self.port, int(Proto.parse(self.proto)))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _canonical_ip(text: str) -> str:
+    return str(ipaddress.IPv4Address(text))
 
 
 BackendKey = tuple[str, int, int]  # (ip, port, protocol)
@@ -172,7 +178,7 @@ def _validate(svc: LbService) -> None:
     seen = set()
     for ip, port in svc.backends:
         try:
-            ipaddress.IPv4Address(ip)
+            ip4(ip)  # (parsed once per address text, cached)
         except ValueError as e:
             raise ValueError(f"{where}: backend {ip}: {e}") from None
         if not 1 <= port <= 0xFFFF:
@@ -231,7 +237,7 @@ def compile_lb(services: Iterable[LbService], previous: LbState | None = None,
     for key, svc in by_key.items():
         vip, port, proto = key
         rev = state.rev_nat[key]
-        backends = sorted(svc.backends, key=lambda b: (ipaddress.IPv4Address(b[0]), b[1]))
+        backends = sorted(svc.backends, key=lambda b: (ip4(b[0]), b[1]))
         ids = [state.backend_ids[(ip, bport, proto)] for ip, bport in backends]
         flags = ServiceFlags.NONE
         if svc.affinity_timeout:

@@ -44,7 +44,10 @@ KINDS: dict[str, KindInfo] = {
                  older_api_versions=("security.istio.io/v1beta1",)),
         KindInfo("HTTPRoute", "gateway.networking.k8s.io/v1", True, "httproutes", ()),
         KindInfo("GRPCRoute", "gateway.networking.k8s.io/v1", True, "grpcroutes", ()),
+        KindInfo("EndpointSlice", "discovery.k8s.io/v1", True, "endpointslices", ()),
         KindInfo("Node", "v1", False, "nodes", ("no",), user_writable=False),
+        # Each node's agent renews one (namespace kube-node-lease): the node lifecycle.
+        KindInfo("Lease", "coordination.k8s.io/v1", True, "leases", (), user_writable=False),
         KindInfo("Identity", "nodemesh.io/v1", False, "identities", ("id",), user_writable=False),
         # The roots of trust of the cluster's CA (workload certificates chain up to them).
         KindInfo("TrustBundle", "nodemesh.io/v1", False, "trustbundles", (), user_writable=False),

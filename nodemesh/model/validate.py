@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from nodemesh.errors import InvalidManifest
 from nodemesh.model.cnp import RULE, check_cnp_specs
 from nodemesh.model.common import metadata
+from nodemesh.model.endpointslice import ENDPOINTSLICE_FIELDS, ENDPOINTSLICE_HOOKS
 from nodemesh.model.kinds import KINDS, KindInfo, ref
 from nodemesh.model.names import (
     check_dns1035_label,
@@ -85,6 +86,9 @@ SCHEMAS: dict[str, Obj] = {
     "PeerAuthentication": _kind_schema(check_dns1123_subdomain, opt(PEER_AUTHENTICATION_SPEC, {})),
     "HTTPRoute": _kind_schema(check_dns1123_subdomain, req(HTTPROUTE_SPEC)),
     "GRPCRoute": _kind_schema(check_dns1123_subdomain, req(GRPCROUTE_SPEC)),
+    # No spec: addressType, endpoints and ports sit at the top level, as in the API.
+    "EndpointSlice": _kind_schema(check_dns1123_subdomain, None, hooks=ENDPOINTSLICE_HOOKS,
+                                  **ENDPOINTSLICE_FIELDS),
 }
 
 USER_KINDS = tuple(k for k, info in KINDS.items() if info.user_writable)

@@ -1,8 +1,11 @@
 """Services as one node's datapath sees them: ClusterIP ports → ready backends (pure).
 
 A service port's ``targetPort`` may name a container port: it resolves per pod, as in
-Kubernetes, so the backends of one service port may listen on different numbers. Ports of
-services that the node Envoy takes over (routes apply) carry that listener's port.
+Kubernetes, so the backends of one service port may listen on different numbers. A Service
+without a selector takes its backends from its EndpointSlices instead
+(`nodemesh.model.endpointslice.slice_backends`). Pods on an unreachable node (its lease
+expired, `nodemesh.model.nodes`) are no backend. Ports of services that the node Envoy takes
+over (routes apply) carry that listener's port.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from nodemesh.datapath.lb import LbService
+from nodemesh.model.endpointslice import selects_pods, slice_backends, slices_by_service
 from nodemesh.model.labels import service_selects
 from nodemesh.model.workloads import is_deleting, pod_ready
 
@@ -41,13 +45,26 @@ def resolve_target_port(pod: Mapping[str, Any], port: Mapping[str, Any]) -> int 
     return None
 
 
+def backend_pods(pods: Iterable[Mapping[str, Any]], unreachable: frozenset[str] = frozenset()
+                 ) -> list[Mapping[str, Any]]:
+    """The pods that may be a Service's backend: ready, not terminating, with an address, and
+    not on an unreachable node."""
+    return [p for p in pods if pod_ready(p) and not is_deleting(p)
+            and (p.get("status") or {}).get("podIP")
+            and (p.get("spec") or {}).get("nodeName") not in unreachable]
+
+
 def lb_services(services: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]],
-                redirects: Mapping[Any, int] | None = None) -> tuple[list[LbService], ServiceNames]:
+                redirects: Mapping[Any, int] | None = None,
+                slices: Iterable[Mapping[str, Any]] = (),
+                unreachable: frozenset[str] = frozenset()) -> tuple[list[LbService], ServiceNames]:
     """Every ClusterIP service port → an LbService with its ready backends, and the service
     each (ClusterIP, port) belongs to. A port in `redirects` (keys with .ip/.port/.protocol)
-    goes to that node Envoy listener port instead."""
+    goes to that node Envoy listener port instead. A Service without a selector balances to
+    the ready endpoints of its `slices`; nothing on an `unreachable` node is a backend."""
     proxy_ports = {(k.ip, k.port, k.protocol): v for k, v in (redirects or {}).items()}
-    pods = list(pods)
+    pods = backend_pods(pods, unreachable)
+    by_service = slices_by_service(slices)
     out: list[LbService] = []
     names: ServiceNames = {}
     for svc in services:
@@ -55,9 +72,11 @@ def lb_services(services: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[st
         vip = spec.get("clusterIP")
         if not vip or vip == "None":
             continue
+        from_pods = selects_pods(svc)
         selected = [p for p in pods if p["metadata"]["namespace"] == meta["namespace"]
-                    and pod_ready(p) and not is_deleting(p) and (p.get("status") or {}).get("podIP")
-                    and service_selects(spec.get("selector"), p["metadata"].get("labels") or {})]
+                    and service_selects(spec.get("selector"), p["metadata"].get("labels") or {})
+                    ] if from_pods else []
+        own_slices = [] if from_pods else by_service.get((meta["namespace"], meta["name"]), [])
         annotations = meta.get("annotations") or {}
         algorithm = annotations.get("service.cilium.io/lb-algorithm", "random")
         affinity = None
@@ -71,6 +90,8 @@ def lb_services(services: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[st
                 if target:
                     backends.append((p["status"]["podIP"], target))
             proto = port.get("protocol", "TCP")
+            backends += [(ip, n) for ip, n, _ in slice_backends(
+                own_slices, port.get("name") or "", proto, unreachable)]
             out.append(LbService(vip=vip, port=port["port"], proto=proto,
                                  backends=sorted(set(backends)), algorithm=algorithm,
                                  affinity_timeout=affinity,

@@ -21,6 +21,7 @@ maps with the interim redirects, then Envoy (and its acknowledgement), then the 
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -32,6 +33,8 @@ from nodemesh.certs.spiffe import spiffe_id
 from nodemesh.datapath import layout as L
 from nodemesh.datapath.lb import LbState, compile_lb
 from nodemesh.identity import security_labels
+from nodemesh.model.endpointslice import slices_by_service
+from nodemesh.model.nodes import unreachable_nodes
 from nodemesh.model.workloads import is_deleting
 from nodemesh.mtls.tunnel import (
     DatapathTunnel,
@@ -63,7 +66,7 @@ from nodemesh.route.tls import ROOTS_SECRET
 from nodemesh.route.visibility import visibility_routes
 
 KINDS = ("Pod", "Service", "Namespace", "NetworkPolicy", "CiliumNetworkPolicy", "Identity",
-         "PeerAuthentication", "HTTPRoute", "GRPCRoute", "TrustBundle")
+         "PeerAuthentication", "HTTPRoute", "GRPCRoute", "TrustBundle", "EndpointSlice", "Node")
 LabelKey = tuple[tuple[str, str], ...]  # a security label set, sorted
 
 
@@ -353,8 +356,14 @@ def _envoy(inp: NodeInputs, pod_identities: Mapping[tuple[str, str], int],
             continue
         meta = p["metadata"]
         pods.append(Pod.from_object(p, pod_identities.get((meta["namespace"], meta["name"]), 0)))
-    services = [Service.from_object(s) for s in k.get("Service", ())
-                if (s["spec"].get("clusterIP") or "None") != "None"]
+    unreachable = unreachable_nodes(k.get("Node", ()))
+    for i, p in enumerate(pods):
+        if p.node in unreachable and p.ready:
+            pods[i] = dataclasses.replace(p, ready=False)  # no backend while its node is out
+    slices = slices_by_service(k.get("EndpointSlice", ()))
+    services = [Service.from_object(
+        s, slices.get((s["metadata"]["namespace"], s["metadata"]["name"]), ()), unreachable)
+        for s in k.get("Service", ()) if (s["spec"].get("clusterIP") or "None") != "None"]
     l7 = l7_policies_from_compiled(compiled, pods) if compiled else ()
     routes = list(k.get("HTTPRoute", ())) + list(k.get("GRPCRoute", ()))
     routes += visibility_routes(k.get("Service", ()), k.get("Namespace", ()), routes)
@@ -540,7 +549,9 @@ def build_node_snapshot(inp: NodeInputs) -> NodeSnapshot:
     # Services, with the interim redirects and with all of them (the same ids in both).
     svc_objs = k.get("Service", ())
     pod_objs = [p for p, _ in pods.values()]
-    svcs, names = lb_services(svc_objs, pod_objs, interim.service)
+    slice_objs = k.get("EndpointSlice", ())
+    unreachable = unreachable_nodes(k.get("Node", ()))
+    svcs, names = lb_services(svc_objs, pod_objs, interim.service, slice_objs, unreachable)
     # What fits in the LB maps: whole services, the oldest first.
     admitted, svc_refusals = fit_services(
         svcs, names, {(s["metadata"]["namespace"], s["metadata"]["name"]): age_key(s)
@@ -554,7 +565,8 @@ def build_node_snapshot(inp: NodeInputs) -> NodeSnapshot:
     lb_interim = compile_lb(fitting(svcs), inp.previous_lb, inp.maglev_m)
     lb = lb_interim
     if redirects.service != interim.service:
-        lb = compile_lb(fitting(lb_services(svc_objs, pod_objs, redirects.service)[0]),
+        lb = compile_lb(fitting(lb_services(svc_objs, pod_objs, redirects.service, slice_objs,
+                                            unreachable)[0]),
                         lb_interim, inp.maglev_m)
 
     # Endpoints: a pod's veth passes traffic only once its policy and identity are there.

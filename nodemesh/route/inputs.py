@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from nodemesh.model.endpointslice import selects_pods, slice_backends
 from nodemesh.model.labels import service_selects
 
 PROXY_IP = "169.254.42.1"
@@ -74,15 +75,42 @@ class ServicePort:
 
 
 @dataclass(frozen=True)
+class SliceEndpoint:
+    """A backend of a Service without a selector, from its EndpointSlices: address, number
+    (the slice port's), and the pod it names ("namespace/name", or the address) and its node."""
+
+    ip: str
+    port: int
+    ref: str
+    node: str = ""
+
+
+@dataclass(frozen=True)
 class Service:
     namespace: str
     name: str
     cluster_ip: str | None  # None: headless (or not allocated yet): no frontend to intercept
     ports: tuple[ServicePort, ...]
     selector: Mapping[str, str] = field(default_factory=dict)  # empty: selects no pod
+    # A Service without a selector: its EndpointSlices (None for a Service whose endpoints
+    # are the pods it selects), and the nodes whose endpoints are no backend.
+    slices: tuple[Mapping[str, Any], ...] | None = None
+    unreachable: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "selector", _frozen_map(self.selector))
+
+    def slice_endpoints(self, port: ServicePort) -> tuple[SliceEndpoint, ...]:
+        """The ready endpoints of the Service's slices for `port` (by name and protocol, as
+        kube-proxy matches them); computed when a route needs them, not for every Service."""
+        out = []
+        for addr, number, ep in slice_backends(self.slices or (), port.name, port.protocol,
+                                               self.unreachable):
+            target = ep.get("targetRef") or {}
+            ref = (f"{target.get('namespace') or self.namespace}/{target['name']}"
+                   if target.get("kind", "Pod") == "Pod" and target.get("name") else addr)
+            out.append(SliceEndpoint(addr, number, ref, ep.get("nodeName") or ""))
+        return tuple(out)
 
     @property
     def ref(self) -> str:
@@ -97,7 +125,10 @@ class Service:
         return pod.namespace == self.namespace and service_selects(self.selector, pod.labels)
 
     @classmethod
-    def from_object(cls, obj: Mapping[str, Any]) -> Service:
+    def from_object(cls, obj: Mapping[str, Any], slices: Iterable[Mapping[str, Any]] = (),
+                    unreachable: frozenset[str] = frozenset()) -> Service:
+        """`slices`: the Service's own EndpointSlices (used only when it has no selector);
+        `unreachable`: nodes whose endpoints are no backend."""
         meta, spec = obj["metadata"], obj.get("spec") or {}
         ip = spec.get("clusterIP")
         ports = tuple(
@@ -107,7 +138,8 @@ class Service:
             for p in spec.get("ports") or [])
         return cls(namespace=meta.get("namespace") or "default", name=meta["name"],
                    cluster_ip=ip if ip and ip != "None" else None, ports=ports,
-                   selector=spec.get("selector") or {})
+                   selector=spec.get("selector") or {},
+                   slices=None if selects_pods(obj) else tuple(slices), unreachable=unreachable)
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,7 @@ class _Builder:
         self.local_by_ns: dict[str, list[str]] = {}
         for p in self.local:
             self.local_by_ns.setdefault(p.namespace, []).append(p.ip or "")
+        self.pods_by_ip = {p.ip: p for p in inp.pods if p.ip}
         self.pods_by_ns: dict[str, list[Pod]] = {}
         for p in sorted(inp.pods, key=lambda p: (p.namespace, p.name)):
             self.pods_by_ns.setdefault(p.namespace, []).append(p)
@@ -105,8 +106,18 @@ class _Builder:
     # -- clusters ----------------------------------------------------------------------------
 
     def endpoints(self, svc: Service, port: SvcPort) -> list[tuple[Pod, int]]:
-        """Ready pods the Service selects, at the targetPort resolved for each pod."""
+        """Ready pods the Service selects, at the targetPort resolved for each pod; for a
+        Service without a selector, the ready endpoints of its EndpointSlices (as pods: the
+        pod at that address when there is one, so that L7 policy and names follow it)."""
         out = []
+        if svc.slices is not None:
+            for ep in svc.slice_endpoints(port):
+                pod = self.pods_by_ip.get(ep.ip)
+                if pod is None:
+                    ns, _, name = ep.ref.rpartition("/")
+                    pod = Pod(namespace=ns or svc.namespace, name=name, ip=ep.ip, node=ep.node)
+                out.append((pod, ep.port))
+            return out
         for pod in self.pods_by_ns.get(svc.namespace, []):
             if not (pod.ready and pod.ip and svc.selects(pod)):
                 continue

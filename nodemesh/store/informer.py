@@ -30,6 +30,10 @@ class Informer:
         self._synced = threading.Event()
         self._stop = threading.Event()
         self.revision = 0
+        # When the follow loop last had an answer from the store, and since when it has had
+        # them without a gap (monotonic clock): see `following_since`.
+        self._last_answer = 0.0
+        self._following_since: float | None = None
         self._thread = threading.Thread(target=self._run, name="informer", daemon=True)
 
     def add_listener(self, fn: Callable[[set[str]], None]) -> None:
@@ -49,6 +53,23 @@ class Informer:
 
     def wait_synced(self, timeout: float = 30.0) -> bool:
         return self._synced.wait(timeout)
+
+    # A watch answers at least once a second (its timeout); a longer silence is a gap.
+    FOLLOW_GAP_SECONDS = 2.5
+
+    def following_since(self) -> float | None:
+        """Since when (monotonic) this copy has followed the store without a gap, or None while
+        it does not (the store is unreachable, or this process was stopped). A controller that
+        judges by the absence of changes (an unrenewed lease) must not count time before it."""
+        if time.monotonic() - self._last_answer > self.FOLLOW_GAP_SECONDS:
+            return None
+        return self._following_since
+
+    def _answered(self) -> None:
+        now = time.monotonic()
+        if self._following_since is None or now - self._last_answer > self.FOLLOW_GAP_SECONDS:
+            self._following_since = now
+        self._last_answer = now
 
     # ---- reads ---------------------------------------------------------------------------
     def list(self, kind: str, namespace: str | None = None) -> list[dict]:
@@ -88,9 +109,11 @@ class Informer:
         while not self._stop.is_set():
             try:
                 self._relist()
+                self._answered()
                 self._synced.set()
                 while not self._stop.is_set():
                     events = self.store.watch(self.revision, 1.0, self.poll_interval)
+                    self._answered()
                     if not events:
                         continue
                     changed: set[str] = set()
@@ -112,9 +135,11 @@ class Informer:
             except Compacted:
                 log.warning("watch fell behind compaction; listing again")
             except NodemeshError as e:  # the store is unavailable: no traceback every 0.5 s
+                self._following_since = None  # (the next answer starts anew)
                 log.warning("store watch failed (%s); retrying", e)
                 time.sleep(0.5)
             except Exception:
+                self._following_since = None
                 log.exception("store watch failed; retrying")
                 time.sleep(0.5)
 

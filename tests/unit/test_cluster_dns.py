@@ -19,7 +19,7 @@ class ListInformer:
     """The two informer methods ClusterDns uses, over a list the test changes."""
 
     def __init__(self) -> None:
-        self.objects: dict[str, list[dict]] = {"Service": [], "Pod": []}
+        self.objects: dict[str, list[dict]] = {"Service": [], "Pod": [], "Node": []}
         self.listeners: list[Callable[[set[str]], None]] = []
 
     def add_listener(self, fn: Callable[[set[str]], None]) -> None:

@@ -138,7 +138,7 @@ CASES: list[tuple[str, str, list[str]]] = [
         "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata:\n  name: web\n",
         ['web.yaml: document 1: kind: unknown kind "Ingress" (nodemesh accepts Namespace, Pod, '
          "Service, Deployment, ServiceAccount, NetworkPolicy, CiliumNetworkPolicy, "
-         "PeerAuthentication, HTTPRoute, GRPCRoute)"],
+         "PeerAuthentication, HTTPRoute, GRPCRoute, EndpointSlice)"],
     ),
     (
         "kind only nodemesh writes",
@@ -832,7 +832,7 @@ def test_all_problems_of_all_documents_are_reported_together() -> None:
         "1-65535",
         'web.yaml: document 3: kind: unknown kind "Secret" (nodemesh accepts Namespace, Pod, '
         "Service, Deployment, ServiceAccount, NetworkPolicy, CiliumNetworkPolicy, "
-        "PeerAuthentication, HTTPRoute, GRPCRoute)",
+        "PeerAuthentication, HTTPRoute, GRPCRoute, EndpointSlice)",
     ]
 
 
