@@ -17,10 +17,12 @@ import os
 import signal
 import socket
 import time
+from collections import ChainMap
 from datetime import datetime, timedelta
 from typing import Any
 
 from nodemesh.agent.api import ApiError, ApiServer
+from nodemesh.agent.cni import CniPods
 from nodemesh.agent.datapath import DatapathSync
 from nodemesh.agent.dns import DnsServer, build_records
 from nodemesh.agent.proxy import ProxyManager
@@ -60,14 +62,18 @@ class Agent:
         # Pods created together wait together (for the node Envoy's push and the datapath's
         # sync, each shared by all the pods waiting): enough workers that a batch is large.
         self.pods = PodManager(cfg, node, self.store, self.informer, hooks, workers=16)
+        # Pods whose sandbox a container runtime brings over CNI (nodemesh-cni): the same hooks.
+        self.cni = CniPods(cfg, node, self.store, hooks)
         self.datapath: DatapathSync | None = None
         self.proxy: ProxyManager | None = None
         self.reconciler: NodeReconciler | None = None
         if cfg.datapath == "bpf":
-            self.datapath = DatapathSync(cfg, node, self.flows, self.pods.local,
+            self.datapath = DatapathSync(cfg, node, self.flows,
+                                         ChainMap(self.pods.local, self.cni.local),
                                          int(cfg.extra.get("maglev_table_size", 16381)))
             self.datapath.on_local_ips = lambda ips: setattr(self.metrics, "local_ips", ips)
             self.datapath.on_refusals = self._on_refusals
+            self.cni.check_endpoint = self.datapath.check_endpoint
             if cfg.extra.get("proxy", True):
                 self.proxy = ProxyManager(cfg, node, self.store, self.flows)
                 self.proxy.timer = self.metrics.reconcile.labels("proxy")
@@ -281,6 +287,31 @@ class Agent:
         self.api.route("GET", "/proxy/config", self._proxy_admin("config"))
         self.api.route("GET", "/certificates", self._certificates)
         self.api.route("POST", "/proxy/restart", self._proxy_restart)
+        for command in ("add", "del", "check", "gc"):
+            self.api.route("POST", f"/cni/{command}", self._cni(command))
+
+    def _cni(self, command: str):
+        """nodemesh-cni's requests (nodemesh.agent.cni answers them in a worker thread)."""
+        fn = {"add": self.cni.add, "del": self.cni.delete, "check": self.cni.check,
+              "gc": self.cni.gc}[command]
+
+        async def handler(q: dict, body: bytes) -> Any:
+            if self._stopping:
+                raise ApiError(503, f"the agent of node {self.node.name} is stopping",
+                               cniCode=11)
+            if self.reconciler is None and command == "add":
+                raise ApiError(409, f"node {self.node.name} runs no datapath (datapath: none)",
+                               cniCode=100)
+            try:
+                req = json.loads(body or b"{}")
+            except ValueError as e:
+                raise ApiError(400, f"CNI {command}: the request is not JSON: {e}",
+                               cniCode=6) from None
+            if not isinstance(req, dict):
+                raise ApiError(400, f"CNI {command}: the request must be an object", cniCode=6)
+            return await asyncio.to_thread(fn, req)
+
+        return handler
 
     async def _proxy_restart(self, q: dict, body: bytes) -> Any:
         """A planned restart of the node Envoy (hot restart): {drainSeconds,
@@ -317,7 +348,8 @@ class Agent:
         return {
             "node": self.node.name, "ip": self.node.ip, "podCIDR": self.node.pod_cidr,
             "pid": os.getpid(), "uptimeSeconds": round(time.time() - self.started, 1),
-            "pods": len(self.pods.local), "storeRevision": self.informer.revision,
+            "pods": len(self.pods.local), "cniPods": self.cni.status(),
+            "storeRevision": self.informer.revision,
             "dns": {"address": NODE_DNS_IP, "records": len(self.dns.records.a)},
             "datapath": self.datapath.status() if self.datapath else {"mode": "none"},
             "proxy": self.proxy.status() if self.proxy else None,
