@@ -295,6 +295,21 @@ class CniPods:
                         removed.append(cp.key)
         return {"removed": removed}
 
+    # ---- deleted Pods ----------------------------------------------------------------------
+    def finish_deletes(self, pods: list[dict]) -> None:
+        """A deleted Pod of this node that CNI brings is removed from the store once it has no
+        sandbox here (with one, the runtime's DEL removes it: `_remove`)."""
+        for pod in pods:
+            meta = pod["metadata"]
+            if (pod["spec"].get("nodeName") != self.node.name or not brought_by_cni(pod)
+                    or not is_deleting(pod) or meta["uid"] in self.local):
+                continue
+            with self.store.transaction() as t:
+                cur = t.get("Pod", meta["namespace"], meta["name"])
+                if cur is not None and cur["metadata"]["uid"] == meta["uid"] \
+                        and meta["uid"] not in self.local:
+                    t.delete("Pod", meta["namespace"], meta["name"])
+
     # ---- the Pod's status --------------------------------------------------------------------
     def _status(self, cp: CniPod, ready: bool | None) -> dict:
         """The Pod's status as the agent reports it for a CNI sandbox: ready (Running, its

@@ -33,6 +33,7 @@ from nodemesh.errors import NodemeshError
 from nodemesh.host import netns
 from nodemesh.host.files import write_json_atomic
 from nodemesh.host.procs import ProcRef
+from nodemesh.model.workloads import is_deleting
 from nodemesh.observe.agentevents import AgentEventType, agent_event
 from nodemesh.observe.filters import FlowFilter, matches
 from nodemesh.observe.metrics import AgentCollector, AgentMetrics
@@ -221,6 +222,9 @@ class Agent:
                     k = self.informer.kinds(("Service", "Pod"))
                     self.dns.records = build_records(k["Service"], k["Pod"])
                 self.pods.reconcile()
+                pods = self.informer.list("Pod")
+                if any(is_deleting(p) for p in pods):
+                    await asyncio.to_thread(self.cni.finish_deletes, pods)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
 

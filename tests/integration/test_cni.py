@@ -115,7 +115,7 @@ class Runtime:
         while subprocess.run(["ctr", "-a", self.sock, "version"],
                              capture_output=True).returncode != 0:
             assert time.monotonic() < deadline, "containerd did not start"
-            assert self.proc.poll() is None, open(os.path.join(t, "containerd.log")).read()
+            assert self.proc.poll() is None, _read(os.path.join(t, "containerd.log"))
             time.sleep(0.1)
 
     def netd(self, pod: str) -> str:
@@ -156,7 +156,7 @@ class Runtime:
         while True:
             if self.runs[name].poll() is not None:
                 raise AssertionError(f"ctr run {name} exited {self.runs[name].returncode}: "
-                                     + open(out.name).read())
+                                     + _read(out.name))
             tasks = self.ctr("task", "ls", check=False).stdout
             if any(line.split()[:1] == [name] and "RUNNING" in line for line in tasks.splitlines()):
                 return
@@ -166,6 +166,10 @@ class Runtime:
     def exec(self, name: str, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess:
         return self.ctr("task", "exec", "--exec-id", f"x{time.monotonic_ns()}", name, *argv,
                         check=False, timeout=timeout)
+
+    def wget(self, name: str, url: str) -> subprocess.CompletedProcess:
+        """busybox wget in container `name` (its -T option crashes Debian's busybox 1.35)."""
+        return self.exec(name, "/bin/timeout", "5", "/bin/wget", "-q", "-O-", url)
 
     def remove(self, name: str) -> None:
         """Kill the task: the foreground `ctr run --rm` then runs CNI DEL and deletes it."""
@@ -235,6 +239,11 @@ def env() -> Iterator[tuple[Cluster, Runtime]]:
         assert not os.path.exists("/etc/cni") and not os.path.exists("/opt/cni")
 
 
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def _pod(c: Cluster, name: str) -> dict:
     return c.get("pod", name)  # type: ignore[return-value]
 
@@ -254,7 +263,7 @@ def _cluster_ip(c: Cluster, svc: str) -> str:
 
 
 def test_containers_get_addresses_from_the_cni_range_and_are_ready(env) -> None:
-    c, rt = env
+    c, _ = env
     lo, hi = ipam.cni_range("10.244.1.0/24")  # node1's pod CIDR
     for name in ("web", "cclient"):
         pod = _wait(lambda n=name: p if pod_ready(p := _pod(c, n)) else None, f"{name} ready")
@@ -274,7 +283,7 @@ def test_pod_to_service_both_ways(env) -> None:
     out = c.exec("client", "curl", "-s", "--max-time", "5", "http://web/").out
     assert out == "hello from a containerd pod\n"
     # a containerd container -> the Service of a local pod (the socket LB in its cgroup)
-    r = rt.exec("cclient", "/bin/timeout", "5", "/bin/wget", "-q", "-O-", f"http://{_cluster_ip(c, 'echo')}/")
+    r = rt.wget("cclient", f"http://{_cluster_ip(c, 'echo')}/")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["pod"].startswith("echo-")
 
@@ -290,7 +299,7 @@ def test_network_policy_denies_and_allows(env) -> None:
         c.wait_synced()
         r = c.exec("client", "curl", "-s", "--max-time", "2", "http://web/", check=False)
         assert r.code != 0, "the policy should deny the local client"
-        r = rt.exec("cclient", "/bin/timeout", "5", "/bin/wget", "-q", "-O-", f"http://{_cluster_ip(c, 'web')}/")
+        r = rt.wget("cclient", f"http://{_cluster_ip(c, 'web')}/")
         assert r.returncode == 0 and r.stdout == "hello from a containerd pod\n", r.stderr
         flows = c.run("observe", "--verdict", "DROPPED", "--to-pod", "default/web", "-o", "json",
                       "--last", "5").out
@@ -313,7 +322,7 @@ def test_l7_route_applies_to_a_containerd_client(env) -> None:
     url = f"http://{_cluster_ip(c, 'echo')}/cni"
 
     def routed() -> bool:
-        r = rt.exec("cclient", "/bin/timeout", "5", "/bin/wget", "-q", "-O-", url)
+        r = rt.wget("cclient", url)
         return r.returncode == 0 and json.loads(r.stdout)["headers"].get("X-Route") == ["via-envoy"]
 
     try:
