@@ -366,7 +366,18 @@ def plugin(env) -> Iterator[Plugin]:
     c.apply([cni_pod("conf", {"app": "conf"}, ["sleep", "3600"])])
     p = Plugin(c, rt)
     yield p
+    for container in ("conf1", "conf4"):  # (a failed test's leftovers; DEL is idempotent)
+        p.mesh_call("DEL", container, "")
     c.run("delete", "pod", "conf", check=False)
+
+
+def _agent_pid(c: Cluster) -> int | None:
+    from nodemesh.errors import NodemeshError
+
+    try:
+        return int(c.agent(NODE)["pid"])
+    except (NodemeshError, OSError):  # not running, or killed while it answered
+        return None
 
 
 def _links(c: Cluster, ifname: str) -> list[str]:
@@ -385,6 +396,13 @@ def test_plugin_conformance(env, plugin: Plugin) -> None:
         code, prev = plugin.call(f"{CNI_BIN}/ptp", "ADD", plugin.ptp, "conf1", netns)
         assert code == 0 and prev, prev
         veth = next(i["name"] for i in prev["interfaces"] if not i.get("sandbox"))
+        # a pod the local pod runtime runs: refused, and nothing attached
+        code, err = plugin.mesh_call("ADD", "conf1", netns, prev,
+                                     args={"cni": {"K8S_POD_NAMESPACE": "default",
+                                                   "K8S_POD_NAME": "client"}})
+        assert code == 1 and err is not None and err["code"] == 100, err
+        assert "run by the local cluster's pod runtime" in err["msg"]
+        assert _links(c, veth) == []
         # ADD, then ADD again (the runtime retried): the same result, one attachment
         for _ in range(2):
             code, out = plugin.mesh_call("ADD", "conf1", netns, prev)
@@ -393,8 +411,14 @@ def test_plugin_conformance(env, plugin: Plugin) -> None:
         assert [p["containerID"] for p in c.agent(NODE)["cniPods"]].count("conf1") == 1
         assert pod_ready(_pod(c, "conf"))
         assert _links(c, veth) == [f"tcx-{veth}-egress", f"tcx-{veth}-ingress"]
-        # CHECK: fine; then detach a program behind the agent's back: CHECK fails
+        # CHECK: fine, and again after the agent was killed (the next one adopts the sandbox)
         assert plugin.mesh_call("CHECK", "conf1", netns, prev) == (0, None)
+        old_pid = c.agent(NODE)["pid"]
+        os.kill(old_pid, signal.SIGKILL)
+        _wait(lambda: _agent_pid(c) not in (None, old_pid), "a new agent", timeout=30)
+        assert plugin.mesh_call("CHECK", "conf1", netns, prev) == (0, None)
+        assert "conf1" in [p["containerID"] for p in c.agent(NODE)["cniPods"]]
+        # then detach a program behind the agent's back: CHECK fails
         from nodemesh.cluster.config import load_cluster
 
         pin = os.path.join(load_cluster(c.state_dir).bpffs, NODE, "links", f"tcx-{veth}-ingress")
@@ -425,6 +449,20 @@ def test_plugin_conformance(env, plugin: Plugin) -> None:
         assert _links(c, veth) == []
         status = _pod(c, "conf")["status"]
         assert "podIP" not in status and not pod_ready(_pod(c, "conf"))
+        # GC (CNI 1.1.0): an attachment the runtime no longer lists goes
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        code, prev = plugin.call(f"{CNI_BIN}/ptp", "ADD", plugin.ptp, "conf4", netns)
+        assert code == 0 and prev, prev
+        veth = next(i["name"] for i in prev["interfaces"] if not i.get("sandbox"))
+        assert plugin.mesh_call("ADD", "conf4", netns, prev)[0] == 0
+        assert plugin.mesh_call("STATUS", "", "", cniVersion="1.1.0") == (0, None)
+        valid = [{"containerID": f"default-{n}", "ifname": "eth0"} for n in ("web", "cclient")]
+        assert plugin.mesh_call("GC", "", "", cniVersion="1.1.0",
+                                **{"cni.dev/valid-attachments": valid}) == (0, None)
+        assert [p["containerID"] for p in c.agent(NODE)["cniPods"]] == ["default-cclient",
+                                                                         "default-web"]
+        assert _links(c, veth) == []
+        assert plugin.call(f"{CNI_BIN}/ptp", "DEL", plugin.ptp, "conf4", netns)[0] == 0
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
