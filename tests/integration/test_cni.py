@@ -474,6 +474,28 @@ def test_plugin_refuses_bad_input_clearly(env, plugin: Plugin) -> None:
     assert code == 1 and err is not None and err["code"] == 2 and "'mtu'" in err["msg"]
     code, err = plugin.mesh_call("VERSION", "", "", cniVersion="0.3.1")
     assert code == 0 and err is not None and "1.0.0" in err["supportedVersions"]
+    c, _ = env
+    ns = "/run/netns/none"
+
+    def prev(address: str) -> dict:
+        return {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0", "sandbox": ns}],
+                "ips": [{"interface": 0, "address": address}]}
+
+    # a pod the store does not have
+    code, err = plugin.mesh_call("ADD", "bad2", ns, prev("10.244.1.250/24"),
+                                 args={"cni": {"K8S_POD_NAMESPACE": "default",
+                                               "K8S_POD_NAME": "ghost"}})
+    assert code == 1 and err is not None and err["code"] == 100, err
+    assert "pod default/ghost is not in the store" in err["msg"]
+    # an address outside the node's pod CIDR, or one another pod has
+    code, err = plugin.mesh_call("ADD", "bad3", ns, prev("10.99.0.5/24"))
+    assert code == 1 and err is not None and err["code"] == 7 and "pod CIDR" in err["msg"], err
+    taken = _pod(c, "client")["status"]["podIP"]
+    code, err = plugin.mesh_call("ADD", "bad4", ns, prev(f"{taken}/24"))
+    assert code == 1 and err is not None and err["code"] == 7, err
+    assert "is pod default/client's" in err["msg"]
+    assert [p["containerID"] for p in c.agent(NODE)["cniPods"]] == ["default-cclient",
+                                                                     "default-web"]
 
 
 def test_removing_containers_leaves_nothing(env) -> None:
