@@ -44,12 +44,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # ctr reads /etc/cni/net.d and runs plugins from /opt/cni/bin (and Debian's /usr/lib/cni): in a
 # mount namespace of its own, those are the test's directories.
+# Each invocation has upper and work dirs of its own (overlayfs refuses an upper dir that
+# another mount, such as a running `ctr run`'s, uses).
 CTR_WRAPPER = """set -e
+o=$(mktemp -d {t}/overlay.XXXXXX)
+mkdir $o/etc-up $o/etc-work $o/opt-up $o/opt-work
 mount --make-rprivate /
-mount -t overlay overlay -o lowerdir=/etc,upperdir={t}/etc-up,workdir={t}/etc-work /etc
+mount -t overlay overlay -o lowerdir=/etc,upperdir=$o/etc-up,workdir=$o/etc-work /etc
 mkdir -p /etc/cni/net.d
 mount --bind "$NM_NETD" /etc/cni/net.d
-mount -t overlay overlay -o lowerdir=/opt,upperdir={t}/opt-up,workdir={t}/opt-work /opt
+mount -t overlay overlay -o lowerdir=/opt,upperdir=$o/opt-up,workdir=$o/opt-work /opt
 mkdir -p /opt/cni/bin
 mount --bind {t}/cni-bin /opt/cni/bin
 exec "$@"
@@ -84,7 +88,7 @@ class Runtime:
     # ---- setup ---------------------------------------------------------------------------
     def start(self) -> None:
         t = self.tmp
-        for d in ("root", "state", "etc-up", "etc-work", "opt-up", "opt-work", "cni-bin",
+        for d in ("root", "state", "cni-bin",
                   "rootfs/bin", "rootfs/proc", "rootfs/sys", "rootfs/dev", "rootfs/etc",
                   "rootfs/www", "rootfs/tmp"):
             os.makedirs(os.path.join(t, d), exist_ok=True)
