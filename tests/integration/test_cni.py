@@ -241,6 +241,8 @@ def env() -> Iterator[tuple[Cluster, Runtime]]:
         left = c.leftovers()
         assert not left, f"cluster {c.name} left things behind: {left}"
         assert not os.path.exists("/etc/cni") and not os.path.exists("/opt/cni")
+        assert not glob.glob(f"/sys/fs/cgroup/*/{c.name}"), "runc's cgroups are left"
+        assert not os.path.exists(rt.tmp)
 
 
 def _read(path: str) -> str:
