@@ -42,21 +42,31 @@ NODE = "node1"
 APPLETS = ("sh", "wget", "httpd", "sleep", "cat", "echo", "ip", "ls", "nc", "timeout")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# ctr reads /etc/cni/net.d and runs plugins from /opt/cni/bin (and Debian's /usr/lib/cni): in a
-# mount namespace of its own, those are the test's directories.
-# Each invocation has upper and work dirs of its own (overlayfs refuses an upper dir that
-# another mount, such as a running `ctr run`'s, uses).
-CTR_WRAPPER = """set -e
+# containerd 1.6 keeps its shims' sockets in /run/containerd/s, runc's state in
+# /run/containerd/runc and ctr's FIFOs in /run/containerd/fifo, whatever its configuration says;
+# ctr reads /etc/cni/net.d, runs plugins from /opt/cni/bin (and Debian's /usr/lib/cni) and caches
+# results in /var/lib/cni. containerd and each ctr run in a mount namespace of their own in which
+# those are the test's directories: overlays on /run, /etc, /opt and /var/lib that only they
+# see (each with upper and work dirs of its own: overlayfs refuses an upper dir another mount
+# uses), with the test's directories bound on top. Nothing else under them is written:
+# host-local's leases are in the cluster's state dir, a temp dir.
+RUN_PRELUDE = """set -e
 o=$(mktemp -d {t}/overlay.XXXXXX)
-mkdir $o/etc-up $o/etc-work $o/opt-up $o/opt-work
+mkdir $o/run-up $o/run-work $o/etc-up $o/etc-work $o/opt-up $o/opt-work $o/lib-up $o/lib-work
 mount --make-rprivate /
-mount -t overlay overlay -o lowerdir=/etc,upperdir=$o/etc-up,workdir=$o/etc-work /etc
+mount -t overlay overlay -o lowerdir=/run,upperdir=$o/run-up,workdir=$o/run-work /run
+mkdir -p /run/containerd
+mount --bind {t}/run-containerd /run/containerd
+"""
+CTR_MOUNTS = """mount -t overlay overlay -o lowerdir=/etc,upperdir=$o/etc-up,workdir=$o/etc-work /etc
 mkdir -p /etc/cni/net.d
 mount --bind "$NM_NETD" /etc/cni/net.d
 mount -t overlay overlay -o lowerdir=/opt,upperdir=$o/opt-up,workdir=$o/opt-work /opt
 mkdir -p /opt/cni/bin
 mount --bind {t}/cni-bin /opt/cni/bin
-exec "$@"
+mount -t overlay overlay -o lowerdir=/var/lib,upperdir=$o/lib-up,workdir=$o/lib-work /var/lib
+mkdir -p /var/lib/cni
+mount --bind {t}/cni-cache /var/lib/cni
 """
 
 
@@ -88,7 +98,8 @@ class Runtime:
     # ---- setup ---------------------------------------------------------------------------
     def start(self) -> None:
         t = self.tmp
-        for d in ("root", "state", "cni-bin",
+        assert not self.cluster.state_dir.startswith("/var/lib/")
+        for d in ("root", "state", "cni-bin", "cni-cache", "run-containerd",
                   "rootfs/bin", "rootfs/proc", "rootfs/sys", "rootfs/dev", "rootfs/etc",
                   "rootfs/www", "rootfs/tmp"):
             os.makedirs(os.path.join(t, d), exist_ok=True)
@@ -98,7 +109,9 @@ class Runtime:
         with open(os.path.join(t, "rootfs/www/index.html"), "w") as f:
             f.write("hello from a containerd pod\n")
         with open(os.path.join(t, "ctr-wrapper.sh"), "w") as f:
-            f.write(CTR_WRAPPER.format(t=t))
+            f.write((RUN_PRELUDE + CTR_MOUNTS).format(t=t) + 'exec "$@"\n')
+        with open(os.path.join(t, "containerd-wrapper.sh"), "w") as f:
+            f.write(RUN_PRELUDE.format(t=t) + 'exec "$@"\n')
         # The plugin: the venv's console script when installed, else the module.
         script = os.path.join(os.path.dirname(sys.executable), "nodemesh-cni")
         run = script if os.path.exists(script) else f"{sys.executable} -m nodemesh.cni"
@@ -111,9 +124,12 @@ class Runtime:
                     'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
                     f'[grpc]\n  address = "{self.sock}"\n'
                     f'[ttrpc]\n  address = "{self.sock}.ttrpc"\n'
-                    f'[debug]\n  address = "{t}/debug.sock"\n[metrics]\n  address = ""\n')
+                    f'[debug]\n  address = "{t}/debug.sock"\n[metrics]\n  address = ""\n'
+                    # (its "opt" plugin would make /opt/containerd on the host)
+                    f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{t}/opt"\n')
         log = open(os.path.join(t, "containerd.log"), "w")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(["containerd", "--config", os.path.join(t, "config.toml")],
+        self.proc = subprocess.Popen(["unshare", "-m", "sh", os.path.join(t, "containerd-wrapper.sh"),
+                                      "containerd", "--config", os.path.join(t, "config.toml")],
                                      stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + 20
         while subprocess.run(["ctr", "-a", self.sock, "version"],
@@ -240,9 +256,25 @@ def env() -> Iterator[tuple[Cluster, Runtime]]:
         c.down()
         left = c.leftovers()
         assert not left, f"cluster {c.name} left things behind: {left}"
-        assert not os.path.exists("/etc/cni") and not os.path.exists("/opt/cni")
+        for path in ("/etc/cni", "/opt/cni", "/opt/containerd", "/var/lib/cni", "/run/containerd",
+                     "/var/lib/containerd"):
+            assert not os.path.exists(path), f"{path} was made"
         assert not glob.glob(f"/sys/fs/cgroup/*/{c.name}"), "runc's cgroups are left"
         assert not os.path.exists(rt.tmp)
+        assert not _processes_naming(rt.tmp), "containerd, a shim or ctr is left"
+
+
+def _processes_naming(text: str) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd and int(pid) != os.getpid():
+            found.append(f"{pid}: {cmd[:120]}")
+    return found
 
 
 def _read(path: str) -> str:
