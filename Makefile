@@ -49,11 +49,17 @@ build/bpf/%.bpf.o: bpf/%.bpf.c $(BPF_HEADERS)
 ETCD_SUITES = tests/integration/test_services.py tests/integration/test_routes.py \
 	tests/integration/test_l7_policy.py
 
+# Two workers (pytest-xdist), each taking whole modules (their clusters are module fixtures, and
+# independent: each has its own name, namespaces, state and bpffs). Modules marked `serial`
+# (timing figures, load they must carry) run alone afterwards.
+PARALLEL = -n 2 --dist loadfile
+
 test: setup
 	$(VENV)/bin/ruff check nodemesh tests
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest tests
-	NODEMESH_TEST_STORE=etcd $(PY) -m pytest $(ETCD_SUITES)
+	$(PY) -m pytest $(PARALLEL) -m "not serial" tests
+	$(PY) -m pytest -m serial tests
+	NODEMESH_TEST_STORE=etcd $(PY) -m pytest $(PARALLEL) $(ETCD_SUITES)
 
 # The fuzz suite (tests/fuzz) with 1,000,000 cases in total instead of make test's 10,000
 # (docs/reliability.md, "Fuzzing").

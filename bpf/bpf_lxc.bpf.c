@@ -28,6 +28,7 @@
 #include "lib/policy.h"
 #include "lib/proxy.h"
 #include "lib/tunnel.h"
+#include "lib/dnslimit.h"
 
 static __always_inline int drop_packet(const struct nm_pkt *p, __u8 reason, __u8 direction,
 				       __u32 ifindex, __u32 src_identity, __u32 dst_identity,
@@ -97,6 +98,22 @@ static __always_inline int handle_packet(struct __sk_buff *skb, struct nm_pkt *p
 	}
 
 	__u64 now = bpf_ktime_get_ns();
+
+	/* A flood of DNS queries is cut here, before the DNS server's socket (lib/dnslimit.h). */
+	if (direction == DIR_EGRESS && is_dns_query(&p, cfg)) {
+		int event;
+
+		if (dns_over_budget(ifindex, now, &event)) {
+			metrics_add(DROP_RATE_LIMITED, direction, VERDICT_DROPPED, p.len);
+			flowcnt_add(local_identity, IDENTITY_HOST, p.dport, p.protocol,
+				    VERDICT_DROPPED, direction, p.len);
+			if (event)
+				emit_packet_event(&p, EV_DROP, VERDICT_DROPPED, DROP_RATE_LIMITED,
+						  direction, ifindex, local_identity, IDENTITY_HOST,
+						  0);
+			return TC_ACT_SHOT;
+		}
+	}
 	struct ct_key key;
 	struct ct_entry *entry;
 

@@ -34,6 +34,9 @@ static __always_inline void emit_sock_event(struct bpf_sock_addr *ctx, __u8 type
 					    __u64 netns_cookie, const struct node_config *cfg,
 					    __u32 policy_id, const struct netns_info *client)
 {
+	if (event_suppressed(NM_EVENT_SOCK_KEY | netns_cookie))
+		return;
+
 	struct flow_event *e = bpf_ringbuf_reserve(&nm_events, sizeof(*e), 0);
 	struct bpf_sock *sk = ctx->sk;
 	__be32 saddr = 0;
@@ -256,6 +259,9 @@ static __always_inline void emit_proxy_event(struct bpf_sock_addr *ctx, __u8 typ
 					     const struct nm_pkt *p, __u32 src_identity,
 					     __u32 dst_identity, __u32 policy_id)
 {
+	if (event_suppressed(ifindex))
+		return;
+
 	struct flow_event *e = bpf_ringbuf_reserve(&nm_events, sizeof(*e), 0);
 
 	if (!e) {

@@ -149,6 +149,12 @@ struct tunnel_port_val {
 	__u8 pad[3];
 };
 
+/* nm_dns_limit and nm_event_budget values: one budget (lib/budget.h). */
+struct rate_bucket {
+	__u64 tat;  /* GCRA's theoretical arrival time (ns, bpf_ktime_get_ns) */
+	__u64 over; /* what was over the budget so far (dropped queries, suppressed events) */
+};
+
 /* Policy verdicts (nm_policy, nm_policy_cidr, ct_entry.verdict). */
 #define POLICY_NONE     0 /* no entry matched */
 #define POLICY_ALLOW    1

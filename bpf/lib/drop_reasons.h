@@ -16,4 +16,5 @@
 #define DROP_POLICY_DENY              181 /* POLICY_DENY: an explicit deny rule matched */
 #define DROP_AUTH_REQUIRED            189 /* AUTH_REQUIRED: a rule that requires an authenticated peer, and the peer was not */
 #define DROP_UNENCRYPTED_TRAFFIC      195 /* UNENCRYPTED_TRAFFIC: TCP from another node that went around the tunnel */
+#define DROP_RATE_LIMITED             198 /* DROP_RATE_LIMITED: a pod over its node-local DNS query budget */
 #define DROP_UNKNOWN_ENDPOINT         203 /* DROP_EP_NOT_READY: the veth has no nm_endpoints entry (fail-closed) */

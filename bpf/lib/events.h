@@ -6,6 +6,8 @@
  * When the ring is full the event is lost, never the packet. Counters are per-CPU maps. */
 #pragma once
 
+#include "budget.h"
+
 #include "maps.h"
 
 static __always_inline void counter_add(struct metrics_val *v, __u32 len)
@@ -62,12 +64,38 @@ static __always_inline void count_lost_event(void)
 		*lost += 1;
 }
 
+/* Flow events' budget per source (hostile neighbours: a pod opening 100k connections a second
+ * must not spend the agent's CPU on reading about them): nm_event_rate events a second per veth
+ * (or per socket's network namespace), bursts of nm_event_burst, above what a busy pod's real
+ * traffic makes. The loader sets both from cluster.json "limits" (0: no budget). Suppressed
+ * events are counted per source in nm_event_budget (the agent reports them as lost events,
+ * source "event_budget"); every packet stays counted in nm_metrics and nm_flowcnt, so drops are
+ * never silent. */
+#define NM_EVENT_SOCK_KEY (1ULL << 63) /* | netns cookie: a socket hook's source */
+const volatile __u64 nm_event_rate = 20000;
+const volatile __u64 nm_event_burst = 40000;
+
+static __always_inline int event_suppressed(__u64 source)
+{
+	__u64 over = 0, rate = nm_event_rate;
+
+	if (!rate)
+		return 0;
+	__u64 cost = 1000000000ULL / rate;
+
+	return budget_over(&nm_event_budget, &source, bpf_ktime_get_ns(), cost,
+			   cost * nm_event_burst, &over);
+}
+
 /* A packet event (EV_TRACE for a new connection, EV_DROP for a drop) from a tc hook. */
 static __always_inline void emit_flagged_event(const struct nm_pkt *p, __u8 type, __u8 verdict,
 					       __u8 reason, __u8 direction, __u32 ifindex,
 					       __u32 src_identity, __u32 dst_identity,
 					       __u32 policy_id, __u8 flags)
 {
+	if (event_suppressed(ifindex))
+		return;
+
 	struct flow_event *e = bpf_ringbuf_reserve(&nm_events, sizeof(*e), 0);
 
 	if (!e) {

@@ -207,6 +207,27 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } nm_tunnel_port SEC(".maps");
 
+/* A pod's veth -> its budget for UDP queries to the node-local DNS (lib/dnslimit.h). LRU: a
+ * pod that is gone leaves its entry to be evicted; a new pod on a reused veth index starts with
+ * a fresh budget soon enough. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, NM_ENDPOINTS_MAX);
+	__type(key, __u32);
+	__type(value, struct rate_bucket);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_dns_limit SEC(".maps");
+
+/* Flow events' budget per source (lib/events.h): a veth's ifindex, or a socket's network
+ * namespace cookie with the top bit set -> the budget and the events it suppressed. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, NM_ENDPOINTS_MAX);
+	__type(key, __u64);
+	__type(value, struct rate_bucket);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nm_event_budget SEC(".maps");
+
 /* The node Envoy's tunnel listeners (NM_TUNNEL_SOCK_*), put here by the agent: the netns
  * socket-lookup program (bpf_netns.bpf.c) hands the tunnel's connections to them. A socket
  * leaves the map by itself when Envoy closes it. */

@@ -4,7 +4,8 @@ The plugin (`nodemesh.cni.plugin`) posts each CNI request to the agent's local A
 answers them (docs/cni.md):
 
 - ADD: the Pod must be in the store, scheduled to this node, and marked as brought by CNI
-  (`nodemesh.io/sandbox: cni`, `nodemesh.cluster.pods.brought_by_cni`). The host side of the
+  (`nodemesh.io/sandbox: cni`, `nodemesh.cluster.pods.brought_by_cni`; in Kubernetes mode
+  every pod is). The host side of the
   pod's interface is found from the pod's end (the veth's peer), the attachment is recorded
   (`<node dir>/cni/`, so a new agent adopts it), and the sandbox goes the same way as the local
   pod runtime's (`PodHooks.ready`): programs attached (the veth drops everything), policy
@@ -114,7 +115,11 @@ def _field(body: dict, name: str, required: bool = True) -> str:
 class CniPods:
     """The CNI attachments of this node (see the module)."""
 
-    def __init__(self, cfg: ClusterConfig, node: str, store: Store, hooks: PodHooks) -> None:
+    def __init__(self, cfg: ClusterConfig, node: str, store: Store, hooks: PodHooks,
+                 every_pod: bool = False) -> None:
+        # every_pod (Kubernetes mode): the kubelet brings every pod through CNI, so no pod
+        # needs the annotation, and the API server (not this agent) finishes deletes.
+        self.every_pod = every_pod
         self.cfg = cfg
         self.node = cfg.node(node)
         self.store = store
@@ -169,7 +174,7 @@ class CniPods:
         if ref.get("uid") and ref["uid"] != pod["metadata"]["uid"]:
             raise CniRefused(Code.POD_REFUSED, f"{where}: K8S_POD_UID {ref['uid']} is not the "
                              f"store's uid {pod['metadata']['uid']}")
-        if not brought_by_cni(pod):
+        if not self.every_pod and not brought_by_cni(pod):
             raise CniRefused(Code.POD_REFUSED, f"{where} is run by the local cluster's pod "
                              f"runtime; annotate it {SANDBOX_ANNOTATION}: {SANDBOX_CNI} for a "
                              "sandbox that CNI brings")
@@ -247,6 +252,9 @@ class CniPods:
     def _remove(self, cp: CniPod) -> None:
         """Fail closed, detach, take the address out of the pod's status, forget the record."""
         self.hooks.removed(cp.sandbox)
+        if self.every_pod:
+            self._forget(cp)
+            return
         with self.store.transaction() as t:
             cur = t.get("Pod", cp.namespace, cp.name)
             if cur is not None and cur["metadata"]["uid"] == cp.uid:
@@ -299,6 +307,8 @@ class CniPods:
     def finish_deletes(self, pods: list[dict]) -> None:
         """A deleted Pod of this node that CNI brings is removed from the store once it has no
         sandbox here (with one, the runtime's DEL removes it: `_remove`)."""
+        if self.every_pod:
+            return
         for pod in pods:
             meta = pod["metadata"]
             if (pod["spec"].get("nodeName") != self.node.name or not brought_by_cni(pod)
@@ -342,7 +352,8 @@ class CniPods:
             if cur is None or cur["metadata"]["uid"] != cp.uid:
                 raise CniRefused(Code.POD_REFUSED, f"pod {meta['namespace']}/{meta['name']} "
                                  "was deleted during the ADD")
-            t.put_status("Pod", meta["namespace"], meta["name"], self._status(cp, ready))
+            if not self.every_pod:  # (in Kubernetes the kubelet reports the pod's status)
+                t.put_status("Pod", meta["namespace"], meta["name"], self._status(cp, ready))
 
     def status(self) -> list[dict]:
         return [{"pod": f"{cp.namespace}/{cp.name}", "containerID": cp.container_id,

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from nodemesh.cluster.config import NODE_DNS_IP, ClusterConfig
+from nodemesh.cluster.config import LIMIT_RODATA, NODE_DNS_IP, ClusterConfig
 from nodemesh.datapath import layout as L
 from nodemesh.datapath import libbpf
 from nodemesh.datapath.lb import LbState
@@ -74,7 +74,8 @@ class DatapathSync:
         # uid, namespace, name, sandbox and adoptable()
         self.local_pods = local_pods
         self.dp = Datapath(node, cfg.bpffs, cfg.node_cgroup(node),
-                           maglev_table_size=maglev_table_size, map_sizes=cfg.maps)
+                           maglev_table_size=maglev_table_size, map_sizes=cfg.maps,
+                           rodata={LIMIT_RODATA[k]: v for k, v in cfg.datapath_limits.items()})
         self.endpoints: dict[str, LocalEndpoint] = {}  # uid -> endpoint
         self.lb_state: LbState | None = None
         self.stats = SyncStats()
@@ -262,6 +263,18 @@ class DatapathSync:
             except Exception:
                 log.exception("reporting the full maps failed")
 
+    def drops(self) -> dict[tuple[str, str], int]:
+        """nm_metrics' dropped packets: (Hubble drop reason, direction) -> packets."""
+        out: dict[tuple[str, str], int] = {}
+        for k, c in self.dp.read_metrics().items():
+            if k.verdict != L.Verdict.DROPPED:
+                continue
+            reason = (k.reason.hubble_name if isinstance(k.reason, L.DropReason)
+                      else str(k.reason))
+            key = (reason, k.direction.name.lower())
+            out[key] = out.get(key, 0) + c.packets
+        return out
+
     def refused(self) -> dict[str, int]:
         """map -> objects the last snapshot left out (0 for a map that fits everything)."""
         out = dict.fromkeys(self._capacities, 0)
@@ -371,6 +384,13 @@ class DatapathSync:
             return found
         reserved = RESERVED_IDENTITIES.get(identity)
         return "", reserved.split(":", 1)[1] if reserved else f"identity-{identity}"
+
+    def events_suppressed(self) -> int:
+        """Flow events over their source's budget (nm_event_budget; lib/events.h), not sent."""
+        try:
+            return int(sum(v.over for _, v in self.dp.map("nm_event_budget").items()))
+        except Exception:
+            return 0
 
     def ring_lost(self) -> int:
         """Events the kernel could not put in the ring buffer (nm_lost, summed over CPUs)."""

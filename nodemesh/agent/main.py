@@ -2,7 +2,7 @@
 
 Started (and restarted) by the cluster daemon in the host's namespaces; it moves itself into its
 node's network namespace before any thread exists (setns is per thread), then: follows the store,
-runs the node's pods, serves the node-local DNS and the local API, and reports the node's health.
+runs the node's pods, serves the local API, and reports the node's health.
 SIGTERM stops the agent only: pods, and everything programmed in the kernel, keep running.
 """
 
@@ -24,10 +24,10 @@ from typing import Any
 from nodemesh.agent.api import ApiError, ApiServer
 from nodemesh.agent.cni import CniPods
 from nodemesh.agent.datapath import DatapathSync
-from nodemesh.agent.dns import DnsServer, build_records
 from nodemesh.agent.proxy import ProxyManager
 from nodemesh.agent.reconcile import NodeReconciler
 from nodemesh.cluster.config import NODE_DNS_IP, ClusterConfig
+from nodemesh.cluster.dns import read_counters
 from nodemesh.cluster.pods import PodHooks, PodManager
 from nodemesh.errors import NodemeshError
 from nodemesh.host import netns
@@ -40,7 +40,7 @@ from nodemesh.observe.metrics import AgentCollector, AgentMetrics
 from nodemesh.observe.ring import FlowRing, as_flow
 from nodemesh.proxy.envoy import HotRestart
 from nodemesh.route import PROXY_IP
-from nodemesh.store import open_store
+from nodemesh.store import Store, open_store
 from nodemesh.store.base import now_rfc3339
 from nodemesh.store.informer import Informer
 
@@ -48,23 +48,47 @@ log = logging.getLogger("nodemesh.agent")
 HEARTBEAT_SECONDS = 5.0
 
 
+class NoPods:
+    """Kubernetes mode: the kubelet runs the pods. The sandboxes the datapath manages (`local`)
+    come from nodemesh-cni instead; there is nothing to start, stop or report here."""
+
+    def __init__(self) -> None:
+        self.local: dict = {}
+
+    def reconcile(self) -> None:
+        pass
+
+    def report_status(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
 class Agent:
     def __init__(self, cfg: ClusterConfig, node: str,
-                 metrics_socket: socket.socket | None = None) -> None:
+                 metrics_socket: socket.socket | None = None, *, store: Store | None = None,
+                 kubernetes: bool = False) -> None:
+        # Kubernetes mode (nodemesh/agent/kubernetes.py): `store` is the API server's, the
+        # kubelet runs the pods and owns the Node's status.
+        self.kubernetes = kubernetes
         self.cfg = cfg
         self.metrics_socket = metrics_socket
         self.metrics = AgentMetrics(node)
         self.node = cfg.node(node)
-        self.store = open_store(cfg.state_dir)
+        self.store = store if store is not None else open_store(cfg.state_dir)
         self.informer = Informer(self.store)
         self.flows = FlowRing(int(cfg.extra.get("flow_ring_size", 16384)),
                               on_add=self.metrics.observe)
         hooks = PodHooks()
         # Pods created together wait together (for the node Envoy's push and the datapath's
         # sync, each shared by all the pods waiting): enough workers that a batch is large.
-        self.pods = PodManager(cfg, node, self.store, self.informer, hooks, workers=16)
+        self.pods: PodManager | NoPods = (
+            NoPods() if kubernetes
+            else PodManager(cfg, node, self.store, self.informer, hooks, workers=16))
         # Pods whose sandbox a container runtime brings over CNI (nodemesh-cni): the same hooks.
-        self.cni = CniPods(cfg, node, self.store, hooks)
+        # In Kubernetes mode every pod of the node comes so.
+        self.cni = CniPods(cfg, node, self.store, hooks, every_pod=kubernetes)
         self.datapath: DatapathSync | None = None
         self.proxy: ProxyManager | None = None
         self.reconciler: NodeReconciler | None = None
@@ -87,17 +111,13 @@ class Agent:
             self.reconciler.timer = self.metrics.timed
             hooks.sandbox_ready.append(self.reconciler.sandbox_ready)
             hooks.sandbox_removed.append(self.reconciler.sandbox_removed)
-        self.dns = DnsServer(NODE_DNS_IP)
         self.api = ApiServer(cfg.agent_socket(node))
         self.started = time.time()
         self._wake: asyncio.Event | None = None
-        self._dns_dirty = True
         self._stopping = False
 
     # ---- wiring ------------------------------------------------------------------------------
     def _on_change(self, kinds: set[str]) -> None:
-        if kinds & {"Service", "Pod", "*"}:
-            self._dns_dirty = True
         loop, wake = self._loop, self._wake
         if wake is not None:
             loop.call_soon_threadsafe(wake.set)
@@ -110,12 +130,6 @@ class Agent:
         self.informer.add_listener(self._on_change)
         self.informer.start()
         await asyncio.to_thread(self.informer.wait_synced)
-        # DNS first (it needs only the store): records first, so queries queued while no agent
-        # ran are answered as soon as we listen.
-        k = self.informer.kinds(("Service", "Pod"))
-        self.dns.records = build_records(k["Service"], k["Pod"])
-        self._dns_dirty = False
-        await self.dns.start()
         # The datapath adopts what the previous agent left pinned, then catches up.
         if self.datapath is not None and self.reconciler is not None:
             await asyncio.to_thread(self.datapath.start)
@@ -156,7 +170,6 @@ class Agent:
         if self.proxy is not None:
             await self.proxy.stop()
         self.api.close()
-        self.dns.close()
         self.pods.shutdown()
         if self.reconciler is not None:
             self.reconciler.stop()
@@ -173,6 +186,7 @@ class Agent:
                    "flow_ring_overwritten": self.flows.overwritten}
             if dp is not None:
                 out["ringbuf_full"] = dp.ring_lost()
+                out["event_budget"] = dp.events_suppressed()
             if proxy is not None:
                 out["access_logs"] = int(proxy.als.dropped)
             return out
@@ -183,8 +197,13 @@ class Agent:
             maps=dp.map_fill if dp else None,
             l4_bytes=dp.l4_counters if dp else None,
             xds=proxy.xds.stats if proxy else None,
-            lost=lost, refused=dp.refused if dp else None,
-            dns=lambda: {"answered": self.dns.answered, "refused": self.dns.refused}))
+            lost=lost, refused=dp.refused if dp else None, drops=dp.drops if dp else None,
+            dns=None if self.kubernetes else self._dns_queries))
+
+    def _dns_queries(self) -> dict[str, int]:
+        """This node's DNS queries by result, as the cluster daemon that serves them counts."""
+        got = read_counters(self.cfg.dns_counters_file(self.node.name))
+        return {"answered": got["answered"], "refused": got["refused"]}
 
     async def _serve_metrics(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
@@ -217,14 +236,11 @@ class Agent:
         while True:
             self._wake.clear()
             with self.metrics.timed("pods"):
-                if self._dns_dirty:
-                    self._dns_dirty = False
-                    k = self.informer.kinds(("Service", "Pod"))
-                    self.dns.records = build_records(k["Service"], k["Pod"])
                 self.pods.reconcile()
-                pods = self.informer.list("Pod")
-                if any(is_deleting(p) for p in pods):
-                    await asyncio.to_thread(self.cni.finish_deletes, pods)
+                if not self.kubernetes:  # (in Kubernetes the API server finishes deletes)
+                    pods = self.informer.list("Pod")
+                    if any(is_deleting(p) for p in pods):
+                        await asyncio.to_thread(self.cni.finish_deletes, pods)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
 
@@ -248,6 +264,8 @@ class Agent:
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
     def _heartbeat(self) -> None:
+        if self.kubernetes:  # the kubelet reports the Node; the agent's own state is in /status
+            return
         with self.store.transaction() as t:
             node = t.get("Node", "", self.node.name)
             if node is None:
@@ -291,6 +309,7 @@ class Agent:
         self.api.route("GET", "/proxy/config", self._proxy_admin("config"))
         self.api.route("GET", "/certificates", self._certificates)
         self.api.route("POST", "/proxy/restart", self._proxy_restart)
+        self.api.route("GET", "/debug/memory", self._debug_memory)
         for command in ("add", "del", "check", "gc"):
             self.api.route("POST", f"/cni/{command}", self._cni(command))
 
@@ -343,6 +362,33 @@ class Agent:
             return {"node": self.node.name, "mtls": False, "certificates": []}
         return {"node": self.node.name, "mtls": True, **st}
 
+    async def _debug_memory(self, q: dict, body: bytes) -> Any:
+        """Where the agent's memory is: its smaps_rollup figures and, when the agent was started
+        with PYTHONTRACEMALLOC=N, the largest allocations by file and line (`?top=K`)."""
+        import tracemalloc
+
+        roll = {}
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 3 and parts[2] == "kB":
+                    roll[parts[0].rstrip(":")] = int(parts[1])
+        out: dict[str, Any] = {"smaps_rollup_kib": roll, "tracing": tracemalloc.is_tracing()}
+        if tracemalloc.is_tracing():
+            top = int((q.get("top") or ["30"])[0])
+            snap = await asyncio.to_thread(tracemalloc.take_snapshot)
+            stats = snap.statistics("lineno")
+            out["traced_kib"] = round(sum(s.size for s in stats) / 1024)
+            out["top"] = [{"where": f"{s.traceback[0].filename}:{s.traceback[0].lineno}",
+                           "kib": round(s.size / 1024, 1), "count": s.count}
+                          for s in stats[:top]]
+            by_file: dict[str, int] = {}
+            for s in stats:
+                by_file[s.traceback[0].filename] = by_file.get(s.traceback[0].filename, 0) + s.size
+            out["top_files"] = [{"file": f, "kib": round(n / 1024, 1)} for f, n in
+                                sorted(by_file.items(), key=lambda x: -x[1])[:top]]
+        return out
+
     async def _healthz(self, q: dict, body: bytes) -> Any:
         return {"ok": True}
 
@@ -354,12 +400,16 @@ class Agent:
             "pid": os.getpid(), "uptimeSeconds": round(time.time() - self.started, 1),
             "pods": len(self.pods.local), "cniPods": self.cni.status(),
             "storeRevision": self.informer.revision,
-            "dns": {"address": NODE_DNS_IP, "records": len(self.dns.records.a)},
+            "dns": ({"servedBy": "the cluster's DNS (Kubernetes mode)"} if self.kubernetes else
+                    {"address": NODE_DNS_IP, "servedBy": "cluster daemon",
+                     **read_counters(self.cfg.dns_counters_file(self.node.name))}),
             "datapath": self.datapath.status() if self.datapath else {"mode": "none"},
             "proxy": self.proxy.status() if self.proxy else None,
             "flows": {"ring": len(self.flows), "capacity": self.flows.capacity,
                       "total": self.flows.total,
                       "lostEvents": self.datapath.ring_lost() if self.datapath else 0,
+                      "suppressedEvents": (self.datapath.events_suppressed()
+                                           if self.datapath else 0),
                       "overwritten": self.flows.overwritten},
         }
 

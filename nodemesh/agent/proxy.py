@@ -49,6 +49,7 @@ from nodemesh.proxy.envoy import (
     bootstrap,
     remove_shared_memory,
 )
+from nodemesh.proxy.external import write_bootstrap
 from nodemesh.proxy.snapshot import SECRET
 from nodemesh.proxy.xds import XdsServer
 from nodemesh.route import PROXY_IP, RedirectKey, RouteKey, stamp_transition_times, with_nack
@@ -147,6 +148,7 @@ class ProxyManager:
         self.hot_restarts: list[dict[str, Any]] = []  # planned ones (`nodemesh proxy restart`)
         self._draining: list[EnvoyProcess] = []  # earlier epochs still draining
         self.base_id_path = base_id_path(self.envoy_dir)
+        self._waiting_logged = False  # external mode: "waiting for the node Envoy" said once
         # When the current Envoy was started: only its own acknowledgements count (the xDS
         # server keeps the last acknowledged version per node, across streams). 0 for an
         # adopted one (the xDS server is new: whatever it heard, it heard from that Envoy).
@@ -182,15 +184,39 @@ class ProxyManager:
         """Something the snapshot depends on changed outside the store (a certificate)."""
         self.on_change()
 
+    @property
+    def external(self) -> bool:
+        """The node Envoy is started by someone else (Kubernetes: the nodemesh-envoy DaemonSet);
+        the agent writes its bootstrap and adopts it (nodemesh.proxy.external)."""
+        return self.cfg.extra.get("proxy") == "external"
+
+    def _bootstrap(self) -> dict:
+        return bootstrap(self.node, self.socket,
+                         admin_socket=os.path.join(self.envoy_dir, "admin.sock"),
+                         cluster=self.cfg.name)
+
     def _ensure_envoy(self) -> None:
         pidfile = os.path.join(self.envoy_dir, "envoy.json")
         if self.envoy is not None and self.envoy.alive():
             return
+        if self.external:
+            write_bootstrap(self.envoy_dir, self._bootstrap())
         adopted = EnvoyProcess.adopt(pidfile)
         if adopted is not None:
             self.envoy = adopted
-            self._envoy_since = 0.0
+            if not (self.external and self.envoy_exits):
+                # (An external Envoy that replaced one this agent saw exit: only what it
+                # acknowledges from now on counts; `_on_envoy_exit` set the time.)
+                self._envoy_since = 0.0
+            self._waiting_logged = False
             log.info("adopted the node's Envoy (pid %d)", adopted.pid)
+            return
+        if self.external:
+            if not self._waiting_logged:
+                log.warning("waiting for the node Envoy (nodemesh-envoy) to start from %s",
+                            self.envoy_dir)
+                self._waiting_logged = True
+            self.envoy = None
             return
         # No Envoy of this node runs: the shared memory of an earlier one's hot restart is stale.
         remove_shared_memory(self.base_id_path)
@@ -199,9 +225,7 @@ class ProxyManager:
 
     def _start_envoy(self, hot_restart: HotRestart) -> EnvoyProcess:
         """Start an Envoy; it is the current one from then on (see `_acked`)."""
-        config = bootstrap(self.node, self.socket,
-                           admin_socket=os.path.join(self.envoy_dir, "admin.sock"),
-                           cluster=self.cfg.name)
+        config = self._bootstrap()
         since = time.time()
         proc = EnvoyProcess.start(config, self.envoy_dir, concurrency=self.concurrency,
                                   cgroup_path=self.cfg.proxy_cgroup(self.node),
@@ -218,6 +242,9 @@ class ProxyManager:
         after their current request, its other connections stay until it exits
         (`parent_shutdown_seconds`). No connection is refused meanwhile."""
         old = self.envoy
+        if self.external:
+            raise NodemeshError(f"node {self.node}'s Envoy is not the agent's to restart (\"proxy\": "
+                                "\"external\"): restart its nodemesh-envoy pod")
         if old is None or not old.alive():
             raise NodemeshError(f"node {self.node} has no running Envoy to restart")
         if old.hot_restart is None:
@@ -291,10 +318,12 @@ class ProxyManager:
         how = "exited"
         if self.envoy is not None and self.envoy.pid == pid:
             how = self.envoy.exit_description()
-        log.error("the node's Envoy (pid %s) %s; starting another", pid, how)
+        then = ("waiting for nodemesh-envoy to start another" if self.external
+                else "starting another")
+        log.error("the node's Envoy (pid %s) %s; %s", pid, how, then)
         self.envoy_exits = [*self.envoy_exits[-4:], EnvoyExit(pid or 0, how)]
         self.flows.add(agent_event(self.node, AgentEventType.ENVOY_EXITED,
-                                   f"the node Envoy (pid {pid}) {how}; starting another",
+                                   f"the node Envoy (pid {pid}) {how}; {then}",
                                    pid=pid or 0))
         self._envoy_since = time.time()  # nothing the dead one acknowledged counts now
         self._envoy_exited = True
@@ -352,7 +381,8 @@ class ProxyManager:
                     woke = True
                     try:
                         await asyncio.to_thread(self._ensure_envoy)
-                        self.envoy_restarts += 1
+                        if self.envoy is not None:
+                            self.envoy_restarts += 1
                         self._watch_envoy()
                         self._how_it_ended()
                     except Exception as e:

@@ -70,6 +70,9 @@ class NodeReconciler:
         self._dirty = threading.Event()
         self._stop = threading.Event()
         self._retry: threading.Timer | None = None
+        # Kubernetes mode: the other nodes (and their addresses) are the API's Node objects.
+        self.kubernetes = cfg.store.get("type") == "kubernetes"
+        self._datapath_kinds = DATAPATH_KINDS | ({"Node"} if self.kubernetes else set())
         if proxy is not None:
             proxy.on_change = self.kick
             proxy.reconcile_now = self.reconcile
@@ -101,7 +104,7 @@ class NodeReconciler:
         self._retry.start()
 
     def _on_store_change(self, kinds: set[str]) -> None:
-        for synced, watched in ((self.datapath.synced, DATAPATH_KINDS),
+        for synced, watched in ((self.datapath.synced, self._datapath_kinds),
                                 (self.proxy.synced if self.proxy else None, PROXY_KINDS)):
             if synced is None:
                 continue
@@ -110,7 +113,7 @@ class NodeReconciler:
             else:
                 # Nothing it depends on changed (a node heartbeat, a route's status).
                 synced.unrelated(self.informer.revision)
-        if kinds & (DATAPATH_KINDS | (PROXY_KINDS if self.proxy else set())):
+        if kinds & (self._datapath_kinds | (PROXY_KINDS if self.proxy else set())):
             self._dirty.set()
 
     def _loop(self) -> None:
@@ -200,7 +203,7 @@ class NodeReconciler:
         k = self.informer.kinds(KINDS)
         inp = NodeInputs(
             node=self.node.name, node_ip=self.node.ip,
-            node_ips={n.name: n.ip for n in self.cfg.nodes}, objects=k,
+            node_ips=self._node_ips(), objects=k,
             attached=dp.attached(), starting=dict(starting or {}),
             covering=proxy.covering(k["Pod"]) if proxy is not None else {},
             identities=known_identities(k["Identity"]), mtls=self.cfg.mtls,
@@ -219,6 +222,14 @@ class NodeReconciler:
         if proxy is not None and proxy.certs is not None:
             inp = dataclasses.replace(inp, certificates=proxy.certificates(inp))
         return build_node_snapshot(inp)
+
+    def _node_ips(self) -> dict[str, str]:
+        ips = {n.name: n.ip for n in self.cfg.nodes}
+        if self.kubernetes:
+            from nodemesh.agent.kubernetes import node_addresses
+
+            ips = {**node_addresses(self.informer.list("Node")), **ips}
+        return ips
 
     def _proxy_stages(self, proxy: ProxyManager, snap: NodeSnapshot) -> None:
         t0 = time.monotonic()

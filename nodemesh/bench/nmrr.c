@@ -5,6 +5,9 @@
  *   nmrr rr   HOST PORT SIZE SECONDS          one connection, SIZE-byte request/response loop
  *   nmrr crr  HOST PORT SIZE SECONDS          connect, request/response, close (RST), repeat
  *   nmrr cps  HOST PORT SIZE SECONDS PARALLEL PARALLEL crr loops at once (new connections/s)
+ *   nmrr flood HOST PORT SECONDS              hostile neighbour: non-blocking connect and close
+ *                                             (RST) as fast as it can, never waiting for the
+ *                                             handshake; prints attempts and attempts/s
  * Clients print one JSON object: count, seconds, rate, latency percentiles in microseconds,
  * errors. Closes use SO_LINGER {1, 0} so neither side keeps TIME_WAIT sockets.
  */
@@ -287,8 +290,33 @@ static int cps(const struct sockaddr_in *a, size_t size, double seconds, int par
     return 0;
 }
 
+static int flood(const struct sockaddr_in *a, double seconds) {
+    uint64_t start = now_ns(), end = start + (uint64_t)(seconds * 1e9);
+    long attempts = 0, errors = 0;
+    while (1) {
+        for (int i = 0; i < 64; i++) {
+            int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+            if (fd < 0) { errors++; continue; }
+            set_linger0(fd);
+            if (connect(fd, (const struct sockaddr *)a, sizeof(*a)) < 0 && errno != EINPROGRESS)
+                errors++;
+            close(fd);
+            attempts++;
+        }
+        if (now_ns() >= end) break;
+    }
+    double secs = (double)(now_ns() - start) / 1e9;
+    printf("{\"mode\":\"flood\",\"attempts\":%ld,\"seconds\":%.3f,\"rate\":%.1f,"
+           "\"errors\":%ld}\n", attempts, secs, attempts / secs, errors);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc >= 3 && !strcmp(argv[1], "server")) return server(argv[2]);
+    if (argc >= 5 && !strcmp(argv[1], "flood")) {
+        struct sockaddr_in a = target(argv[2], argv[3]);
+        return flood(&a, atof(argv[4]));
+    }
     if (argc >= 6) {
         struct sockaddr_in a = target(argv[2], argv[3]);
         size_t size = (size_t)atoi(argv[4]);
@@ -299,6 +327,6 @@ int main(int argc, char **argv) {
         if (!strcmp(argv[1], "cps") && argc >= 7) return cps(&a, size, seconds, atoi(argv[6]));
     }
     fprintf(stderr, "usage: nmrr server PORT | nmrr rr|crr HOST PORT SIZE SECONDS | "
-                    "nmrr cps HOST PORT SIZE SECONDS PARALLEL\n");
+                    "nmrr cps HOST PORT SIZE SECONDS PARALLEL | nmrr flood HOST PORT SECONDS\n");
     return 2;
 }

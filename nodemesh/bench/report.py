@@ -118,8 +118,35 @@ def summarize_datapath(cells: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+HOSTILE_FIGURES = {  # name -> where in a cell's victim
+    "dns_p50_ms": ("dns", "p50_ms"), "dns_p99_ms": ("dns", "p99_ms"), "dns_lost": ("dns", "lost"),
+    "tcp_p50_us": ("tcp", "p50_us"), "tcp_p99_us": ("tcp", "p99_us"),
+    "tcp_errors": ("tcp", "errors"),
+}
+
+
+def summarize_hostile(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per flood condition: the spread over runs of the victim's figures, the apply → synced
+    time and the agent's CPU share, and each figure's ratio to the no-flood median."""
+    out: dict[str, Any] = {}
+    for flood in dict.fromkeys(c["flood"] for c in cells):
+        cs = [c for c in cells if c["flood"] == flood]
+        row = {k: spread((c["victim"].get(a) or {}).get(b) for c in cs)
+               for k, (a, b) in HOSTILE_FIGURES.items()}
+        row["apply_synced_ms"] = spread(c["victim"].get("apply_synced_ms") for c in cs)
+        row["agent_cpu_share"] = spread(c.get("agent_cpu_share") for c in cs)
+        out[flood] = row
+    base = out.get("none") or {}
+    for row in out.values():
+        row["ratios"] = {k: ratio(row[k]["median"], (base.get(k) or {}).get("median"))
+                         for k in ("dns_p99_ms", "tcp_p99_us", "apply_synced_ms")}
+    return out
+
+
 def summarize(res: dict[str, Any]) -> dict[str, Any]:
     s: dict[str, Any] = {}
+    if (res.get("hostile") or {}).get("cells"):
+        s["hostile"] = summarize_hostile(res["hostile"]["cells"])
     if "traffic" in res:
         s["traffic"] = summarize_traffic(res["traffic"]["cells"])
     if "datapath" in res:
@@ -482,6 +509,7 @@ def markdown(res: dict[str, Any]) -> str:
     L += _traffic_tables(res, s)
     L += _datapath_tables(s)
     L += _change_tables(res)
+    L += _hostile_tables(s)
     L += _memory_tables((res.get("memory") or {}).get("points") or [],
                         "## Memory of the mesh's components (MiB)")
     L += _mtls_tables(res, s)
@@ -684,6 +712,29 @@ def _change_tables(res: dict[str, Any]) -> list[str]:
         L.append(f"| {v.get('kind')} | {v.get('n')} | {v.get('missed')} | {fmt(v.get('p50_ms'), 1)} | "
                  f"{fmt(v.get('p99_ms'), 1)} | {fmt(v.get('max_ms'), 1)} | "
                  f"{fmt(v.get('apply_p50_ms'), 1)} | {fmt(v.get('cli_apply_ms'), 0)} |")
+    L.append("")
+    return L
+
+
+def _hostile_tables(s: dict[str, Any]) -> list[str]:
+    h = s.get("hostile") or {}
+    if not h:
+        return []
+    L = ["## Hostile neighbours: a victim pod while another pod on the node floods\n",
+         "The victim (the client pod) does sequential lookups at the node-local DNS, then new TCP "
+         "connections to a service (nmrr crr), then a change is applied; the flooder sends DNS "
+         "queries without awaiting answers, or opens connections (nmrr flood) to a closed port "
+         "of a policed pod. Medians over runs (min-max); ratios to no flood.\n",
+         "| flood | DNS p50 ms | DNS p99 ms | DNS lost | TCP crr p50 µs | TCP crr p99 µs | "
+         "apply → synced ms | agent CPU (share of one) | ratio DNS p99 | ratio TCP p99 | "
+         "ratio apply → synced |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for flood, r in h.items():
+        rs = r["ratios"]
+        L.append(f"| {flood} | {_range(r['dns_p50_ms'], 2)} | {_range(r['dns_p99_ms'], 2)} | "
+                 f"{_range(r['dns_lost'])} | {_range(r['tcp_p50_us'])} | "
+                 f"{_range(r['tcp_p99_us'])} | {_range(r['apply_synced_ms'], 1)} | "
+                 f"{_range(r['agent_cpu_share'], 3)} | {fmt_ratio(rs['dns_p99_ms'])} | "
+                 f"{fmt_ratio(rs['tcp_p99_us'])} | {fmt_ratio(rs['apply_synced_ms'])} |")
     L.append("")
     return L
 

@@ -9,8 +9,11 @@ Sections, in this order (see docs/benchmarks.md for the method and what the numb
 2. datapath: TCP round trips (one connection; connect/request/close) and new connections per
    second, pod→pod and pod→service, ``--datapath bpf`` against ``--datapath none``;
 3. change: apply → first observed effect of a policy change and of a route change;
-4. memory: the mesh's processes (and BPF maps) at 10, 50 and 100 pods on the node;
-5. mtls: mutual TLS across nodes, in two 2-node clusters of its own (clients on node1, servers
+4. hostile: a victim pod's DNS lookups, new TCP connections and a change's apply → synced on
+   the node, with no flood, with a DNS flood and with a connection flood from another pod on
+   the same node (docs/reliability.md "Hostile neighbours");
+5. memory: the mesh's processes (and BPF maps) at 10, 50 and 100 pods on the node;
+6. mtls: mutual TLS across nodes, in two 2-node clusters of its own (clients on node1, servers
    on node2; the single-node clusters are down by then): no mesh, the sidecar model with mTLS
    between the sidecars, nodemesh L4 and L7 through its tunnel, measured as the traffic section
    is; then the memory of the server node at 10 and 100 pods.
@@ -47,13 +50,59 @@ from nodemesh.bench.workload import MODES, MTLS_MODES, Workload
 from nodemesh.host.procs import reap_children, set_child_subreaper
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# The hostile section's programs, run in pods: the victim's sequential lookups (1 s timeout each;
+# prints p50/p99 ms and how many were lost) and a DNS flood that never awaits its answers.
+HOSTILE_LOOKUPS = r"""
+import json, socket, struct, sys, time
+name, n = sys.argv[1], int(sys.argv[2])
+q = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\x00\x00\x01\x00\x01"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect(("169.254.20.10", 53))
+s.settimeout(1)
+ms, lost = [], 0
+for i in range(n):
+    t = time.perf_counter()
+    s.send(struct.pack("!HHHHHH", i, 0x0100, 1, 0, 0, 0) + q)
+    try:
+        while struct.unpack("!H", s.recv(512)[:2])[0] != i:
+            pass
+        ms.append((time.perf_counter() - t) * 1000)
+    except socket.timeout:
+        lost += 1
+    time.sleep(0.005)
+ms.sort()
+pct = lambda p: round(ms[min(len(ms) - 1, int(p * len(ms)))], 3) if ms else None
+print(json.dumps({"n": n, "lost": lost, "p50_ms": pct(0.5), "p99_ms": pct(0.99)}))
+"""
+HOSTILE_DNS_FLOOD = r"""
+import socket, struct, sys, time
+end = time.monotonic() + float(sys.argv[1])
+q = b"\x03foo\x07default\x03svc\x07cluster\x05local\x00\x00\x01\x00\x01"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect(("169.254.20.10", 53))
+s.setblocking(False)
+n = 0
+while time.monotonic() < end:
+    for _ in range(100):
+        try:
+            s.send(struct.pack("!HHHHHH", n & 0xFFFF, 0x0100, 1, 0, 0, 0) + q); n += 1
+        except BlockingIOError:
+            pass
+    try:
+        while True:
+            s.recv(512)
+    except BlockingIOError:
+        pass
+print(n)
+"""
 LOADGEN_CPU = 1
 SERVER_CPU = 0
 BENCH_NICE = -10  # every process of the benchmark: other work on a shared VM disturbs it less
 QUIET_BUSY_CPUS = 0.45  # busy CPUs (of 2) below which the machine counts as quiet
 FOREIGN_MAX_CPUS = 0.25  # other processes' CPU during a cell above which it is repeated
 LAG_MAX_US = 200.0  # generator send lag p99 above which the cell is repeated (it was stalled)
-SINGLE_NODE_SECTIONS = ("traffic", "datapath", "change", "memory")
+SINGLE_NODE_SECTIONS = ("traffic", "datapath", "change", "hostile", "memory")
 SECTIONS = (*SINGLE_NODE_SECTIONS, "mtls")
 ALL_MODES = tuple(dict.fromkeys(MODES + MTLS_MODES))
 SIDECAR_CERT_TTL = 24 * 3600  # nodemesh's default --cert-ttl (and Istio's default)
@@ -76,6 +125,8 @@ class Plan:
     dp_parallel: int
     change_samples: int
     change_interval_ms: float
+    hostile_seconds: float  # each flood (and the victim's measurements during it)
+    hostile_lookups: int  # the victim's sequential DNS lookups per condition
     mem_points: tuple[int, ...]
     mtls_workloads: tuple[Workload, ...]
     mtls_rates: tuple[int, ...]
@@ -90,7 +141,8 @@ class Plan:
 FULL = Plan(quick=False, runs=5, workloads=workload.ALL_WORKLOADS, wrk_seconds=2.0,
             open_seconds=2.0, warmup=0.25, rates=(500, 2000), wrk_connections=12, pool=32,
             dp_runs=5, dp_seconds=1.5, dp_placements=("same-cpu", "cross-cpu"), dp_parallel=8,
-            change_samples=100, change_interval_ms=2.0, mem_points=(10, 50, 100),
+            change_samples=100, change_interval_ms=2.0, hostile_seconds=6.0,
+            hostile_lookups=400, mem_points=(10, 50, 100),
             # nginx only: the fast server shows what the mesh adds; echo (Python) would dilute it.
             mtls_workloads=tuple(w for w in workload.ALL_WORKLOADS if w.server == "nginx"),
             # A new TLS connection per request: 200/s every mode carries here; at 500/s
@@ -100,7 +152,8 @@ FULL = Plan(quick=False, runs=5, workloads=workload.ALL_WORKLOADS, wrk_seconds=2
 QUICK = replace(FULL, quick=True, runs=1,
                 workloads=(Workload("nginx", "keepalive", "small"), Workload("echo", "close", "16k")),
                 wrk_seconds=1.0, open_seconds=1.0, warmup=0.2, dp_runs=1, dp_seconds=0.5,
-                dp_placements=("same-cpu",), change_samples=6, mem_points=(10,),
+                dp_placements=("same-cpu",), change_samples=6, hostile_seconds=2.0,
+                hostile_lookups=50, mem_points=(10,),
                 # Keep-alive: a smoke run checks that every mode works, not where it saturates
                 # (a new connection per request, one TLS handshake each, is for the full run).
                 mtls_workloads=(Workload("nginx", "keepalive", "small"),), mtls_mem_points=(10,),
@@ -334,7 +387,7 @@ class Bench:
             [workload.SERVER_PORT, workload.RR_PORT])
         mesh_objs = [*workload.plain_servers(py), workload.client_pod(),
                      workload.rr_pod(self.nmrr), rr_svc, policy, *workload.l7_workload(py),
-                     *workload.change_target(py)]
+                     *workload.change_target(py), workload.hostile_pod()]
         self.mesh.apply(mesh_objs)
         self.plain.wait_ready(expected=workload.expected_pods(plain_objs))
         self.plain.apply([workload.sidecar_client(ev, self.outbound(self.plain, workload.SERVERS))])
@@ -827,13 +880,89 @@ print(json.dumps(out))
         out["seconds"] = round(time.monotonic() - t0, 1)
         self.results["change"] = out
 
+    # ---- hostile neighbours ---------------------------------------------------------------
+    def hostile_victim(self, seconds: float) -> dict[str, Any]:
+        """The victim's view, from the client pod: sequential DNS lookups, then new TCP
+        connections (nmrr crr) to the rr service, then a Service applied and synced."""
+        r = self.mesh.exec("client", ["taskset", "-c", str(LOADGEN_CPU), self.python, "-c",
+                                      HOSTILE_LOOKUPS, workload.HOSTILE_NAME,
+                                      str(self.plan.hostile_lookups)], timeout=120, check=False)
+        out: dict[str, Any] = {"dns": json.loads(r.out) if r.code == 0 else {"error": r.err[-300:]}}
+        r = self.mesh.exec("client", ["taskset", "-c", str(LOADGEN_CPU), self.nmrr, "crr",
+                                      self.targets["rr_vip"], str(workload.RR_PORT), "64",
+                                      str(seconds / 2)], timeout=60 + seconds, check=False)
+        out["tcp"] = json.loads(r.out.splitlines()[-1]) if r.code == 0 else {"error": r.err[-300:]}
+        out["apply_synced_ms"] = self.apply_synced_ms()
+        return out
+
+    def apply_synced_ms(self) -> float | None:
+        """apply of a Service → the node's agent reports the store's revision synced (ms)."""
+        from nodemesh.cluster.agentclient import AgentClient
+        from nodemesh.store import open_store
+
+        svc = workload.service("hostile-probe", {"app": "nobody"}, port=80, target=80)
+        svc["metadata"]["labels"] = {"gen": uuid.uuid4().hex[:8]}
+        _, t1 = self.mesh.apply_timed([svc])
+        rev = open_store(self.mesh.state_dir).revision()
+        agent = AgentClient(os.path.join(self.mesh.node_dir("node1"), "agent.sock"), "node1")
+        while time.monotonic_ns() - t1 < 30e9:
+            with contextlib.suppress(Exception):
+                if int(agent.get("/status")["datapath"]["syncedRevision"]) >= rev:
+                    return round((time.monotonic_ns() - t1) / 1e6, 2)
+            time.sleep(0.002)
+        return None
+
+    def hostile(self) -> None:
+        """Victim p50/p99 with and without a flood from another pod on the node (one run per
+        `runs`, conditions in a rotating order), with the agent's CPU during each."""
+        t0 = time.monotonic()
+        secs = self.plan.hostile_seconds
+        floods: dict[str, list[str] | None] = {
+            "none": None,
+            "dns": [self.python, "-c", HOSTILE_DNS_FLOOD, str(secs * 3)],
+            "connections": [self.nmrr, "flood", self.targets["rr_mesh"], "9", str(secs * 3)]}
+        names = list(floods)
+        cells: list[dict[str, Any]] = []
+        log(f"hostile: {self.plan.runs} run(s) x {len(names)} conditions")
+        for run in range(self.plan.runs):
+            order = names[run % len(names):] + names[:run % len(names)]
+            for name in order:
+                self.pin()
+                agent = self.mesh.agent_pid()
+                cpu0 = proc_cpu_seconds([agent]) if agent else 0.0
+                w0 = time.monotonic()
+                flood = None
+                if floods[name] is not None:
+                    argv = ["taskset", "-c", str(SERVER_CPU), *floods[name]]  # type: ignore[misc]
+                    flood = self.mesh.exec_popen("hostile", argv)
+                    time.sleep(1.0)
+                try:
+                    victim = self.hostile_victim(secs)
+                finally:
+                    flood_out = ""
+                    if flood is not None:
+                        flood.terminate()
+                        flood_out, _ = flood.communicate(timeout=60)
+                wall = time.monotonic() - w0
+                cpu = (proc_cpu_seconds([agent]) - cpu0) if agent else None
+                cell = {"run": run, "flood": name, "victim": victim, "wall_s": round(wall, 2),
+                        "agent_cpu_share": round(cpu / wall, 4) if cpu is not None else None,
+                        "flood_out": flood_out.strip()[-200:]}
+                cells.append(cell)
+                dns, tcp = victim.get("dns") or {}, victim.get("tcp") or {}
+                log(f"  {name}: dns p99 {dns.get('p99_ms')} ms lost {dns.get('lost')}, "
+                    f"tcp p99 {tcp.get('p99_us')} us, apply→synced {victim['apply_synced_ms']} ms"
+                    f", agent {cell['agent_cpu_share']}")
+        self.mesh.cli("delete", "service", "hostile-probe", check=False)
+        self.results["hostile"] = {"cells": cells, "seconds": round(time.monotonic() - t0, 1)}
+
     # ---- memory -----------------------------------------------------------------------------
     def memory(self) -> None:
         t0 = time.monotonic()
         py, ev = self.python, self.envoy
         points = self.memory_series(
             self.plain, self.mesh, "node1", self.plan.mem_points,
-            ["echo", "nginx-l7", "echo-l7", "pt"], ["client-l7", "rr"],
+            ["echo", "nginx-l7", "echo-l7", "pt"], ["client-l7", "rr", "hostile"],
             lambda n: workload.sidecar_servers(py, ev, replicas=n, servers=("nginx",)),
             lambda n: workload.plain_servers(py, replicas=n))
         self.results["memory"] = {"points": points, "seconds": round(time.monotonic() - t0, 1)}

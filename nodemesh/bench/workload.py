@@ -141,6 +141,15 @@ def client_pod(name: str = "client", sidecar: dict[str, Any] | None = None) -> d
     return pod(name, dict(CLIENT_LABELS), containers)
 
 
+# The hostile section: a pod that floods (DNS queries, new connections), and the name its victim
+# looks up (a Service of the bench, in the namespace the bench uses).
+HOSTILE_NAME = f"rr.{NAMESPACE}.svc.cluster.local"
+
+
+def hostile_pod(name: str = "hostile") -> dict[str, Any]:
+    return pod(name, {"app": name}, [sleeper("app")])
+
+
 def rr_pod(nmrr: str, name: str = "rr") -> dict[str, Any]:
     return pod(name, {"app": name}, [{
         "name": "server", "image": "debian", "command": [nmrr, "server", str(RR_PORT)],

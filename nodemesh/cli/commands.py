@@ -14,8 +14,10 @@ from nodemesh.cli.selectors import parse_selector
 from nodemesh.cluster import lifecycle
 from nodemesh.cluster.config import (
     ClusterConfig,
+    limits_for_new_cluster,
     load_cluster,
     map_sizes_for_new_cluster,
+    parse_limits,
     parse_map_sizes,
     state_dir_from,
 )
@@ -78,7 +80,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     _require_root("nodemesh up")
     t0 = time.monotonic()
     map_sizes = config_map_sizes(_state_dir(args), getattr(args, "map_size", []))
-    with map_sizes_for_new_cluster(map_sizes):
+    limits = config_limits(_state_dir(args), getattr(args, "limit", []))
+    with map_sizes_for_new_cluster(map_sizes), limits_for_new_cluster(limits):
         cfg = lifecycle.up(_state_dir(args), args.nodes, args.name, datapath=args.datapath,
                            mtls=args.mtls, trust_domain=args.trust_domain, cert_ttl_seconds=ttl,
                            store=store if (args.store or args.etcd_endpoints) else None)
@@ -105,6 +108,25 @@ def config_map_sizes(state_dir: str, items: list[str]) -> dict[str, int]:
                             "...` (the workloads come back)", 2)
     dataclasses.replace(cfg, maps={**cfg.map_sizes, **sizes}).save()
     return sizes
+
+
+def config_limits(state_dir: str, items: list[str]) -> dict[str, int]:
+    """`up --limit` values, checked before anything is created; like --map-size, a stopped
+    cluster gets them in its cluster.json and a running one must be stopped first (the agents
+    set them when they load the programs)."""
+    import dataclasses
+
+    limits = parse_limits(items)
+    if not limits or not os.path.exists(os.path.join(state_dir, "cluster.json")):
+        return limits
+    cfg = load_cluster(state_dir)
+    if all(cfg.datapath_limits.get(k) == v for k, v in limits.items()):
+        return limits
+    if lifecycle.daemon_ref(cfg) is not None:
+        raise NodemeshError(f"--limit: cluster {cfg.name} is up; `nodemesh down --keep-state` "
+                            "first, then `nodemesh up --limit ...` (the workloads come back)", 2)
+    dataclasses.replace(cfg, limits={**cfg.datapath_limits, **limits}).save()
+    return limits
 
 
 _TTL_PART = re.compile(r"(\d+(?:\.\d+)?)(d|h|m|s)")
@@ -235,6 +257,10 @@ def _tables_lines(node: str, st: dict) -> list[str]:
         out.append(f"flows {node}: {flows.get('lostEvents', 0)} events lost (the nm_events ring "
                    f"buffer was full), {flows.get('overwritten', 0)} overwritten in the agent's "
                    f"flow ring of {flows.get('capacity')}\n")
+    if flows.get("suppressedEvents"):
+        out.append(f"flows {node}: {flows['suppressedEvents']} events suppressed (a source over "
+                   "its event budget; its packets are still counted in nodemesh_drops_total and "
+                   "nodemesh_l4_packets)\n")
     return out
 
 
@@ -520,6 +546,15 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_agent(args: argparse.Namespace) -> int:
     from nodemesh.agent.main import run_agent
 
+    if args.kubernetes:
+        from nodemesh.agent.kubernetes import run_kubernetes_agent
+        from nodemesh.cluster.config import state_dir_from
+
+        _require_root("nodemesh agent --kubernetes")
+        return run_kubernetes_agent(args.node, args.config, state_dir_from(args.state_dir),
+                                    args.kubeconfig, args.pods)
+    if not args.node:
+        raise NodemeshError("nodemesh agent: --node is required (without --kubernetes)", 2)
     _require_root("nodemesh agent")
     return run_agent(_cluster(args), args.node)
 

@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--map-size", action="append", default=[], metavar="NAME=N",
                     help="size of a BPF map, e.g. nm_lb4_svc=131072 (repeatable; nm_events in "
                          "bytes); objects that do not fit are refused and reported")
+    sp.add_argument("--limit", action="append", default=[], metavar="NAME=N",
+                    help="a datapath budget per source, e.g. events_per_second=50000 "
+                         "(repeatable; events_per_second, event_burst, dns_queries_per_second, "
+                         "dns_burst; 0 = none; cluster.json \"limits\")")
 
     sp = cmd("down", c.cmd_down, "remove the local cluster and everything it created")
     sp.add_argument("--keep-state", action="store_true",
@@ -186,8 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("bench_args", nargs=argparse.REMAINDER,
                     help="options of the benchmark (--quick, --out DIR; see --help there)")
 
-    sp = cmd("agent", c.cmd_agent, "run a node's agent (started by the cluster daemon)")
-    sp.add_argument("--node", required=True)
+    sp = cmd("agent", c.cmd_agent, "run a node's agent (started by the cluster daemon, or by "
+             "the nodemesh-agent DaemonSet with --kubernetes)")
+    sp.add_argument("--node", help="the node (with --kubernetes: default $NODE_NAME)")
+    sp.add_argument("--kubernetes", action="store_true",
+                    help="Kubernetes mode: the API server is the store, the kubelet runs the pods")
+    sp.add_argument("--kubeconfig", help="with --kubernetes: a kubeconfig (default: the pod's "
+                    "service account, else $KUBECONFIG)")
+    sp.add_argument("--config", default="/etc/nodemesh/cluster.json",
+                    help="with --kubernetes: the cluster's settings (the ConfigMap's cluster.json)")
+    sp.add_argument("--pods", choices=("all", "node"), default="all",
+                    help="with --kubernetes: follow every Pod (default) or only this node's "
+                    "(a spec.nodeName field selector)")
     sp = cmd("cni-config", c.cmd_cni_config, "print a CNI network configuration list for a node: "
              "ptp and host-local (from the node's CNI address range), then nodemesh-cni")
     sp.add_argument("--node", required=True, help="the node whose namespace runs the CNI chain")

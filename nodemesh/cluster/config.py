@@ -65,6 +65,7 @@ class ClusterConfig:
     # "endpoints", "ca", "cert", "key", "members": [{"name", "ip", "netns"}], "access_netns"}.
     store: dict = field(default_factory=lambda: {"type": "sqlite"})
     maps: dict = field(default_factory=dict)  # BPF map sizes (see "Map sizes" below)
+    limits: dict = field(default_factory=dict)  # datapath budgets (see "Limits" below)
 
     # ---- naming -------------------------------------------------------------------------
     def node(self, name: str) -> NodeConfig:
@@ -170,6 +171,10 @@ class ClusterConfig:
     def node_dir(self, node: str) -> str:
         return os.path.join(self.state_dir, "nodes", node)
 
+    def dns_counters_file(self, node: str) -> str:
+        """The node's DNS counters, written by the cluster daemon that serves its DNS."""
+        return os.path.join(self.node_dir(node), "dns.json")
+
     def agent_ready_file(self, node: str) -> str:
         """Written by an agent once it serves: the daemon restarts a ready agent at once and
         backs off only for one that dies before it is ready (a crash loop)."""
@@ -190,6 +195,8 @@ class ClusterConfig:
         d["nodes"] = [dataclasses.asdict(n) for n in self.nodes]
         if self.maps:
             d["maps_help"] = MAPS_HELP
+        if self.limits:
+            d["limits_help"] = LIMITS_HELP
         return d
 
     @classmethod
@@ -201,7 +208,14 @@ class ClusterConfig:
             cgroup_root=d.get("cgroup_root", ""), extra=d.get("extra", {}),
             store=d.get("store") or {"type": "sqlite"},
             maps=dict(d.get("maps") or {}),
+            limits=dict(d.get("limits") or {}),
         )
+
+    @property
+    def datapath_limits(self) -> dict[str, int]:
+        """Every datapath budget: cluster.json's ``limits`` over the defaults."""
+        return {**LIMIT_DEFAULTS, **{k: int(v) for k, v in self.limits.items()
+                                     if k in LIMIT_DEFAULTS}}
 
     @property
     def map_sizes(self) -> dict[str, int]:
@@ -328,5 +342,63 @@ def map_sizes_for_new_cluster(sizes: dict[str, int]):
 
 
 def with_planned_maps(cfg: ClusterConfig) -> ClusterConfig:
-    """A planned cluster with its map sizes: the defaults and what `--map-size` asked for."""
-    return dataclasses.replace(cfg, maps={**MAP_SIZE_DEFAULTS, **(_NEW_CLUSTER_MAPS.get() or {})})
+    """A planned cluster with its map sizes and limits: the defaults and what `--map-size` and
+    `--limit` asked for."""
+    return dataclasses.replace(cfg, maps={**MAP_SIZE_DEFAULTS, **(_NEW_CLUSTER_MAPS.get() or {})},
+                               limits={**LIMIT_DEFAULTS, **(_NEW_CLUSTER_LIMITS.get() or {})})
+
+
+# ---- Limits (cluster.json "limits") -------------------------------------------------------------
+# Per-source budgets the datapath enforces (docs/reliability.md, "Hostile neighbours"), set in
+# the programs' .rodata at load: `nodemesh up --limit NAME=N` (repeatable) for a new or stopped
+# cluster, or cluster.json and an agent restart. 0 means no budget.
+LIMIT_DEFAULTS: dict[str, int] = {
+    "events_per_second": 20000, "event_burst": 40000,
+    "dns_queries_per_second": 2000, "dns_burst": 4000,
+}
+LIMIT_MAX = 10_000_000
+LIMIT_FLAG = "--limit"
+LIMITS_HELP = ("limits: per-source budgets of the datapath; events_per_second/event_burst: flow "
+               "events a pod's veth (or socket namespace) may send the agent, the rest counted "
+               "as suppressed; dns_queries_per_second/dns_burst: UDP queries a pod may send the "
+               "node-local DNS, the rest dropped (DROP_RATE_LIMITED); 0 = no budget; change with "
+               "`nodemesh up --limit NAME=N` on a stopped cluster, or here and restart the agents")
+# The .rodata variable of the programs each limit sets (bpf/lib/events.h, bpf/lib/dnslimit.h).
+LIMIT_RODATA = {"events_per_second": "nm_event_rate", "event_burst": "nm_event_burst",
+                "dns_queries_per_second": "nm_dns_qps", "dns_burst": "nm_dns_burst"}
+
+
+def parse_limits(items: list[str] | None) -> dict[str, int]:
+    """`--limit NAME=N` values, checked (exit 2 naming the flag and the problem)."""
+    out: dict[str, int] = {}
+    for item in items or []:
+        name, eq, value = item.partition("=")
+        if not eq:
+            raise NodemeshError(f"{LIMIT_FLAG} {item!r}: must be NAME=N, e.g. "
+                                "events_per_second=50000", 2)
+        if name not in LIMIT_DEFAULTS:
+            raise NodemeshError(f"{LIMIT_FLAG} {item!r}: no limit {name!r} (limits: "
+                                f"{', '.join(sorted(LIMIT_DEFAULTS))})", 2)
+        try:
+            n = int(value)
+        except ValueError:
+            n = -1
+        if not 0 <= n <= LIMIT_MAX:
+            raise NodemeshError(f"{LIMIT_FLAG} {item!r}: N must be an integer from 0 (no "
+                                f"budget) to {LIMIT_MAX}", 2)
+        out[name] = n
+    return out
+
+
+_NEW_CLUSTER_LIMITS: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar(
+    "new_cluster_limits", default=None)
+
+
+@contextlib.contextmanager
+def limits_for_new_cluster(limits: dict[str, int]):
+    """The limits `plan_cluster` writes into a new cluster.json while this is entered."""
+    token = _NEW_CLUSTER_LIMITS.set(dict(limits))
+    try:
+        yield
+    finally:
+        _NEW_CLUSTER_LIMITS.reset(token)

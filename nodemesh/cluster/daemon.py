@@ -1,8 +1,9 @@
-"""The cluster daemon: supervises the node agents and runs the cluster-level controllers.
+"""The cluster daemon: supervises the node agents, runs the cluster-level controllers and DNS.
 
 One per local cluster, started by `nodemesh up`. It is a child subreaper, so pod shims and proxies
 that outlive an agent are reparented to it and reaped here. It restarts an agent that dies (with
 backoff) and reconciles Deployments, scheduling and garbage collection whenever the store changes.
+It serves the cluster's DNS on every node's node-local address, so no lookup depends on an agent.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 
 from nodemesh.cluster.config import NODE_DNS_IP, ClusterConfig
 from nodemesh.cluster.controllers import Controllers
+from nodemesh.cluster.dns import ClusterDns
 from nodemesh.cluster.etcdmembers import MemberSupervisor
 from nodemesh.host import netns, procs
 from nodemesh.host.files import read_json, write_json_atomic
@@ -37,6 +39,45 @@ def ready_agent(cfg: ClusterConfig, node: str) -> ProcRef | None:
     return ProcRef.from_json(read_json(cfg.agent_ready_file(node)))
 
 
+def bind_node_dns(cfg: ClusterConfig, node: str) -> tuple[socket.socket, socket.socket]:
+    """UDP and TCP sockets on port 53 of the node-local DNS address, bound in `node`'s namespace
+    (from a thread of their own: setns is per thread, and ours stays where it is)."""
+    made: list = []
+
+    def bind() -> None:
+        try:
+            netns.enter_netns(cfg.node_netns(node))
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            udp.bind((NODE_DNS_IP, 53))
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            tcp.bind((NODE_DNS_IP, 53))
+            tcp.listen(128)
+            made.extend((udp, tcp))
+        except OSError as e:
+            made.append(e)
+
+    t = threading.Thread(target=bind)
+    t.start()
+    t.join()
+    if isinstance(made[0], OSError):
+        raise made[0]
+    return made[0], made[1]
+
+
+def start_cluster_dns(cfg: ClusterConfig, informer: Informer) -> ClusterDns:
+    """The cluster's DNS on every node's node-local address (nodemesh/cluster/dns.py)."""
+    dns = ClusterDns(informer, cfg.dns_counters_file)
+    dns.start()
+    for n in cfg.nodes:
+        try:
+            dns.serve(n.name, bind_node_dns(cfg, n.name))
+        except OSError as e:
+            log.error("node %s: cannot serve DNS on %s:53: %s", n.name, NODE_DNS_IP, e)
+    return dns
+
+
 class AgentSupervisor:
     """Keeps one agent process per node alive, adopting one that is already running."""
 
@@ -50,7 +91,6 @@ class AgentSupervisor:
         self.backoff = 0.0
         self.next_start = 0.0
         self.restarts = 0
-        self.dns: tuple[socket.socket, socket.socket] | None = None
 
     def check(self, now: float) -> None:
         if self.ref is not None and self.ref.alive():
@@ -60,7 +100,7 @@ class AgentSupervisor:
             self.ref = None
             # An agent that died before it was ready is crash-looping: back off. One that was
             # ready (killed, OOM, a bug in a later reconcile) comes back at once: the node's
-            # DNS queries and changes wait for it.
+            # changes wait for it.
             self.backoff = 0.0 if was_ready else min(max(self.backoff * 2, 0.2), 5.0)
             self.next_start = now + self.backoff
             self.restarts += 1
@@ -68,35 +108,6 @@ class AgentSupervisor:
                         "was" if was_ready else "never", self.backoff)
         if now >= self.next_start:
             self.start()
-
-    def _dns_sockets(self) -> tuple[socket.socket, socket.socket]:
-        """The node-local DNS sockets, created once in the node's namespace and held here, so
-        a restarted agent inherits them: queries that arrive while no agent runs wait in the
-        socket's queue instead of failing."""
-        if self.dns is None:
-            made: list = []
-
-            def bind() -> None:
-                try:
-                    netns.enter_netns(self.cfg.node_netns(self.node))
-                    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                    udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-                    udp.bind((NODE_DNS_IP, 53))
-                    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    tcp.bind((NODE_DNS_IP, 53))
-                    tcp.listen(128)
-                    made.extend((udp, tcp))
-                except OSError as e:
-                    made.append(e)
-
-            t = threading.Thread(target=bind)  # setns is per thread: ours stays in the host's
-            t.start()
-            t.join()
-            if isinstance(made[0], OSError):
-                raise made[0]
-            self.dns = (made[0], made[1])
-        return self.dns
 
     def start(self) -> None:
         node_dir = self.cfg.node_dir(self.node)
@@ -106,14 +117,7 @@ class AgentSupervisor:
         # glibc gives every thread its own malloc arena (64 MiB each, kept once touched): the
         # agent's few threads would otherwise triple its resident memory.
         actions = [(os.POSIX_SPAWN_DUP2, fd, 1), (os.POSIX_SPAWN_DUP2, fd, 2)]
-        try:
-            udp, tcp = self._dns_sockets()
-            actions += [(os.POSIX_SPAWN_DUP2, udp.fileno(), 3), (os.POSIX_SPAWN_DUP2, tcp.fileno(), 4)]
-            dns_fds = "3,4"
-        except OSError as e:  # the agent binds its own, and says why in its log
-            log.warning("node %s: cannot hold DNS sockets for the agent: %s", self.node, e)
-            dns_fds = ""
-        env = {**os.environ, "MALLOC_ARENA_MAX": "2", "NODEMESH_DNS_FDS": dns_fds,
+        env = {**os.environ, "MALLOC_ARENA_MAX": "2",
                # The agent forks (pod shims, Envoy) while gRPC threads run; gRPC's fork
                # handlers then crash the child now and then. The children exec at once and
                # need none of gRPC's state.
@@ -178,6 +182,7 @@ def run_daemon(cfg: ClusterConfig) -> int:
         lambda kinds: changed.set() if kinds & {"Deployment", "Pod", "Namespace", "*"} else None)
     informer.start()
     controllers = Controllers(store, [n.name for n in cfg.nodes])
+    dns = start_cluster_dns(cfg, informer)
     trust = None
     if cfg.mtls:
         from nodemesh.cluster.trust import Trust
@@ -217,6 +222,7 @@ def run_daemon(cfg: ClusterConfig) -> int:
             a.ref.signal(signal.SIGTERM)
     for a in agents:
         a.stop()
+    dns.stop()
     informer.stop()
     # Reap what is left of ours before we go (shims stopped by `down` are reparented here).
     deadline = time.monotonic() + 2

@@ -87,6 +87,7 @@ class DropReason(enum.IntEnum):
     POLICY_DENY = 181
     AUTH_REQUIRED = 189
     UNENCRYPTED_TRAFFIC = 195
+    RATE_LIMITED = 198
     UNKNOWN_ENDPOINT = 203
 
     @property
@@ -109,6 +110,7 @@ _HUBBLE_DROP_NAMES = {
     DropReason.POLICY_DENY: "POLICY_DENY",
     DropReason.AUTH_REQUIRED: "AUTH_REQUIRED",
     DropReason.UNENCRYPTED_TRAFFIC: "UNENCRYPTED_TRAFFIC",
+    DropReason.RATE_LIMITED: "DROP_RATE_LIMITED",
     DropReason.UNKNOWN_ENDPOINT: "DROP_EP_NOT_READY",
 }
 
@@ -272,6 +274,12 @@ class TunnelPortKey(ctypes.Structure):
 
 class TunnelPortVal(ctypes.Structure):
     _fields_ = [("tunnel", u8), ("pad", u8 * 3)]
+
+
+class RateBucket(ctypes.Structure):
+    """nm_dns_limit / nm_event_budget value: a budget (GCRA time) and what was over it."""
+
+    _fields_ = [("tat", u64), ("over", u64)]
 
 
 # The five policy-map structs: the ctypes layout here, the plain value the compiler produces
@@ -478,6 +486,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "ipcache_entry": IpcacheEntry,
     "tunnel_port_key": TunnelPortKey,
     "tunnel_port_val": TunnelPortVal,
+    "rate_bucket": RateBucket,
     "policy_key": PolicyKeyStruct,
     "policy_entry": PolicyEntryStruct,
     "policy_cidr_key": PolicyCidrKeyStruct,
@@ -507,6 +516,8 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
 # maglev_table_type); nm_events is a ring buffer of FlowEvent records.
 MAPS: dict[str, tuple[type, type | None]] = {
     "nm_config": (u32, NodeConfig),
+    "nm_dns_limit": (u32, RateBucket),
+    "nm_event_budget": (u64, RateBucket),
     "nm_endpoints": (u32, EndpointInfo),
     "nm_ipcache": (IpcacheKey, IpcacheEntry),
     "nm_policy": (PolicyKeyStruct, PolicyEntryStruct),

@@ -748,6 +748,16 @@ class BpfObject:
         ptr = _check_ptr(_find_prog(self._obj(), name.encode()), f"{self.path}: program {name}")
         return Program(ptr, self.name)
 
+    def has_rodata(self, var: str) -> bool:
+        """Whether the object has a `const volatile` global `var` in its .rodata."""
+        from nodemesh.datapath.elf import BpfElf, ElfError
+
+        try:
+            BpfElf(self.path).variable_offset(".rodata", var)
+        except ElfError:
+            return False
+        return True
+
     def set_rodata(self, var: str, data: bytes) -> None:
         """Set a `const volatile` global before load (its offset comes from the ELF symbols)."""
         from nodemesh.datapath.elf import BpfElf

@@ -51,7 +51,8 @@ class Datapath:
 
     def __init__(self, node: str, bpffs_dir: str, cgroup_path: str, obj_dir: str = "build/bpf",
                  maglev_table_size: int = 16381, *, netns: str | None = None,
-                 src_dir: str | None = None, map_sizes: Mapping[str, int] | None = None) -> None:
+                 src_dir: str | None = None, map_sizes: Mapping[str, int] | None = None,
+                 rodata: Mapping[str, int] | None = None) -> None:
         if not node or "/" in node or node.startswith("."):
             raise DatapathError(f"bad node name {node!r}")
         if not is_prime(maglev_table_size):
@@ -61,6 +62,9 @@ class Datapath:
         # max entries (bytes for a ring buffer) set before load, by map name; a map not named
         # keeps its size from bpf/lib/maps.h
         self.map_sizes = dict(map_sizes or {})
+        # 64-bit `const volatile` globals set before load, by name, in every object that has one
+        # (the budgets of bpf/lib/events.h and bpf/lib/dnslimit.h)
+        self.rodata = dict(rodata or {})
         self.netns = libbpf.netns_path(netns) if netns else None
         self._objects: dict[str, libbpf.BpfObject] = {}
         self.build = Build(obj_dir, src_dir)
@@ -107,6 +111,9 @@ class Datapath:
                         m.set_max_entries(size)
                 if name == "bpf_sock":
                     obj.set_rodata("nm_maglev_m", self.maglev_m.to_bytes(4, "little"))
+                for var, value in self.rodata.items():
+                    if obj.has_rodata(var):
+                        obj.set_rodata(var, value.to_bytes(8, "little"))
                 self.pins.reconcile_maps(obj)
                 obj.load()
                 self.pins.restore_migrated()

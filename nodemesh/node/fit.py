@@ -15,8 +15,9 @@ pushes out one that works; a local pod comes before the pods of other nodes in t
   pods; a pod left out has no identity on this node (its traffic is the world's to policy here;
   a local pod left out is not programmed: its veth drops, failing closed).
 - policy (``nm_policy``, ``nm_policy_cidr``): a local pod whose new policy does not fit keeps
-  its previous entries, as a compile error does; when not even those fit, it has none and its
-  veth drops (fails closed).
+  its previous entries, as a compile error does, closed in the directions the new policy
+  isolates (the snapshot's `fallbacks`); when not even those fit, it has none and its veth
+  drops (fails closed).
 """
 
 from __future__ import annotations
@@ -200,7 +201,8 @@ def fit_policy(pods: Sequence[tuple[int, str]], new: Mapping[int, Any],
         prev = previous.get(ifindex)
         if prev is not None and prev is not want and not fits(prev):
             take(ifindex, prev)
-            errors[ref] = f"its policy needs {what}; keeping its previous entries"
+            errors[ref] = (f"its policy needs {what}; keeping its previous entries (closed "
+                           "in the directions the new policy isolates)")
         else:
             errors[ref] = (f"its policy needs {what}; it has no entries that fit, so its veth "
                            "drops all traffic")

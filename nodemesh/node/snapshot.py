@@ -8,8 +8,9 @@ the kernel holds now) and returns, for that one moment:
 - the identities of every pod with an address, and the ipcache (every pod, every node, the world);
 - the services as the socket LB sees them, in two states (`lb_interim` with only the redirects
   into the node Envoy that may stay while Envoy takes its new configuration, `lb` with all);
-- the lowered policy of each attached pod (the previous one stays where the new one does not
-  compile), and the ``nm_endpoints``/``nm_lxc``/``nm_netns`` entries that let its veth pass;
+- the lowered policy of each attached pod (where the new one cannot be written, the previous
+  one, closed in the directions the new one isolates), and the
+  ``nm_endpoints``/``nm_lxc``/``nm_netns`` entries that let its veth pass;
 - the node Envoy's resources (listeners, routes, clusters, endpoints, the tunnel's listeners
   and clusters, secrets), route statuses, and the redirects into it;
 - the context flow events are read against (who an address or identity is).
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
@@ -200,12 +201,17 @@ class NodeSnapshot:
 # ---- the parts --------------------------------------------------------------------------------
 def pods_with_address(inp: NodeInputs) -> dict[str, tuple[Mapping[str, Any], str]]:
     """Every pod with an address, by uid: from the store (not terminating), an attached pod
-    the store has no address for yet, and pods being started here."""
+    the store has no address for yet, and pods being started here. Pods in their node's network
+    (``hostNetwork``, on Kubernetes) are not among them: their address is the node's, which the
+    ipcache maps to the node. Nor are finished pods (Succeeded, Failed) unless their veth is still
+    attached here: Kubernetes gives a finished pod's address to the next pod."""
     pods: dict[str, tuple[Mapping[str, Any], str]] = {}
     by_uid = {p["metadata"]["uid"]: p for p in inp.objects.get("Pod", ())}
     for uid, p in by_uid.items():
-        ip = (p.get("status") or {}).get("podIP")
-        if ip and not is_deleting(p):
+        status = p.get("status") or {}
+        ip = status.get("podIP")
+        if ip and not is_deleting(p) and not (p.get("spec") or {}).get("hostNetwork") \
+                and status.get("phase") not in ("Succeeded", "Failed"):
             pods[uid] = (p, ip)
     for uid, a in inp.attached.items():
         if uid not in pods and uid in by_uid:
@@ -410,6 +416,23 @@ def _context(inp: NodeInputs, pods: Mapping[str, tuple[Mapping[str, Any], str]],
 
 
 # ---- the snapshot -----------------------------------------------------------------------------
+def fallbacks(isolates: Mapping[int, tuple[bool, bool]],
+              previous: Mapping[int, LoweredPolicy]) -> dict[int, LoweredPolicy]:
+    """What each pod falls back to when its new policy cannot be written (no room in the maps,
+    or more rules than they can express): its previous entries, but isolated in every direction
+    (`isolates`: ingress, egress) the new policy isolates. A policy that starts selecting a pod
+    so never leaves it open in that direction: it fails closed there."""
+    out = dict(previous)
+    for ifindex, prev in previous.items():
+        if ifindex not in isolates:
+            continue
+        ingress = prev.ingress_enforced or isolates[ifindex][0]
+        egress = prev.egress_enforced or isolates[ifindex][1]
+        if (ingress, egress) != (prev.ingress_enforced, prev.egress_enforced):
+            out[ifindex] = replace(prev, ingress_enforced=ingress, egress_enforced=egress)
+    return out
+
+
 def build_node_snapshot(inp: NodeInputs) -> NodeSnapshot:
     """The node's desired state (pure). Every pod's label set must have an identity in
     ``inp.identities`` (`missing_identities` lists those that do not)."""
@@ -472,6 +495,7 @@ def build_node_snapshot(inp: NodeInputs) -> NodeSnapshot:
         return compiled.get(ref)
 
     new_lowered: dict[int, LoweredPolicy] = {}
+    isolates: dict[int, tuple[bool, bool]] = {}
     policy_names: dict[int, str] = {}
     for a in inp.attached.values():
         ref = f"{a.namespace}/{a.name}"
@@ -480,6 +504,7 @@ def build_node_snapshot(inp: NodeInputs) -> NodeSnapshot:
         c = compile_one(ref)
         if c is None:
             continue
+        isolates[a.ifindex] = (c.ingress_enforced, c.egress_enforced)
         try:
             new_lowered[a.ifindex] = lower_policy(c, a.ifindex)
         except PolicyCompileError as e:  # (more rules than the datapath's maps hold)
@@ -492,7 +517,8 @@ def build_node_snapshot(inp: NodeInputs) -> NodeSnapshot:
         age_key(by_uid.get(a.uid) or {"metadata": {"namespace": a.namespace, "name": a.name}}),
         a.ifindex))
     fitted = fit_policy([(a.ifindex, f"{a.namespace}/{a.name}") for a in policy_order],
-                        new_lowered, inp.previous_policy, inp.capacities)
+                        new_lowered, fallbacks(isolates, inp.previous_policy),
+                        inp.capacities)
     lowered = fitted.chosen
     for ref, msg in fitted.errors.items():
         errors.setdefault(ref, msg)

@@ -175,8 +175,10 @@ class AgentCollector(Collector):
                  xds: Callable[[], Mapping[str, Any]] | None = None,
                  lost: Callable[[], Mapping[str, int]] | None = None,
                  refused: Callable[[], Mapping[str, int]] | None = None,
-                 dns: Callable[[], Mapping[str, int]] | None = None) -> None:
+                 dns: Callable[[], Mapping[str, int]] | None = None,
+                 drops: Callable[[], Mapping[tuple[str, str], int]] | None = None) -> None:
         self.node = node
+        self.drops = drops
         self.metrics, self.workloads = metrics, workloads
         self.maps, self.l4_bytes, self.xds, self.lost = maps, l4_bytes, xds, lost
         self.dns = dns
@@ -260,6 +262,14 @@ class AgentCollector(Collector):
             for name, n in sorted(self.refused().items()):
                 refused.add_metric([name], n)
             yield refused
+        if self.drops:
+            drops = CounterMetricFamily(
+                "nodemesh_drops", "Packets the datapath dropped, by reason (Hubble's drop "
+                "reason names) and direction, as the kernel counts them: every drop, also those "
+                "without a flow event (a DNS flood's, sampled).", labels=["reason", "direction"])
+            for (reason, direction), n in sorted(self.drops().items()):
+                drops.add_metric([reason, direction], n)
+            yield drops
         if self.dns:
             dns = CounterMetricFamily("nodemesh_dns_queries",
                                       "Queries to the node-local DNS: answered, or refused because "

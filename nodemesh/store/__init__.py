@@ -1,9 +1,10 @@
 """Desired-state stores: the small interface agents and the CLI use, and its backends.
 
 The embedded default is SQLite (`sqlite.SqliteStore`); `etcd.EtcdStore` keeps the same interface
-on etcd v3 for a cluster that spans hosts (docs/store.md). The interface is deliberately small
-(transactions over get/list/put/delete, and a watch by revision) so that etcd and Kubernetes
-backends can implement it.
+on etcd v3 for a cluster that spans hosts (docs/store.md), and `kubernetes.KubeStore` on the
+Kubernetes API server for `nodemesh agent --kubernetes` (docs/kubernetes.md; opened by that
+command, not by `open_store`). The interface is deliberately small (transactions over
+get/list/put/delete, and a watch by revision) so that each backend can implement it.
 
 On top of the interface: `informer` (a local, always-current copy of the store's objects, list
 then watch) and `identities` (numeric identities for security label sets, allocated through the

@@ -64,6 +64,13 @@ class Cluster:
              timeout: float = 60) -> Result:
         return self.run("exec", "-n", namespace, pod, "--", *cmd, check=check, timeout=timeout)
 
+    def popen_exec(self, pod: str, *cmd: str, namespace: str = "default") -> subprocess.Popen:
+        """`nodemesh exec` started in the background (stdout and stderr piped, as text)."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "nodemesh", "--state-dir", self.state_dir, "exec", "-n",
+             namespace, pod, "--", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env={**os.environ, **self.env})
+
     def get(self, kind: str, name: str | None = None, namespace: str = "default") -> object:
         args = ["get", kind] + ([name] if name else []) + ["-n", namespace, "-o", "json"]
         return self.run(*args).json()

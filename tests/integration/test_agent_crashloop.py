@@ -24,7 +24,9 @@ from tests.integration.test_datapath_restart import SERVER, client
 from tests.integration.test_envoy_crash import POLICY as L7_POLICY  # GET /public/.* on alpha
 from tests.integration.test_routes import CLIENT, deployment, route, service
 
-pytestmark = pytest.mark.root  # real clusters: namespaces, cgroups, BPF
+# real clusters; serial: its figures (rates, recovery times, load it must carry) need the CPUs
+# to itself, so `make test` runs it after the parallel part, alone
+pytestmark = [pytest.mark.root, pytest.mark.serial]
 
 LOOP_SECONDS = 60.0
 KILL_EVERY = 2.0
@@ -60,7 +62,8 @@ print(json.dumps({"ok": ok, "denied": denied, "bad": bad[:10], "nbad": len(bad),
                   "opened": opened}))
 """
 
-# In a pod: look the service up by name every 50 ms (the node-local DNS is the agent's).
+# In a pod: look the service up by name every 50 ms (the node-local DNS, which the cluster
+# daemon serves: no agent is in the way).
 DNS_LOAD = r"""
 import json, socket, sys, time
 end = time.monotonic() + float(sys.argv[1]); ok = 0; bad = []; slow = 0
@@ -243,10 +246,9 @@ def test_agents_killed_every_two_seconds_lose_nothing(cluster: Cluster) -> None:
     l7 = results["l7"]
     assert l7["opened"] == [], l7
     assert l7["nbad"] == 0 and l7["ok"] > 100 and l7["denied"] > 100, l7
-    # Name lookups wait while no agent serves DNS (its socket outlives it, the queries queue);
-    # one that waits longer than the resolver's timeout fails: counted, not a test failure
-    # (docs/reliability.md "Agent crash loops").
-    assert results["dns"]["ok"] > 10, results["dns"]
+    # Name lookups do not depend on an agent: none fails, none waits a resolver timeout.
+    dns = results["dns"]
+    assert dns["nbad"] == 0 and dns["slow"] == 0 and dns["ok"] > 100, dns
 
     # the last changes took effect on every node, quickly
     _wait_everything_synced(c)

@@ -14,7 +14,9 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.root  # real clusters: namespaces, cgroups, BPF
+# real clusters; serial: its figures (rates, recovery times, load it must carry) need the CPUs
+# to itself, so `make test` runs it after the parallel part, alone
+pytestmark = [pytest.mark.root, pytest.mark.serial]
 
 MAX_ERROR_FRACTION = 0.01
 

@@ -113,6 +113,14 @@ spec:
     app.run("delete", "svc", "later")
 
 
+def test_agent_says_where_its_memory_is(app: Cluster) -> None:
+    """GET /debug/memory: the agent's smaps_rollup; allocations only when started to trace."""
+    m = app.agent("node1", "/debug/memory")
+    roll = m["smaps_rollup_kib"]
+    assert roll["Anonymous"] > 10_000 and roll["Pss"] >= roll["Pss_Anon"] > 0, roll
+    assert m["tracing"] is False and "top" not in m
+
+
 def test_exec_passes_exit_code_and_runs_in_the_pod(app: Cluster) -> None:
     assert app.exec("client", "sh", "-c", "exit 7", check=False).code == 7
     client = app.get("pod", "client")

@@ -20,7 +20,9 @@ from nodemesh.host.procs import start_time
 from tests.integration.clusterharness import Cluster
 from tests.integration.test_routes import CLIENT, deployment, route, service
 
-pytestmark = pytest.mark.root  # real clusters: namespaces, cgroups, BPF
+# real clusters; serial: its figures (rates, recovery times, load it must carry) need the CPUs
+# to itself, so `make test` runs it after the parallel part, alone
+pytestmark = [pytest.mark.root, pytest.mark.serial]
 
 # Back within this much of the kill in the test (typically 150-250 ms: docs/reliability.md; the
 # bound leaves room for a loaded CI machine).

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import yaml
 
 from tests import netpol_cases as nc
 from tests.integration.clusterharness import Cluster, new_cluster
@@ -63,6 +64,9 @@ class Model:
         self.ips: dict[str, str] = {}
         self.labels: dict[str, dict[str, str]] = {}
         self.ns_labels: dict[str, dict[str, str]] = {}
+        # The policies this model may have in the store (recorded before they are applied): a
+        # reset deletes them in one `delete -f -` instead of listing every namespace and kind.
+        self.applied: dict[tuple[str, str, str], dict] = {}
 
     def setup(self) -> None:
         self.c.apply([nc.namespace_object(ns) for ns in nc.NAMESPACES])
@@ -76,12 +80,21 @@ class Model:
 
     def reset(self) -> None:
         """Back to the model's start: no policies, original labels."""
-        for ns in nc.NAMESPACES:
-            for kind in ("networkpolicy", "ciliumnetworkpolicy"):
-                names = [o["metadata"]["name"] for o in self.c.get(kind, namespace=ns)["items"]]
-                if names:
-                    self.c.run("delete", kind, *names, "-n", ns)
+        self.delete(list(self.applied))
         self.sync_labels(nc.State())
+
+    def apply(self, policies: list[dict]) -> None:
+        for p in policies:
+            self.applied[nc.policy_key(p)] = p
+        self.c.apply(policies)
+
+    def delete(self, keys: list[tuple[str, str, str]]) -> None:
+        """Delete these policies in one CLI call (those already gone are fine)."""
+        if keys:
+            self.c.run("delete", "-f", "-", "--ignore-not-found",
+                       input=yaml.safe_dump_all([self.applied[k] for k in keys]))
+            for k in keys:
+                self.applied.pop(k, None)
 
     def sync_labels(self, state: nc.State) -> None:
         ns_changed = [ns for ns in nc.NAMESPACES if state.namespaces[ns] != self.ns_labels[ns]]
@@ -145,13 +158,11 @@ def test_reachability_matrix(model: Model, case: nc.Case) -> None:
     for step in case.steps:
         before = dict(state.policies)
         state.run(step, model.ips)
-        for key in before.keys() - state.policies.keys():
-            kind, ns, name = key
-            model.c.run("delete", kind.lower(), name, "-n", ns)
+        model.delete([k for k in model.applied if k not in state.policies])
         changed = [p for k, p in state.policies.items() if before.get(k) != p]
         model.sync_labels(state)
         if changed:
-            model.c.apply(changed)
+            model.apply(changed)
         took = model.c.wait_synced()
         assert took < 1.0, f"policy took {took:.2f}s to reach the datapath"
         time.sleep(0.05)

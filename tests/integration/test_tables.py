@@ -287,8 +287,8 @@ def reach(c: Cluster, client: str, ip: str) -> bool:
 
 def test_a_pod_whose_policy_does_not_fit_keeps_its_previous_entries() -> None:
     """nm_policy holds 1 entry, the policy needs 1 per web pod: web-1 (first by age, then name)
-    gets its entries; web-2 keeps its previous ones (none: it stays open, as when a policy does
-    not compile), reported with the map and its size."""
+    gets its entries; web-2 keeps its previous ones (none), but the ingress the new policy
+    isolates is closed: it fails closed, never open. Reported with the map and its size."""
     c = new_cluster(1, "--mtls", "off", "--map-size", "nm_policy=1")
     try:
         c.apply([echo_pod("web-1", {"app": "web"}), echo_pod("web-2", {"app": "web"}),
@@ -306,7 +306,7 @@ def test_a_pod_whose_policy_does_not_fit_keeps_its_previous_entries() -> None:
                 for r in st["tablesFull"]] == [("nm_policy", 1, 2, ["default/web-2"])]
         assert "keeping its previous entries" in st["policyErrors"]["default/web-2"]
         assert reach(c, "client", ips["web-1"]) and not reach(c, "intruder", ips["web-1"])
-        assert reach(c, "client", ips["web-2"]) and reach(c, "intruder", ips["web-2"])
+        assert not reach(c, "client", ips["web-2"]) and not reach(c, "intruder", ips["web-2"])
         assert metric(metrics(c), "nodemesh_map_refused", map="nm_policy") == 1
         # web-1 goes: web-2's policy fits now
         c.run("delete", "pod", "web-1")
@@ -319,16 +319,19 @@ def test_a_pod_whose_policy_does_not_fit_keeps_its_previous_entries() -> None:
         assert not left, f"cluster {c.name} left things behind: {left}"
 
 
-@pytest.mark.parametrize("flag", ["nm_nope=5", "nm_lb4_svc=0", "nm_lb4_svc=abc", "nm_lb4_svc",
-                                  "nm_events=5000"])
-def test_a_bad_map_size_is_refused_before_anything_is_created(flag: str) -> None:
+@pytest.mark.parametrize(("option", "flag"), [
+    ("--map-size", "nm_nope=5"), ("--map-size", "nm_lb4_svc=0"), ("--map-size", "nm_lb4_svc=abc"),
+    ("--map-size", "nm_lb4_svc"), ("--map-size", "nm_events=5000"),
+    ("--limit", "events_per_second=-1"), ("--limit", "nope=5"), ("--limit", "dns_burst")])
+def test_a_bad_map_size_or_limit_is_refused_before_anything_is_created(option: str,
+                                                                       flag: str) -> None:
     state = tempfile.mkdtemp(prefix="nodemesh-badmap-")
     try:
         p = subprocess.run([sys.executable, "-m", "nodemesh", "--state-dir", state, "up",
-                            "--nodes", "1", "--name", "nmbadmap", "--map-size", flag],
+                            "--nodes", "1", "--name", "nmbadmap", option, flag],
                            capture_output=True, text=True, timeout=60)
         assert p.returncode == 2, (p.stdout, p.stderr)
-        assert "--map-size" in p.stderr and flag.split("=")[0] in p.stderr
+        assert option in p.stderr and flag.split("=")[0] in p.stderr
         assert os.listdir(state) == []
         assert not [n for n in os.listdir("/run/netns") if n.startswith("nmbadmap")] \
             if os.path.isdir("/run/netns") else True

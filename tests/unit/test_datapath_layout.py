@@ -54,6 +54,8 @@ DOC_MAP_TYPES = {
     "nm_l7_redir": 1,
     "nm_lxc": 1,
     "nm_netns": 1,
+    "nm_dns_limit": 9,
+    "nm_event_budget": 9,
 }
 
 # Hubble's flow.proto DropReason, for the values the datapath uses
@@ -71,6 +73,7 @@ HUBBLE_DROP_REASONS = {
     181: "POLICY_DENY",
     189: "AUTH_REQUIRED",
     195: "UNENCRYPTED_TRAFFIC",
+    198: "DROP_RATE_LIMITED",
     203: "DROP_EP_NOT_READY",
 }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from nodemesh.agent.dns import RCODE_NXDOMAIN, Records, answer, build_records
+from nodemesh.cluster.dns import RCODE_NXDOMAIN, Records, answer, build_records
 
 
 def query(name: str, qtype: int = 1, qid: int = 0x1234) -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from nodemesh.agent.dns import RCODE_REFUSED, DnsServer, TokenBuckets, refused
+from nodemesh.cluster.dns import RCODE_REFUSED, DnsServer, TokenBuckets, refused
 
 
 def query(name: str, qid: int = 0x4242) -> bytes:

@@ -20,7 +20,8 @@ from nodemesh.cluster.config import (
 from nodemesh.datapath.lb import LbService
 from nodemesh.errors import NodemeshError
 from nodemesh.node.fit import Refusal, age_key, fit_ipcache, fit_policy, fit_services
-from nodemesh.node.snapshot import Endpoint, build_node_snapshot
+from nodemesh.node.snapshot import Endpoint, build_node_snapshot, fallbacks
+from nodemesh.policy.lower import LoweredPolicy
 from tests.unit.test_node_snapshot import inputs, objects, pod, service
 
 
@@ -222,8 +223,22 @@ def test_snapshot_policy_past_capacity_keeps_previous_and_reports_it():
     base = build_node_snapshot(inputs(web_objects(0), attached=ATTACHED))
     snap = build_node_snapshot(inputs(objs, attached=ATTACHED, capacities={"nm_policy": cap},
                                       previous_policy=base.policy))
-    assert snap.policy[8] == base.policy[8] and snap.programmed == {"uid-w1", "uid-w2"}
+    # w2 keeps its previous entries (none: it was not isolated), but the new policy isolates
+    # its ingress, so that direction fails closed rather than staying open
+    kept = snap.policy[8]
+    assert kept.policy == base.policy[8].policy and kept.cidr == base.policy[8].cidr
+    assert (base.policy[8].ingress_enforced, kept.ingress_enforced) == (False, True)
+    assert kept.egress_enforced is False and snap.programmed == {"uid-w1", "uid-w2"}
     assert "keeping its previous entries" in snap.policy_errors["default/w2"]
+
+
+def test_fallbacks_close_the_directions_the_new_policy_isolates():
+    prev = {7: LoweredPolicy(7, False, True, {}, {}), 8: LoweredPolicy(8, True, False, {}, {})}
+    got = fallbacks({7: (True, False), 9: (True, True)}, prev)
+    assert (got[7].ingress_enforced, got[7].egress_enforced) == (True, True)  # tightened
+    assert got[8] is prev[8]   # no new policy for it (it did not compile): as it was
+    assert 9 not in got        # no previous: nothing to fall back to (its veth stays closed)
+    assert fallbacks({7: (False, False)}, prev)[7] is prev[7]  # never loosened
 
 
 # ---- map sizes (cluster.json) -------------------------------------------------------------------

@@ -183,7 +183,10 @@ def test_policy_that_does_not_compile_keeps_the_previous_one():
                                                 CiliumNetworkPolicy=[bad]),
                                         attached={"uid-a": a}, previous_policy=first.policy))
     assert "16 per CIDR" in second.policy_errors["default/a"]
-    assert second.policy[7] == first.policy[7]
+    # the previous entries stay, but the ingress the new policy isolates is closed
+    kept = second.policy[7]
+    assert (kept.policy, kept.cidr) == (first.policy[7].policy, first.policy[7].cidr)
+    assert (first.policy[7].ingress_enforced, kept.ingress_enforced) == (False, True)
     assert second.programmed == {"uid-a"}
 
 

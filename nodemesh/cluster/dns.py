@@ -4,6 +4,10 @@
 query from it; `DnsServer` serves UDP and TCP on the node-local address. Names outside
 `cluster.local` get NXDOMAIN: the cluster has no way out, so there is nothing to forward to.
 
+`ClusterDns` is where it runs: in the cluster daemon, one server per node on the node-local
+address, as CoreDNS is a cluster service and not a part of the node agent. An agent that is
+killed, crash-looping or being upgraded costs no lookup.
+
 Records: ``<svc>.<ns>.svc.cluster.local`` A → the ClusterIP (a headless service: its ready pods'
 IPs), ``_<port>._<proto>.<svc>.<ns>.svc.cluster.local`` SRV → the named port, and
 ``<a-b-c-d>.<ns>.pod.cluster.local`` A → the pod's IP.
@@ -15,14 +19,15 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import os
 import socket
 import struct
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from nodemesh.cluster.config import CLUSTER_DOMAIN
+from nodemesh.cluster.config import CLUSTER_DOMAIN, NODE_DNS_IP
+from nodemesh.host.files import read_json, write_json_atomic
 from nodemesh.model.labels import service_selects
 
 log = logging.getLogger("nodemesh.dns")
@@ -30,7 +35,7 @@ TTL = 5
 TYPE_A, TYPE_NS, TYPE_SOA, TYPE_PTR, TYPE_AAAA, TYPE_SRV, TYPE_ANY = 1, 2, 6, 12, 28, 33, 255
 RCODE_OK, RCODE_FORMERR, RCODE_NXDOMAIN, RCODE_NOTIMP, RCODE_REFUSED = 0, 1, 3, 4, 5
 # Per-client query budget (hostile neighbours): a pod flooding the node-local DNS gets REFUSED
-# beyond it, so it cannot take the agent's CPU from other pods' lookups and its control loop.
+# beyond it, so it cannot take the server's CPU from other pods' lookups.
 DNS_QPS_PER_CLIENT = 1000
 DNS_BURST_PER_CLIENT = 2000
 REFUSED_SAMPLE = 64
@@ -209,7 +214,8 @@ class DnsServer:
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.AbstractServer | None = None
 
-    async def start(self) -> None:
+    async def start(self, sockets: tuple[socket.socket, socket.socket] | None = None) -> None:
+        """Serve on `sockets` (UDP, TCP: bound and listening already), or bind our own."""
         loop = asyncio.get_running_loop()
         server = self
 
@@ -222,11 +228,8 @@ class DnsServer:
                 if resp:
                     self.t.sendto(resp, addr)  # type: ignore[attr-defined]
 
-        inherited = [int(f) for f in os.environ.get("NODEMESH_DNS_FDS", "").split(",") if f]
-        if len(inherited) == 2:
-            # Sockets the cluster daemon holds for this node: they outlive the agent.
-            udp = socket.socket(fileno=inherited[0])
-            tcp = socket.socket(fileno=inherited[1])
+        if sockets is not None:
+            udp, tcp = sockets
             udp.setblocking(False)
             tcp.setblocking(False)
             self._udp, _ = await loop.create_datagram_endpoint(Udp, sock=udp)
@@ -248,7 +251,7 @@ class DnsServer:
         if self.refused in (1, 1000) or self.refused % 100000 == 0:
             log.warning("DNS: %s is over %g queries/s: refused (%d so far)", client,
                         self.limit.rate, self.refused)
-        # Answering every refused query costs the agent nearly what answering it does (measured:
+        # Answering every refused query costs the server nearly what answering it does (measured:
         # docs/benchmarks.md, Hostile neighbours): one in REFUSED_SAMPLE gets REFUSED, so the
         # client learns why; the others are dropped. All are counted.
         return refused(query) if self.refused % REFUSED_SAMPLE == 1 else b""
@@ -268,3 +271,92 @@ class DnsServer:
             self._udp.close()
         if self._tcp:
             self._tcp.close()
+
+
+class ClusterDns:
+    """Every node's DNS server, on one asyncio loop in a thread of the cluster daemon.
+
+    The sockets are the daemon's (bound in each node's namespace). The records come from the
+    daemon's informer, rebuilt when Services or Pods change. Each node's counters are written to
+    `counters_file(node)` about once a second (`{"answered", "refused", "records"}`), which is
+    where that node's agent reads them for its metrics and status.
+    """
+
+    REPORT_SECONDS = 1.0
+
+    def __init__(self, informer: object, counters_file: Callable[[str], str]) -> None:
+        self.informer = informer
+        self.counters_file = counters_file
+        self.records = Records()
+        self.servers: dict[str, DnsServer] = {}
+        self._reported: dict[str, tuple[int, int, int]] = {}
+        self._dirty = True
+        self._loop = asyncio.new_event_loop()
+        self._wake = asyncio.Event()
+        self._thread = threading.Thread(target=self._run, name="dns", daemon=True)
+
+    def start(self) -> None:
+        self.informer.add_listener(self._on_change)  # type: ignore[attr-defined]
+        self._thread.start()
+
+    def serve(self, node: str, sockets: tuple[socket.socket, socket.socket]) -> None:
+        """Start answering on `node`'s sockets (UDP, TCP) with the current records."""
+        asyncio.run_coroutine_threadsafe(self._serve(node, sockets), self._loop).result(10)
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        for srv in self.servers.values():
+            srv.close()
+
+    def _on_change(self, kinds: set[str]) -> None:
+        if kinds & {"Service", "Pod", "*"}:
+            self._dirty = True
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.create_task(self._refresh_loop())
+        self._loop.run_forever()
+
+    async def _serve(self, node: str, sockets: tuple[socket.socket, socket.socket]) -> None:
+        srv = DnsServer(NODE_DNS_IP)
+        srv.records = self.records
+        await srv.start(sockets)
+        self.servers[node] = srv
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            self._wake.clear()  # before the look at _dirty: a change after it wakes the wait
+            if self._dirty:
+                self._dirty = False
+                try:
+                    k = self.informer.kinds(("Service", "Pod"))  # type: ignore[attr-defined]
+                    self.records = build_records(k["Service"], k["Pod"])
+                    for srv in self.servers.values():
+                        srv.records = self.records
+                except Exception:
+                    log.exception("DNS records failed; keeping the last ones")
+            self._report()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.REPORT_SECONDS)
+
+    def _report(self) -> None:
+        for node, srv in self.servers.items():
+            now = (srv.answered, srv.refused, len(srv.records.a))
+            if self._reported.get(node) == now:
+                continue
+            try:
+                write_json_atomic(self.counters_file(node), dict(
+                    zip(("answered", "refused", "records"), now, strict=True)))
+                self._reported[node] = now
+            except OSError as e:
+                log.warning("DNS counters of %s: %s", node, e)
+
+
+def read_counters(path: str) -> dict[str, int]:
+    """A node's DNS counters as `ClusterDns` last wrote them (zeros before the first write)."""
+    got = read_json(path) or {}
+    return {k: int(got.get(k, 0)) for k in ("answered", "refused", "records")}
