@@ -8,7 +8,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 curl wrk nginx-light iptables \
-	nghttp2-client procps python3-venv chromium chromium-driver tcpdump etcd-server etcd-client
+	nghttp2-client procps python3-venv chromium chromium-driver tcpdump etcd-server etcd-client \
+	containerd runc containernetworking-plugins busybox-static
 BPF_SOURCES := $(wildcard bpf/*.bpf.c)
 BPF_HEADERS := $(wildcard bpf/lib/*.h)
 BPF_OBJECTS := $(patsubst bpf/%.bpf.c,build/bpf/%.bpf.o,$(BPF_SOURCES))

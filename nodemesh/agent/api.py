@@ -22,9 +22,12 @@ Handler = Callable[[dict[str, list[str]], bytes], Awaitable[Any]]
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    """An answer other than 200: {"error": message, **extra} (extra: e.g. the CNI error code)."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.status = status
+        self.extra = extra
 
 
 class ApiServer:
@@ -75,7 +78,7 @@ class ApiServer:
             try:
                 result = await fn(query, body)
             except ApiError as e:
-                await self._send(writer, e.status, {"error": str(e)})
+                await self._send(writer, e.status, {"error": str(e), **e.extra})
                 return
             except Exception as e:
                 log.exception("api %s %s", method, url.path)

@@ -70,7 +70,9 @@ class DatapathSync:
         self.cfg = cfg
         self.node = cfg.node(node)
         self.flows = flows
-        self.local_pods = local_pods  # uid -> LocalPod (the PodManager's records)
+        # uid -> LocalPod (the PodManager's records) or CniPod (the CNI plugin's): each has
+        # uid, namespace, name, sandbox and adoptable()
+        self.local_pods = local_pods
         self.dp = Datapath(node, cfg.bpffs, cfg.node_cgroup(node),
                            maglev_table_size=maglev_table_size, map_sizes=cfg.maps,
                            rodata={LIMIT_RODATA[k]: v for k, v in cfg.datapath_limits.items()})
@@ -163,6 +165,19 @@ class DatapathSync:
 
     def detach(self, sb: Sandbox) -> None:
         self.dp.detach_endpoint(sb.host_ifname)
+
+    def check_endpoint(self, uid: str) -> list[str]:
+        """What is wrong with a pod's datapath ([] when its veth's programs are attached and
+        its endpoint entry is programmed): CNI's CHECK."""
+        with self._lock:
+            ep = self.endpoints.get(uid)
+            if ep is None:
+                return ["the datapath has no endpoint for this pod"]
+            problems = self.dp.check_endpoint(ep.sandbox.host_ifname, ep.ifindex)
+            if not ep.programmed or self.dp.endpoints.get(L.u32(ep.ifindex)) is None:
+                problems.append(f"no nm_endpoints entry for {ep.sandbox.host_ifname} "
+                                f"(index {ep.ifindex}): its traffic is dropped")
+            return problems
 
     def attached(self) -> dict[str, Endpoint]:
         with self._lock:
@@ -345,7 +360,7 @@ class DatapathSync:
         """After an agent restart: pods that run here but that this agent did not create."""
         self._removed.intersection_update(self.local_pods.keys())  # (gone from the PodManager)
         for uid, lp in list(self.local_pods.items()):
-            if uid in self.endpoints or lp.shim is None or uid in self._removed:
+            if uid in self.endpoints or not lp.adoptable() or uid in self._removed:
                 continue
             try:
                 ifindex = self.dp.attach_endpoint(lp.sandbox.host_ifname)

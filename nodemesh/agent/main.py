@@ -17,10 +17,12 @@ import os
 import signal
 import socket
 import time
+from collections import ChainMap
 from datetime import datetime, timedelta
 from typing import Any
 
 from nodemesh.agent.api import ApiError, ApiServer
+from nodemesh.agent.cni import CniPods
 from nodemesh.agent.datapath import DatapathSync
 from nodemesh.agent.proxy import ProxyManager
 from nodemesh.agent.reconcile import NodeReconciler
@@ -32,6 +34,7 @@ from nodemesh.host import netns
 from nodemesh.host.files import write_json_atomic
 from nodemesh.host.procs import ProcRef
 from nodemesh.model.nodes import lease_object
+from nodemesh.model.workloads import is_deleting
 from nodemesh.observe.agentevents import AgentEventType, agent_event
 from nodemesh.observe.filters import FlowFilter, matches
 from nodemesh.observe.metrics import AgentCollector, AgentMetrics
@@ -83,14 +86,19 @@ class Agent:
         self.pods: PodManager | NoPods = (
             NoPods() if kubernetes
             else PodManager(cfg, node, self.store, self.informer, hooks, workers=16))
+        # Pods whose sandbox a container runtime brings over CNI (nodemesh-cni): the same hooks.
+        # In Kubernetes mode every pod of the node comes so.
+        self.cni = CniPods(cfg, node, self.store, hooks, every_pod=kubernetes)
         self.datapath: DatapathSync | None = None
         self.proxy: ProxyManager | None = None
         self.reconciler: NodeReconciler | None = None
         if cfg.datapath == "bpf":
-            self.datapath = DatapathSync(cfg, node, self.flows, self.pods.local,
+            self.datapath = DatapathSync(cfg, node, self.flows,
+                                         ChainMap(self.pods.local, self.cni.local),
                                          int(cfg.extra.get("maglev_table_size", 16381)))
             self.datapath.on_local_ips = lambda ips: setattr(self.metrics, "local_ips", ips)
             self.datapath.on_refusals = self._on_refusals
+            self.cni.check_endpoint = self.datapath.check_endpoint
             if cfg.extra.get("proxy", True):
                 self.proxy = ProxyManager(cfg, node, self.store, self.flows)
                 self.proxy.timer = self.metrics.reconcile.labels("proxy")
@@ -236,6 +244,10 @@ class Agent:
             self._wake.clear()
             with self.metrics.timed("pods"):
                 self.pods.reconcile()
+                if not self.kubernetes:  # (in Kubernetes the API server finishes deletes)
+                    pods = self.informer.list("Pod")
+                    if any(is_deleting(p) for p in pods):
+                        await asyncio.to_thread(self.cni.finish_deletes, pods)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
 
@@ -320,6 +332,31 @@ class Agent:
         self.api.route("GET", "/certificates", self._certificates)
         self.api.route("POST", "/proxy/restart", self._proxy_restart)
         self.api.route("GET", "/debug/memory", self._debug_memory)
+        for command in ("add", "del", "check", "gc"):
+            self.api.route("POST", f"/cni/{command}", self._cni(command))
+
+    def _cni(self, command: str):
+        """nodemesh-cni's requests (nodemesh.agent.cni answers them in a worker thread)."""
+        fn = {"add": self.cni.add, "del": self.cni.delete, "check": self.cni.check,
+              "gc": self.cni.gc}[command]
+
+        async def handler(q: dict, body: bytes) -> Any:
+            if self._stopping:
+                raise ApiError(503, f"the agent of node {self.node.name} is stopping",
+                               cniCode=11)
+            if self.reconciler is None and command == "add":
+                raise ApiError(409, f"node {self.node.name} runs no datapath (datapath: none)",
+                               cniCode=100)
+            try:
+                req = json.loads(body or b"{}")
+            except ValueError as e:
+                raise ApiError(400, f"CNI {command}: the request is not JSON: {e}",
+                               cniCode=6) from None
+            if not isinstance(req, dict):
+                raise ApiError(400, f"CNI {command}: the request must be an object", cniCode=6)
+            return await asyncio.to_thread(fn, req)
+
+        return handler
 
     async def _proxy_restart(self, q: dict, body: bytes) -> Any:
         """A planned restart of the node Envoy (hot restart): {drainSeconds,
@@ -383,7 +420,8 @@ class Agent:
         return {
             "node": self.node.name, "ip": self.node.ip, "podCIDR": self.node.pod_cidr,
             "pid": os.getpid(), "uptimeSeconds": round(time.time() - self.started, 1),
-            "pods": len(self.pods.local), "storeRevision": self.informer.revision,
+            "pods": len(self.pods.local), "cniPods": self.cni.status(),
+            "storeRevision": self.informer.revision,
             "dns": ({"servedBy": "the cluster's DNS (Kubernetes mode)"} if self.kubernetes else
                     {"address": NODE_DNS_IP, "servedBy": "cluster daemon",
                      **read_counters(self.cfg.dns_counters_file(self.node.name))}),

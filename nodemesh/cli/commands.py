@@ -573,6 +573,33 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     return run_daemon(_cluster(args))
 
 
+def cmd_cni_config(args: argparse.Namespace) -> int:
+    """A CNI network configuration list for one node: ptp + host-local, then nodemesh-cni."""
+    import json
+
+    from nodemesh.cluster import ipam
+    from nodemesh.cni.conf import chain_config
+
+    cfg = _cluster(args)
+    node = cfg.node(args.node)
+    reserved = ipam.cni_range(node.pod_cidr)
+    if reserved is None:
+        raise NodemeshError(f"node {node.name}: pod CIDR {node.pod_cidr} is too small to leave "
+                            "a range to CNI")
+    pod = None
+    if args.pod:
+        ns, sep, name = args.pod.rpartition("/")
+        if not name:
+            raise NodemeshError(f"--pod {args.pod!r}: expected NAMESPACE/NAME")
+        pod = (ns if sep else "default", name)
+    conf = chain_config(network=args.network, pod_cidr=node.pod_cidr, address_range=reserved,
+                        gateway=ipam.gateway(node.pod_cidr),
+                        agent_socket=cfg.agent_socket(node.name),
+                        ipam_dir=os.path.join(cfg.node_dir(node.name), "cni-ipam"), pod=pod)
+    print(json.dumps(conf, indent=2))
+    return 0
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"nodemesh {__version__}")
     return 0

@@ -207,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pods", choices=("all", "node"), default="all",
                     help="with --kubernetes: follow every Pod (default) or only this node's "
                     "(a spec.nodeName field selector)")
+    sp = cmd("cni-config", c.cmd_cni_config, "print a CNI network configuration list for a node: "
+             "ptp and host-local (from the node's CNI address range), then nodemesh-cni")
+    sp.add_argument("--node", required=True, help="the node whose namespace runs the CNI chain")
+    sp.add_argument("--network", default="nodemesh", help="the network's name (default nodemesh)")
+    sp.add_argument("--pod", default=None, metavar="NAMESPACE/NAME",
+                    help="put the pod's identity in nodemesh-cni's args (for a runtime that "
+                         "passes no CNI_ARGS, such as ctr)")
     cmd("daemon", c.cmd_daemon, "run the cluster daemon (started by `nodemesh up`)")
     cmd("version", c.cmd_version, "print the version")
     return p

@@ -54,6 +54,23 @@ class AgentClient:
     def post(self, path: str, body: Any = None) -> Any:
         return self._decode(self._request("POST", path, None, body))
 
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """One request: (HTTP status, the decoded JSON answer), whatever the status. A socket
+        nobody listens on, or no answer in time, raises OSError (the caller says what it means)."""
+        conn = _UnixConnection(self.path, self.timeout)
+        try:
+            data = json.dumps(body).encode() if body is not None else None
+            conn.request(method, path, body=data,
+                         headers={"Content-Type": "application/json"} if data else {})
+            resp = conn.getresponse()
+            raw = resp.read()
+        finally:
+            conn.close()
+        try:
+            return resp.status, json.loads(raw or b"null")
+        except ValueError:
+            return resp.status, {"error": raw.decode(errors="replace")[:200]}
+
     def _decode(self, resp: http.client.HTTPResponse) -> Any:
         data = json.loads(resp.read() or b"null")
         if resp.status != 200:

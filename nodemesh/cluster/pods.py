@@ -35,12 +35,34 @@ from nodemesh.store.informer import Informer
 log = logging.getLogger("nodemesh.pods")
 
 
+# A Pod whose sandbox a container runtime brings through CNI (nodemesh-cni, docs/cni.md): the
+# local pod runtime does not run it; the agent learns of its sandbox from the CNI ADD.
+SANDBOX_ANNOTATION = "nodemesh.io/sandbox"
+SANDBOX_CNI = "cni"
+
+
+def brought_by_cni(pod: dict) -> bool:
+    return (pod["metadata"].get("annotations") or {}).get(SANDBOX_ANNOTATION) == SANDBOX_CNI
+
+
 @dataclass
 class PodHooks:
-    """What other parts of the agent do as pods come and go (the datapath fills these in)."""
+    """The one way the agent learns of a pod's sandbox (netns, veth, address, the pod's labels):
+    the local pod runtime (PodManager) and the CNI plugin's requests (nodemesh.agent.cni) both
+    call `ready` and `removed`; the datapath and the proxy fill the lists in."""
 
     sandbox_ready: list[Callable[[dict, sandbox.Sandbox], None]] = field(default_factory=list)
     sandbox_removed: list[Callable[[sandbox.Sandbox], None]] = field(default_factory=list)
+
+    def ready(self, pod: dict, sb: sandbox.Sandbox) -> None:
+        """A pod's sandbox exists: returns once its veth's policy is programmed."""
+        for hook in self.sandbox_ready:
+            hook(pod, sb)
+
+    def removed(self, sb: sandbox.Sandbox) -> None:
+        """A pod's sandbox is going: its endpoint fails closed, its programs are detached."""
+        for hook in self.sandbox_removed:
+            hook(sb)
 
 
 @dataclass
@@ -51,6 +73,10 @@ class LocalPod:
     sandbox: sandbox.Sandbox
     created: str
     shim: ProcRef | None = None
+
+    def adoptable(self) -> bool:
+        """Whether a new agent should attach to this pod's veth (its shim ran)."""
+        return self.shim is not None
 
     def to_json(self, node: str) -> dict:
         return {"uid": self.uid, "namespace": self.namespace, "name": self.name, "node": node,
@@ -135,7 +161,7 @@ class PodManager:
     def reconcile(self) -> None:
         """Start the work that brings local pods in line with the store (non-blocking)."""
         desired = {p["metadata"]["uid"]: p for p in self.informer.list("Pod")
-                   if p["spec"].get("nodeName") == self.node.name}
+                   if p["spec"].get("nodeName") == self.node.name and not brought_by_cni(p)}
         for uid, lp in list(self.local.items()):
             pod = desired.get(uid)
             if pod is None or is_deleting(pod):
@@ -214,8 +240,7 @@ class PodManager:
         # Publish the address at once: other nodes learn it (and the pod's identity) while
         # the containers start.
         self._publish_pending(pod, lp)
-        for hook in self.hooks.sandbox_ready:
-            hook(pod, sb)
+        self.hooks.ready(pod, sb)
         self._write_pod_files(pod, sb, argvs)
         self._start_shim(lp)
         log.info("pod %s/%s: created at %s in %.0f ms", meta["namespace"], meta["name"], ip,
@@ -273,8 +298,7 @@ class PodManager:
         while cgroup.procs(lp.sandbox.cgroup) and time.monotonic() < deadline:
             time.sleep(0.02)
         sandbox.create(lp.sandbox, POD_GATEWAY)  # idempotent: completes whatever is missing
-        for hook in self.hooks.sandbox_ready:
-            hook(pod, lp.sandbox)
+        self.hooks.ready(pod, lp.sandbox)
         argvs = [images.resolve(obj_ref(pod), c) for c in pod["spec"]["containers"]]
         self._write_pod_files(pod, lp.sandbox, argvs)
         self._start_shim(lp)
@@ -284,8 +308,7 @@ class PodManager:
         if pod is not None:
             grace = float(pod["spec"].get("terminationGracePeriodSeconds", 30))
         procs.stop(self.shim_ref(lp.uid), grace=grace + 2)
-        for hook in self.hooks.sandbox_removed:
-            hook(lp.sandbox)
+        self.hooks.removed(lp.sandbox)
         sandbox.remove(lp.sandbox)
         shutil.rmtree(self.cfg.pod_dir(lp.uid), ignore_errors=True)
         self.local.pop(lp.uid, None)

@@ -164,6 +164,35 @@ class Attachments:
 
         return self.in_netns(attach)
 
+    def check_endpoint(self, ifname: str, ifindex: int) -> list[str]:
+        """What is wrong with a pod veth's programs: [] when both tcx links are pinned and
+        attached to that device (index `ifindex`) in their direction."""
+        self.require_loaded()
+
+        def check() -> list[str]:
+            try:
+                now = _ifindex(ifname)
+            except DatapathError as e:
+                return [str(e)]
+            problems = []
+            if now != ifindex:
+                problems.append(f"{ifname} has index {now}, its endpoint was made for {ifindex}")
+            for suffix, (prog_name, attach_type) in TC_PROGRAMS.items():
+                pin = self.pins.links_dir / f"tcx-{ifname}-{suffix}"
+                try:
+                    with libbpf.Link.from_pin(pin) as link:
+                        info = link.info()
+                except (libbpf.BpfError, OSError) as e:
+                    problems.append(f"program {prog_name} ({suffix}) has no usable link pin "
+                                    f"{pin}: {e}")
+                    continue
+                if not _tcx_link(now, attach_type)(info):
+                    problems.append(f"program {prog_name} is not attached to {ifname} "
+                                    f"({suffix}): its link {info.id} is detached")
+            return problems
+
+        return self.in_netns(check)
+
     def detach_endpoint(self, ifname: str) -> None:
         """Detach and unpin the veth's links (the device may already be gone)."""
         for suffix in TC_PROGRAMS:

@@ -142,6 +142,9 @@ class Datapath:
     def detach_endpoint(self, ifname: str) -> None:
         self.attachments.detach_endpoint(ifname)
 
+    def check_endpoint(self, ifname: str, ifindex: int) -> list[str]:
+        return self.attachments.check_endpoint(ifname, ifindex)
+
     def attach_netdev(self, ifname: str) -> int:
         return self.attachments.attach_netdev(ifname)
 

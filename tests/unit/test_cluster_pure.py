@@ -26,13 +26,26 @@ def test_ipam_skips_node_address_and_in_use() -> None:
 
 def test_ipam_round_robin_does_not_reuse_at_once() -> None:
     assert ipam.allocate("10.244.1.0/24", set(), last="10.244.1.5") == "10.244.1.6"
-    assert ipam.allocate("10.244.1.0/24", set(), last="10.244.1.254") == "10.244.1.2"
+    assert ipam.allocate("10.244.1.0/24", set(), last="10.244.1.191") == "10.244.1.2"
 
 
 def test_ipam_full_cidr_is_an_error() -> None:
-    used = {f"10.244.1.{i}" for i in range(2, 255)}
-    with pytest.raises(NodemeshError, match="full"):
+    used = {f"10.244.1.{i}" for i in range(2, 192)}
+    with pytest.raises(NodemeshError, match=r"full \(190 pods\)"):
         ipam.allocate("10.244.1.0/24", used)
+
+
+def test_ipam_leaves_the_cni_range_to_the_cni_chain() -> None:
+    assert ipam.cni_range("10.244.1.0/24") == ("10.244.1.192", "10.244.1.254")
+    assert ipam.gateway("10.244.1.0/24") == "10.244.1.1"
+    got = set()
+    last = None
+    for _ in range(300):
+        last = ipam.allocate("10.244.1.0/24", set(), last)
+        got.add(last)
+    assert len(got) == 190 and max(int(ip.rsplit(".", 1)[1]) for ip in got) == 191
+    assert ipam.cni_range("10.244.1.0/29") is None
+    assert ipam.allocate("10.244.1.0/29", set(), "10.244.1.5") == "10.244.1.6"
 
 
 # ---- scheduling ------------------------------------------------------------------------------

@@ -217,7 +217,8 @@ def test_install_cni_chains_after_the_primary_plugin(tmp_path: Path) -> None:
     (net_dir / "10-calico.conflist").write_text(json.dumps(primary))
     (net_dir / "99-other.conflist").write_text(json.dumps(primary))
     for _ in range(2):  # twice: an init container runs again on every agent pod start
-        mod.install(str(binary), str(bin_dir), str(net_dir), "/var/run/nodemesh/cni.sock")
+        mod.install(str(binary), str(bin_dir), str(net_dir),
+                    "/var/run/nodemesh/nodes/node1/agent.sock")
     conf = json.loads((net_dir / "10-calico.conflist").read_text())
     assert [p["type"] for p in conf["plugins"]] == ["calico", "portmap", "nodemesh-cni"]
     assert json.loads((net_dir / "99-other.conflist").read_text()) == primary
@@ -227,6 +228,22 @@ def test_install_cni_chains_after_the_primary_plugin(tmp_path: Path) -> None:
     empty.mkdir()
     with pytest.raises(SystemExit, match=r"no \*\.conflist"):
         mod.install(str(binary), str(bin_dir), str(empty), "/x")
+
+
+def test_the_cni_plugin_calls_the_socket_the_agent_listens_on() -> None:
+    """install-cni writes agentSocket into the chain; it must be the kube-mode agent's own API
+    socket (<state dir>/nodes/<node>/agent.sock, ClusterConfig.agent_socket)."""
+    from nodemesh.cluster.config import ClusterConfig, NodeConfig
+
+    spec = _one("DaemonSet", "nodemesh-agent")["spec"]["template"]["spec"]
+    install = next(c for c in spec["initContainers"] if c["name"] == "install-cni")
+    agent = next(c for c in spec["containers"] if c["name"] == "agent")
+    state = agent["command"][agent["command"].index("--state-dir") + 1]
+    node = NodeConfig(name="$(NODE_NAME)", index=1, ip="192.0.2.1", pod_cidr="10.244.1.0/24")
+    cfg = ClusterConfig(name="k8s", state_dir=state, nodes=(node,))
+    assert install["command"][-1] == cfg.agent_socket("$(NODE_NAME)")
+    assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} \
+        in install["env"]
 
 
 def test_readme_install_steps_name_what_the_manifests_define() -> None:
