@@ -44,10 +44,10 @@ build/bpf/%.bpf.o: bpf/%.bpf.c $(BPF_HEADERS)
 	clang $(BPF_CFLAGS) -c $< -o $@
 
 # Suites that run a second time with the cluster on etcd (NODEMESH_TEST_STORE=etcd: etcd
-# members of its own on the underlay). Netpol and observe pass on etcd too (by hand: 94 tests,
-# 9 minutes), too long for every `make test`.
+# members of its own on the underlay): services, policy, routes, observe, and leases/slices.
 ETCD_SUITES = tests/integration/test_services.py tests/integration/test_routes.py \
-	tests/integration/test_l7_policy.py
+	tests/integration/test_l7_policy.py tests/integration/test_netpol.py \
+	tests/integration/test_observe_flows.py tests/integration/test_slices_and_leases.py
 
 # Two workers (pytest-xdist), each taking whole modules (their clusters are module fixtures, and
 # independent: each has its own name, namespaces, state and bpffs). Modules marked `serial`
