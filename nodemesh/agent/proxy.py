@@ -469,7 +469,8 @@ class ProxyManager:
                              "resource_names": list(nack.get("resource_names") or [])}
                 break
         self.owners = envoy.result.owners
-        self._write_statuses(envoy.result.route_statuses, k)
+        self._report("the routes' statuses",
+                     lambda: self._write_statuses(envoy.result.route_statuses, k))
         self.error = None
         self.syncs += 1
 
@@ -485,14 +486,56 @@ class ProxyManager:
                 "certificates": len(plan.secrets) if plan else 0}
         if mesh == self._mesh_reported:
             return
-        with self.store.transaction() as t:
-            node = t.get("Node", "", self.node)
-            if node is None:
-                return
-            status = dict(node.get("status") or {})
-            status["mesh"] = mesh
-            t.put_status("Node", "", self.node, status)
-        self._mesh_reported = mesh
+
+        def write() -> None:
+            for attempt in self.store.retrying():  # the heartbeat writes the Node's status too
+                with attempt as t:
+                    node = t.get("Node", "", self.node)
+                    if node is None:
+                        return
+                    status = dict(node.get("status") or {})
+                    status["mesh"] = mesh
+                    t.put_status("Node", "", self.node, status)
+            self._mesh_reported = mesh
+
+        self._report("the Node's mesh status", write)
+
+    # What the proxy stage reports into the store (route statuses, the Node's mesh status) is
+    # for users: with the store unavailable the step still counts (the datapath and Envoy are
+    # programmed); the report is written by the step after the store is back (the informer lists
+    # again then, which runs one). While the last write failed less than this long ago, the
+    # steps in between do not try (each try can wait STORE_TIMEOUT).
+    REPORT_BACKOFF = 2.0
+    _report_failed_at: float | None = None
+
+    _report_retry: threading.Timer | None = None
+
+    def _report_later(self) -> None:
+        """One more step once the back-off is over (the report waits for one)."""
+        if self._report_retry is None or not self._report_retry.is_alive():
+            self._report_retry = threading.Timer(self.REPORT_BACKOFF, lambda: self.on_change())
+            self._report_retry.daemon = True
+            self._report_retry.start()
+
+    def _report(self, what: str, write: Any) -> None:
+        failed_at = self._report_failed_at
+        if failed_at is not None and time.monotonic() - failed_at < self.REPORT_BACKOFF:
+            self._report_later()
+            return
+        try:
+            write()
+        except NodemeshError as e:
+            if not str(e).startswith("store unavailable"):
+                raise
+            if failed_at is None:
+                log.warning("could not write %s (%s); the next step after the store is back "
+                            "writes it", what, e)
+            self._report_failed_at = time.monotonic()
+            self._report_later()
+            return
+        if failed_at is not None:
+            log.info("the store answers again; %s written", what)
+            self._report_failed_at = None
 
     def _nacked(self, type_url: str, version: str) -> bool:
         nack = (self.xds.status(self.node).get(type_url) or {}).get("nack")
@@ -562,14 +605,17 @@ class ProxyManager:
             return
         # Every node's agent writes these statuses: compare with the store as it is now, not
         # with the informer's copy, or another agent's write that our informer has not seen
-        # yet could stand (our own status writes do not wake us).
-        with self.store.transaction() as t:
-            for key, (uid, status) in wanted.items():
-                cur = t.get(key.kind, key.namespace, key.name)
-                if cur is None or cur["metadata"]["uid"] != uid:
-                    continue
-                t.put_status(key.kind, key.namespace, key.name,  # a no-op when equal
-                             stamp_transition_times(status, cur.get("status"), now))
+        # yet could stand (our own status writes do not wake us). On etcd the other agents' (and
+        # apply's) writes of the same routes make a commit lose with Conflict: run it again
+        # rather than fail the whole reconcile step.
+        for attempt in self.store.retrying():
+            with attempt as t:
+                for key, (uid, status) in wanted.items():
+                    cur = t.get(key.kind, key.namespace, key.name)
+                    if cur is None or cur["metadata"]["uid"] != uid:
+                        continue
+                    t.put_status(key.kind, key.namespace, key.name,  # a no-op when equal
+                                 stamp_transition_times(status, cur.get("status"), now))
 
     # ---- Envoy's answers -------------------------------------------------------------------------
     def _on_nack(self, node_id: str, type_url: str, version: str, message: str,

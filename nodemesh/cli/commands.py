@@ -30,7 +30,7 @@ from nodemesh.host.procs import ProcRef
 from nodemesh.model.kinds import KINDS, KindInfo, ref, resolve_kind
 from nodemesh.store import Store, open_store
 from nodemesh.store.apply import apply_objects, load_and_validate
-from nodemesh.store.base import now_rfc3339
+from nodemesh.store.base import Txn, now_rfc3339
 
 
 # ---- helpers -----------------------------------------------------------------------------
@@ -273,6 +273,28 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _request_deletes(t: Txn, targets: list[tuple[str, str, str]]
+                     ) -> tuple[list[tuple[str, str, str, str]], list[str]]:
+    """Mark `targets` deleted in `t`: (pods to wait for, references of the missing)."""
+    waiting: list[tuple[str, str, str, str]] = []
+    missing = []
+    for kind, ns, name in targets:
+        obj = t.get(kind, ns, name)
+        if obj is None:
+            missing.append(ref(kind, ns, name))
+            continue
+        if kind in ("Node", "Identity"):
+            raise NodemeshError(f"{ref(kind, ns, name)} is managed by nodemesh and can not be "
+                                "deleted", 2)
+        request_delete(t, obj)
+        if kind == "Pod" and obj["spec"].get("nodeName"):
+            waiting.append((kind, ns, name, obj["metadata"]["uid"]))
+        if kind == "Namespace":
+            for p in t.list("Pod", name):
+                waiting.append(("Pod", name, p["metadata"]["name"], p["metadata"]["uid"]))
+    return waiting, missing
+
+
 def cmd_delete(args: argparse.Namespace) -> int:
     _cfg, store = _store(args)
     targets: list[tuple[str, str, str]] = []
@@ -292,23 +314,9 @@ def cmd_delete(args: argparse.Namespace) -> int:
     else:
         raise NodemeshError("delete needs -f FILE, or KIND and NAME "
                             "(e.g. `nodemesh delete pod web-1`)", 2)
-    waiting: list[tuple[str, str, str, str]] = []
-    missing = []
-    with store.transaction() as t:
-        for kind, ns, name in targets:
-            obj = t.get(kind, ns, name)
-            if obj is None:
-                missing.append(ref(kind, ns, name))
-                continue
-            if kind in ("Node", "Identity"):
-                raise NodemeshError(f"{ref(kind, ns, name)} is managed by nodemesh and can not be "
-                                    "deleted", 2)
-            request_delete(t, obj)
-            if kind == "Pod" and obj["spec"].get("nodeName"):
-                waiting.append((kind, ns, name, obj["metadata"]["uid"]))
-            if kind == "Namespace":
-                for p in t.list("Pod", name):
-                    waiting.append(("Pod", name, p["metadata"]["name"], p["metadata"]["uid"]))
+    for attempt in store.retrying():  # on etcd, a race with an agent's write: run it again
+        with attempt as t:
+            waiting, missing = _request_deletes(t, targets)
     for kind, ns, name in targets:
         if ref(kind, ns, name) not in missing:
             print(f'{kind.lower()} "{name}" deleted')

@@ -12,10 +12,12 @@ What `nodemesh apply` does, below the CLI so the demo and the benchmark apply th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from nodemesh.errors import InvalidManifest, NodemeshError
 from nodemesh.model import images
 from nodemesh.model.kinds import obj_ref
-from nodemesh.store.base import Store
+from nodemesh.store.base import Store, Txn
 
 
 def apply_text(store: Store, text: str, source: str, namespace: str | None = None) -> list[str]:
@@ -85,15 +87,22 @@ def apply_objects(store: Store, objs: list[dict]) -> list[str]:
     """Admit and store validated objects in one transaction; kubectl-style result lines."""
     from nodemesh.model.admission import admit
 
+    # On etcd a write races the agents' own (statuses, heartbeats) and loses with Conflict where
+    # SQLite made it wait: the body runs again on what is there then.
+    for attempt in store.retrying():
+        with attempt as t:
+            results = _apply_in(t, objs, admit)
+    return results
+
+
+def _apply_in(t: Txn, objs: list[dict], admit: Callable) -> list[str]:
     results = []
-    with store.transaction() as t:
-        admitted = admit(objs, lambda kind, ns: t.list(kind, ns))
-        for o in admitted:
-            meta = o["metadata"]
-            before = t.get(o["kind"], meta.get("namespace") or "", meta["name"])
-            after = t.put(o)
-            verb = "created" if before is None else (
-                "unchanged" if before["metadata"]["resourceVersion"] ==
-                after["metadata"]["resourceVersion"] else "configured")
-            results.append(f"{o['kind'].lower()}/{meta['name']} {verb}")
+    for o in admit(objs, lambda kind, ns: t.list(kind, ns)):
+        meta = o["metadata"]
+        before = t.get(o["kind"], meta.get("namespace") or "", meta["name"])
+        after = t.put(o)
+        verb = "created" if before is None else (
+            "unchanged" if before["metadata"]["resourceVersion"] ==
+            after["metadata"]["resourceVersion"] else "configured")
+        results.append(f"{o['kind'].lower()}/{meta['name']} {verb}")
     return results

@@ -14,6 +14,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import yaml
@@ -217,3 +219,16 @@ def new_cluster(nodes: int = 2, *up_args: str) -> Cluster:
     c = Cluster(name=name, state_dir=state, nodes=nodes, up_args=up_args)
     c.up()
     return c
+
+
+@contextmanager
+def running_cluster(nodes: int = 2, *up_args: str) -> Iterator[Cluster]:
+    """A cluster for a `with` block (a module's fixture): `down` at the end, and a check that
+    nothing of it is left behind."""
+    c = new_cluster(nodes, *up_args)
+    try:
+        yield c
+    finally:
+        c.down()
+        left = c.leftovers()
+        assert not left, f"cluster {c.name} left things behind: {left}"

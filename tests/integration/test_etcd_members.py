@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import pytest
 
 from nodemesh.host import netns
-from tests.integration.clusterharness import REPO, Cluster, new_cluster, reap
+from tests.integration.clusterharness import REPO, Cluster, new_cluster, reap, running_cluster
 
 pytestmark = pytest.mark.root
 
@@ -32,13 +32,8 @@ ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "ETCDCTL_API": "3"}
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    c = new_cluster(2, "--store", "etcd", "--store-members", "3")
-    try:
+    with running_cluster(2, "--store", "etcd", "--store-members", "3") as c:
         yield c
-    finally:
-        c.down()
-        left = c.leftovers()
-        assert not left, f"cluster {c.name} left things behind: {left}"
 
 
 def _store(c: Cluster) -> dict:

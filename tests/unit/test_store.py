@@ -36,7 +36,7 @@ from nodemesh.store.etcd import EtcdStore, open_url
 from nodemesh.store.informer import Informer
 from nodemesh.store.sqlite import SqliteStore
 from tests.etcdserver import EtcdServer
-from tests.storeworkers import _incrementer, _racer, _writer
+from tests.storeworkers import _identity_racer, _incrementer, _racer, _writer
 
 
 @dataclass(frozen=True)
@@ -467,6 +467,51 @@ def test_read_modify_write_from_processes_loses_no_update(backend: Backend, loca
     s.close()
 
 
+# Identity allocation (issue 10 item 4): processes race to allocate overlapping label sets, each
+# in its own order; whatever the interleaving, label set -> number is a function and so is its
+# inverse, and every process got the number the store holds.
+_LABEL_SET = st.dictionaries(st.sampled_from(["app", "tier", "io.kubernetes.pod.namespace"]),
+                             st.sampled_from(["a", "b"]), max_size=2)
+_RACERS = 3
+
+
+@pytest.fixture(scope="module")
+def racers() -> Iterator[object]:
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(_RACERS, mp_context=MP) as pool:
+        yield pool
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(orders=st.lists(st.lists(_LABEL_SET, min_size=1, max_size=6), min_size=_RACERS,
+                       max_size=_RACERS))
+def test_processes_racing_to_allocate_identities_agree_on_one_number_per_label_set(
+        backend: Backend, tmp_path: Path, request: pytest.FixtureRequest, racers,
+        orders: list[list[dict[str, str]]]) -> None:
+    from nodemesh.store.identities import list_identities
+
+    location = backend.location(tmp_path / uuid.uuid4().hex, request)
+    os.makedirs(tmp_path, exist_ok=True)
+    backend.open(location).close()
+    start_at = time.time() + 0.3
+    futures = [racers.submit(_identity_racer, backend.open, location, labels, start_at)
+               for labels in orders]
+    answers = [f.result(timeout=60) for f in futures]
+    number_of: dict[str, int] = {}
+    labels_of: dict[int, str] = {}
+    for labels_list, numbers in zip(orders, answers, strict=True):
+        for labels, num in zip(labels_list, numbers, strict=True):
+            key = json.dumps(labels, sort_keys=True)
+            assert number_of.setdefault(key, num) == num, f"{key} got {number_of[key]} and {num}"
+            assert labels_of.setdefault(num, key) == key, f"{num} given to {labels_of[num]} and {key}"
+    s = backend.open(location)
+    stored = {num: json.dumps(labels, sort_keys=True) for num, labels in list_identities(s).items()}
+    s.close()
+    assert stored == labels_of  # nothing allocated that nobody got, nothing got that is not stored
+    assert sorted(stored) == list(range(256, 256 + len(stored)))
+
+
 def test_a_watcher_sees_every_write_of_several_processes_once_in_order(
         backend: Backend, location: str) -> None:
     s = backend.open(location)
@@ -685,6 +730,33 @@ def test_etcd_retrying_runs_the_body_again_after_a_lost_race(
     other.close()
 
 
+def test_etcd_an_apply_that_races_a_status_write_is_run_again(
+        etcd: EtcdStore, etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`apply` reads an object an agent writes the status of meanwhile: etcd refuses the commit
+    (Conflict) where SQLite made the writer wait; apply runs again and succeeds."""
+    import nodemesh.store.apply as apply_mod
+
+    with etcd.transaction() as t:
+        t.put(svc("web"))
+    other = open_url(etcd_server.location(etcd._prefix.decode()))
+    real, calls = apply_mod._apply_in, []
+
+    def racing(t, objs, admit):
+        out = real(t, objs, admit)
+        if not calls:  # the agent's status write lands between this read and the commit
+            with other.transaction() as o:
+                o.put_status("Service", "default", "web", {"seen": "yes"})
+        calls.append(1)
+        return out
+
+    monkeypatch.setattr(apply_mod, "_apply_in", racing)
+    assert apply_mod.apply_objects(etcd, [svc("web", port=81)]) == ["service/web configured"]
+    assert len(calls) == 2
+    got = etcd.get("Service", "default", "web")
+    assert got["spec"]["ports"] == [{"port": 81}] and got["status"] == {"seen": "yes"}
+    other.close()
+
+
 def test_etcd_too_big_a_transaction_is_a_clear_error(etcd: EtcdStore) -> None:
     # etcd's --max-txn-ops (128 by default) bounds the writes of one transaction.
     with pytest.raises(NodemeshError, match=r"etcd refused the transaction.*too many operations"), \
@@ -835,6 +907,56 @@ def test_etcd_stopped_server_is_store_unavailable_within_10_s_and_back_after(
         t.put(svc("b"))
     assert len(s.list("Service")) == 2
     s.close()
+
+
+def test_etcd_a_quiet_watch_lives_and_a_stopped_members_watch_ends_within_6_s(
+        request: pytest.FixtureRequest) -> None:
+    """A watch with nothing to report stays open (etcd answers its progress requests); one whose
+    member stopped answering is store unavailable after WATCH_QUIET + WATCH_PROGRESS_TIMEOUT, not
+    after gRPC's keepalive (~15 s), so the informer moves on to another member (issue 10 item 5,
+    found by tests/integration/test_etcd_faults.py: a change waited ~6 s with one member
+    stopped)."""
+    import nodemesh.store.etcd as mod
+
+    server = EtcdServer()
+    request.addfinalizer(server.stop)
+    s = open_url(server.location("/nodemesh/"))
+    with s.transaction() as t:
+        t.put(svc("a"))
+    rev = s.revision()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < mod.WATCH_QUIET + mod.WATCH_PROGRESS_TIMEOUT + 1:
+        assert s.watch(rev, 1.0) == []
+    server.pause()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(NodemeshError, match=r"^store unavailable: etcd watch at .*progress"):
+            while True:
+                s.watch(rev, 1.0)
+        assert time.monotonic() - t0 < mod.WATCH_QUIET + mod.WATCH_PROGRESS_TIMEOUT + 1.0
+    finally:
+        server.resume()
+    s.close()
+
+
+def test_etcd_a_fresh_client_starts_at_a_member_that_answers(
+        etcd_server: EtcdServer, request: pytest.FixtureRequest) -> None:
+    """The first endpoint accepts connections but does not answer (SIGSTOPped): a new client (a
+    CLI command) starts at the next one that is connected instead of spending ATTEMPT_TIMEOUT
+    (3.5 s) on it (found by test_etcd_faults.py: every apply took 4.8 s with etcd1 stopped)."""
+    stopped = EtcdServer()
+    request.addfinalizer(stopped.stop)
+    stopped.pause()
+    try:
+        t0 = time.monotonic()
+        s = open_url(f"{stopped.endpoint},{etcd_server.endpoint}|/test/{uuid.uuid4().hex}/")
+        with s.transaction() as t:
+            t.put(svc("a"))
+        assert s.get("Service", "default", "a") is not None
+        assert time.monotonic() - t0 < 2.0
+        s.close()
+    finally:
+        stopped.resume()
 
 
 def _cluster_on_etcd(state_dir: Path, endpoint: str) -> None:
