@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from nodemesh.bench.hostile import DNS_FLOOD, LOOKUPS
-from tests.integration.clusterharness import REPO, Cluster, new_cluster
+from tests.integration.clusterharness import REPO, Cluster, running_cluster
 
 # real clusters; serial: its figures (rates, recovery times, load it must carry) need the CPUs
 # to itself, so `make test` runs it after the parallel part, alone
@@ -62,17 +62,12 @@ print(json.dumps(rc))
 def c() -> Iterator[Cluster]:
     # An event budget this machine's flooder exceeds whatever else runs beside the test (it
     # reaches 4,000-40,000 connections/s here); the DNS budget stays the default.
-    c = new_cluster(1, "--limit", f"events_per_second={EVENT_RATE}",
-                    "--limit", f"event_burst={EVENT_RATE}")
-    try:
+    with running_cluster(1, "--limit", f"events_per_second={EVENT_RATE}",
+                         "--limit", f"event_burst={EVENT_RATE}") as c:
         c.apply([pod("flood"), pod("victim")])
         c.wait_pods(count=2)
         c.wait_synced()
         yield c
-    finally:
-        c.down()
-        left = c.leftovers()
-        assert not left, f"cluster {c.name} left things behind: {left}"
 
 
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.clusterharness import Cluster, new_cluster
+from tests.integration.clusterharness import Cluster, running_cluster
 
 pytestmark = pytest.mark.root
 
@@ -97,18 +97,13 @@ def slice_of(c: Cluster, not_ready: str) -> dict:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    c = new_cluster(2, "--node-lease-seconds", str(LEASE), "--mtls", "off")
-    try:
+    with running_cluster(2, "--node-lease-seconds", str(LEASE), "--mtls", "off") as c:
         c.apply([echo_pod("srv1", "node1", "srv"), echo_pod("srv2", "node2", "srv"),
                  echo_pod("idle", "node2", "idle"), CLIENT, EXT, WEB])
         c.wait_pods(count=4)
         c.apply([slice_of(c, not_ready="idle")])
         c.wait_synced()
         yield c
-    finally:
-        c.down()
-        left = c.leftovers()
-        assert not left, f"cluster {c.name} left things behind: {left}"
 
 
 def test_a_slice_round_trips_and_lists(cluster: Cluster) -> None:
