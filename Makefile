@@ -57,9 +57,13 @@ PARALLEL = -n 2 --dist loadfile
 test: setup
 	$(VENV)/bin/ruff check nodemesh tests
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest $(PARALLEL) -m "not serial" tests
-	$(PY) -m pytest -m serial tests
-	NODEMESH_TEST_STORE=etcd $(PY) -m pytest $(PARALLEL) $(ETCD_SUITES)
+	@# all three passes run even when one fails; the first failure's exit code is make's
+	rc=0; \
+	$(PY) -m pytest $(PARALLEL) -m "not serial" tests || rc=$$?; \
+	$(PY) -m pytest -m serial tests || { r=$$?; [ $$rc -ne 0 ] || rc=$$r; }; \
+	NODEMESH_TEST_STORE=etcd $(PY) -m pytest $(PARALLEL) $(ETCD_SUITES) \
+	  || { r=$$?; [ $$rc -ne 0 ] || rc=$$r; }; \
+	exit $$rc
 
 # The fuzz suite (tests/fuzz) with 1,000,000 cases in total instead of make test's 10,000
 # (docs/reliability.md, "Fuzzing"), its properties spread over 2 workers.

@@ -46,6 +46,12 @@ SEEDS: dict[str, dict] = {
                   "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
                            "rules": [{"matches": [{"method": {"service": "echo.Echo"}}],
                                       "backendRefs": [{"name": "web", "port": 80}]}]}},
+    "EndpointSlice": {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                      "metadata": {"name": "ext-1", "labels": {"kubernetes.io/service-name": "ext"}},
+                      "addressType": "IPv4",
+                      "endpoints": [{"addresses": ["10.244.1.5"], "conditions": {"ready": True},
+                                     "nodeName": "node1"}],
+                      "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]},
 }
 
 scalars = st.one_of(

@@ -217,7 +217,11 @@ def new_cluster(nodes: int = 2, *up_args: str) -> Cluster:
     if os.environ.get("NODEMESH_TEST_STORE") == "etcd" and "--store" not in up_args:
         up_args = (*up_args, "--store", "etcd", "--store-members", "1")
     c = Cluster(name=name, state_dir=state, nodes=nodes, up_args=up_args)
-    c.up()
+    try:
+        c.up()
+    except BaseException:  # an `up` that failed half-way leaves nothing running either
+        c.down()
+        raise
     return c
 
 

@@ -449,11 +449,22 @@ def test_user_strings_are_shown_as_text(demo: Cluster, ui: str, browser) -> None
         return any(HOSTILE_PATH in (f.get("summary") or "") for f in flows)
 
     _wait("an L7 flow with the hostile path", hostile_flow, timeout=30, interval=1.0)
+    from selenium.common.exceptions import StaleElementReferenceException
+
     d = browser
-    wait = WebDriverWait(d, 20, poll_frequency=0.2)
+    # The page redraws the map and the flow list as data arrives: an element found a moment ago
+    # may be gone, so each look is retried until it holds.
+    wait = WebDriverWait(d, 20, poll_frequency=0.2,
+                         ignored_exceptions=[StaleElementReferenceException])
     d.get(ui + "/")
-    wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, 'g.node[data-id="default/client"]'))
-    d.find_element(By.CSS_SELECTOR, 'g.node[data-id="default/client"]').click()
+
+    def click_client(_: object) -> bool:
+        nodes = d.find_elements(By.CSS_SELECTOR, 'g.node[data-id="default/client"]')
+        if nodes:
+            nodes[0].click()
+        return bool(nodes)
+
+    wait.until(click_client)
     items = wait.until(lambda _: [li for li in d.find_elements(By.CSS_SELECTOR, "#flow-list li.flow")
                                   if HOSTILE_PATH in li.text])
     assert items, "the hostile path is not in the flow list as text"
