@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from nodemesh.cluster import ipam
 from nodemesh.cluster.config import CLUSTER_DOMAIN, NODE_DNS_IP, POD_GATEWAY, ClusterConfig
 from nodemesh.cluster.controllers import is_deleting
-from nodemesh.errors import NodemeshError
+from nodemesh.errors import Conflict, NodemeshError
 from nodemesh.host import cgroup, procs, sandbox
 from nodemesh.host.files import read_json, write_json_atomic
 from nodemesh.host.procs import ProcRef
@@ -206,12 +206,15 @@ class PodManager:
             return
         meta = pod["metadata"]
         status = dict(pod.get("status") or {})
-        status.update({"phase": "Failed" if isinstance(err, NodemeshError) else "Pending",
+        # A lost race (Conflict, e.g. on etcd) is transient: the pod stays Pending and is retried.
+        failed = isinstance(err, NodemeshError) and not isinstance(err, Conflict)
+        status.update({"phase": "Failed" if failed else "Pending",
                        "reason": type(err).__name__, "message": str(err)})
-        with self.store.transaction() as t:
-            cur = t.get("Pod", meta["namespace"], meta["name"])
-            if cur is not None and cur["metadata"]["uid"] == uid:
-                t.put_status("Pod", meta["namespace"], meta["name"], status)
+        for attempt in self.store.retrying():
+            with attempt as t:
+                cur = t.get("Pod", meta["namespace"], meta["name"])
+                if cur is not None and cur["metadata"]["uid"] == uid:
+                    t.put_status("Pod", meta["namespace"], meta["name"], status)
 
     def _allocate_ip(self, pod: dict) -> str:
         with self._ipam_lock:
@@ -249,10 +252,11 @@ class PodManager:
     def _publish_pending(self, pod: dict, lp: LocalPod) -> None:
         meta = pod["metadata"]
         status = self.pod_status(pod, lp)
-        with self.store.transaction() as t:
-            cur = t.get("Pod", meta["namespace"], meta["name"])
-            if cur is not None and cur["metadata"]["uid"] == lp.uid:
-                t.put_status("Pod", meta["namespace"], meta["name"], status)
+        for attempt in self.store.retrying():
+            with attempt as t:
+                cur = t.get("Pod", meta["namespace"], meta["name"])
+                if cur is not None and cur["metadata"]["uid"] == lp.uid:
+                    t.put_status("Pod", meta["namespace"], meta["name"], status)
                 self._reported[lp.uid] = status
 
     def _write_pod_files(self, pod: dict, sb: sandbox.Sandbox, argvs: list[list[str]]) -> None:
