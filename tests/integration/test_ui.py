@@ -372,7 +372,10 @@ def test_service_map(demo: Cluster, ui: str, browser) -> None:
     assert err.value.code == 400
 
     d = browser
-    wait = WebDriverWait(d, 20, poll_frequency=0.2)
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    wait = WebDriverWait(d, 20, poll_frequency=0.2,
+                         ignored_exceptions=[StaleElementReferenceException])
     d.get(ui + "/")
     css = d.find_elements
     for wid in ("default/frontend", "default/backend", "default/client", "default/intruder",
@@ -396,10 +399,18 @@ def test_service_map(demo: Cluster, ui: str, browser) -> None:
     demo.exec("intruder", "curl", "-s", "-m", "1", "http://backend/", check=False)  # newest: a drop
 
     # A click on a workload lists its recent flows, the drop among them.
-    d.find_element(By.CSS_SELECTOR, 'g.node[data-id="default/intruder"]').click()
+    def click_intruder(_: object) -> bool:
+        d.find_element(By.CSS_SELECTOR, 'g.node[data-id="default/intruder"]').click()
+        return True
+
+    wait.until(click_intruder)  # (the map redraws as flows arrive: retried on a stale element)
     wait.until(lambda _: d.find_element(By.ID, "panel-title").text == "intruder")
-    items = wait.until(lambda _: css(By.CSS_SELECTOR, "#flow-list li.flow"))
-    texts = [li.text for li in items]
+
+    def flow_texts(_: object) -> list[str]:
+        return [li.text for li in css(By.CSS_SELECTOR, "#flow-list li.flow")]
+
+    texts = wait.until(flow_texts)
+    items = texts
     assert any("DROPPED" in t and "POLICY_DENIED" in t and "backend" in t for t in texts), texts
     assert all("intruder" in t for t in texts), texts
     assert len(items) <= 50
