@@ -6,7 +6,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from nodemesh.host.files import read_json, write_json_atomic
@@ -187,3 +187,15 @@ def spawn_detached(argv: list[str], *, log_path: str, env: dict | None = None,
             return ref
         time.sleep(0.005)
     raise RuntimeError(f"{argv[0]} exited at once; see {log_path}")
+
+
+def command_lines() -> Iterator[tuple[int, str]]:
+    """(pid, command line with spaces) of every process this one can read, but itself."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(pid) != os.getpid():
+            yield int(pid), cmd

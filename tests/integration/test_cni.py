@@ -265,16 +265,9 @@ def env() -> Iterator[tuple[Cluster, Runtime]]:
 
 
 def _processes_naming(text: str) -> list[str]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmd and int(pid) != os.getpid():
-            found.append(f"{pid}: {cmd[:120]}")
-    return found
+    from nodemesh.host.procs import command_lines
+
+    return [f"{pid}: {cmd[:120]}" for pid, cmd in command_lines() if text in cmd]
 
 
 def _read(path: str) -> str:
