@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import copy
+import random
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ MODIFIED = "MODIFIED"
 DELETED = "DELETED"
 
 # Metadata the store owns: a user's put never sets these, and changes to them are not "spec".
+# Pauses between attempts of a transaction that lost a race: up to 2 ms, doubling, at most 100 ms.
+_RETRY_PAUSE, _RETRY_PAUSE_MAX = 0.002, 0.1
 _SERVER_META = ("uid", "resourceVersion", "generation", "creationTimestamp")
 
 
@@ -139,12 +142,15 @@ class Store(abc.ABC):
                     ...
 
         An attempt that raises `Conflict` (lost a race, or met an object that exists) is
-        followed by another; the last one's `Conflict` reaches the caller."""
+        followed by another after a short random pause that doubles each time (so writers that
+        keep colliding spread out instead of colliding again); the last one's `Conflict` reaches
+        the caller."""
         for i in range(attempts):
             attempt = _Attempt(self, last=i == attempts - 1)
             yield attempt
             if attempt.committed:
                 return
+            time.sleep(random.uniform(0, min(_RETRY_PAUSE * 2**i, _RETRY_PAUSE_MAX)))
 
     @abc.abstractmethod
     def revision(self) -> int:

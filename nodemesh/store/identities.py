@@ -37,7 +37,7 @@ MAX_IDENTITY = (1 << 24) - 1
 # Refresh ``status.lastUsed`` at most this often per identity (seconds): enough for the
 # garbage-collection guard, without a store write on every pod start.
 TOUCH_INTERVAL = 30.0
-_RETRIES = 8
+_RETRIES = 32
 
 
 class IdentitiesExhausted(NodemeshError):
@@ -120,14 +120,15 @@ def _allocate_in(txn: Txn, labels: dict[str, str], now: float) -> int:
 def allocate_identity(store: Store, labels: Mapping[str, str], *, now: float | None = None) -> int:
     """The cluster-wide number for a security label set, creating it when it is new."""
     wanted = {str(k): str(v) for k, v in labels.items()}
-    last_error: Exception | None = None
-    for _ in range(_RETRIES):
-        try:
-            with store.transaction() as txn:
-                return _allocate_in(txn, wanted, time.time() if now is None else now)
-        except Conflict as e:  # another writer won a race the backend detected: look again
-            last_error = e
-    raise Conflict(f"could not allocate an identity for {wanted}: {last_error}")
+    try:
+        # Every allocation reads all identities, so any other allocation is a lost race: with N
+        # writers allocating at once a loser may lose N times over, hence the many attempts.
+        for attempt in store.retrying(_RETRIES):
+            with attempt as txn:
+                num = _allocate_in(txn, wanted, time.time() if now is None else now)
+        return num
+    except Conflict as e:
+        raise Conflict(f"could not allocate an identity for {wanted}: {e}") from e
 
 
 def find_identity(store: Store, labels: Mapping[str, str]) -> int | None:
