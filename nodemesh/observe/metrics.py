@@ -12,6 +12,7 @@ connection from outside the node's pods, by the destination's node (the ingress 
 from __future__ import annotations
 
 import collections
+import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -35,10 +36,38 @@ from nodemesh.observe.flow import (
     FLOW_F_TUNNEL,
     PROTOCOLS,
     VERDICTS,
+    FlowEvent,
+    RawEvent,
 )
 
 # The `protocol` label, as `observe_flow` derives it from a flow's l4 key.
 PROTOCOL_LABELS = {number: name.lower() for number, name in PROTOCOLS.items()}
+
+# Where observe_event's label key lies in a raw event.
+_KEY_OFFSETS = tuple(getattr(FlowEvent, f).offset for f in (
+    "type", "verdict", "reason", "direction", "protocol", "flags"))
+assert _KEY_OFFSETS == (8, 9, 10, 11, 28, 62), _KEY_OFFSETS  # the slices in observe_event
+_IDS = struct.Struct("<II")  # src_identity, dst_identity at 32
+assert FlowEvent.src_identity.offset == 32 and FlowEvent.dst_identity.offset == 36
+_DROPPED, _INGRESS, _SECURE = int(Verdict.DROPPED), int(Direction.INGRESS), int(
+    FLOW_F_TUNNEL | FLOW_F_AUTH)
+
+
+def _event_labels(typ: int, verdict_n: int, reason_n: int, direction: int, protocol: int,
+                  flags: int) -> tuple[tuple[str, str, str, str], tuple | None]:
+    """The flow-count key of an event of this kind, and (protocol, verdict, secure, ingress)
+    when it is also a connection to count (None when it is not)."""
+    verdict = VERDICTS.get(verdict_n, "VERDICT_UNKNOWN")
+    proto = PROTOCOL_LABELS.get(protocol, "other")
+    reason = DROP_REASONS.get(reason_n, "") if verdict_n == _DROPPED else ""
+    counted = (verdict, "L3_L4", proto, reason)
+    if typ == EV_SOCK or proto not in ("tcp", "udp"):
+        return counted, None
+    # Istio's label: "mutual_tls" for a connection carried in the tunnel (seen going in at
+    # the source, or coming out authenticated at the destination), "none" otherwise.
+    secure = "mutual_tls" if flags & _SECURE else "none"
+    return counted, (proto, verdict, secure, direction == _INGRESS)
+
 
 disable_created_metrics()  # `_created` series double the output and nobody here reads them
 
@@ -72,6 +101,7 @@ class AgentMetrics:
         self.conn_counts: collections.Counter[tuple[str, int, int, str, str]] = \
             collections.Counter()
         self.agent_events: collections.Counter[str] = collections.Counter()
+        self._event_labels: dict[bytes, tuple] = {}  # see observe_event
         self.local_ips: frozenset[bytes] = frozenset()  # this node's pod IPs (4 raw bytes each)
         self.http_requests = Counter(
             "nodemesh_http_requests", "HTTP requests through this node's proxy.",
@@ -88,7 +118,9 @@ class AgentMetrics:
     def observe(self, entry: Any) -> None:
         """A new entry of the flow ring: a flow (dict), an access-log entry kept raw or a raw
         datapath event (`RawEvent`)."""
-        if isinstance(entry, dict):
+        if type(entry) is RawEvent:  # the common case first: it runs once per kernel event
+            self.observe_event(entry)
+        elif isinstance(entry, dict):
             if entry.get("Type") == "AGENT":
                 self.agent_events[str((entry.get("agent_event") or {}).get("type", ""))] += 1
                 return
@@ -111,20 +143,27 @@ class AgentMetrics:
         self.http_duration.labels(sns, sw, dns, dw, svc_name).observe(seconds)
 
     def observe_event(self, ev: Any) -> None:
-        verdict = VERDICTS.get(ev.verdict, "VERDICT_UNKNOWN")
-        proto = PROTOCOL_LABELS.get(ev.protocol, "other")
-        reason = DROP_REASONS.get(ev.reason, "") if ev.verdict == Verdict.DROPPED else ""
-        self.flow_counts[(verdict, "L3_L4", proto, reason)] += 1
-        if ev.type == EV_SOCK or proto not in ("tcp", "udp"):
+        """A datapath event: it runs for every event the kernel sends (several per new
+        connection), so it reads the few bytes it needs and looks its labels up once per
+        (type, verdict, reason, direction, protocol, flags)."""
+        raw = getattr(ev, "raw", None)
+        if raw is not None:
+            key = raw[8:12] + raw[28:29] + raw[62:63]  # offsets as _KEY_OFFSETS (checked)
+        else:
+            key = bytes((ev.type, ev.verdict, ev.reason, ev.direction, ev.protocol, ev.flags))
+        labels = self._event_labels.get(key)
+        if labels is None:
+            labels = self._event_labels[key] = _event_labels(*key)
+        counted, conn = labels
+        self.flow_counts[counted] += 1
+        if conn is None:
             return
+        proto, verdict, secure, ingress = conn
         # A connection is counted where it starts: at the source pod's egress; a connection
         # from outside this node's pods at the destination's ingress.
-        if ev.direction == Direction.INGRESS and ev.saddr_bytes in self.local_ips and verdict != "DROPPED":
+        if ingress and verdict != "DROPPED" and ev.saddr_bytes in self.local_ips:
             return
-        src, dst = ev.identities
-        # Istio's label: "mutual_tls" for a connection carried in the tunnel (seen going in at
-        # the source, or coming out authenticated at the destination), "none" otherwise.
-        secure = "mutual_tls" if ev.flags & (FLOW_F_TUNNEL | FLOW_F_AUTH) else "none"
+        src, dst = _IDS.unpack_from(raw, 32) if raw is not None else ev.identities
         self.conn_counts[(proto, src, dst, verdict, secure)] += 1
 
     def observe_flow(self, flow: Mapping[str, Any]) -> None:
