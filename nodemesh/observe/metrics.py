@@ -12,7 +12,6 @@ connection from outside the node's pods, by the destination's node (the ingress 
 from __future__ import annotations
 
 import collections
-import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -47,8 +46,6 @@ PROTOCOL_LABELS = {number: name.lower() for number, name in PROTOCOLS.items()}
 _KEY_OFFSETS = tuple(getattr(FlowEvent, f).offset for f in (
     "type", "verdict", "reason", "direction", "protocol", "flags"))
 assert _KEY_OFFSETS == (8, 9, 10, 11, 28, 62), _KEY_OFFSETS  # the slices in observe_event
-_IDS = struct.Struct("<II")  # src_identity, dst_identity at 32
-assert FlowEvent.src_identity.offset == 32 and FlowEvent.dst_identity.offset == 36
 _DROPPED, _INGRESS, _SECURE = int(Verdict.DROPPED), int(Direction.INGRESS), int(
     FLOW_F_TUNNEL | FLOW_F_AUTH)
 
@@ -163,7 +160,7 @@ class AgentMetrics:
         # from outside this node's pods at the destination's ingress.
         if ingress and verdict != "DROPPED" and ev.saddr_bytes in self.local_ips:
             return
-        src, dst = _IDS.unpack_from(raw, 32) if raw is not None else ev.identities
+        src, dst = ev.identities
         self.conn_counts[(proto, src, dst, verdict, secure)] += 1
 
     def observe_flow(self, flow: Mapping[str, Any]) -> None:

@@ -27,9 +27,9 @@ ADDED = "ADDED"
 MODIFIED = "MODIFIED"
 DELETED = "DELETED"
 
-# Metadata the store owns: a user's put never sets these, and changes to them are not "spec".
 # Pauses between attempts of a transaction that lost a race: up to 2 ms, doubling, at most 100 ms.
 _RETRY_PAUSE, _RETRY_PAUSE_MAX = 0.002, 0.1
+# Metadata the store owns: a user's put never sets these, and changes to them are not "spec".
 _SERVER_META = ("uid", "resourceVersion", "generation", "creationTimestamp")
 
 
